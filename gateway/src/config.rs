@@ -1,0 +1,595 @@
+//! The gateway configuration file and the per-plugin sidecar files.
+//!
+//! Owns parsing (TOML, unknown keys rejected), defaults and validation.
+//! Every error names the file, the key and the line. Relative paths are
+//! resolved here, against the directory of the file that names them, so no
+//! other module ever sees a relative path. This module must not start
+//! anything.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A configuration file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not match the schema.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line (0 when unknown).
+        line: usize,
+        /// 1-based column (0 when unknown).
+        column: usize,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    fn parse(path: &Path, text: &str, span: Option<Range<usize>>, message: String) -> Self {
+        let (line, column) = span.map_or((0, 0), |s| line_col(text, s.start));
+        ConfigError::Parse {
+            path: path.to_owned(),
+            line,
+            column,
+            message,
+        }
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// The gateway configuration (`watchgate.toml`).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was read from.
+    pub path: PathBuf,
+    /// Admin HTTP server.
+    pub admin: AdminConfig,
+    /// Plugin directory and queue settings.
+    pub plugins: PluginsConfig,
+    /// Default and maximum limits for plugin calls.
+    pub runtime: RuntimeConfig,
+    /// The stores to watch.
+    pub sources: Vec<SourceConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    admin: AdminConfig,
+    #[serde(default)]
+    plugins: RawPluginsConfig,
+    #[serde(default)]
+    runtime: RuntimeConfig,
+    #[serde(default)]
+    source: Vec<toml::Spanned<toml::Table>>,
+}
+
+/// `[admin]`: the HTTP server for health, metrics and the JSON API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address to listen on. Default `127.0.0.1:9464`. Port 0 picks a free
+    /// port (the chosen address is logged).
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPluginsConfig {
+    dir: Option<PathBuf>,
+    queue_capacity: Option<usize>,
+}
+
+/// `[plugins]`: where plugins come from and how much may queue for each.
+#[derive(Debug, Clone)]
+pub struct PluginsConfig {
+    /// Directory watched for `NAME.wasm` and `NAME.toml`. Default
+    /// `plugins.d` beside the config file.
+    pub dir: PathBuf,
+    /// Events queued per plugin before changes of the same key are folded
+    /// together. Default 1024.
+    pub queue_capacity: usize,
+}
+
+/// Per-call limits of a plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Fuel (roughly, wasm instructions) per call.
+    pub fuel: u64,
+    /// Wall-clock deadline per call, in milliseconds.
+    pub timeout_ms: u64,
+    /// Linear memory cap per instance, in MiB.
+    pub memory_mb: u64,
+}
+
+/// Limits where every field is optional (a sidecar's `[limits]`).
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialLimits {
+    /// Fuel per call.
+    pub fuel: Option<u64>,
+    /// Deadline per call, ms.
+    pub timeout_ms: Option<u64>,
+    /// Memory cap, MiB.
+    pub memory_mb: Option<u64>,
+}
+
+impl Limits {
+    /// `self` with the fields `over` sets replaced.
+    pub fn merged(self, over: PartialLimits) -> Limits {
+        Limits {
+            fuel: over.fuel.unwrap_or(self.fuel),
+            timeout_ms: over.timeout_ms.unwrap_or(self.timeout_ms),
+            memory_mb: over.memory_mb.unwrap_or(self.memory_mb),
+        }
+    }
+}
+
+/// `[runtime]`: defaults for every plugin and the ceilings no sidecar may
+/// exceed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Limits for plugins whose sidecar sets none.
+    #[serde(default = "default_limits")]
+    pub defaults: Limits,
+    /// Highest `memory_mb` a sidecar may ask for; also the size of each slot
+    /// in the pooling allocator. Default 256.
+    #[serde(default = "default_max_memory_mb")]
+    pub max_memory_mb: u64,
+    /// Highest `timeout_ms` a sidecar may ask for. Default 30 000.
+    #[serde(default = "default_max_timeout_ms")]
+    pub max_timeout_ms: u64,
+    /// Maximum wasm stack per call, in KiB. Default 512.
+    #[serde(default = "default_max_wasm_stack_kb")]
+    pub max_wasm_stack_kb: usize,
+    /// Plugin log lines allowed per second per plugin (stdout, stderr and
+    /// the `log` import together); the rest are counted and dropped.
+    /// Default 50.
+    #[serde(default = "default_log_lines_per_second")]
+    pub log_lines_per_second: u32,
+}
+
+fn default_limits() -> Limits {
+    Limits {
+        fuel: 100_000_000,
+        timeout_ms: 1_000,
+        memory_mb: 64,
+    }
+}
+fn default_max_memory_mb() -> u64 {
+    256
+}
+fn default_max_timeout_ms() -> u64 {
+    30_000
+}
+fn default_max_wasm_stack_kb() -> usize {
+    512
+}
+fn default_log_lines_per_second() -> u32 {
+    50
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            defaults: default_limits(),
+            max_memory_mb: default_max_memory_mb(),
+            max_timeout_ms: default_max_timeout_ms(),
+            max_wasm_stack_kb: default_max_wasm_stack_kb(),
+            log_lines_per_second: default_log_lines_per_second(),
+        }
+    }
+}
+
+/// One `[[source]]`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceConfig {
+    /// `kind = "file"`.
+    File(FileSourceConfig),
+}
+
+impl SourceConfig {
+    /// The source's name.
+    pub fn name(&self) -> &str {
+        match self {
+            SourceConfig::File(c) => &c.name,
+        }
+    }
+}
+
+/// `kind = "file"`: a directory watched recursively.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSourceConfig {
+    /// Unique source name.
+    pub name: String,
+    /// Always `"file"`.
+    #[serde(default)]
+    kind: Option<String>,
+    /// The directory to watch; relative paths are relative to the config
+    /// file. Keys are paths relative to it, with `/` separators.
+    pub path: PathBuf,
+    /// Also report files whose name (or a parent directory's name) starts
+    /// with `.`. Default false, which also hides Kubernetes ConfigMap
+    /// internals (`..data`, `..2024_…`).
+    #[serde(default)]
+    pub include_hidden: bool,
+    /// How long to let a burst of file-system notifications settle before
+    /// rescanning, in milliseconds. Default 50.
+    #[serde(default = "default_debounce_ms")]
+    pub debounce_ms: u64,
+    /// Files larger than this many bytes are skipped with a warning. Default
+    /// 4 MiB.
+    #[serde(default = "default_max_value_bytes")]
+    pub max_value_bytes: u64,
+    /// A full rescan every this many seconds, as a safety net against lost
+    /// notifications. 0 turns it off. Default 60.
+    #[serde(default = "default_rescan_interval_s")]
+    pub rescan_interval_s: u64,
+}
+
+fn default_debounce_ms() -> u64 {
+    50
+}
+fn default_max_value_bytes() -> u64 {
+    4 * 1024 * 1024
+}
+fn default_rescan_interval_s() -> u64 {
+    60
+}
+
+impl FileSourceConfig {
+    /// A config with defaults, for tests and examples.
+    pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        FileSourceConfig {
+            name: name.into(),
+            kind: None,
+            path: path.into(),
+            include_hidden: false,
+            debounce_ms: default_debounce_ms(),
+            max_value_bytes: default_max_value_bytes(),
+            rescan_interval_s: default_rescan_interval_s(),
+        }
+    }
+}
+
+fn parse_toml<T: for<'de> Deserialize<'de>>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    toml::from_str(text)
+        .map_err(|e| ConfigError::parse(path, text, e.span(), e.message().trim().to_owned()))
+}
+
+fn base_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// `p` made absolute against `base` (and `base` against the working
+/// directory).
+pub fn resolve(base: &Path, p: &Path) -> PathBuf {
+    let joined = if p.is_absolute() {
+        p.to_owned()
+    } else {
+        base.join(p)
+    };
+    std::path::absolute(&joined).unwrap_or(joined)
+}
+
+impl Config {
+    /// Read and validate a gateway config file.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, line and key of the first problem.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Validate config text as if read from `path`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, line and key of the first problem.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = parse_toml(path, text)?;
+        let base = base_dir(path);
+        let mut names = HashSet::new();
+        let mut sources = Vec::new();
+        for (i, spanned) in raw.source.iter().enumerate() {
+            let span = spanned.span();
+            let table = spanned.get_ref();
+            let err = |msg: String| {
+                ConfigError::parse(path, text, Some(span.clone()), format!("source[{i}]: {msg}"))
+            };
+            let kind = match table.get("kind") {
+                Some(toml::Value::String(k)) => k.as_str(),
+                Some(_) => return Err(err("`kind` must be a string".into())),
+                None => return Err(err("missing key `kind` (one of: \"file\")".into())),
+            };
+            let source = match kind {
+                "file" => {
+                    let mut c: FileSourceConfig = table
+                        .clone()
+                        .try_into()
+                        .map_err(|e: toml::de::Error| err(e.message().trim().to_owned()))?;
+                    c.path = resolve(&base, &c.path);
+                    if c.name.is_empty() {
+                        return Err(err("`name` must not be empty".into()));
+                    }
+                    SourceConfig::File(c)
+                }
+                other => {
+                    return Err(err(format!(
+                        "unknown source kind {other:?} (known: \"file\")"
+                    )));
+                }
+            };
+            if !names.insert(source.name().to_owned()) {
+                return Err(err(format!("duplicate source name {:?}", source.name())));
+            }
+            sources.push(source);
+        }
+        let plugins = PluginsConfig {
+            dir: resolve(
+                &base,
+                raw.plugins
+                    .dir
+                    .as_deref()
+                    .unwrap_or(Path::new("plugins.d")),
+            ),
+            queue_capacity: raw.plugins.queue_capacity.unwrap_or(1024),
+        };
+        let whole = |msg: String| ConfigError::Parse {
+            path: path.to_owned(),
+            line: 0,
+            column: 0,
+            message: msg,
+        };
+        if plugins.queue_capacity == 0 {
+            return Err(whole("plugins.queue_capacity must be at least 1".into()));
+        }
+        let rt = &raw.runtime;
+        if rt.defaults.memory_mb > rt.max_memory_mb {
+            return Err(whole(format!(
+                "runtime.defaults.memory_mb ({}) exceeds runtime.max_memory_mb ({})",
+                rt.defaults.memory_mb, rt.max_memory_mb
+            )));
+        }
+        if rt.defaults.timeout_ms > rt.max_timeout_ms || rt.defaults.timeout_ms == 0 {
+            return Err(whole(format!(
+                "runtime.defaults.timeout_ms ({}) must be between 1 and runtime.max_timeout_ms ({})",
+                rt.defaults.timeout_ms, rt.max_timeout_ms
+            )));
+        }
+        Ok(Config {
+            path: path.to_owned(),
+            admin: raw.admin,
+            plugins,
+            runtime: raw.runtime,
+            sources,
+        })
+    }
+}
+
+/// The operator's sidecar `NAME.toml` beside `NAME.wasm`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sidecar {
+    /// What the plugin receives. Empty: every event of every source.
+    #[serde(default)]
+    pub subscribe: Vec<Subscription>,
+    /// Per-call limits, over `[runtime.defaults]`.
+    #[serde(default)]
+    pub limits: PartialLimits,
+    /// Capabilities granted by the operator.
+    #[serde(default)]
+    pub grants: Grants,
+    /// Overrides `[plugins] queue_capacity` for this plugin.
+    pub queue_capacity: Option<usize>,
+}
+
+/// One `[[subscribe]]`: events of `source` whose key starts with `prefix`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subscription {
+    /// A source name from the gateway config.
+    pub source: String,
+    /// Key prefix; empty matches every key.
+    #[serde(default)]
+    pub prefix: String,
+}
+
+/// `[grants]`: the only way a plugin gets a capability.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grants {
+    /// Directory the plugin may write into (created if missing); relative
+    /// paths are relative to the sidecar file.
+    pub files: Option<PathBuf>,
+}
+
+impl Sidecar {
+    /// Read and validate a sidecar against the gateway config.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, line and key of the first problem.
+    pub fn load(path: &Path, config: &Config) -> Result<Sidecar, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text, config)
+    }
+
+    /// Validate sidecar text as if read from `path`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, line and key of the first problem.
+    pub fn parse(path: &Path, text: &str, config: &Config) -> Result<Sidecar, ConfigError> {
+        let mut sidecar: Sidecar = parse_toml(path, text)?;
+        let whole = |message: String| ConfigError::Parse {
+            path: path.to_owned(),
+            line: 0,
+            column: 0,
+            message,
+        };
+        for (i, sub) in sidecar.subscribe.iter().enumerate() {
+            if !config.sources.iter().any(|s| s.name() == sub.source) {
+                let known: Vec<&str> = config.sources.iter().map(SourceConfig::name).collect();
+                return Err(whole(format!(
+                    "subscribe[{i}].source: no source named {:?} in {} (known: {known:?})",
+                    sub.source,
+                    config.path.display()
+                )));
+            }
+        }
+        let l = sidecar.limits;
+        if let Some(m) = l.memory_mb
+            && (m == 0 || m > config.runtime.max_memory_mb)
+        {
+            return Err(whole(format!(
+                "limits.memory_mb: {m} is outside 1..={} (runtime.max_memory_mb)",
+                config.runtime.max_memory_mb
+            )));
+        }
+        if let Some(t) = l.timeout_ms
+            && (t == 0 || t > config.runtime.max_timeout_ms)
+        {
+            return Err(whole(format!(
+                "limits.timeout_ms: {t} is outside 1..={} (runtime.max_timeout_ms)",
+                config.runtime.max_timeout_ms
+            )));
+        }
+        if l.fuel == Some(0) {
+            return Err(whole("limits.fuel must be at least 1".into()));
+        }
+        if sidecar.queue_capacity == Some(0) {
+            return Err(whole("queue_capacity must be at least 1".into()));
+        }
+        if let Some(dir) = &sidecar.grants.files {
+            sidecar.grants.files = Some(resolve(&base_dir(path), dir));
+        }
+        Ok(sidecar)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/wg/watchgate.toml"), text)
+    }
+
+    #[test]
+    fn resolves_relative_paths_against_the_config_file() {
+        let c = parse(
+            "[plugins]\ndir = \"p\"\n[[source]]\nname = \"local\"\nkind = \"file\"\npath = \"watched\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.plugins.dir, PathBuf::from("/etc/wg/p"));
+        let SourceConfig::File(f) = &c.sources[0];
+        assert_eq!(f.path, PathBuf::from("/etc/wg/watched"));
+        assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn unknown_top_level_key_names_file_key_and_line() {
+        let err = parse("[admin]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("/etc/wg/watchgate.toml:3:"), "{err}");
+        assert!(err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn unknown_source_key_names_the_source_and_line() {
+        let err = parse(
+            "[admin]\n\n[[source]]\nname = \"local\"\nkind = \"file\"\npath = \"w\"\npth = 1\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("watchgate.toml:3:"), "{err}");
+        assert!(err.contains("source[0]") && err.contains("pth"), "{err}");
+    }
+
+    #[test]
+    fn rejects_unknown_kind_and_duplicate_names() {
+        let err = parse("[[source]]\nname = \"a\"\nkind = \"zookeeper\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown source kind \"zookeeper\""), "{err}");
+        let err = parse(
+            "[[source]]\nname = \"a\"\nkind = \"file\"\npath = \"x\"\n[[source]]\nname = \"a\"\nkind = \"file\"\npath = \"y\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(":5:") && err.contains("duplicate source name"), "{err}");
+    }
+
+    #[test]
+    fn sidecar_checks_sources_and_limits() {
+        let c = parse("[[source]]\nname = \"local\"\nkind = \"file\"\npath = \"w\"\n").unwrap();
+        let p = Path::new("/srv/plugins/x.toml");
+        let ok = Sidecar::parse(
+            p,
+            "[[subscribe]]\nsource = \"local\"\nprefix = \"a/\"\n[limits]\nfuel = 5\n[grants]\nfiles = \"out\"\n",
+            &c,
+        )
+        .unwrap();
+        assert_eq!(ok.grants.files, Some(PathBuf::from("/srv/plugins/out")));
+        assert_eq!(ok.limits.fuel, Some(5));
+        let err = Sidecar::parse(p, "[[subscribe]]\nsource = \"nope\"\n", &c)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no source named \"nope\""), "{err}");
+        let err = Sidecar::parse(p, "[limits]\nmemory_mb = 100000\n", &c)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limits.memory_mb"), "{err}");
+        let err = Sidecar::parse(p, "[grants]\nhttp = []\n", &c)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("x.toml:2:") && err.contains("http"), "{err}");
+    }
+}

@@ -1,0 +1,276 @@
+//! The one event record every source produces and every plugin receives.
+//!
+//! Owns the host-side [`Event`] and its conversions to and from JSON lines
+//! (the `event-log` format, also accepted by `watchgate plugin test`). It
+//! must not know about any particular source or about wasmtime.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// What happened to a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    /// The key was created or its value changed.
+    Put,
+    /// The key was removed.
+    Delete,
+}
+
+impl EventKind {
+    /// The lowercase name used in logs and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Put => "put",
+            EventKind::Delete => "delete",
+        }
+    }
+}
+
+/// One change of one key in one source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Name of the source in the gateway config.
+    pub source: Arc<str>,
+    /// Put or delete.
+    pub kind: EventKind,
+    /// The key, relative to the source.
+    pub key: String,
+    /// The new value; `None` on delete.
+    pub value: Option<Bytes>,
+    /// The value before this change, when the source knows it.
+    pub prev_value: Option<Bytes>,
+    /// The source's revision of this change.
+    pub revision: u64,
+    /// Synthesized by a relist rather than observed.
+    pub resync: bool,
+    /// How many later changes of this key were folded into this event.
+    pub coalesced: u32,
+    /// Source-specific extras.
+    pub metadata: Vec<(String, String)>,
+}
+
+impl Event {
+    /// A put of `value` at `revision`.
+    pub fn put(source: &Arc<str>, key: impl Into<String>, value: Bytes, revision: u64) -> Self {
+        Event {
+            source: source.clone(),
+            kind: EventKind::Put,
+            key: key.into(),
+            value: Some(value),
+            prev_value: None,
+            revision,
+            resync: false,
+            coalesced: 0,
+            metadata: Vec::new(),
+        }
+    }
+
+    /// A delete at `revision`.
+    pub fn delete(source: &Arc<str>, key: impl Into<String>, revision: u64) -> Self {
+        Event {
+            source: source.clone(),
+            kind: EventKind::Delete,
+            key: key.into(),
+            value: None,
+            prev_value: None,
+            revision,
+            resync: false,
+            coalesced: 0,
+            metadata: Vec::new(),
+        }
+    }
+
+    /// Sets the previous value.
+    pub fn with_prev(mut self, prev: Option<Bytes>) -> Self {
+        self.prev_value = prev;
+        self
+    }
+
+    /// Fold a later change of the same key into this one: the later kind and
+    /// value win, the earliest previous value is kept, and `coalesced` counts
+    /// every folded change.
+    pub fn absorb(&mut self, later: Event) {
+        debug_assert_eq!(self.key, later.key);
+        self.kind = later.kind;
+        self.value = later.value;
+        self.revision = self.revision.max(later.revision);
+        self.resync |= later.resync;
+        self.coalesced = self
+            .coalesced
+            .saturating_add(1)
+            .saturating_add(later.coalesced);
+        self.metadata = later.metadata;
+    }
+
+    /// Approximate heap size, for queue accounting.
+    pub fn weight(&self) -> usize {
+        self.key.len()
+            + self.value.as_ref().map_or(0, Bytes::len)
+            + self.prev_value.as_ref().map_or(0, Bytes::len)
+            + self
+                .metadata
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
+
+    /// The JSON line form (see [`EventLine`]).
+    pub fn to_line(&self) -> EventLine {
+        let (value, value_b64) = split_utf8(self.value.as_ref());
+        let (prev_value, prev_value_b64) = split_utf8(self.prev_value.as_ref());
+        EventLine {
+            source: self.source.to_string(),
+            kind: self.kind,
+            key: self.key.clone(),
+            value,
+            value_b64,
+            prev_value,
+            prev_value_b64,
+            revision: self.revision,
+            resync: self.resync,
+            coalesced: self.coalesced,
+            metadata: self.metadata.clone(),
+        }
+    }
+}
+
+fn split_utf8(bytes: Option<&Bytes>) -> (Option<String>, Option<String>) {
+    match bytes {
+        None => (None, None),
+        Some(b) => match std::str::from_utf8(b) {
+            Ok(s) => (Some(s.to_owned()), None),
+            Err(_) => (None, Some(B64.encode(b))),
+        },
+    }
+}
+
+/// An event as one JSON object: values as UTF-8 strings, or base64 in the
+/// `*_b64` field when they are not UTF-8. This is the format `event-log`
+/// writes and `watchgate plugin test --events` reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventLine {
+    /// Source name.
+    #[serde(default = "default_line_source")]
+    pub source: String,
+    /// `put` or `delete`.
+    pub kind: EventKind,
+    /// The key.
+    pub key: String,
+    /// UTF-8 value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// Base64 value, for values that are not UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_b64: Option<String>,
+    /// UTF-8 previous value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_value: Option<String>,
+    /// Base64 previous value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_value_b64: Option<String>,
+    /// Revision.
+    #[serde(default)]
+    pub revision: u64,
+    /// Synthesized by a relist.
+    #[serde(default)]
+    pub resync: bool,
+    /// Folded changes.
+    #[serde(default)]
+    pub coalesced: u32,
+    /// Source-specific extras.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metadata: Vec<(String, String)>,
+}
+
+fn default_line_source() -> String {
+    "test".to_owned()
+}
+
+/// A JSON line could not be turned into an event.
+#[derive(Debug, thiserror::Error)]
+pub enum EventLineError {
+    /// Both the UTF-8 and base64 forms of one value were given.
+    #[error("both `{0}` and `{0}_b64` are set; give one")]
+    BothForms(&'static str),
+    /// A base64 value did not decode.
+    #[error("`{field}` is not valid base64: {source}")]
+    Base64 {
+        /// The offending field.
+        field: &'static str,
+        /// The decoder's complaint.
+        source: base64::DecodeError,
+    },
+}
+
+fn join_utf8(
+    field: &'static str,
+    text: Option<String>,
+    b64: Option<String>,
+) -> Result<Option<Bytes>, EventLineError> {
+    match (text, b64) {
+        (Some(_), Some(_)) => Err(EventLineError::BothForms(field)),
+        (Some(s), None) => Ok(Some(Bytes::from(s))),
+        (None, Some(b)) => B64
+            .decode(b)
+            .map(|v| Some(Bytes::from(v)))
+            .map_err(|source| EventLineError::Base64 { field, source }),
+        (None, None) => Ok(None),
+    }
+}
+
+impl TryFrom<EventLine> for Event {
+    type Error = EventLineError;
+
+    fn try_from(line: EventLine) -> Result<Self, Self::Error> {
+        Ok(Event {
+            source: Arc::from(line.source),
+            kind: line.kind,
+            key: line.key,
+            value: join_utf8("value", line.value, line.value_b64)?,
+            prev_value: join_utf8("prev_value", line.prev_value, line.prev_value_b64)?,
+            revision: line.revision,
+            resync: line.resync,
+            coalesced: line.coalesced,
+            metadata: line.metadata,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_line_round_trips_binary_and_text_values() {
+        let src: Arc<str> = Arc::from("local");
+        let e = Event::put(&src, "a/b", Bytes::from_static(&[0xff, 0x00]), 7)
+            .with_prev(Some(Bytes::from_static(b"old")));
+        let line = e.to_line();
+        assert_eq!(line.value, None);
+        assert_eq!(line.value_b64.as_deref(), Some("/wA="));
+        assert_eq!(line.prev_value.as_deref(), Some("old"));
+        let json = serde_json::to_string(&line).unwrap();
+        let back: EventLine = serde_json::from_str(&json).unwrap();
+        assert_eq!(Event::try_from(back).unwrap(), e);
+    }
+
+    #[test]
+    fn absorb_keeps_earliest_prev_and_counts() {
+        let src: Arc<str> = Arc::from("s");
+        let mut first = Event::put(&src, "k", Bytes::from_static(b"1"), 1)
+            .with_prev(Some(Bytes::from_static(b"0")));
+        first.absorb(Event::put(&src, "k", Bytes::from_static(b"2"), 2));
+        first.absorb(Event::delete(&src, "k", 3));
+        assert_eq!(first.kind, EventKind::Delete);
+        assert_eq!(first.value, None);
+        assert_eq!(first.prev_value.as_deref(), Some(&b"0"[..]));
+        assert_eq!(first.revision, 3);
+        assert_eq!(first.coalesced, 2);
+    }
+}

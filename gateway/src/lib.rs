@@ -1,0 +1,26 @@
+//! watchgate: watch configuration and discovery stores, hand every change
+//! to sandboxed WebAssembly plugins.
+//!
+//! The pipeline, left to right:
+//!
+//! * [`source`]: one task per configured store (etcd, Consul, Nacos, a
+//!   directory) turns what it sees into [`event::Event`]s: put or delete,
+//!   with revision and previous value.
+//! * [`dispatch`]: routes each event by source and key prefix to the plugins
+//!   subscribed to it, into one bounded queue per plugin that folds changes
+//!   of the same key together when full instead of blocking the source.
+//! * [`runtime`]: one wasmtime engine; each plugin is compiled once and run
+//!   on its own worker thread, every call under fuel, a wall-clock deadline
+//!   and a memory cap. A trap fails one call; a fresh instance serves the
+//!   next.
+//! * [`host`]: what a plugin may call back into, each capability behind the
+//!   operator's grant.
+//! * [`admin`]: health, readiness, metrics and a JSON view over HTTP.
+//!
+//! [`app`] wires these together and owns every task; [`config`] reads the
+//! files that describe them.
+
+pub mod config;
+pub mod event;
+pub mod source;
+pub mod telemetry;

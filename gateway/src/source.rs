@@ -1,0 +1,221 @@
+//! The plug-in point for stores: the [`Source`] trait and its context.
+//!
+//! A source owns one connection (or directory watch), turns what it sees into
+//! [`Event`]s and hands them to [`SourceContext::emit`], which never blocks.
+//! It reports its health through [`SourceStatus`]: connected, initial sync
+//! done (a readiness latch), last revision, last error. A source must not
+//! know about plugins, queues or wasmtime; it must return from
+//! [`Source::run`] promptly once `shutdown` is cancelled.
+
+pub mod file;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::event::Event;
+use crate::telemetry::Metrics;
+
+/// What a source's run future resolves to.
+pub type SourceFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'static>>;
+
+/// A store connector. One file per store implements it.
+pub trait Source: Send + 'static {
+    /// Watch until `ctx.shutdown` is cancelled. Transient failures are the
+    /// source's own business (retry with backoff, report through
+    /// `ctx.status`); an `Err` means the source cannot work at all (bad
+    /// configuration discovered late, for example).
+    fn run(self: Box<Self>, ctx: SourceContext) -> SourceFuture;
+}
+
+/// Where a source delivers its events. Implemented by the dispatcher; tests
+/// use [`SourceContext::for_test`].
+pub trait EventSink: Send + Sync + 'static {
+    /// Deliver a batch of events of one source. The events of one batch are
+    /// one atomic step of the source (one revision, one rescan). Must not
+    /// block.
+    fn deliver(&self, source: &str, events: Vec<Event>);
+}
+
+/// Everything a running source gets.
+#[derive(Clone)]
+pub struct SourceContext {
+    /// The source's configured name.
+    pub name: Arc<str>,
+    /// Health and progress, read by `/readyz`, `/v1/sources` and metrics.
+    pub status: Arc<SourceStatus>,
+    /// Cancelled when the source must stop.
+    pub shutdown: CancellationToken,
+    sink: Arc<dyn EventSink>,
+    metrics: Arc<Metrics>,
+}
+
+impl SourceContext {
+    /// A context delivering into `sink`.
+    pub fn new(
+        name: Arc<str>,
+        sink: Arc<dyn EventSink>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let status = Arc::new(SourceStatus::new(name.clone(), metrics.clone()));
+        SourceContext {
+            name,
+            status,
+            shutdown,
+            sink,
+            metrics,
+        }
+    }
+
+    /// A context whose events arrive on the returned channel, for tests.
+    pub fn for_test(name: &str) -> (Self, tokio::sync::mpsc::UnboundedReceiver<Vec<Event>>) {
+        struct ChannelSink(tokio::sync::mpsc::UnboundedSender<Vec<Event>>);
+        impl EventSink for ChannelSink {
+            fn deliver(&self, _source: &str, events: Vec<Event>) {
+                let _ = self.0.send(events);
+            }
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let ctx = SourceContext::new(
+            Arc::from(name),
+            Arc::new(ChannelSink(tx)),
+            Metrics::shared(),
+            CancellationToken::new(),
+        );
+        (ctx, rx)
+    }
+
+    /// Hand a batch of events to the dispatcher. Never blocks. Updates the
+    /// status's last revision and the events counter.
+    pub fn emit(&self, events: Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        if let Some(max) = events.iter().map(|e| e.revision).max() {
+            self.status.set_revision(max);
+        }
+        self.metrics
+            .source_events
+            .get_or_create(&Metrics::source(&self.name))
+            .inc_by(events.len() as u64);
+        self.sink.deliver(&self.name, events);
+    }
+}
+
+/// Live health of one source. Cheap to read from any thread.
+pub struct SourceStatus {
+    name: Arc<str>,
+    connected: AtomicBool,
+    synced: AtomicBool,
+    revision: AtomicU64,
+    reconnects: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    metrics: Arc<Metrics>,
+}
+
+/// A point-in-time copy of [`SourceStatus`], as served by `/v1/sources`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SourceReport {
+    /// Source name.
+    pub name: String,
+    /// Holding a live connection or watch.
+    pub connected: bool,
+    /// Initial sync delivered.
+    pub synced: bool,
+    /// Highest revision delivered.
+    pub revision: u64,
+    /// Reconnects since start.
+    pub reconnects: u64,
+    /// The most recent error, cleared on a healthy reconnect.
+    pub last_error: Option<String>,
+}
+
+impl SourceStatus {
+    fn new(name: Arc<str>, metrics: Arc<Metrics>) -> Self {
+        let labels = Metrics::source(&name);
+        metrics.source_connected.get_or_create(&labels).set(0);
+        metrics.source_synced.get_or_create(&labels).set(0);
+        metrics.source_reconnects.get_or_create(&labels);
+        metrics.source_events.get_or_create(&labels);
+        SourceStatus {
+            name,
+            connected: AtomicBool::new(false),
+            synced: AtomicBool::new(false),
+            revision: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            metrics,
+        }
+    }
+
+    /// The source connected (or lost its connection).
+    pub fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::SeqCst);
+        self.metrics
+            .source_connected
+            .get_or_create(&Metrics::source(&self.name))
+            .set(i64::from(connected));
+        if connected {
+            self.last_error.lock().take();
+        }
+    }
+
+    /// The initial sync has been delivered: the readiness latch opens. Later
+    /// calls are no-ops.
+    pub fn set_synced(&self) {
+        if !self.synced.swap(true, Ordering::SeqCst) {
+            self.metrics
+                .source_synced
+                .get_or_create(&Metrics::source(&self.name))
+                .set(1);
+            tracing::info!(source = %self.name, "Source finished its initial sync.");
+        }
+    }
+
+    /// A new connection attempt after a loss.
+    pub fn reconnecting(&self) {
+        self.reconnects.fetch_add(1, Ordering::SeqCst);
+        self.metrics
+            .source_reconnects
+            .get_or_create(&Metrics::source(&self.name))
+            .inc();
+    }
+
+    /// Record the latest error (shown by `/v1/sources` and `/readyz`).
+    pub fn set_error(&self, error: impl Into<String>) {
+        *self.last_error.lock() = Some(error.into());
+    }
+
+    /// Record a delivered revision; the stored value never goes down.
+    pub fn set_revision(&self, revision: u64) {
+        self.revision.fetch_max(revision, Ordering::SeqCst);
+    }
+
+    /// Initial sync delivered?
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::SeqCst)
+    }
+
+    /// Connected?
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+
+    /// A copy for reports.
+    pub fn report(&self) -> SourceReport {
+        SourceReport {
+            name: self.name.to_string(),
+            connected: self.is_connected(),
+            synced: self.is_synced(),
+            revision: self.revision.load(Ordering::SeqCst),
+            reconnects: self.reconnects.load(Ordering::SeqCst),
+            last_error: self.last_error.lock().clone(),
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! Metrics and the named telemetry events that both log and count.
+//!
+//! Owns the Prometheus registry and every metric family. Code elsewhere
+//! records a thing by calling one method here, so a metric and its log line
+//! never drift apart. It must not decide policy (what is an error, when to
+//! retry): it only records.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label set naming one source.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// Source name.
+    pub source: String,
+}
+
+/// Label set naming one plugin.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    /// Plugin name.
+    pub plugin: String,
+}
+
+/// How one plugin call ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Outcome {
+    /// The handler returned `Ok`.
+    ok,
+    /// The handler returned `Err`.
+    error,
+    /// The guest trapped (panic, unreachable, stack overflow, …).
+    trap,
+    /// The wall-clock deadline interrupted the call.
+    timeout,
+    /// The fuel budget ran out.
+    out_of_fuel,
+    /// The guest hit its memory cap.
+    memory,
+}
+
+impl Outcome {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::ok => "ok",
+            Outcome::error => "error",
+            Outcome::trap => "trap",
+            Outcome::timeout => "timeout",
+            Outcome::out_of_fuel => "out_of_fuel",
+            Outcome::memory => "memory",
+        }
+    }
+}
+
+/// Labels of a plugin call outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// Plugin name.
+    pub plugin: String,
+    /// How the call ended.
+    pub outcome: Outcome,
+}
+
+/// Labels of a capability call.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CapabilityLabels {
+    /// Plugin name.
+    pub plugin: String,
+    /// Capability (`files`, `state`, …).
+    pub capability: String,
+    /// `ok`, `error` or `denied`.
+    pub outcome: String,
+}
+
+type HistogramFamily = Family<PluginLabels, Histogram, fn() -> Histogram>;
+
+fn call_histogram() -> Histogram {
+    // 50 µs … ~1.6 s
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+/// Every metric watchgate exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Events produced per source.
+    pub source_events: Family<SourceLabels, Counter>,
+    /// 1 while the source has a live connection.
+    pub source_connected: Family<SourceLabels, Gauge>,
+    /// 1 once the source finished its initial sync.
+    pub source_synced: Family<SourceLabels, Gauge>,
+    /// Reconnects per source.
+    pub source_reconnects: Family<SourceLabels, Counter>,
+    /// Plugin call outcomes.
+    pub plugin_invocations: Family<OutcomeLabels, Counter>,
+    /// Events waiting in each plugin's queue.
+    pub plugin_queue_depth: Family<PluginLabels, Gauge>,
+    /// Changes folded into queued events because the queue was full.
+    pub plugin_coalesced: Family<PluginLabels, Counter>,
+    /// Events accepted past the queue's capacity (distinct keys that could
+    /// not be folded).
+    pub plugin_queue_overflow: Family<PluginLabels, Counter>,
+    /// Plugin call latency.
+    pub plugin_call_seconds: HistogramFamily,
+    /// Plugin files that failed to load.
+    pub plugin_load_failures: Family<PluginLabels, Counter>,
+    /// Plugin (re)loads that succeeded.
+    pub plugin_loads: Family<PluginLabels, Counter>,
+    /// Fresh instances created (first use and after every trap).
+    pub plugin_instantiations: Family<PluginLabels, Counter>,
+    /// Plugin log lines dropped by the rate limiter.
+    pub plugin_log_dropped: Family<PluginLabels, Counter>,
+    /// Capability calls.
+    pub capability_calls: Family<CapabilityLabels, Counter>,
+    /// Live tokio tasks, refreshed on every scrape.
+    pub runtime_alive_tasks: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every family registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            registry: Registry::default(),
+            source_events: Family::default(),
+            source_connected: Family::default(),
+            source_synced: Family::default(),
+            source_reconnects: Family::default(),
+            plugin_invocations: Family::default(),
+            plugin_queue_depth: Family::default(),
+            plugin_coalesced: Family::default(),
+            plugin_queue_overflow: Family::default(),
+            plugin_call_seconds: Family::new_with_constructor(call_histogram),
+            plugin_load_failures: Family::default(),
+            plugin_loads: Family::default(),
+            plugin_instantiations: Family::default(),
+            plugin_log_dropped: Family::default(),
+            capability_calls: Family::default(),
+            runtime_alive_tasks: Gauge::default(),
+        };
+        registry.register(
+            "watchgate_source_events",
+            "Events produced by a source",
+            m.source_events.clone(),
+        );
+        registry.register(
+            "watchgate_source_connected",
+            "1 while the source holds a live connection",
+            m.source_connected.clone(),
+        );
+        registry.register(
+            "watchgate_source_synced",
+            "1 once the source finished its initial sync",
+            m.source_synced.clone(),
+        );
+        registry.register(
+            "watchgate_source_reconnects",
+            "Reconnects of a source",
+            m.source_reconnects.clone(),
+        );
+        registry.register(
+            "watchgate_plugin_invocations",
+            "Plugin calls by outcome",
+            m.plugin_invocations.clone(),
+        );
+        registry.register(
+            "watchgate_plugin_queue_depth",
+            "Events waiting in a plugin's queue",
+            m.plugin_queue_depth.clone(),
+        );
+        registry.register(
+            "watchgate_plugin_coalesced",
+            "Changes folded into queued events of the same key because the queue was full",
+            m.plugin_coalesced.clone(),
+        );
+        registry.register(
+            "watchgate_plugin_queue_overflow",
+            "Events queued past capacity because no queued event of the same key could absorb them",
+            m.plugin_queue_overflow.clone(),
+        );
+        registry.register(
+            "watchgate_plugin_call_seconds",
+            "Wall-clock time of one plugin call",
+            m.plugin_call_seconds.clone(),
+        );
+        registry.register(
+            "watchgate_plugin_load_failures",
+            "Plugin files that were rejected",
+            m.plugin_load_failures.clone(),
+        );
+        registry.register(
+            "watchgate_plugin_loads",
+            "Plugin files loaded or replaced",
+            m.plugin_loads.clone(),
+        );
+        registry.register(
+            "watchgate_plugin_instantiations",
+            "Fresh plugin instances (first use and after each trap)",
+            m.plugin_instantiations.clone(),
+        );
+        registry.register(
+            "watchgate_plugin_log_dropped",
+            "Plugin log lines dropped by the per-plugin rate limit",
+            m.plugin_log_dropped.clone(),
+        );
+        registry.register(
+            "watchgate_capability_calls",
+            "Host capability calls by plugin, capability and outcome",
+            m.capability_calls.clone(),
+        );
+        registry.register(
+            "watchgate_runtime_alive_tasks",
+            "Live tokio tasks",
+            m.runtime_alive_tasks.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// A shared handle.
+    pub fn shared() -> Arc<Self> {
+        Arc::new(Self::new())
+    }
+
+    /// Encode every metric in the Prometheus/OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            self.runtime_alive_tasks
+                .set(handle.metrics().num_alive_tasks() as i64);
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Labels for a source.
+    pub fn source(name: &str) -> SourceLabels {
+        SourceLabels {
+            source: name.to_owned(),
+        }
+    }
+
+    /// Labels for a plugin.
+    pub fn plugin(name: &str) -> PluginLabels {
+        PluginLabels {
+            plugin: name.to_owned(),
+        }
+    }
+
+    /// Record one finished plugin call.
+    pub fn plugin_call(&self, plugin: &str, outcome: Outcome, seconds: f64) {
+        self.plugin_invocations
+            .get_or_create(&OutcomeLabels {
+                plugin: plugin.to_owned(),
+                outcome,
+            })
+            .inc();
+        self.plugin_call_seconds
+            .get_or_create(&Self::plugin(plugin))
+            .observe(seconds);
+    }
+
+    /// Record one capability call.
+    pub fn capability(&self, plugin: &str, capability: &str, outcome: &str) {
+        self.capability_calls
+            .get_or_create(&CapabilityLabels {
+                plugin: plugin.to_owned(),
+                capability: capability.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposes_the_documented_names() {
+        let m = Metrics::new();
+        m.source_events.get_or_create(&Metrics::source("s")).inc();
+        m.source_connected.get_or_create(&Metrics::source("s")).set(1);
+        m.source_reconnects.get_or_create(&Metrics::source("s")).inc();
+        m.plugin_call("p", Outcome::out_of_fuel, 0.01);
+        m.plugin_queue_depth.get_or_create(&Metrics::plugin("p")).set(3);
+        m.plugin_coalesced.get_or_create(&Metrics::plugin("p")).inc();
+        let text = m.encode();
+        for name in [
+            "watchgate_source_events_total{source=\"s\"} 1",
+            "watchgate_source_connected{source=\"s\"} 1",
+            "watchgate_source_reconnects_total{source=\"s\"} 1",
+            "watchgate_plugin_invocations_total{plugin=\"p\",outcome=\"out_of_fuel\"} 1",
+            "watchgate_plugin_queue_depth{plugin=\"p\"} 3",
+            "watchgate_plugin_coalesced_total{plugin=\"p\"} 1",
+            "watchgate_plugin_call_seconds_count{plugin=\"p\"} 1",
+            "watchgate_runtime_alive_tasks",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}
