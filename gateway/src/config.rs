@@ -184,6 +184,15 @@ pub struct RuntimeConfig {
     /// Default 50.
     #[serde(default = "default_log_lines_per_second")]
     pub log_lines_per_second: u32,
+    /// Plugin instances that can be alive at once (one per loaded plugin,
+    /// plus short-lived ones during a swap); sizes the pooling allocator.
+    /// Default 128.
+    #[serde(default = "default_max_instances")]
+    pub max_instances: u32,
+}
+
+fn default_max_instances() -> u32 {
+    128
 }
 
 fn default_limits() -> Limits {
@@ -214,6 +223,7 @@ impl Default for RuntimeConfig {
             max_timeout_ms: default_max_timeout_ms(),
             max_wasm_stack_kb: default_max_wasm_stack_kb(),
             log_lines_per_second: default_log_lines_per_second(),
+            max_instances: default_max_instances(),
         }
     }
 }

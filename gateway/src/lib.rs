@@ -20,7 +20,14 @@
 //! [`app`] wires these together and owns every task; [`config`] reads the
 //! files that describe them.
 
+pub mod admin;
+pub mod app;
+pub mod cli;
 pub mod config;
+pub mod dispatch;
 pub mod event;
 pub mod source;
 pub mod telemetry;
+pub mod host;
+pub mod plugin_dir;
+pub mod runtime;

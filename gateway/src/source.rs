@@ -7,6 +7,7 @@
 //! know about plugins, queues or wasmtime; it must return from
 //! [`Source::run`] promptly once `shutdown` is cancelled.
 
+pub mod backoff;
 pub mod file;
 
 use std::future::Future;
@@ -141,8 +142,8 @@ impl SourceStatus {
         let labels = Metrics::source(&name);
         metrics.source_connected.get_or_create(&labels).set(0);
         metrics.source_synced.get_or_create(&labels).set(0);
-        metrics.source_reconnects.get_or_create(&labels);
-        metrics.source_events.get_or_create(&labels);
+        let _ = metrics.source_reconnects.get_or_create(&labels);
+        let _ = metrics.source_events.get_or_create(&labels);
         SourceStatus {
             name,
             connected: AtomicBool::new(false),

@@ -29,7 +29,7 @@ pub struct PluginLabels {
 }
 
 /// How one plugin call ended.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue, serde::Serialize)]
 #[allow(non_camel_case_types)]
 pub enum Outcome {
     /// The handler returned `Ok`.

@@ -1,0 +1,353 @@
+//! The command line: `run`, `check` and `plugin test`.
+//!
+//! Owns argument parsing and the two commands that do not run the gateway
+//! (`check`, `plugin test`). Each returns an [`ExitCode`]-like integer; it
+//! must not install signal handlers or telemetry (that is `main`'s job).
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::config::{Config, Limits, RuntimeConfig};
+use crate::event::{Event, EventLine};
+use crate::host::PluginContext;
+use crate::host::files::FilesGrant;
+use crate::host::log::{Level, LogSink, PluginLog, Stream};
+use crate::plugin_dir::compile_plugin;
+use crate::runtime::Runtime;
+use crate::runtime::instance::{LoadedPlugin, Sandbox};
+use crate::telemetry::Metrics;
+
+/// watchgate: watch configuration and discovery stores, hand every change to
+/// sandboxed WebAssembly plugins.
+#[derive(Debug, Parser)]
+#[command(name = "watchgate", version, about)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Run {
+        /// The gateway configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate the configuration and compile every plugin, then exit:
+    /// 0 when everything is usable, 2 with the reasons otherwise.
+    Check {
+        /// The gateway configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Plugin tools.
+    Plugin {
+        /// Plugin subcommand.
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+/// `watchgate plugin …`.
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Run a plugin on recorded events (JSON lines as `event-log` writes
+    /// them) and print each outcome and log line as JSON. Exits 1 when any
+    /// call failed, 2 when the input is unusable.
+    Test {
+        /// The plugin component (`.wasm`).
+        wasm: PathBuf,
+        /// Events, one JSON object per line.
+        #[arg(long)]
+        events: PathBuf,
+        /// Grant the `files` capability rooted in this directory.
+        #[arg(long)]
+        files: Option<PathBuf>,
+        /// Fuel per call.
+        #[arg(long)]
+        fuel: Option<u64>,
+        /// Deadline per call, in milliseconds.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        /// Memory cap, in MiB.
+        #[arg(long)]
+        memory_mb: Option<u64>,
+    },
+}
+
+/// Validate a config and every plugin in its directory. Prints one line per
+/// plugin and returns the exit code.
+pub fn check(config_path: &Path) -> i32 {
+    let config = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let runtime = match Runtime::new(&config.runtime) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    println!(
+        "config {}: ok ({} source(s), plugin directory {})",
+        config_path.display(),
+        config.sources.len(),
+        config.plugins.dir.display()
+    );
+    let entries = match std::fs::read_dir(&config.plugins.dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("plugin directory does not exist yet: no plugins");
+            return 0;
+        }
+        Err(e) => {
+            eprintln!(
+                "error: cannot read plugin directory {}: {e}",
+                config.plugins.dir.display()
+            );
+            return 2;
+        }
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".wasm"))
+                .filter(|n| !n.starts_with('.'))
+                .map(str::to_owned)
+        })
+        .collect();
+    names.sort();
+    let mut failed = 0;
+    for name in &names {
+        let wasm_path = config.plugins.dir.join(format!("{name}.wasm"));
+        let sidecar_path = config.plugins.dir.join(format!("{name}.toml"));
+        let result = std::fs::read(&wasm_path)
+            .map_err(|e| format!("{}: cannot read: {e}", wasm_path.display()))
+            .and_then(|wasm| {
+                let sidecar = match std::fs::read_to_string(&sidecar_path) {
+                    Ok(t) => Some(t),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                    Err(e) => return Err(format!("{}: cannot read: {e}", sidecar_path.display())),
+                };
+                compile_plugin(
+                    &runtime,
+                    &config,
+                    name,
+                    &wasm,
+                    sidecar.as_deref().map(|t| (sidecar_path.as_path(), t)),
+                )
+                .map_err(|e| e.to_string())
+            });
+        match result {
+            Ok((compiled, sidecar)) => {
+                let subs = if sidecar.subscribe.is_empty() {
+                    "every source".to_owned()
+                } else {
+                    sidecar
+                        .subscribe
+                        .iter()
+                        .map(|s| format!("{}:{:?}", s.source, s.prefix))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                let grants = sidecar
+                    .grants
+                    .files
+                    .as_ref()
+                    .map_or("none".to_owned(), |d| format!("files={}", d.display()));
+                println!(
+                    "plugin {name}: ok (sha256 {}, {} bytes; subscribes to {subs}; grants: {grants})",
+                    &compiled.digest[..12],
+                    compiled.size
+                );
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("plugin {name}: error: {e}");
+            }
+        }
+    }
+    if failed > 0 {
+        eprintln!("{failed} of {} plugin(s) rejected", names.len());
+        2
+    } else {
+        0
+    }
+}
+
+/// Prints plugin log lines as JSON objects.
+struct JsonLines(Mutex<std::io::Stdout>);
+
+#[derive(Serialize)]
+struct LogLine<'a> {
+    log: LogBody<'a>,
+}
+
+#[derive(Serialize)]
+struct LogBody<'a> {
+    level: Level,
+    stream: Stream,
+    message: &'a str,
+}
+
+impl LogSink for JsonLines {
+    fn line(&self, _plugin: &str, level: Level, stream: Stream, message: &str) {
+        let line = LogLine {
+            log: LogBody {
+                level,
+                stream,
+                message,
+            },
+        };
+        let mut out = self.0.lock();
+        let _ = serde_json::to_writer(&mut *out, &line);
+        let _ = writeln!(out);
+    }
+}
+
+#[derive(Serialize)]
+struct OutcomeLine<'a> {
+    line: usize,
+    key: &'a str,
+    kind: &'a str,
+    outcome: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trap: Option<String>,
+    elapsed_us: u128,
+}
+
+/// Arguments of `plugin test`.
+pub struct PluginTest<'a> {
+    /// The component.
+    pub wasm: &'a Path,
+    /// JSON-lines events.
+    pub events: &'a Path,
+    /// `files` grant.
+    pub files: Option<&'a Path>,
+    /// Limits over the defaults.
+    pub limits: crate::config::PartialLimits,
+}
+
+/// Run `plugin test`; returns the exit code.
+pub fn plugin_test(args: PluginTest<'_>) -> i32 {
+    let fail = |msg: String| {
+        eprintln!("error: {msg}");
+        2
+    };
+    let runtime_config = RuntimeConfig::default();
+    let limits: Limits = runtime_config.defaults.merged(args.limits);
+    let runtime = match Runtime::new(&runtime_config) {
+        Ok(r) => r,
+        Err(e) => return fail(e.to_string()),
+    };
+    let bytes = match std::fs::read(args.wasm) {
+        Ok(b) => b,
+        Err(e) => return fail(format!("{}: cannot read: {e}", args.wasm.display())),
+    };
+    let compiled = match runtime.compile(&bytes) {
+        Ok(c) => c,
+        Err(e) => return fail(format!("{}: {e}", args.wasm.display())),
+    };
+    let files = match args.files.map(FilesGrant::new).transpose() {
+        Ok(f) => f,
+        Err(e) => return fail(format!("--files: {e}")),
+    };
+    let events = match std::fs::File::open(args.events) {
+        Ok(f) => std::io::BufReader::new(f),
+        Err(e) => return fail(format!("{}: cannot read: {e}", args.events.display())),
+    };
+    let name = args
+        .wasm
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("plugin")
+        .to_owned();
+    let metrics = Metrics::shared();
+    let sink: Arc<dyn LogSink> = Arc::new(JsonLines(Mutex::new(std::io::stdout())));
+    let plugin = LoadedPlugin {
+        compiled,
+        ctx: Arc::new(PluginContext {
+            name: name.clone(),
+            files,
+            state: Arc::default(),
+            log: Arc::new(PluginLog::new(&name, u32::MAX, sink, metrics.clone())),
+            metrics,
+        }),
+        version: 1,
+        limits,
+    };
+    let mut sandbox = Sandbox::new(runtime);
+    let (mut failed, mut bad_input) = (0usize, 0usize);
+    for (i, line) in events.lines().enumerate() {
+        let n = i + 1;
+        let line = match line {
+            Ok(l) => l,
+            Err(e) => return fail(format!("{}:{n}: cannot read: {e}", args.events.display())),
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let event: Event = match serde_json::from_str::<EventLine>(&line)
+            .map_err(|e| e.to_string())
+            .and_then(|l| Event::try_from(l).map_err(|e| e.to_string()))
+        {
+            Ok(e) => e,
+            Err(e) => {
+                bad_input += 1;
+                eprintln!("error: {}:{n}: not an event: {e}", args.events.display());
+                continue;
+            }
+        };
+        let report = sandbox.call(&plugin, &event);
+        if report.outcome != crate::telemetry::Outcome::ok {
+            failed += 1;
+        }
+        let out = OutcomeLine {
+            line: n,
+            key: &event.key,
+            kind: event.kind.as_str(),
+            outcome: report.outcome.as_str(),
+            message: report.message.as_deref(),
+            trap: report.trap.map(|t| format!("{t:?}")),
+            elapsed_us: report.elapsed.as_micros(),
+        };
+        let mut stdout = std::io::stdout().lock();
+        let _ = serde_json::to_writer(&mut stdout, &out);
+        let _ = writeln!(stdout);
+    }
+    if bad_input > 0 {
+        2
+    } else if failed > 0 {
+        1
+    } else {
+        0
+    }
+}

@@ -1,0 +1,403 @@
+//! The plugin directory: `NAME.wasm` plus an optional operator sidecar
+//! `NAME.toml`, loaded, replaced and unloaded while the gateway runs.
+//!
+//! Owns turning directory contents into [`PluginSpec`]s and keeping the
+//! dispatcher in step: a new file loads, a changed one swaps (the old
+//! version keeps serving if the new one is rejected), a removed one unloads.
+//! The directory is watched with the same [`FileSource`] users watch
+//! directories with, so there is one file-watching code path. A rejected
+//! file is logged once with its reason and counted; the gateway keeps
+//! serving. This module must not run plugin calls.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError, FileSourceConfig, Sidecar};
+use crate::dispatch::{Dispatcher, PluginSpec};
+use crate::event::{Event, EventKind};
+use crate::host::PluginContext;
+use crate::host::files::FilesGrant;
+use crate::host::log::{LogSink, PluginLog};
+use crate::host::state::PluginState;
+use crate::runtime::instance::LoadedPlugin;
+use crate::runtime::{CompiledPlugin, LoadError, Runtime};
+use crate::source::file::FileSource;
+use crate::source::{EventSink, Source, SourceContext, SourceStatus};
+use crate::telemetry::Metrics;
+
+/// Why a plugin could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// The name is not usable.
+    #[error("plugin name {0:?} must be 1-64 characters of A-Z a-z 0-9 - _")]
+    BadName(String),
+    /// The sidecar is invalid.
+    #[error("{0}")]
+    Sidecar(#[from] ConfigError),
+    /// The wasm file is not a usable plugin.
+    #[error("{path}: {source}")]
+    Wasm {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: LoadError,
+    },
+    /// The granted directory cannot be used.
+    #[error("{path}: grants.files directory {dir:?} cannot be created: {source}")]
+    Grant {
+        /// The sidecar.
+        path: PathBuf,
+        /// The directory.
+        dir: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// Whether `name` is a valid plugin name.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Validate a sidecar and compile a plugin; does not start it. Blocking and
+/// CPU-heavy.
+///
+/// # Errors
+/// [`PluginError`] with the file and reason.
+pub fn compile_plugin(
+    runtime: &Runtime,
+    config: &Config,
+    name: &str,
+    wasm: &[u8],
+    sidecar: Option<(&Path, &str)>,
+) -> Result<(CompiledPlugin, Sidecar), PluginError> {
+    if !valid_name(name) {
+        return Err(PluginError::BadName(name.to_owned()));
+    }
+    let sidecar = match sidecar {
+        Some((path, text)) => Sidecar::parse(path, text, config)?,
+        None => Sidecar::default(),
+    };
+    let compiled = runtime.compile(wasm).map_err(|source| PluginError::Wasm {
+        path: config.plugins.dir.join(format!("{name}.wasm")),
+        source,
+    })?;
+    Ok((compiled, sidecar))
+}
+
+/// What `/readyz` and `/v1/plugins` need to know about the directory.
+#[derive(Default)]
+pub struct LoaderStatus {
+    loaded: AtomicBool,
+    rejected: Mutex<BTreeMap<String, String>>,
+}
+
+/// A rejected plugin file.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rejection {
+    /// Plugin name.
+    pub name: String,
+    /// Why.
+    pub error: String,
+}
+
+impl LoaderStatus {
+    /// The initial contents of the directory were processed.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::SeqCst)
+    }
+
+    /// Plugins whose current files are rejected (an older version may still
+    /// run).
+    pub fn rejected(&self) -> Vec<Rejection> {
+        self.rejected
+            .lock()
+            .iter()
+            .map(|(name, error)| Rejection {
+                name: name.clone(),
+                error: error.clone(),
+            })
+            .collect()
+    }
+}
+
+#[derive(Default)]
+struct Files {
+    wasm: Option<Bytes>,
+    sidecar: Option<Bytes>,
+}
+
+struct ChannelSink(mpsc::UnboundedSender<Vec<Event>>);
+
+impl EventSink for ChannelSink {
+    fn deliver(&self, _source: &str, events: Vec<Event>) {
+        let _ = self.0.send(events);
+    }
+}
+
+/// Keeps the dispatcher's plugins in step with the plugin directory.
+pub struct PluginLoader {
+    config: Arc<Config>,
+    runtime: Arc<Runtime>,
+    dispatcher: Arc<Dispatcher>,
+    metrics: Arc<Metrics>,
+    log_sink: Arc<dyn LogSink>,
+    status: Arc<LoaderStatus>,
+    files: HashMap<String, Files>,
+    states: HashMap<String, Arc<PluginState>>,
+    logs: HashMap<String, Arc<PluginLog>>,
+    next_version: u64,
+}
+
+impl PluginLoader {
+    /// A loader for `config.plugins.dir`.
+    pub fn new(
+        config: Arc<Config>,
+        runtime: Arc<Runtime>,
+        dispatcher: Arc<Dispatcher>,
+        metrics: Arc<Metrics>,
+        log_sink: Arc<dyn LogSink>,
+    ) -> PluginLoader {
+        PluginLoader {
+            config,
+            runtime,
+            dispatcher,
+            metrics,
+            log_sink,
+            status: Arc::default(),
+            files: HashMap::new(),
+            states: HashMap::new(),
+            logs: HashMap::new(),
+            next_version: 1,
+        }
+    }
+
+    /// The status handle (readiness, rejections).
+    pub fn status(&self) -> Arc<LoaderStatus> {
+        self.status.clone()
+    }
+
+    /// Watch the directory until `shutdown`, loading what appears. The
+    /// directory is created when missing.
+    ///
+    /// # Errors
+    /// When the directory cannot be created or watched.
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let dir = self.config.plugins.dir.clone();
+        tokio::fs::create_dir_all(&dir).await.map_err(|e| {
+            anyhow::anyhow!("cannot create plugin directory {}: {e}", dir.display())
+        })?;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let watch_token = shutdown.child_token();
+        let mut fc = FileSourceConfig::new("plugins", &dir);
+        fc.max_value_bytes = 512 * 1024 * 1024;
+        fc.debounce_ms = 100;
+        fc.rescan_interval_s = 30;
+        let ctx = SourceContext::new(
+            Arc::from("plugins"),
+            Arc::new(ChannelSink(tx)),
+            Arc::new(Metrics::new()),
+            watch_token.clone(),
+        );
+        let dir_status: Arc<SourceStatus> = ctx.status.clone();
+        let watcher = tokio::spawn(Box::new(FileSource::new(fc)).run(ctx));
+        tracing::info!(dir = %dir.display(), "Watching the plugin directory.");
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+        let result = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                batch = rx.recv() => match batch {
+                    Some(batch) => self.apply(batch).await,
+                    None => break Err(anyhow::anyhow!("plugin directory watch ended")),
+                },
+                _ = tick.tick() => {}
+            }
+            if !self.status.is_loaded() && dir_status.is_synced() && rx.is_empty() {
+                self.status.loaded.store(true, Ordering::SeqCst);
+                tracing::info!(
+                    plugins = ?self.dispatcher.plugin_names(),
+                    rejected = self.status.rejected.lock().len(),
+                    "Plugin directory loaded."
+                );
+            }
+        };
+        watch_token.cancel();
+        match watcher.await {
+            Ok(Ok(())) => result,
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(anyhow::anyhow!("plugin directory watcher panicked: {e}")),
+        }
+    }
+
+    async fn apply(&mut self, batch: Vec<Event>) {
+        let mut touched = BTreeSet::new();
+        for e in batch {
+            let (stem, is_wasm) = if let Some(s) = e.key.strip_suffix(".wasm") {
+                (s, true)
+            } else if let Some(s) = e.key.strip_suffix(".toml") {
+                (s, false)
+            } else {
+                continue;
+            };
+            if stem.contains('/') {
+                continue;
+            }
+            let files = self.files.entry(stem.to_owned()).or_default();
+            let value = match e.kind {
+                EventKind::Put => e.value,
+                EventKind::Delete => None,
+            };
+            if is_wasm {
+                files.wasm = value;
+            } else {
+                files.sidecar = value;
+            }
+            touched.insert(stem.to_owned());
+        }
+        for name in touched {
+            self.reload(&name).await;
+        }
+    }
+
+    fn reject(&self, name: &str, error: String) {
+        self.metrics
+            .plugin_load_failures
+            .get_or_create(&Metrics::plugin(name))
+            .inc();
+        let running = self.dispatcher.plugin_names().iter().any(|n| n == name);
+        tracing::error!(
+            plugin = %name,
+            error = %error,
+            still_running = running,
+            "Plugin rejected; the gateway keeps serving{}.",
+            if running { " with the previous version" } else { "" }
+        );
+        self.status.rejected.lock().insert(name.to_owned(), error);
+    }
+
+    async fn reload(&mut self, name: &str) {
+        let Some(files) = self.files.get(name) else {
+            return;
+        };
+        let Some(wasm) = files.wasm.clone() else {
+            // No code (deleted, or a sidecar alone): unload.
+            self.files.remove(name);
+            self.status.rejected.lock().remove(name);
+            let dispatcher = self.dispatcher.clone();
+            let n = name.to_owned();
+            if tokio::task::spawn_blocking(move || dispatcher.remove(&n))
+                .await
+                .unwrap_or(false)
+            {
+                tracing::info!(plugin = %name, "Plugin unloaded.");
+            }
+            return;
+        };
+        let sidecar_path = self.config.plugins.dir.join(format!("{name}.toml"));
+        let sidecar_text = match &files.sidecar {
+            None => None,
+            Some(b) => match std::str::from_utf8(b) {
+                Ok(s) => Some(s.to_owned()),
+                Err(_) => {
+                    self.reject(
+                        name,
+                        format!("{}: not UTF-8 text", sidecar_path.display()),
+                    );
+                    return;
+                }
+            },
+        };
+        let (runtime, config, n) = (self.runtime.clone(), self.config.clone(), name.to_owned());
+        let compiled = tokio::task::spawn_blocking(move || {
+            compile_plugin(
+                &runtime,
+                &config,
+                &n,
+                &wasm,
+                sidecar_text.as_deref().map(|t| (sidecar_path.as_path(), t)),
+            )
+        })
+        .await;
+        let (compiled, sidecar) = match compiled {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return self.reject(name, e.to_string()),
+            Err(e) => return self.reject(name, format!("compiler task failed: {e}")),
+        };
+        let files_grant = match &sidecar.grants.files {
+            None => None,
+            Some(dir) => match FilesGrant::new(dir) {
+                Ok(g) => Some(g),
+                Err(source) => {
+                    let e = PluginError::Grant {
+                        path: self.config.plugins.dir.join(format!("{name}.toml")),
+                        dir: dir.clone(),
+                        source,
+                    };
+                    return self.reject(name, e.to_string());
+                }
+            },
+        };
+        let state = self.states.entry(name.to_owned()).or_default().clone();
+        let log = self
+            .logs
+            .entry(name.to_owned())
+            .or_insert_with(|| {
+                Arc::new(PluginLog::new(
+                    name,
+                    self.config.runtime.log_lines_per_second,
+                    self.log_sink.clone(),
+                    self.metrics.clone(),
+                ))
+            })
+            .clone();
+        let version = self.next_version;
+        self.next_version += 1;
+        let digest = compiled.digest.clone();
+        let spec = PluginSpec {
+            loaded: LoadedPlugin {
+                compiled,
+                ctx: Arc::new(PluginContext {
+                    name: name.to_owned(),
+                    files: files_grant,
+                    state,
+                    log,
+                    metrics: self.metrics.clone(),
+                }),
+                version,
+                limits: self.config.runtime.defaults.merged(sidecar.limits),
+            },
+            subscriptions: sidecar.subscribe.clone(),
+            queue_capacity: sidecar
+                .queue_capacity
+                .unwrap_or(self.config.plugins.queue_capacity),
+        };
+        let replacing = self.dispatcher.plugin_names().iter().any(|n| n == name);
+        if let Err(e) = self.dispatcher.upsert(spec) {
+            return self.reject(name, format!("cannot start worker thread: {e}"));
+        }
+        self.status.rejected.lock().remove(name);
+        self.metrics
+            .plugin_loads
+            .get_or_create(&Metrics::plugin(name))
+            .inc();
+        tracing::info!(
+            plugin = %name,
+            version,
+            digest = %&digest[..12],
+            "Plugin {}.",
+            if replacing { "replaced" } else { "loaded" }
+        );
+    }
+}

@@ -1,0 +1,197 @@
+//! The sandbox: one wasmtime engine, compiled plugins, per-call limits.
+//!
+//! Owns the [`Engine`] (pooling allocator, fuel, epoch interruption, bounded
+//! wasm stack), the one epoch ticker thread that turns wall-clock time into
+//! deadlines, the [`Linker`] with the host imports, and compilation of a
+//! plugin file into a [`CompiledPlugin`] (validated against the world, ready
+//! to instantiate). [`instance::Sandbox`] runs calls. This module must not
+//! know about queues, routing or where plugin files come from.
+
+pub mod bindings;
+pub mod instance;
+pub mod limits;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use crate::config::RuntimeConfig;
+use crate::host::HostState;
+use bindings::{Plugin, PluginPre};
+
+/// How often the epoch advances; deadlines are accurate to about this.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// The engine could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// wasmtime refused the engine configuration.
+    #[error("cannot configure the wasm engine: {0:#}")]
+    Engine(wasmtime::Error),
+    /// The host imports could not be linked.
+    #[error("cannot link host imports: {0:#}")]
+    Linker(wasmtime::Error),
+    /// The epoch ticker thread could not start.
+    #[error("cannot start the epoch ticker thread: {0}")]
+    Ticker(std::io::Error),
+}
+
+/// A plugin file was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Not a wasm file at all.
+    #[error("not a WebAssembly file (no `\\0asm` header)")]
+    NotWasm,
+    /// A core module rather than a component.
+    #[error(
+        "a core wasm module, not a component; build the plugin for `wasm32-wasip2` with the watchgate SDK"
+    )]
+    CoreModule,
+    /// wasmtime could not compile it.
+    #[error("does not compile: {0:#}")]
+    Compile(wasmtime::Error),
+    /// It imports something the host does not provide.
+    #[error("imports something watchgate does not provide: {0:#}")]
+    Imports(wasmtime::Error),
+    /// It does not export the `watchgate:plugin` world's functions.
+    #[error("does not export the watchgate:plugin@0.1.0 world: {0:#}")]
+    Exports(wasmtime::Error),
+}
+
+/// A plugin compiled and validated against the world, ready to instantiate.
+#[derive(Clone)]
+pub struct CompiledPlugin {
+    /// Pre-linked instance template.
+    pub pre: PluginPre<HostState>,
+    /// SHA-256 of the file, hex.
+    pub digest: String,
+    /// File size in bytes.
+    pub size: usize,
+}
+
+impl std::fmt::Debug for CompiledPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledPlugin")
+            .field("digest", &self.digest)
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+/// The shared engine and linker.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    config: RuntimeConfig,
+    ticker: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Runtime {
+    /// Set up the engine, linker and epoch ticker.
+    ///
+    /// # Errors
+    /// [`RuntimeError`] when wasmtime refuses the configuration.
+    pub fn new(config: &RuntimeConfig) -> Result<Arc<Runtime>, RuntimeError> {
+        let max_memory = usize::try_from(config.max_memory_mb << 20).unwrap_or(usize::MAX);
+        let n = config.max_instances.max(1);
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(n)
+            .total_core_instances(n * 8)
+            .total_memories(n * 2)
+            .total_tables(n * 8)
+            .max_memories_per_component(4)
+            .max_tables_per_component(16)
+            .max_core_instances_per_component(32)
+            .max_memory_size(max_memory);
+        let mut cfg = wasmtime::Config::new();
+        cfg.wasm_component_model(true)
+            .consume_fuel(true)
+            .epoch_interruption(true)
+            .max_wasm_stack(config.max_wasm_stack_kb * 1024)
+            .memory_reservation(max_memory as u64)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&cfg).map_err(RuntimeError::Engine)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(RuntimeError::Linker)?;
+        Plugin::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(RuntimeError::Linker)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker = {
+            let engine = engine.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("watchgate-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        engine.increment_epoch();
+                    }
+                })
+                .map_err(RuntimeError::Ticker)?
+        };
+        Ok(Arc::new(Runtime {
+            engine,
+            linker,
+            config: config.clone(),
+            ticker: Some(ticker),
+            stop,
+        }))
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The runtime settings this was built with.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// Compile and validate a plugin file. CPU-heavy: call it off the async
+    /// workers.
+    ///
+    /// # Errors
+    /// [`LoadError`] saying why the file is not a usable plugin.
+    pub fn compile(&self, bytes: &[u8]) -> Result<CompiledPlugin, LoadError> {
+        match bytes.get(..8) {
+            Some([0, b'a', b's', b'm', 0x0d, 0, 0x01, 0]) => {}
+            Some([0, b'a', b's', b'm', ..]) => return Err(LoadError::CoreModule),
+            _ => return Err(LoadError::NotWasm),
+        }
+        let component = Component::new(&self.engine, bytes).map_err(LoadError::Compile)?;
+        let instance_pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(LoadError::Imports)?;
+        let pre = PluginPre::new(instance_pre).map_err(LoadError::Exports)?;
+        Ok(CompiledPlugin {
+            pre,
+            digest: hex(&Sha256::digest(bytes)),
+            size: bytes.len(),
+        })
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.ticker.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! Running calls: one [`Sandbox`] per plugin worker.
+//!
+//! Owns the live instance of one plugin and the per-call limits: fuel, an
+//! epoch deadline and the memory cap. A trap fails that one call and drops
+//! the instance (a trapped component cannot be entered again); the next call
+//! gets a fresh instance from the `InstancePre`. This module must not decide
+//! which events to run or in what order.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::{Store, Trap};
+
+use super::bindings::Plugin;
+use super::bindings::watchgate::plugin::types as wit;
+use super::limits::{classify, trap_code};
+use super::{CompiledPlugin, EPOCH_TICK, Runtime};
+use crate::config::Limits;
+use crate::event::{Event, EventKind};
+use crate::host::{HostState, PluginContext};
+use crate::telemetry::{Metrics, Outcome};
+
+/// How one call went.
+#[derive(Debug, Clone)]
+pub struct CallReport {
+    /// The outcome class (the metric label).
+    pub outcome: Outcome,
+    /// The handler's error, or the trap's description.
+    pub message: Option<String>,
+    /// The exact trap, when the call trapped.
+    pub trap: Option<Trap>,
+    /// Wall-clock time of the call, including instantiation when one was
+    /// needed.
+    pub elapsed: Duration,
+}
+
+struct Live {
+    store: Store<HostState>,
+    bindings: Plugin,
+    version: u64,
+}
+
+/// One version of a plugin as the operator configured it: code, host
+/// context (grants, state, log) and limits.
+#[derive(Clone)]
+pub struct LoadedPlugin {
+    /// The compiled code.
+    pub compiled: CompiledPlugin,
+    /// Grants, state and log of the plugin.
+    pub ctx: Arc<PluginContext>,
+    /// Increases with every load; a new version replaces the live instance.
+    pub version: u64,
+    /// Per-call limits.
+    pub limits: Limits,
+}
+
+/// One plugin's executor. Not shared: each worker thread owns one.
+pub struct Sandbox {
+    runtime: Arc<Runtime>,
+    live: Option<Live>,
+}
+
+/// Epochs to allow for a deadline of `timeout_ms`, rounded up, plus one for
+/// the partial tick in progress.
+fn deadline_ticks(timeout_ms: u64) -> u64 {
+    let tick = EPOCH_TICK.as_millis().max(1) as u64;
+    timeout_ms.div_ceil(tick) + 1
+}
+
+/// The guest's view of an event.
+pub fn to_wit(e: &Event) -> wit::Event {
+    wit::Event {
+        source: e.source.to_string(),
+        kind: match e.kind {
+            EventKind::Put => wit::EventKind::Put,
+            EventKind::Delete => wit::EventKind::Delete,
+        },
+        key: e.key.clone(),
+        value: e.value.as_ref().map(|v| v.to_vec()),
+        prev_value: e.prev_value.as_ref().map(|v| v.to_vec()),
+        revision: e.revision,
+        resync: e.resync,
+        coalesced: e.coalesced,
+        metadata: e.metadata.clone(),
+    }
+}
+
+impl Sandbox {
+    /// A sandbox with no instance yet.
+    pub fn new(runtime: Arc<Runtime>) -> Sandbox {
+        Sandbox {
+            runtime,
+            live: None,
+        }
+    }
+
+    /// Whether an instance is alive (false after a trap until the next
+    /// call).
+    pub fn has_instance(&self) -> bool {
+        self.live.is_some()
+    }
+
+    /// Drop the live instance, if any.
+    pub fn recycle(&mut self) {
+        self.live = None;
+    }
+
+    fn arm(store: &mut Store<HostState>, limits: &Limits) -> wasmtime::Result<()> {
+        store.set_fuel(limits.fuel)?;
+        store.set_epoch_deadline(deadline_ticks(limits.timeout_ms));
+        Ok(())
+    }
+
+    fn instantiate(&mut self, plugin: &LoadedPlugin) -> Result<(), (wasmtime::Error, bool)> {
+        self.live = None;
+        let limits = &plugin.limits;
+        let memory = usize::try_from(limits.memory_mb << 20).unwrap_or(usize::MAX);
+        let mut store = Store::new(
+            self.runtime.engine(),
+            HostState::new(plugin.ctx.clone(), memory),
+        );
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        Self::arm(&mut store, limits).map_err(|e| (e, false))?;
+        plugin
+            .ctx
+            .metrics
+            .plugin_instantiations
+            .get_or_create(&Metrics::plugin(&plugin.ctx.name))
+            .inc();
+        match plugin.compiled.pre.instantiate(&mut store) {
+            Ok(bindings) => {
+                self.live = Some(Live {
+                    store,
+                    bindings,
+                    version: plugin.version,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                store.data().flush_output();
+                let hit = store.data_mut().limiter.take_hit();
+                Err((e, hit))
+            }
+        }
+    }
+
+    /// Run the handler on one event under the plugin's limits (a new
+    /// version replaces the live instance first).
+    pub fn call(&mut self, plugin: &LoadedPlugin, event: &Event) -> CallReport {
+        let limits = &plugin.limits;
+        let start = Instant::now();
+        let failed = |e: wasmtime::Error, hit: bool, what: &str| CallReport {
+            outcome: classify(&e, hit),
+            trap: trap_code(&e),
+            message: Some(format!("{what}: {e:#}")),
+            elapsed: start.elapsed(),
+        };
+        if self.live.as_ref().is_none_or(|l| l.version != plugin.version)
+            && let Err((e, hit)) = self.instantiate(plugin)
+        {
+            return failed(e, hit, "instantiation failed");
+        }
+        let Some(live) = self.live.as_mut() else {
+            unreachable!("instantiate succeeded or returned early")
+        };
+        if let Err(e) = Self::arm(&mut live.store, limits) {
+            return failed(e, false, "cannot set limits");
+        }
+        let arg = to_wit(event);
+        let result = live.bindings.call_handle(&mut live.store, &arg);
+        live.store.data().flush_output();
+        match result {
+            Ok(Ok(())) => CallReport {
+                outcome: Outcome::ok,
+                message: None,
+                trap: None,
+                elapsed: start.elapsed(),
+            },
+            Ok(Err(message)) => CallReport {
+                outcome: Outcome::error,
+                message: Some(message),
+                trap: None,
+                elapsed: start.elapsed(),
+            },
+            Err(e) => {
+                let hit = live.store.data_mut().limiter.take_hit();
+                self.live = None;
+                failed(e, hit, "trapped")
+            }
+        }
+    }
+}
