@@ -1,1 +1,417 @@
-//! sdk
+//! Write watchgate plugins in plain Rust.
+//!
+//! A plugin is a type that implements [`Plugin`] and is registered with
+//! [`export!`]. The gateway hands it one typed [`Event`] per change of a
+//! watched key; the plugin reacts through the host capabilities in
+//! [`log`](mod@log), [`state`] and [`files`]. Build it for `wasm32-wasip2`
+//! as a `cdylib`: the output is a WebAssembly component the gateway loads.
+//!
+//! This crate owns the mapping between the WIT contract
+//! (`watchgate:plugin@0.1.0`, world `plugin`) and that Rust API. It must not
+//! grow policy of its own: limits, grants and retries belong to the host.
+//! The generated bindings live in a hidden module and are not part of the
+//! API.
+//!
+//! # Example
+//!
+//! A complete plugin that logs every change:
+//!
+//! ```no_run
+//! use watchgate_sdk::{Event, Plugin, export, log};
+//!
+//! struct Echo;
+//!
+//! impl Plugin for Echo {
+//!     fn handle(event: Event) -> Result<(), String> {
+//!         let value = event.value_str().unwrap_or("<binary or deleted>");
+//!         log::info(format!("{} {} = {value}", event.source, event.key));
+//!         Ok(())
+//!     }
+//! }
+//!
+//! export!(Echo);
+//! ```
+//!
+//! Returning `Err` counts and logs the failure in the gateway; the event is
+//! not retried. A panic traps the instance, which the host replaces.
+
+use std::fmt;
+
+/// Generated bindings for the `watchgate:plugin/plugin` world.
+///
+/// Not part of the public API: use [`Plugin`], [`Event`] and the capability
+/// modules instead. Public only so that [`export!`] can reach it from the
+/// plugin crate.
+#[doc(hidden)]
+// The generated export shim for `handle` takes the flattened event record as
+// sixteen core-wasm parameters.
+#[allow(clippy::too_many_arguments)]
+pub mod wit {
+    wit_bindgen::generate!({
+        path: "wit",
+        world: "plugin",
+        pub_export_macro: true,
+        export_macro_name: "__export_watchgate_plugin",
+        default_bindings_module: "watchgate_sdk::wit",
+    });
+}
+
+/// Registers a type implementing [`Plugin`] as the component's export.
+///
+/// Use it exactly once, at the top level of the plugin crate, with the name
+/// of the type: `export!(MyPlugin);` (see the example on [`Plugin`]). It
+/// expands to the export glue generated from the WIT world, which is why the
+/// plugin crate needs no direct dependency on `wit-bindgen`.
+#[macro_export]
+macro_rules! export {
+    ($ty:ident) => {
+        $crate::wit::__export_watchgate_plugin!($ty with_types_in $crate::wit);
+    };
+}
+
+/// What happened to a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    /// The key was created or its value changed.
+    Put,
+    /// The key was removed.
+    Delete,
+}
+
+impl EventKind {
+    /// The lowercase name used in logs and files: `"put"` or `"delete"`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Put => "put",
+            Self::Delete => "delete",
+        }
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One change of one key in one source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Name of the source in the gateway config (`[[source]] name`).
+    pub source: String,
+    /// Put or delete.
+    pub kind: EventKind,
+    /// The key, relative to the source (for the file source: the path
+    /// relative to the watched directory, with `/` separators).
+    pub key: String,
+    /// The new value; `None` on delete.
+    pub value: Option<Vec<u8>>,
+    /// The value before this change, when the source knows it.
+    pub prev_value: Option<Vec<u8>>,
+    /// The source's revision of this change; never decreases per key.
+    pub revision: u64,
+    /// True when the event was synthesized by a relist rather than observed
+    /// as a change.
+    pub resync: bool,
+    /// How many further changes of this key were folded into this event
+    /// because the plugin's queue was full (0 when none).
+    pub coalesced: u32,
+    /// Source-specific extras (for example an MD5, a content hash).
+    pub metadata: Vec<(String, String)>,
+}
+
+impl Event {
+    /// True when the key was removed.
+    #[must_use]
+    pub fn is_delete(&self) -> bool {
+        self.kind == EventKind::Delete
+    }
+
+    /// True when the key was created or changed.
+    #[must_use]
+    pub fn is_put(&self) -> bool {
+        self.kind == EventKind::Put
+    }
+
+    /// The new value as bytes; `None` on delete.
+    #[must_use]
+    pub fn value_bytes(&self) -> Option<&[u8]> {
+        self.value.as_deref()
+    }
+
+    /// The new value as UTF-8 text; `None` on delete or when the value is
+    /// not valid UTF-8.
+    #[must_use]
+    pub fn value_str(&self) -> Option<&str> {
+        self.value
+            .as_deref()
+            .and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// The previous value as UTF-8 text; `None` when unknown or not valid
+    /// UTF-8.
+    #[must_use]
+    pub fn prev_value_str(&self) -> Option<&str> {
+        self.prev_value
+            .as_deref()
+            .and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// The first metadata value stored under `name`.
+    #[must_use]
+    pub fn metadata(&self, name: &str) -> Option<&str> {
+        self.metadata
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl From<wit::watchgate::plugin::types::Event> for Event {
+    fn from(e: wit::watchgate::plugin::types::Event) -> Self {
+        use wit::watchgate::plugin::types::EventKind as Wk;
+        Self {
+            source: e.source,
+            kind: match e.kind {
+                Wk::Put => EventKind::Put,
+                Wk::Delete => EventKind::Delete,
+            },
+            key: e.key,
+            value: e.value,
+            prev_value: e.prev_value,
+            revision: e.revision,
+            resync: e.resync,
+            coalesced: e.coalesced,
+            metadata: e.metadata,
+        }
+    }
+}
+
+/// Why a batch stopped: every event before `index` was handled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchError {
+    /// Index of the first event that was not handled.
+    pub index: u32,
+    /// Why handling stopped.
+    pub message: String,
+}
+
+impl fmt::Display for BatchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "event {}: {}", self.index, self.message)
+    }
+}
+
+impl std::error::Error for BatchError {}
+
+/// A watchgate plugin: a handler for events.
+///
+/// Implement it on a unit struct and register the type with [`export!`].
+/// Each call gets its own event; keep anything that must outlive an instance
+/// in [`state`], since the host may replace the instance at any time (for
+/// example after a trap).
+///
+/// # Example
+///
+/// ```no_run
+/// use watchgate_sdk::{Event, Plugin, export, log};
+///
+/// struct Echo;
+///
+/// impl Plugin for Echo {
+///     fn handle(event: Event) -> Result<(), String> {
+///         let value = event.value_str().unwrap_or("<binary or deleted>");
+///         log::info(format!("{} {} = {value}", event.source, event.key));
+///         Ok(())
+///     }
+/// }
+///
+/// export!(Echo);
+/// ```
+pub trait Plugin {
+    /// Handle one event.
+    ///
+    /// # Errors
+    ///
+    /// Return `Err` with a message when the event could not be handled. The
+    /// gateway counts and logs it; the event is not retried.
+    fn handle(event: Event) -> Result<(), String>;
+
+    /// Handle several events in order.
+    ///
+    /// The default calls [`Plugin::handle`] for each event and stops at the
+    /// first error.
+    ///
+    /// # Errors
+    ///
+    /// Returns the index of the first event that failed and its message;
+    /// all events before it were handled.
+    fn handle_batch(events: Vec<Event>) -> Result<(), BatchError> {
+        for (index, event) in events.into_iter().enumerate() {
+            if let Err(message) = Self::handle(event) {
+                return Err(BatchError {
+                    index: u32::try_from(index).unwrap_or(u32::MAX),
+                    message,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<T: Plugin> wit::Guest for T {
+    fn handle(event: wit::watchgate::plugin::types::Event) -> Result<(), String> {
+        T::handle(event.into())
+    }
+
+    fn handle_batch(
+        events: Vec<wit::watchgate::plugin::types::Event>,
+    ) -> Result<(), wit::watchgate::plugin::types::BatchError> {
+        T::handle_batch(events.into_iter().map(Event::from).collect()).map_err(|e| {
+            wit::watchgate::plugin::types::BatchError {
+                index: e.index,
+                message: e.message,
+            }
+        })
+    }
+}
+
+pub mod log {
+    //! Log lines into the gateway's own log, tagged with the plugin name.
+    //!
+    //! The host rate-limits logging per plugin, so a flood of lines is
+    //! dropped rather than slowing the gateway. This module only forwards;
+    //! it does not buffer or filter.
+    //!
+    //! ```no_run
+    //! let key = "app/port";
+    //! watchgate_sdk::log::info("rendered app.conf");
+    //! watchgate_sdk::log!(warn, "key {key} is empty");
+    //! ```
+
+    use crate::wit::watchgate::plugin::log::{Level as WitLevel, log as host_log};
+
+    /// Severity of a log line.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+    pub enum Level {
+        /// Very detailed tracing.
+        Trace,
+        /// Debugging detail.
+        Debug,
+        /// Normal operation.
+        Info,
+        /// Something unexpected that the plugin handled.
+        Warn,
+        /// Something failed.
+        Error,
+    }
+
+    /// Write one log line at `level`.
+    pub fn log(level: Level, message: impl AsRef<str>) {
+        let level = match level {
+            Level::Trace => WitLevel::Trace,
+            Level::Debug => WitLevel::Debug,
+            Level::Info => WitLevel::Info,
+            Level::Warn => WitLevel::Warn,
+            Level::Error => WitLevel::Error,
+        };
+        host_log(level, message.as_ref());
+    }
+
+    /// Write one line at trace level.
+    pub fn trace(message: impl AsRef<str>) {
+        log(Level::Trace, message);
+    }
+
+    /// Write one line at debug level.
+    pub fn debug(message: impl AsRef<str>) {
+        log(Level::Debug, message);
+    }
+
+    /// Write one line at info level.
+    pub fn info(message: impl AsRef<str>) {
+        log(Level::Info, message);
+    }
+
+    /// Write one line at warn level.
+    pub fn warn(message: impl AsRef<str>) {
+        log(Level::Warn, message);
+    }
+
+    /// Write one line at error level.
+    pub fn error(message: impl AsRef<str>) {
+        log(Level::Error, message);
+    }
+}
+
+/// Formats and writes one log line: `log!(info, "count={}", n)`.
+///
+/// The first argument is the level (`trace`, `debug`, `info`, `warn`,
+/// `error`); the rest are [`format!`] arguments.
+#[macro_export]
+macro_rules! log {
+    (trace, $($arg:tt)+) => { $crate::log::trace(::std::format!($($arg)+)) };
+    (debug, $($arg:tt)+) => { $crate::log::debug(::std::format!($($arg)+)) };
+    (info, $($arg:tt)+) => { $crate::log::info(::std::format!($($arg)+)) };
+    (warn, $($arg:tt)+) => { $crate::log::warn(::std::format!($($arg)+)) };
+    (error, $($arg:tt)+) => { $crate::log::error(::std::format!($($arg)+)) };
+}
+
+pub mod state {
+    //! A small per-plugin key/value store owned by the host.
+    //!
+    //! Values survive instance recycling (after a trap) and plugin
+    //! replacement, so this is where a plugin keeps anything it must
+    //! remember between events. The host enforces a quota; this module only
+    //! forwards calls and adds no caching.
+
+    use crate::wit::watchgate::plugin::state as host;
+
+    /// Read a value; `None` when the key is unset.
+    #[must_use]
+    pub fn get(key: &str) -> Option<Vec<u8>> {
+        host::get(key)
+    }
+
+    /// Set a value, or remove it with `None`.
+    ///
+    /// # Errors
+    ///
+    /// Fails with the host's message when the plugin's state quota would be
+    /// exceeded.
+    pub fn set(key: &str, value: Option<&[u8]>) -> Result<(), String> {
+        host::set(key, value)
+    }
+}
+
+pub mod files {
+    //! Write-only access to the directory the operator granted.
+    //!
+    //! Available only with `[grants] files = "DIR"` in the plugin's sidecar.
+    //! Paths are relative to that directory; absolute paths and `..` are
+    //! refused by the host. There is no read or delete.
+
+    use crate::wit::watchgate::plugin::files as host;
+
+    /// Append bytes to a file, creating it and its parent directories.
+    ///
+    /// # Errors
+    ///
+    /// Fails with the host's message when the plugin has no files grant, the
+    /// path is refused, or the write fails.
+    pub fn append(path: &str, data: &[u8]) -> Result<(), String> {
+        host::append(path, data)
+    }
+
+    /// Replace a file's contents atomically (the host writes a temporary
+    /// file, then renames it over the target).
+    ///
+    /// # Errors
+    ///
+    /// Fails with the host's message when the plugin has no files grant, the
+    /// path is refused, or the write fails.
+    pub fn replace(path: &str, data: &[u8]) -> Result<(), String> {
+        host::replace(path, data)
+    }
+}

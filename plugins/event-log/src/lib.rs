@@ -1,0 +1,129 @@
+//! Appends every event to `events.jsonl` in the plugin's files grant.
+//!
+//! One event becomes one JSON object on one line, written with a single
+//! `files::append` call so lines from successive events never interleave.
+//! The line format:
+//!
+//! ```text
+//! {"source":"etcd","kind":"put","key":"app/port","value":"8080","revision":7,"resync":false,"coalesced":0}
+//! ```
+//!
+//! `value` holds the value as text; a value that is not UTF-8 is written as
+//! `value_b64` (standard base64 with padding) instead; a delete has neither.
+//! The plugin keeps no state and never reads the file back.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use serde::Serialize;
+use watchgate_sdk::{Event, Plugin, export, files};
+
+/// The file every line is appended to, relative to the files grant.
+const LOG_PATH: &str = "events.jsonl";
+
+/// Appends one JSON line per event.
+struct EventLog;
+
+impl Plugin for EventLog {
+    fn handle(event: Event) -> Result<(), String> {
+        let line = json_line(&event)?;
+        files::append(LOG_PATH, line.as_bytes())
+            .map_err(|e| format!("event-log: append to {LOG_PATH} failed: {e}"))
+    }
+}
+
+export!(EventLog);
+
+/// One line of `events.jsonl`; field order is the order on the line.
+#[derive(Debug, Serialize)]
+struct Line<'a> {
+    source: &'a str,
+    kind: &'static str,
+    key: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value_b64: Option<String>,
+    revision: u64,
+    resync: bool,
+    coalesced: u32,
+}
+
+/// Formats `event` as one JSON object followed by `\n`.
+fn json_line(event: &Event) -> Result<String, String> {
+    let (value, value_b64) = match event.value.as_deref() {
+        None => (None, None),
+        Some(bytes) => match std::str::from_utf8(bytes) {
+            Ok(text) => (Some(text), None),
+            Err(_) => (None, Some(STANDARD.encode(bytes))),
+        },
+    };
+    let line = Line {
+        source: &event.source,
+        kind: event.kind.as_str(),
+        key: &event.key,
+        value,
+        value_b64,
+        revision: event.revision,
+        resync: event.resync,
+        coalesced: event.coalesced,
+    };
+    let mut out = serde_json::to_string(&line).map_err(|e| {
+        format!(
+            "event-log: cannot encode event for key {:?}: {e}",
+            event.key
+        )
+    })?;
+    out.push('\n');
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use watchgate_sdk::EventKind;
+
+    use super::*;
+
+    fn event(kind: EventKind, value: Option<&[u8]>) -> Event {
+        Event {
+            source: "etcd".to_owned(),
+            kind,
+            key: "app/port".to_owned(),
+            value: value.map(<[u8]>::to_vec),
+            prev_value: None,
+            revision: 7,
+            resync: false,
+            coalesced: 0,
+            metadata: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn put_with_text_value() {
+        let line = json_line(&event(EventKind::Put, Some(b"8080"))).unwrap();
+        assert_eq!(
+            line,
+            "{\"source\":\"etcd\",\"kind\":\"put\",\"key\":\"app/port\",\"value\":\"8080\",\
+             \"revision\":7,\"resync\":false,\"coalesced\":0}\n"
+        );
+    }
+
+    #[test]
+    fn put_with_binary_value_uses_base64() {
+        let line = json_line(&event(EventKind::Put, Some(&[0xff, 0x00, 0x41]))).unwrap();
+        assert!(line.contains("\"value_b64\":\"/wBB\""), "{line}");
+        assert!(!line.contains("\"value\""), "{line}");
+    }
+
+    #[test]
+    fn delete_has_no_value() {
+        let mut e = event(EventKind::Delete, None);
+        e.resync = true;
+        e.coalesced = 3;
+        let line = json_line(&e).unwrap();
+        assert_eq!(
+            line,
+            "{\"source\":\"etcd\",\"kind\":\"delete\",\"key\":\"app/port\",\
+             \"revision\":7,\"resync\":true,\"coalesced\":3}\n"
+        );
+    }
+}
