@@ -141,14 +141,27 @@ struct ErrorBody<'a> {
 
 /// Answer one request.
 pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
-    let known = ["/livez", "/readyz", "/metrics", "/v1/plugins", "/v1/sources"];
+    let known = [
+        "/livez",
+        "/readyz",
+        "/metrics",
+        "/v1/plugins",
+        "/v1/sources",
+    ];
     if !known.contains(&path) {
-        return json(StatusCode::NOT_FOUND, &ErrorBody { error: "no such endpoint" });
+        return json(
+            StatusCode::NOT_FOUND,
+            &ErrorBody {
+                error: "no such endpoint",
+            },
+        );
     }
     if method != Method::GET && method != Method::HEAD {
         return json(
             StatusCode::METHOD_NOT_ALLOWED,
-            &ErrorBody { error: "only GET is allowed here" },
+            &ErrorBody {
+                error: "only GET is allowed here",
+            },
         );
     }
     match path {

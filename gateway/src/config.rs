@@ -50,6 +50,38 @@ impl ConfigError {
     }
 }
 
+/// The key an "unknown field `x`" or "missing field `x`" message names.
+fn offending_key(message: &str) -> Option<&str> {
+    let rest = message
+        .strip_prefix("unknown field `")
+        .or_else(|| message.strip_prefix("invalid type"))?;
+    rest.split('`')
+        .next()
+        .filter(|k| !k.is_empty() && !k.contains(' '))
+}
+
+/// Byte offset of `key = ` in the table starting at `span` (up to the next
+/// table header).
+fn key_offset(text: &str, span: Range<usize>, key: &str) -> Option<usize> {
+    let rest = text.get(span.start..)?;
+    let body_start = rest.find('\n').map_or(rest.len(), |i| i + 1);
+    let end = rest[body_start..]
+        .find("\n[")
+        .map_or(rest.len(), |i| body_start + i + 1);
+    let region = &rest[..end];
+    let mut offset = 0;
+    for line in region.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if let Some(rest) = trimmed.strip_prefix(key)
+            && rest.trim_start().starts_with('=')
+        {
+            return Some(span.start + offset + (line.len() - trimmed.len()));
+        }
+        offset += line.len();
+    }
+    None
+}
+
 /// 1-based line and column of a byte offset.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
@@ -349,7 +381,10 @@ impl Config {
             let span = spanned.span();
             let table = spanned.get_ref();
             let err = |msg: String| {
-                ConfigError::parse(path, text, Some(span.clone()), format!("source[{i}]: {msg}"))
+                let at = offending_key(&msg)
+                    .and_then(|k| key_offset(text, span.clone(), k))
+                    .map_or(span.clone(), |o| o..o);
+                ConfigError::parse(path, text, Some(at), format!("source[{i}]: {msg}"))
             };
             let kind = match table.get("kind") {
                 Some(toml::Value::String(k)) => k.as_str(),
@@ -382,10 +417,7 @@ impl Config {
         let plugins = PluginsConfig {
             dir: resolve(
                 &base,
-                raw.plugins
-                    .dir
-                    .as_deref()
-                    .unwrap_or(Path::new("plugins.d")),
+                raw.plugins.dir.as_deref().unwrap_or(Path::new("plugins.d")),
             ),
             queue_capacity: raw.plugins.queue_capacity.unwrap_or(1024),
         };
@@ -559,7 +591,7 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("watchgate.toml:3:"), "{err}");
+        assert!(err.contains("watchgate.toml:7:1:"), "{err}");
         assert!(err.contains("source[0]") && err.contains("pth"), "{err}");
     }
 
@@ -574,7 +606,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains(":5:") && err.contains("duplicate source name"), "{err}");
+        assert!(
+            err.contains(":5:") && err.contains("duplicate source name"),
+            "{err}"
+        );
     }
 
     #[test]

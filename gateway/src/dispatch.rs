@@ -195,7 +195,11 @@ impl Worker {
     /// The worker loop: one event at a time, in queue order.
     fn run(self: Arc<Self>, mut sandbox: Sandbox) {
         let labels = Metrics::plugin(&self.name);
-        let depth = self.metrics.plugin_queue_depth.get_or_create(&labels).clone();
+        let depth = self
+            .metrics
+            .plugin_queue_depth
+            .get_or_create(&labels)
+            .clone();
         // Failures are logged at most once a second per plugin; the rest are
         // counted in the outcome metric and summarized in the next line.
         let failure_log: DefaultDirectRateLimiter =
@@ -342,10 +346,7 @@ impl Dispatcher {
         metrics: Arc<Metrics>,
         sources: impl IntoIterator<Item = String>,
     ) -> Arc<Dispatcher> {
-        let caches = sources
-            .into_iter()
-            .map(|s| (s, Arc::default()))
-            .collect();
+        let caches = sources.into_iter().map(|s| (s, Arc::default())).collect();
         Arc::new(Dispatcher {
             runtime,
             metrics,

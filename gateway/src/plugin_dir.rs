@@ -292,8 +292,11 @@ impl PluginLoader {
             return;
         };
         let Some(wasm) = files.wasm.clone() else {
-            // No code (deleted, or a sidecar alone): unload.
-            self.files.remove(name);
+            // No code (deleted, or a sidecar that arrived first): unload,
+            // keeping the sidecar for when the code arrives.
+            if files.sidecar.is_none() {
+                self.files.remove(name);
+            }
             self.status.rejected.lock().remove(name);
             let dispatcher = self.dispatcher.clone();
             let n = name.to_owned();
@@ -311,10 +314,7 @@ impl PluginLoader {
             Some(b) => match std::str::from_utf8(b) {
                 Ok(s) => Some(s.to_owned()),
                 Err(_) => {
-                    self.reject(
-                        name,
-                        format!("{}: not UTF-8 text", sidecar_path.display()),
-                    );
+                    self.reject(name, format!("{}: not UTF-8 text", sidecar_path.display()));
                     return;
                 }
             },

@@ -293,11 +293,19 @@ mod tests {
     fn exposes_the_documented_names() {
         let m = Metrics::new();
         m.source_events.get_or_create(&Metrics::source("s")).inc();
-        m.source_connected.get_or_create(&Metrics::source("s")).set(1);
-        m.source_reconnects.get_or_create(&Metrics::source("s")).inc();
+        m.source_connected
+            .get_or_create(&Metrics::source("s"))
+            .set(1);
+        m.source_reconnects
+            .get_or_create(&Metrics::source("s"))
+            .inc();
         m.plugin_call("p", Outcome::out_of_fuel, 0.01);
-        m.plugin_queue_depth.get_or_create(&Metrics::plugin("p")).set(3);
-        m.plugin_coalesced.get_or_create(&Metrics::plugin("p")).inc();
+        m.plugin_queue_depth
+            .get_or_create(&Metrics::plugin("p"))
+            .set(3);
+        m.plugin_coalesced
+            .get_or_create(&Metrics::plugin("p"))
+            .inc();
         let text = m.encode();
         for name in [
             "watchgate_source_events_total{source=\"s\"} 1",

@@ -1,1 +1,13 @@
-//! e2e
+//! End-to-end tests: the real `watchgate` binary (or library) with the real
+//! example plugins compiled for `wasm32-wasip2`.
+//!
+//! The plugins are built once per test process by [`support::plugin`]; each
+//! test runs its own gateway on a free loopback port in its own temporary
+//! directory.
+
+mod cli;
+mod faults;
+mod file_source;
+mod hot_reload;
+mod runtime_limits;
+mod support;

@@ -179,7 +179,14 @@ mod tests {
     fn below_capacity_everything_is_queued_in_order() {
         let q = EventQueue::new(10);
         let s = q.push([put("a", "1", 1), put("a", "2", 2), del("a", 3)]);
-        assert_eq!(s, PushStats { queued: 3, coalesced: 0, overflow: 0 });
+        assert_eq!(
+            s,
+            PushStats {
+                queued: 3,
+                coalesced: 0,
+                overflow: 0
+            }
+        );
         let got = drain(&q);
         assert_eq!(got.len(), 3);
         assert_eq!(got[2].1, EventKind::Delete);
@@ -208,7 +215,14 @@ mod tests {
         q.push([del("a", 2)]);
         // a put after a queued delete is queued behind it, not folded in
         let s = q.push([put("a", "2", 3), put("a", "3", 4)]);
-        assert_eq!(s, PushStats { queued: 1, coalesced: 1, overflow: 1 });
+        assert_eq!(
+            s,
+            PushStats {
+                queued: 1,
+                coalesced: 1,
+                overflow: 1
+            }
+        );
         assert_eq!(
             drain(&q),
             vec![
@@ -222,7 +236,14 @@ mod tests {
     fn distinct_keys_overflow_instead_of_dropping() {
         let q = EventQueue::new(2);
         let s = q.push((0..5).map(|i| put(&format!("k{i}"), "v", i)));
-        assert_eq!(s, PushStats { queued: 5, coalesced: 0, overflow: 3 });
+        assert_eq!(
+            s,
+            PushStats {
+                queued: 5,
+                coalesced: 0,
+                overflow: 3
+            }
+        );
         assert_eq!(drain(&q).len(), 5);
     }
 

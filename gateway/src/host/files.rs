@@ -199,6 +199,9 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
-        assert!(names.iter().all(|n| !n.starts_with(".watchgate-")), "{names:?}");
+        assert!(
+            names.iter().all(|n| !n.starts_with(".watchgate-")),
+            "{names:?}"
+        );
     }
 }

@@ -92,7 +92,8 @@ impl PluginLog {
         sink: Arc<dyn LogSink>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let quota = Quota::per_second(NonZeroU32::new(per_second.max(1)).unwrap_or(NonZeroU32::MIN));
+        let quota =
+            Quota::per_second(NonZeroU32::new(per_second.max(1)).unwrap_or(NonZeroU32::MIN));
         PluginLog {
             plugin: plugin.to_owned(),
             limiter: RateLimiter::direct(quota),
@@ -167,7 +168,8 @@ impl LineStream {
         while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buf.drain(..=pos).collect();
             let text = String::from_utf8_lossy(&line[..line.len() - 1]);
-            self.log.line(self.level(), self.stream, text.trim_end_matches('\r'));
+            self.log
+                .line(self.level(), self.stream, text.trim_end_matches('\r'));
         }
         if buf.len() > MAX_LINE {
             let line: Vec<u8> = std::mem::take(&mut *buf);
@@ -273,6 +275,10 @@ pub(crate) mod tests {
         let lines = sink.0.lock().clone();
         let texts: Vec<&str> = lines.iter().map(|l| l.3.as_str()).collect();
         assert_eq!(texts, vec!["hello", "world", "partial"]);
-        assert!(metrics.encode().contains("watchgate_plugin_log_dropped_total{plugin=\"p\"} 10"));
+        assert!(
+            metrics
+                .encode()
+                .contains("watchgate_plugin_log_dropped_total{plugin=\"p\"} 10")
+        );
     }
 }

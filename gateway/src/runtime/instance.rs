@@ -156,7 +156,10 @@ impl Sandbox {
             message: Some(format!("{what}: {e:#}")),
             elapsed: start.elapsed(),
         };
-        if self.live.as_ref().is_none_or(|l| l.version != plugin.version)
+        if self
+            .live
+            .as_ref()
+            .is_none_or(|l| l.version != plugin.version)
             && let Err((e, hit)) = self.instantiate(plugin)
         {
             return failed(e, hit, "instantiation failed");

@@ -1,0 +1,287 @@
+//! Shared test harness: build the plugins, start a gateway, wait for
+//! conditions with deadlines, read metrics and the event log.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("gateway/ has a parent")
+        .to_owned()
+}
+
+/// Path of a compiled example plugin (`event-log`, `fault-spin`, …),
+/// building them all on first use. A failed build fails the test loudly.
+pub fn plugin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        // A target directory of its own, so this nested cargo never waits
+        // on the lock of the cargo that runs the tests.
+        let target = workspace().join("target").join("e2e-plugins");
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.current_dir(workspace())
+            .args([
+                "build",
+                "--quiet",
+                "--profile",
+                "plugin",
+                "--target",
+                "wasm32-wasip2",
+            ])
+            .arg("--target-dir")
+            .arg(&target);
+        for p in [
+            "event-log",
+            "template-render",
+            "fault-panic",
+            "fault-spin",
+            "fault-by-key",
+        ] {
+            cmd.args(["-p", p]);
+        }
+        let status = cmd.status().expect("cargo runs");
+        assert!(
+            status.success(),
+            "building the example plugins for wasm32-wasip2 failed ({status}); \
+             is the target installed? (`rustup target add wasm32-wasip2`)"
+        );
+        target.join("wasm32-wasip2").join("plugin")
+    });
+    let path = dir.join(format!("{}.wasm", name.replace('-', "_")));
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a loopback port")
+        .port()
+}
+
+/// Poll `f` until it returns `Some`, or panic after `deadline` with `what`.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Write a file atomically (temporary hidden file, then rename), the way
+/// deployment tools do.
+pub fn write_atomic(path: &Path, contents: &[u8]) {
+    let dir = path.parent().expect("has a parent");
+    std::fs::create_dir_all(dir).expect("create dir");
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .expect("utf-8 name")
+    ));
+    std::fs::write(&tmp, contents).expect("write temp file");
+    std::fs::rename(&tmp, path).expect("rename into place");
+}
+
+/// One test's gateway: a temporary directory with `watched/`, `plugins.d/`
+/// and `out/`, a config, and (once started) the running process.
+pub struct Gateway {
+    /// The temporary directory.
+    pub dir: tempfile::TempDir,
+    /// Admin port.
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Gateway {
+    /// A gateway directory with a file source named `local` over `watched/`.
+    pub fn new() -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for d in ["watched", "plugins.d", "out"] {
+            std::fs::create_dir_all(dir.path().join(d)).expect("mkdir");
+        }
+        let port = free_port();
+        let g = Gateway {
+            dir,
+            port,
+            child: None,
+        };
+        std::fs::write(
+            g.config_path(),
+            format!(
+                "[admin]\nlisten = \"127.0.0.1:{port}\"\n\n[plugins]\ndir = \"plugins.d\"\n\n\
+                 [[source]]\nname = \"local\"\nkind = \"file\"\npath = \"watched\"\ndebounce_ms = 20\n"
+            ),
+        )
+        .expect("write config");
+        g
+    }
+
+    /// The config file.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("watchgate.toml")
+    }
+
+    /// A path under the temporary directory.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Install a compiled example plugin as `name`, with a sidecar.
+    pub fn install(&self, name: &str, example: &str, sidecar: &str) {
+        if !sidecar.is_empty() {
+            write_atomic(
+                &self.path(&format!("plugins.d/{name}.toml")),
+                sidecar.as_bytes(),
+            );
+        }
+        let bytes = std::fs::read(plugin(example)).expect("read plugin");
+        write_atomic(&self.path(&format!("plugins.d/{name}.wasm")), &bytes);
+    }
+
+    /// Install `event-log` writing into `out/NAME/events.jsonl`.
+    pub fn install_event_log(&self, name: &str) {
+        self.install(
+            name,
+            "event-log",
+            &format!("[grants]\nfiles = \"../out/{name}\"\n"),
+        );
+    }
+
+    /// Start the gateway and wait until `/readyz` says ready.
+    pub fn start(&mut self) {
+        let log = std::fs::File::create(self.path("gateway.log")).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_watchgate"))
+            .args(["run", "--config"])
+            .arg(self.config_path())
+            .env("WATCHGATE_LOG", "info,watchgate=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start watchgate");
+        self.child = Some(child);
+        wait_for(
+            "the gateway to become ready",
+            Duration::from_secs(60),
+            || {
+                self.assert_running();
+                let (code, _) = self.get("/readyz")?;
+                (code == 200).then_some(())
+            },
+        );
+    }
+
+    /// Panic with the log if the process exited.
+    pub fn assert_running(&mut self) {
+        if let Some(child) = self.child.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            panic!("watchgate exited with {status}; log:\n{}", self.log());
+        }
+    }
+
+    /// The gateway's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path("gateway.log")).unwrap_or_default()
+    }
+
+    /// GET an admin path: status and body, or `None` if not answering.
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        let url = format!("http://127.0.0.1:{}{path}", self.port);
+        match ureq::get(&url).timeout(Duration::from_secs(5)).call() {
+            Ok(r) => Some((r.status(), r.into_string().ok()?)),
+            Err(ureq::Error::Status(code, r)) => Some((code, r.into_string().ok()?)),
+            Err(_) => None,
+        }
+    }
+
+    /// GET a JSON admin path.
+    pub fn json(&self, path: &str) -> Value {
+        let (code, body) = self.get(path).expect("admin answers");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path} ({code}): {e}: {body}"))
+    }
+
+    /// Every sample of the Prometheus text, `name{labels}` → value.
+    pub fn metrics(&self) -> BTreeMap<String, f64> {
+        let (_, body) = self.get("/metrics").expect("metrics answer");
+        body.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_owned(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// One metric sample, 0 when absent.
+    pub fn metric(&self, sample: &str) -> f64 {
+        self.metrics().get(sample).copied().unwrap_or(0.0)
+    }
+
+    /// The lines `event-log` installed as `name` wrote so far.
+    pub fn events(&self, name: &str) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.path(&format!("out/{name}/events.jsonl")))
+            .unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
+            .collect()
+    }
+
+    /// Wait until `name` logged at least `n` events; returns them.
+    pub fn wait_events(&mut self, name: &str, n: usize, deadline: Duration) -> Vec<Value> {
+        wait_for(&format!("{n} events in {name}"), deadline, || {
+            self.assert_running();
+            let e = self.events(name);
+            (e.len() >= n).then_some(e)
+        })
+    }
+
+    /// Send SIGTERM and wait for the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("started");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        wait_for("watchgate to exit", Duration::from_secs(20), || {
+            child.try_wait().ok().flatten()
+        })
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `(kind, key, value)` of event-log lines.
+pub fn kkv(events: &[Value]) -> Vec<(String, String, Option<String>)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap_or_default().to_owned(),
+                e["key"].as_str().unwrap_or_default().to_owned(),
+                e["value"].as_str().map(str::to_owned),
+            )
+        })
+        .collect()
+}
