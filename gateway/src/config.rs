@@ -345,14 +345,25 @@ fn base_dir(path: &Path) -> PathBuf {
 }
 
 /// `p` made absolute against `base` (and `base` against the working
-/// directory).
+/// directory), with `.` and `..` folded lexically so logs show plain paths.
 pub fn resolve(base: &Path, p: &Path) -> PathBuf {
     let joined = if p.is_absolute() {
         p.to_owned()
     } else {
         base.join(p)
     };
-    std::path::absolute(&joined).unwrap_or(joined)
+    let absolute = std::path::absolute(&joined).unwrap_or(joined);
+    let mut clean = PathBuf::new();
+    for c in absolute.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                clean.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => clean.push(other),
+        }
+    }
+    clean
 }
 
 impl Config {
@@ -618,11 +629,11 @@ mod tests {
         let p = Path::new("/srv/plugins/x.toml");
         let ok = Sidecar::parse(
             p,
-            "[[subscribe]]\nsource = \"local\"\nprefix = \"a/\"\n[limits]\nfuel = 5\n[grants]\nfiles = \"out\"\n",
+            "[[subscribe]]\nsource = \"local\"\nprefix = \"a/\"\n[limits]\nfuel = 5\n[grants]\nfiles = \"../out\"\n",
             &c,
         )
         .unwrap();
-        assert_eq!(ok.grants.files, Some(PathBuf::from("/srv/plugins/out")));
+        assert_eq!(ok.grants.files, Some(PathBuf::from("/srv/out")));
         assert_eq!(ok.limits.fuel, Some(5));
         let err = Sidecar::parse(p, "[[subscribe]]\nsource = \"nope\"\n", &c)
             .unwrap_err()

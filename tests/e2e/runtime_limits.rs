@@ -33,6 +33,10 @@ struct Fixture {
 }
 
 fn fixture(limits: Limits) -> Fixture {
+    fixture_with_log_rate(limits, 1_000)
+}
+
+fn fixture_with_log_rate(limits: Limits, lines_per_second: u32) -> Fixture {
     let runtime = Runtime::new(&RuntimeConfig::default()).unwrap();
     let compiled = runtime
         .compile(&std::fs::read(plugin("fault-by-key")).unwrap())
@@ -45,7 +49,7 @@ fn fixture(limits: Limits) -> Fixture {
         state: Arc::default(),
         log: Arc::new(PluginLog::new(
             "fault-by-key",
-            1_000,
+            lines_per_second,
             lines.clone(),
             metrics.clone(),
         )),
@@ -153,26 +157,12 @@ fn state_survives_instance_recycling_and_output_is_logged() {
 
 #[test]
 fn a_log_flood_is_rate_limited_and_counted() {
-    let runtime = Runtime::new(&RuntimeConfig::default()).unwrap();
-    let compiled = runtime
-        .compile(&std::fs::read(plugin("fault-by-key")).unwrap())
-        .unwrap();
-    let lines = Arc::new(Lines::default());
-    let metrics = Metrics::shared();
-    let ctx = Arc::new(PluginContext {
-        name: "flood".into(),
-        files: None,
-        state: Arc::default(),
-        log: Arc::new(PluginLog::new("flood", 20, lines.clone(), metrics.clone())),
-        metrics: metrics.clone(),
-    });
-    let plugin = LoadedPlugin {
-        compiled,
-        ctx,
-        version: 1,
-        limits: LIMITS,
-    };
-    let mut sandbox = Sandbox::new(runtime);
+    let Fixture {
+        mut sandbox,
+        plugin,
+        lines,
+        metrics,
+    } = fixture_with_log_rate(LIMITS, 20);
     assert_eq!(
         sandbox.call(&plugin, &event("log-flood")).outcome,
         Outcome::ok
@@ -187,7 +177,9 @@ fn a_log_flood_is_rate_limited_and_counted() {
     let text = metrics.encode();
     let dropped: f64 = text
         .lines()
-        .find_map(|l| l.strip_prefix("watchgate_plugin_log_dropped_total{plugin=\"flood\"} "))
+        .find_map(|l| {
+            l.strip_prefix("watchgate_plugin_log_dropped_total{plugin=\"fault-by-key\"} ")
+        })
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     assert_eq!(dropped as usize + kept, 10_000);
