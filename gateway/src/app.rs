@@ -22,6 +22,7 @@ use crate::dispatch::Dispatcher;
 use crate::host::log::TracingSink;
 use crate::plugin_dir::PluginLoader;
 use crate::runtime::Runtime;
+use crate::source::etcd::EtcdSource;
 use crate::source::file::FileSource;
 use crate::source::{Source, SourceContext};
 use crate::telemetry::Metrics;
@@ -48,6 +49,7 @@ pub enum StartError {
 fn build_source(config: &SourceConfig) -> Box<dyn Source> {
     match config {
         SourceConfig::File(c) => Box::new(FileSource::new(c.clone())),
+        SourceConfig::Etcd(c) => Box::new(EtcdSource::new(c.clone())),
     }
 }
 

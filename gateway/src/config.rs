@@ -265,6 +265,8 @@ impl Default for RuntimeConfig {
 pub enum SourceConfig {
     /// `kind = "file"`.
     File(FileSourceConfig),
+    /// `kind = "etcd"`.
+    Etcd(crate::source::etcd::EtcdSourceConfig),
 }
 
 impl SourceConfig {
@@ -272,6 +274,7 @@ impl SourceConfig {
     pub fn name(&self) -> &str {
         match self {
             SourceConfig::File(c) => &c.name,
+            SourceConfig::Etcd(c) => &c.name,
         }
     }
 }
@@ -400,7 +403,9 @@ impl Config {
             let kind = match table.get("kind") {
                 Some(toml::Value::String(k)) => k.as_str(),
                 Some(_) => return Err(err("`kind` must be a string".into())),
-                None => return Err(err("missing key `kind` (one of: \"file\")".into())),
+                None => {
+                    return Err(err("missing key `kind` (one of: \"file\", \"etcd\")".into()));
+                }
             };
             let source = match kind {
                 "file" => {
@@ -409,17 +414,25 @@ impl Config {
                         .try_into()
                         .map_err(|e: toml::de::Error| err(e.message().trim().to_owned()))?;
                     c.path = resolve(&base, &c.path);
-                    if c.name.is_empty() {
-                        return Err(err("`name` must not be empty".into()));
-                    }
                     SourceConfig::File(c)
+                }
+                "etcd" => {
+                    let mut c: crate::source::etcd::EtcdSourceConfig = table
+                        .clone()
+                        .try_into()
+                        .map_err(|e: toml::de::Error| err(e.message().trim().to_owned()))?;
+                    c.validate(&base).map_err(err)?;
+                    SourceConfig::Etcd(c)
                 }
                 other => {
                     return Err(err(format!(
-                        "unknown source kind {other:?} (known: \"file\")"
+                        "unknown source kind {other:?} (known: \"file\", \"etcd\")"
                     )));
                 }
             };
+            if source.name().is_empty() {
+                return Err(err("`name` must not be empty".into()));
+            }
             if !names.insert(source.name().to_owned()) {
                 return Err(err(format!("duplicate source name {:?}", source.name())));
             }
@@ -581,7 +594,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.plugins.dir, PathBuf::from("/etc/wg/p"));
-        let SourceConfig::File(f) = &c.sources[0];
+        let SourceConfig::File(f) = &c.sources[0] else {
+            panic!("not a file source")
+        };
         assert_eq!(f.path, PathBuf::from("/etc/wg/watched"));
         assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9464");
     }

@@ -8,6 +8,7 @@
 //! [`Source::run`] promptly once `shutdown` is cancelled.
 
 pub mod backoff;
+pub mod etcd;
 pub mod file;
 
 use std::future::Future;
@@ -144,6 +145,8 @@ impl SourceStatus {
         metrics.source_synced.get_or_create(&labels).set(0);
         let _ = metrics.source_reconnects.get_or_create(&labels);
         let _ = metrics.source_events.get_or_create(&labels);
+        let _ = metrics.source_resyncs.get_or_create(&labels);
+        metrics.source_revision.get_or_create(&labels).set(0);
         SourceStatus {
             name,
             connected: AtomicBool::new(false),
@@ -195,7 +198,30 @@ impl SourceStatus {
 
     /// Record a delivered revision; the stored value never goes down.
     pub fn set_revision(&self, revision: u64) {
-        self.revision.fetch_max(revision, Ordering::SeqCst);
+        let now = self
+            .revision
+            .fetch_max(revision, Ordering::SeqCst)
+            .max(revision);
+        self.metrics
+            .source_revision
+            .get_or_create(&Metrics::source(&self.name))
+            .set(i64::try_from(now).unwrap_or(i64::MAX));
+    }
+
+    /// The source relisted and diffed after a gap in the store's history.
+    pub fn resynced(&self) {
+        self.metrics
+            .source_resyncs
+            .get_or_create(&Metrics::source(&self.name))
+            .inc();
+    }
+
+    /// A repeated log line was held back.
+    pub fn log_suppressed(&self) {
+        self.metrics
+            .log_suppressed
+            .get_or_create(&Metrics::source(&self.name))
+            .inc();
     }
 
     /// Initial sync delivered?

@@ -98,6 +98,12 @@ pub struct Metrics {
     pub source_synced: Family<SourceLabels, Gauge>,
     /// Reconnects per source.
     pub source_reconnects: Family<SourceLabels, Counter>,
+    /// Relists that diffed the store against the source's key index.
+    pub source_resyncs: Family<SourceLabels, Counter>,
+    /// Last delivered revision per source.
+    pub source_revision: Family<SourceLabels, Gauge>,
+    /// Repeated identical log lines held back (counted instead).
+    pub log_suppressed: Family<SourceLabels, Counter>,
     /// Plugin call outcomes.
     pub plugin_invocations: Family<OutcomeLabels, Counter>,
     /// Events waiting in each plugin's queue.
@@ -139,6 +145,9 @@ impl Metrics {
             source_connected: Family::default(),
             source_synced: Family::default(),
             source_reconnects: Family::default(),
+            source_resyncs: Family::default(),
+            source_revision: Family::default(),
+            log_suppressed: Family::default(),
             plugin_invocations: Family::default(),
             plugin_queue_depth: Family::default(),
             plugin_coalesced: Family::default(),
@@ -170,6 +179,21 @@ impl Metrics {
             "watchgate_source_reconnects",
             "Reconnects of a source",
             m.source_reconnects.clone(),
+        );
+        registry.register(
+            "watchgate_source_resyncs",
+            "Relists of a source that diffed the store against its key index",
+            m.source_resyncs.clone(),
+        );
+        registry.register(
+            "watchgate_source_revision",
+            "Last revision a source delivered",
+            m.source_revision.clone(),
+        );
+        registry.register(
+            "watchgate_log_suppressed",
+            "Repeated identical log lines held back and counted instead",
+            m.log_suppressed.clone(),
         );
         registry.register(
             "watchgate_plugin_invocations",
@@ -285,8 +309,69 @@ impl Metrics {
     }
 }
 
+/// Holds back repeats of the same log line: the first occurrence of a
+/// cause is logged, later ones within `window` are only counted, and the
+/// next line logged for that cause carries the count. Bounded in memory.
+#[derive(Debug)]
+pub struct RepeatLog {
+    window: std::time::Duration,
+    causes: std::collections::HashMap<String, (std::time::Instant, u64)>,
+}
+
+impl RepeatLog {
+    /// Most distinct causes remembered.
+    const MAX_CAUSES: usize = 64;
+
+    /// A limiter logging each cause at most once per `window`.
+    pub fn new(window: std::time::Duration) -> Self {
+        RepeatLog {
+            window,
+            causes: std::collections::HashMap::new(),
+        }
+    }
+
+    /// `Some(n)` when a line for `cause` should be logged now, `n` being the
+    /// repeats held back since the last one; `None` to hold this one back.
+    pub fn should_log(&mut self, cause: &str) -> Option<u64> {
+        let now = std::time::Instant::now();
+        if let Some((at, held)) = self.causes.get_mut(cause) {
+            if now.duration_since(*at) < self.window {
+                *held += 1;
+                return None;
+            }
+            let n = *held;
+            *at = now;
+            *held = 0;
+            return Some(n);
+        }
+        if self.causes.len() >= Self::MAX_CAUSES {
+            let window = self.window;
+            self.causes
+                .retain(|_, (at, _)| now.duration_since(*at) < window);
+            if self.causes.len() >= Self::MAX_CAUSES {
+                self.causes.clear();
+            }
+        }
+        self.causes.insert(cause.to_owned(), (now, 0));
+        Some(0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn repeats_are_held_back_and_counted() {
+        let mut r = RepeatLog::new(std::time::Duration::from_secs(3600));
+        assert_eq!(r.should_log("a"), Some(0));
+        for _ in 0..1000 {
+            assert_eq!(r.should_log("a"), None);
+        }
+        assert_eq!(r.should_log("b"), Some(0));
+        let mut r = RepeatLog::new(std::time::Duration::ZERO);
+        assert_eq!(r.should_log("a"), Some(0));
+        assert_eq!(r.should_log("a"), Some(0));
+    }
+
     use super::*;
 
     #[test]
