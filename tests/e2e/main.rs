@@ -6,6 +6,9 @@
 //! directory.
 
 mod cli;
+mod etcd_harness;
+mod etcd_source;
+mod fault_proxy;
 mod faults;
 mod file_source;
 mod hot_reload;

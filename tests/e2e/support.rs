@@ -111,6 +111,13 @@ pub struct Gateway {
 impl Gateway {
     /// A gateway directory with a file source named `local` over `watched/`.
     pub fn new() -> Gateway {
+        Self::with_sources(
+            "[[source]]\nname = \"local\"\nkind = \"file\"\npath = \"watched\"\ndebounce_ms = 20\n",
+        )
+    }
+
+    /// A gateway directory whose config has the given `[[source]]` tables.
+    pub fn with_sources(sources: &str) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         for d in ["watched", "plugins.d", "out"] {
             std::fs::create_dir_all(dir.path().join(d)).expect("mkdir");
@@ -124,8 +131,7 @@ impl Gateway {
         std::fs::write(
             g.config_path(),
             format!(
-                "[admin]\nlisten = \"127.0.0.1:{port}\"\n\n[plugins]\ndir = \"plugins.d\"\n\n\
-                 [[source]]\nname = \"local\"\nkind = \"file\"\npath = \"watched\"\ndebounce_ms = 20\n"
+                "[admin]\nlisten = \"127.0.0.1:{port}\"\n\n[plugins]\ndir = \"plugins.d\"\n\n{sources}"
             ),
         )
         .expect("write config");
@@ -165,6 +171,26 @@ impl Gateway {
 
     /// Start the gateway and wait until `/readyz` says ready.
     pub fn start(&mut self) {
+        self.spawn();
+        wait_for(
+            "the gateway to become ready",
+            Duration::from_secs(60),
+            || {
+                self.assert_running();
+                let (code, _) = self.get("/readyz")?;
+                (code == 200).then_some(())
+            },
+        );
+    }
+
+    /// The gateway's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("started").id()
+    }
+
+    /// Start the gateway and wait until its admin port answers (ready or
+    /// not).
+    pub fn spawn(&mut self) {
         let log = std::fs::File::create(self.path("gateway.log")).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_watchgate"))
             .args(["run", "--config"])
@@ -175,15 +201,10 @@ impl Gateway {
             .spawn()
             .expect("start watchgate");
         self.child = Some(child);
-        wait_for(
-            "the gateway to become ready",
-            Duration::from_secs(60),
-            || {
-                self.assert_running();
-                let (code, _) = self.get("/readyz")?;
-                (code == 200).then_some(())
-            },
-        );
+        wait_for("the admin port to answer", Duration::from_secs(60), || {
+            self.assert_running();
+            self.get("/livez").map(|_| ())
+        });
     }
 
     /// Panic with the log if the process exited.
@@ -233,11 +254,14 @@ impl Gateway {
         self.metrics().get(sample).copied().unwrap_or(0.0)
     }
 
-    /// The lines `event-log` installed as `name` wrote so far.
+    /// The complete lines `event-log` installed as `name` wrote so far (a
+    /// line still being appended is left for the next read).
     pub fn events(&self, name: &str) -> Vec<Value> {
         let text = std::fs::read_to_string(self.path(&format!("out/{name}/events.jsonl")))
             .unwrap_or_default();
-        text.lines()
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
+            .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
             .collect()
     }

@@ -288,6 +288,9 @@ enum SessionEnd {
     Inconsistent(String),
 }
 
+/// A key as read by a range request: mod revision, value, metadata.
+type Listed = (i64, Bytes, Vec<(String, String)>);
+
 struct Watcher {
     config: EtcdSourceConfig,
     options: ConnectOptions,
@@ -481,7 +484,7 @@ impl Watcher {
             .max_decoding_message_size(self.config.max_message_bytes);
         let (mut start, end) = prefix_range(&self.config.prefix);
         let mut revision = 0i64;
-        let mut seen: BTreeMap<String, (i64, Bytes, Vec<(String, String)>)> = BTreeMap::new();
+        let mut seen: BTreeMap<String, Listed> = BTreeMap::new();
         loop {
             let mut opts = GetOptions::new()
                 .with_range(end.clone())
