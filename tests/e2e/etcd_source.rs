@@ -667,3 +667,34 @@ fn a_member_that_loses_its_leader_is_left_and_nothing_is_lost() {
     let delivered = changes(&wait_sentinel(&mut g));
     assert_eq!(delivered, store.history(1));
 }
+
+#[test]
+fn a_blackholed_connection_is_detected_by_keepalive_and_resumed() {
+    let etcd = Etcd::start();
+    let proxy = FaultProxy::start(etcd.client_addr());
+    let mut store = Store::connect(&[etcd.client_url()]);
+    store.put("/wg/a", "1").unwrap();
+    let mut g = gateway(&etcd_source(
+        &[proxy.url()],
+        "keepalive_interval_s = 5\nkeepalive_timeout_s = 2\ndial_timeout_s = 2\n",
+    ));
+    g.wait_events("event-log", 1, DEADLINE);
+    // Packets vanish; nothing closes the connection.
+    proxy.set_mode(Mode::Blackhole);
+    let cut = Instant::now();
+    store.put("/wg/b", "during the partition").unwrap();
+    wait_for(
+        "the dead connection to be detected",
+        Duration::from_secs(30),
+        || (g.metric("watchgate_source_connected{source=\"main\"}") == 0.0).then_some(()),
+    );
+    let detected = cut.elapsed();
+    assert!(
+        detected <= Duration::from_secs(5 + 2 + 5),
+        "detection took {detected:?} with a 5 s interval and a 2 s timeout"
+    );
+    proxy.set_mode(Mode::Pass);
+    store.put(SENTINEL, "end").unwrap();
+    let delivered = changes(&wait_sentinel(&mut g));
+    assert_eq!(delivered, store.history(1));
+}
