@@ -1,9 +1,11 @@
 //! The admin HTTP server: liveness, readiness, metrics and a JSON view.
 //!
 //! Owns the hyper server and the routes `GET /livez`, `/readyz`,
-//! `/metrics`, `/v1/plugins` and `/v1/sources`. Handlers only read shared
-//! status; they must never wait on a source or a plugin, so the admin port
-//! answers even while everything else is stuck.
+//! `/metrics`, `/v1/plugins`, `/v1/sources` and `POST /v1/reload` (bearer
+//! token required). Read handlers only read shared status; they must never
+//! wait on a source or a plugin, so the admin port answers even while
+//! everything else is stuck. A reload is handed to the app and answered
+//! with what it changed.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,8 +17,10 @@ use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use parking_lot::RwLock;
 use serde::Serialize;
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +28,19 @@ use crate::dispatch::{Dispatcher, PluginReport};
 use crate::plugin_dir::{LoaderStatus, Rejection};
 use crate::source::{SourceReport, SourceStatus};
 use crate::telemetry::Metrics;
+
+/// A reload request from `POST /v1/reload`, answered on the enclosed
+/// channel.
+pub type ReloadRequest = oneshot::Sender<Result<serde_json::Value, String>>;
+
+/// Settings the admin server reads and a reload may change.
+#[derive(Debug, Clone, Default)]
+pub struct AdminSettings {
+    /// Bearer token for mutating endpoints; `None` disables them.
+    pub token: Option<String>,
+    /// Whether a degraded source makes `/readyz` answer 503.
+    pub degraded_is_unready: bool,
+}
 
 /// What the handlers read.
 pub struct AdminState {
@@ -33,8 +50,15 @@ pub struct AdminState {
     pub dispatcher: Arc<Dispatcher>,
     /// Plugin directory status.
     pub loader: Arc<LoaderStatus>,
-    /// Every configured source.
-    pub sources: Vec<Arc<SourceStatus>>,
+    /// Every running source (replaced on reload).
+    pub sources: RwLock<Vec<Arc<SourceStatus>>>,
+    /// Token and readiness policy (replaced on reload).
+    pub settings: RwLock<AdminSettings>,
+    /// Where reload requests go.
+    pub reload: mpsc::Sender<ReloadRequest>,
+    /// True until the configured sources have been started (before that the
+    /// source list is incomplete and readiness would be vacuous).
+    pub starting: std::sync::atomic::AtomicBool,
 }
 
 /// The `/readyz` body.
@@ -54,6 +78,9 @@ pub struct Readiness {
 pub struct SourceReadiness {
     /// Source name.
     pub name: String,
+    /// `syncing` (initial sync not done), `ready`, or `degraded` (synced
+    /// once, connection lost since).
+    pub state: &'static str,
     /// Initial sync delivered.
     pub synced: bool,
     /// Connected now.
@@ -77,13 +104,20 @@ pub struct PluginsReadiness {
 impl AdminState {
     /// Current readiness.
     pub fn readiness(&self) -> Readiness {
+        let degraded_is_unready = self.settings.read().degraded_is_unready;
         let sources: Vec<SourceReadiness> = self
             .sources
+            .read()
             .iter()
             .map(|s| {
                 let r = s.report();
                 SourceReadiness {
                     name: r.name,
+                    state: match (r.synced, r.connected) {
+                        (false, _) => "syncing",
+                        (true, true) => "ready",
+                        (true, false) => "degraded",
+                    },
                     synced: r.synced,
                     connected: r.connected,
                     last_error: r.last_error,
@@ -96,7 +130,13 @@ impl AdminState {
             rejected: self.loader.rejected(),
         };
         Readiness {
-            ready: plugins.loaded && sources.iter().all(|s| s.synced),
+            ready: plugins.loaded
+                && !self.starting.load(std::sync::atomic::Ordering::SeqCst)
+                && sources.iter().all(|s| match s.state {
+                    "ready" => true,
+                    "degraded" => !degraded_is_unready,
+                    _ => false,
+                }),
             sources,
             plugins,
         }
@@ -139,7 +179,77 @@ struct ErrorBody<'a> {
     error: &'a str,
 }
 
-/// Answer one request.
+/// Whether the request carries the admin token.
+fn authorized(
+    settings: &AdminSettings,
+    authorization: Option<&str>,
+) -> Result<(), Box<Response<Full<Bytes>>>> {
+    let Some(token) = &settings.token else {
+        return Err(Box::new(json(
+            StatusCode::FORBIDDEN,
+            &ErrorBody {
+                error: "mutating endpoints are disabled: set [admin] token or WATCHGATE_ADMIN_TOKEN",
+            },
+        )));
+    };
+    let given = authorization.and_then(|h| h.strip_prefix("Bearer "));
+    // Compare without stopping at the first difference.
+    let ok = given.is_some_and(|g| {
+        let (a, b) = (g.as_bytes(), token.as_bytes());
+        let mut diff = a.len() ^ b.len();
+        for i in 0..a.len().max(b.len()) {
+            diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0));
+        }
+        diff == 0
+    });
+    if ok {
+        return Ok(());
+    }
+    let mut r = json(
+        StatusCode::UNAUTHORIZED,
+        &ErrorBody {
+            error: "missing or wrong bearer token",
+        },
+    );
+    r.headers_mut().insert(
+        hyper::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer"),
+    );
+    Err(Box::new(r))
+}
+
+/// Answer `POST /v1/reload`.
+async fn reload(state: &AdminState, authorization: Option<&str>) -> Response<Full<Bytes>> {
+    let settings = state.settings.read().clone();
+    if let Err(r) = authorized(&settings, authorization) {
+        return *r;
+    }
+    let closing = || {
+        json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &ErrorBody {
+                error: "the gateway is shutting down",
+            },
+        )
+    };
+    let (tx, rx) = oneshot::channel();
+    if state.reload.send(tx).await.is_err() {
+        return closing();
+    }
+    match rx.await {
+        Ok(Ok(report)) => json(StatusCode::OK, &report),
+        Ok(Err(reason)) => json(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({
+                "error": "the new configuration was refused; the running one stays",
+                "reason": reason,
+            }),
+        ),
+        Err(_) => closing(),
+    }
+}
+
+/// Answer one request that changes nothing.
 pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
     let known = [
         "/livez",
@@ -147,12 +257,21 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
         "/metrics",
         "/v1/plugins",
         "/v1/sources",
+        "/v1/reload",
     ];
     if !known.contains(&path) {
         return json(
             StatusCode::NOT_FOUND,
             &ErrorBody {
                 error: "no such endpoint",
+            },
+        );
+    }
+    if path == "/v1/reload" {
+        return json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &ErrorBody {
+                error: "use POST, with the admin bearer token",
             },
         );
     }
@@ -190,7 +309,7 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
         _ => json(
             StatusCode::OK,
             &SourcesBody {
-                sources: state.sources.iter().map(|s| s.report()).collect(),
+                sources: state.sources.read().iter().map(|s| s.report()).collect(),
             },
         ),
     }
@@ -216,8 +335,20 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
         let state = state.clone();
         connections.spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
-                let r = route(&state, req.method(), req.uri().path());
-                async move { Ok::<_, Infallible>(r) }
+                let state = state.clone();
+                async move {
+                    let r = if req.method() == Method::POST && req.uri().path() == "/v1/reload" {
+                        let auth = req
+                            .headers()
+                            .get(hyper::header::AUTHORIZATION)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned);
+                        reload(&state, auth.as_deref()).await
+                    } else {
+                        route(&state, req.method(), req.uri().path())
+                    };
+                    Ok::<_, Infallible>(r)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)

@@ -1,36 +1,40 @@
 //! Wiring: builds the pipeline from a [`Config`] and owns every task.
 //!
 //! Start-up runs in phases so that what can be checked early fails early:
-//! engine, admin port, plugin directory, then sources. Every task is
-//! spawned into one [`JoinSet`] owned here and every one is cancelled
-//! through one [`CancellationToken`] tree; nothing is detached. Shutdown is
-//! a signal, then a bounded drain. This module must not implement any
-//! source, capability or route itself.
+//! engine and admin port, then the plugin directory (any rejected plugin is
+//! a start-up error), then sources, each with its start-up policy. Every
+//! task is spawned into one [`JoinSet`] owned here and cancelled through one
+//! [`CancellationToken`] tree; nothing is detached. A reload (SIGHUP or
+//! `POST /v1/reload`) diffs the new config against the running one and
+//! restarts only what changed. Shutdown is a signal, then a drain bounded by
+//! `shutdown_grace`. This module must not implement any source, capability
+//! or route itself.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use serde::Serialize;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, AdminState};
-use crate::config::{Config, SourceConfig};
+use crate::admin::{self, AdminSettings, AdminState, ReloadRequest};
+use crate::config::{Config, SourceConfig, SourceEntry, StartupPolicy};
 use crate::dispatch::Dispatcher;
 use crate::host::log::TracingSink;
 use crate::plugin_dir::PluginLoader;
 use crate::runtime::Runtime;
+use crate::source::backoff::Backoff;
 use crate::source::etcd::EtcdSource;
 use crate::source::file::FileSource;
-use crate::source::{Source, SourceContext};
-use crate::telemetry::Metrics;
+use crate::source::{Source, SourceContext, SourceStatus};
+use crate::telemetry::{Metrics, RepeatLog};
 
-/// How long shutdown waits for tasks and plugin calls before giving up.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-/// A start-up failure, by phase, so `main` can pick the exit code.
+/// A start-up failure found before any source connects; `main` exits 2.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The engine could not be built (a configuration problem).
@@ -44,6 +48,12 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The plugin directory is missing.
+    #[error("plugin directory {0} does not exist (create it, or fix [plugins] dir in the config)")]
+    PluginDir(String),
+    /// Plugins in the directory were rejected.
+    #[error("{} plugin(s) rejected at start: {}", .0.len(), .0.join("; "))]
+    Plugins(Vec<String>),
 }
 
 fn build_source(config: &SourceConfig) -> Box<dyn Source> {
@@ -53,15 +63,299 @@ fn build_source(config: &SourceConfig) -> Box<dyn Source> {
     }
 }
 
+/// Run one source, restarting it after a failure unless its start-up
+/// policy says a failure before the first sync is fatal.
+async fn supervise(entry: SourceEntry, ctx: SourceContext) -> anyhow::Result<()> {
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut errors = RepeatLog::new(Duration::from_secs(60));
+    loop {
+        let started = Instant::now();
+        let result = build_source(&entry.spec).run(ctx.clone()).await;
+        if ctx.shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let error = match result {
+            Ok(()) => anyhow::anyhow!("the source stopped by itself"),
+            Err(e) => e,
+        };
+        let reason = format!("{error:#}");
+        ctx.status.set_connected(false);
+        ctx.status.set_error(reason.clone());
+        if entry.common.startup == StartupPolicy::Fail && !ctx.status.is_synced() {
+            return Err(error);
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        match errors.should_log(&reason) {
+            Some(repeated) => tracing::warn!(
+                source = %ctx.name,
+                error = %reason,
+                retry_in_ms = delay.as_millis() as u64,
+                repeated,
+                "Source failed; restarting it."
+            ),
+            None => ctx.status.log_suppressed(),
+        }
+        ctx.status.reconnecting();
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// A running source.
+struct Running {
+    entry: SourceEntry,
+    status: Arc<SourceStatus>,
+    token: CancellationToken,
+    generation: u64,
+    /// Started with the process (its start-up policy applies), rather than
+    /// added by a reload.
+    at_boot: bool,
+    started: Instant,
+}
+
+/// What finished in the task set.
+enum Task {
+    Admin,
+    Loader,
+    Source { name: String, generation: u64 },
+    SignalListener,
+}
+
+/// What a reload changed, as `POST /v1/reload` answers it.
+#[derive(Debug, Default, Serialize)]
+pub struct ReloadReport {
+    /// Sources started by this reload.
+    pub sources_added: Vec<String>,
+    /// Sources stopped by this reload.
+    pub sources_removed: Vec<String>,
+    /// Sources whose settings changed, restarted.
+    pub sources_restarted: Vec<String>,
+    /// Settings that changed but take effect only after a restart.
+    pub requires_restart: Vec<String>,
+}
+
+struct App {
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    dispatcher: Arc<Dispatcher>,
+    admin: Arc<AdminState>,
+    loader_configs: mpsc::Sender<Arc<Config>>,
+    tasks: JoinSet<(Task, anyhow::Result<()>)>,
+    tasks_token: CancellationToken,
+    sources: BTreeMap<String, Running>,
+    generation: u64,
+}
+
+impl App {
+    fn start_source(&mut self, entry: SourceEntry, at_boot: bool) {
+        let name = entry.name().to_owned();
+        self.dispatcher.add_source(&name);
+        let token = self.tasks_token.child_token();
+        let ctx = SourceContext::new(
+            Arc::from(name.as_str()),
+            self.dispatcher.clone(),
+            self.metrics.clone(),
+            token.clone(),
+        );
+        self.generation += 1;
+        let generation = self.generation;
+        let running = Running {
+            entry: entry.clone(),
+            status: ctx.status.clone(),
+            token,
+            generation,
+            at_boot,
+            started: Instant::now(),
+        };
+        tracing::info!(source = %name, "Starting source.");
+        let task_name = name.clone();
+        self.tasks.spawn(async move {
+            let r = supervise(entry, ctx).await;
+            (
+                Task::Source {
+                    name: task_name,
+                    generation,
+                },
+                r,
+            )
+        });
+        self.sources.insert(name, running);
+        self.publish_sources();
+    }
+
+    /// Stop a source and wait (bounded) for its task to return.
+    async fn stop_source(&mut self, name: &str) {
+        let Some(running) = self.sources.remove(name) else {
+            return;
+        };
+        running.token.cancel();
+        running.status.set_connected(false);
+        // Its task ends on its own; the join loop ignores stale
+        // generations. Wait until it has, so the restarted source never
+        // runs beside it.
+        let deadline = Instant::now() + self.config.gateway.shutdown_grace;
+        let mut others = Vec::new();
+        while Instant::now() < deadline {
+            let left = deadline - Instant::now();
+            match tokio::time::timeout(left, self.tasks.join_next()).await {
+                Ok(Some(Ok((Task::Source { generation, .. }, _))))
+                    if generation == running.generation =>
+                {
+                    break;
+                }
+                Ok(Some(Ok(other))) => others.push(other),
+                Ok(Some(Err(e))) => tracing::error!(error = %e, "A task panicked."),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        // Anything else that ended meanwhile is handled by the main loop.
+        for (task, result) in others {
+            self.tasks.spawn(async move { (task, result) });
+        }
+        self.publish_sources();
+    }
+
+    fn publish_sources(&self) {
+        *self.admin.sources.write() = self.sources.values().map(|r| r.status.clone()).collect();
+    }
+
+    /// The first fail-policy source that missed its start-up deadline.
+    fn startup_overdue(&self) -> Option<anyhow::Error> {
+        self.sources.values().find_map(|r| {
+            let overdue = r.at_boot
+                && r.entry.common.startup == StartupPolicy::Fail
+                && !r.status.is_synced()
+                && r.started.elapsed() >= r.entry.common.startup_timeout;
+            overdue.then(|| {
+                let report = r.status.report();
+                anyhow::anyhow!(
+                    "source {:?} did not finish its initial sync within {:?} (startup = \"fail\"): {}",
+                    report.name,
+                    r.entry.common.startup_timeout,
+                    report.last_error.as_deref().unwrap_or("no error reported yet")
+                )
+            })
+        })
+    }
+
+    /// Apply a new configuration read from the same file.
+    async fn reload(&mut self) -> Result<ReloadReport, String> {
+        let new = Config::load(&self.config.path).map_err(|e| e.to_string())?;
+        let old = self.config.clone();
+        let mut report = ReloadReport::default();
+        if new.admin.listen != old.admin.listen {
+            report.requires_restart.push("admin.listen".into());
+        }
+        if new.plugins.dir != old.plugins.dir {
+            report.requires_restart.push("plugins.dir".into());
+        }
+        let (o, n) = (&old.runtime, &new.runtime);
+        if (
+            o.max_memory_mb,
+            o.max_timeout_ms,
+            o.max_wasm_stack_kb,
+            o.max_instances,
+        ) != (
+            n.max_memory_mb,
+            n.max_timeout_ms,
+            n.max_wasm_stack_kb,
+            n.max_instances,
+        ) {
+            report.requires_restart.push(
+                "runtime (max_memory_mb, max_timeout_ms, max_wasm_stack_kb, max_instances)".into(),
+            );
+        }
+        // Keep what cannot change live as it runs, so the running engine and
+        // listener stay consistent with the config the loader sees.
+        let mut effective = new.clone();
+        effective.admin.listen = old.admin.listen;
+        effective.plugins.dir = old.plugins.dir.clone();
+        effective.runtime.max_memory_mb = o.max_memory_mb;
+        effective.runtime.max_timeout_ms = o.max_timeout_ms;
+        effective.runtime.max_wasm_stack_kb = o.max_wasm_stack_kb;
+        effective.runtime.max_instances = o.max_instances;
+        if effective.runtime.defaults.memory_mb > o.max_memory_mb
+            || effective.runtime.defaults.timeout_ms > o.max_timeout_ms
+        {
+            return Err(
+                "runtime.defaults exceed the running runtime ceilings; restart to raise them"
+                    .into(),
+            );
+        }
+        let effective = Arc::new(effective);
+
+        let wanted: BTreeMap<&str, &SourceEntry> =
+            effective.sources.iter().map(|s| (s.name(), s)).collect();
+        let running: Vec<String> = self.sources.keys().cloned().collect();
+        for name in running {
+            match wanted.get(name.as_str()) {
+                None => {
+                    self.stop_source(&name).await;
+                    self.dispatcher.remove_source(&name);
+                    report.sources_removed.push(name);
+                }
+                Some(entry) if **entry != self.sources[&name].entry => {
+                    self.stop_source(&name).await;
+                    self.start_source((*entry).clone(), false);
+                    report.sources_restarted.push(name);
+                }
+                Some(_) => {}
+            }
+        }
+        for (name, entry) in &wanted {
+            if !self.sources.contains_key(*name) {
+                self.start_source((*entry).clone(), false);
+                report.sources_added.push((*name).to_owned());
+            }
+        }
+        *self.admin.settings.write() = AdminSettings {
+            token: effective.admin.effective_token(),
+            degraded_is_unready: effective.gateway.degraded_is_unready,
+        };
+        self.config = effective.clone();
+        // Plugins are re-evaluated against the new config by the loader;
+        // only those whose effective settings changed get a new version.
+        let _ = self.loader_configs.send(effective).await;
+        tracing::info!(
+            added = ?report.sources_added,
+            removed = ?report.sources_removed,
+            restarted = ?report.sources_restarted,
+            requires_restart = ?report.requires_restart,
+            "Configuration reloaded."
+        );
+        Ok(report)
+    }
+
+    async fn handle_reload(&mut self, reply: Option<ReloadRequest>) {
+        let result = self.reload().await;
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "Reload refused; the running configuration stays.");
+        }
+        if let Some(reply) = reply {
+            let _ = reply
+                .send(result.map(|r| serde_json::to_value(r).unwrap_or(serde_json::Value::Null)));
+        }
+    }
+}
+
 /// Run the gateway until `shutdown` is cancelled or a task fails.
 ///
 /// # Errors
-/// [`StartError`] (inside the `anyhow::Error`) for start-up failures, or the
-/// failure of a source or of the plugin directory watch.
+/// [`StartError`] (inside the `anyhow::Error`) for failures before sources
+/// start; otherwise the failure of a source (start-up policy `fail`) or of
+/// the plugin directory watch.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let metrics = Metrics::shared();
     let runtime = Runtime::new(&config.runtime).map_err(StartError::from)?;
+    if !config.plugins.dir.is_dir() {
+        return Err(StartError::PluginDir(config.plugins.dir.display().to_string()).into());
+    }
     let listener = TcpListener::bind(config.admin.listen)
         .await
         .map_err(|source| StartError::Bind {
@@ -77,21 +371,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config.sources.iter().map(|s| s.name().to_owned()),
     );
     let tasks_token = shutdown.child_token();
-    let mut tasks: JoinSet<(String, anyhow::Result<()>)> = JoinSet::new();
-
-    let contexts: Vec<(SourceContext, Box<dyn Source>)> = config
-        .sources
-        .iter()
-        .map(|s| {
-            let ctx = SourceContext::new(
-                Arc::from(s.name()),
-                dispatcher.clone(),
-                metrics.clone(),
-                tasks_token.child_token(),
-            );
-            (ctx, build_source(s))
-        })
-        .collect();
+    let mut tasks: JoinSet<(Task, anyhow::Result<()>)> = JoinSet::new();
 
     let loader = PluginLoader::new(
         config.clone(),
@@ -101,76 +381,162 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Arc::new(TracingSink),
     );
     let loader_status = loader.status();
+    let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
     let admin_state = Arc::new(AdminState {
         metrics: metrics.clone(),
         dispatcher: dispatcher.clone(),
         loader: loader_status.clone(),
-        sources: contexts.iter().map(|(c, _)| c.status.clone()).collect(),
+        sources: Default::default(),
+        settings: parking_lot::RwLock::new(AdminSettings {
+            token: config.admin.effective_token(),
+            degraded_is_unready: config.gateway.degraded_is_unready,
+        }),
+        reload: reload_tx,
+        starting: std::sync::atomic::AtomicBool::new(true),
     });
+    {
+        let (token, state) = (tasks_token.clone(), admin_state.clone());
+        tasks.spawn(async move {
+            admin::serve(listener, state, token).await;
+            (Task::Admin, Ok(()))
+        });
+    }
+    let (loader_configs, loader_rx) = mpsc::channel(4);
+    {
+        let token = tasks_token.clone();
+        tasks.spawn(async move { (Task::Loader, loader.run(token, loader_rx).await) });
+    }
+    // SIGHUP asks for a reload, like POST /v1/reload.
+    let (hup_tx, mut hup_rx) = mpsc::channel::<()>(1);
     {
         let token = tasks_token.clone();
         tasks.spawn(async move {
-            admin::serve(listener, admin_state, token).await;
-            ("admin".to_owned(), Ok(()))
+            let result = async {
+                let mut hup =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                        .context("cannot listen for SIGHUP")?;
+                loop {
+                    tokio::select! {
+                        _ = token.cancelled() => return Ok(()),
+                        _ = hup.recv() => { let _ = hup_tx.try_send(()); }
+                    }
+                }
+            }
+            .await;
+            (Task::SignalListener, result)
         });
     }
-    {
-        let token = tasks_token.clone();
-        tasks.spawn(async move { ("plugin directory".to_owned(), loader.run(token).await) });
-    }
 
-    // Plugins first, so the sources' initial snapshots reach them directly.
+    let mut app = App {
+        config: config.clone(),
+        metrics,
+        dispatcher: dispatcher.clone(),
+        admin: admin_state,
+        loader_configs,
+        tasks,
+        tasks_token: tasks_token.clone(),
+        sources: BTreeMap::new(),
+        generation: 0,
+    };
+
+    // Phase 2: plugins, so the sources' initial snapshots reach them directly.
     let outcome = loop {
         if loader_status.is_loaded() {
-            break None;
+            let rejected = loader_status.rejected();
+            if rejected.is_empty() {
+                break None;
+            }
+            let reasons = rejected
+                .into_iter()
+                .map(|r| format!("{}: {}", r.name, r.error))
+                .collect();
+            break Some(Err(StartError::Plugins(reasons).into()));
         }
         tokio::select! {
             _ = shutdown.cancelled() => break Some(Ok(())),
-            done = tasks.join_next() => break Some(task_ended(done)),
+            done = app.tasks.join_next() => break Some(task_ended(done)),
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
     };
+
+    // Phase 3: sources, then serve until told to stop.
     let outcome = match outcome {
         Some(o) => o,
         None => {
-            for (ctx, source) in contexts {
-                let name = ctx.name.to_string();
-                tracing::info!(source = %name, "Starting source.");
-                tasks.spawn(async move {
-                    let r = source.run(ctx).await;
-                    (format!("source {name:?}"), r)
-                });
+            for entry in config.sources.iter().cloned() {
+                app.start_source(entry, true);
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => Ok(()),
-                done = tasks.join_next() => task_ended(done),
+            app.admin
+                .starting
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break Ok(()),
+                    done = app.tasks.join_next() => {
+                        match done {
+                            Some(Ok((Task::Source { name, generation }, result)))
+                                if app.sources.get(&name).is_none_or(|r| r.generation != generation) =>
+                            {
+                                // A source stopped by a reload.
+                                if let Err(e) = result {
+                                    tracing::debug!(source = %name, error = %e, "Replaced source ended with an error.");
+                                }
+                            }
+                            Some(Ok((Task::SignalListener, Err(e)))) => {
+                                tracing::warn!(error = %e, "Reload on SIGHUP is unavailable.");
+                            }
+                            Some(Ok((Task::SignalListener, Ok(())))) => {}
+                            other => break task_ended(other),
+                        }
+                    }
+                    Some(reply) = reload_rx.recv() => app.handle_reload(Some(reply)).await,
+                    Some(()) = hup_rx.recv() => {
+                        tracing::info!("SIGHUP received; reloading the configuration.");
+                        app.handle_reload(None).await;
+                    }
+                    _ = tick.tick() => {
+                        if let Some(e) = app.startup_overdue() {
+                            break Err(e);
+                        }
+                    }
+                }
             }
         }
     };
 
-    tracing::info!("Shutting down.");
+    let grace = app.config.gateway.shutdown_grace;
+    tracing::info!(grace_ms = grace.as_millis() as u64, "Shutting down.");
     tasks_token.cancel();
+    let mut tasks = std::mem::take(&mut app.tasks);
     let drain = async {
         while tasks.join_next().await.is_some() {}
+        // In-flight plugin calls finish or hit their deadline; queued events
+        // are not delivered (there is no durable queue yet).
         let d = dispatcher.clone();
         let _ = tokio::task::spawn_blocking(move || d.shutdown()).await;
     };
-    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+    if tokio::time::timeout(grace, drain).await.is_err() {
         tracing::warn!(
-            grace_s = SHUTDOWN_GRACE.as_secs(),
+            grace_ms = grace.as_millis() as u64,
             "Shutdown grace period ran out; exiting anyway."
         );
-        tasks.abort_all();
     }
     outcome
 }
 
 fn task_ended(
-    done: Option<Result<(String, anyhow::Result<()>), tokio::task::JoinError>>,
+    done: Option<Result<(Task, anyhow::Result<()>), tokio::task::JoinError>>,
 ) -> anyhow::Result<()> {
+    let label = |t: &Task| match t {
+        Task::Admin => "the admin server".to_owned(),
+        Task::Loader => "the plugin directory watch".to_owned(),
+        Task::Source { name, .. } => format!("source {name:?}"),
+        Task::SignalListener => "the signal listener".to_owned(),
+    };
     match done {
-        Some(Ok((name, Ok(())))) => Err(anyhow::anyhow!("{name} stopped unexpectedly")),
-        Some(Ok((name, Err(e)))) => Err(e.context(format!("{name} failed"))),
+        Some(Ok((task, Ok(())))) => Err(anyhow::anyhow!("{} stopped unexpectedly", label(&task))),
+        Some(Ok((task, Err(e)))) => Err(e.context(format!("{} failed", label(&task)))),
         Some(Err(e)) => Err(anyhow::anyhow!("a task panicked: {e}")),
         None => Err(anyhow::anyhow!("no tasks left")),
     }

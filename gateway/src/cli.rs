@@ -25,7 +25,18 @@ use crate::telemetry::Metrics;
 /// watchgate: watch configuration and discovery stores, hand every change to
 /// sandboxed WebAssembly plugins.
 #[derive(Debug, Parser)]
-#[command(name = "watchgate", version, about)]
+#[command(
+    name = "watchgate",
+    // `watchgate 0.1.0 (plugin world watchgate:plugin@0.1.0)`: the WIT
+    // package comes from plugin-sdk/wit/plugin.wit through gateway/build.rs.
+    version = concat!(
+        env!("CARGO_PKG_VERSION"),
+        " (plugin world ",
+        env!("WATCHGATE_WIT_PACKAGE"),
+        ")"
+    ),
+    about
+)]
 pub struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -121,8 +132,11 @@ pub fn check(config_path: &Path) -> i32 {
     let entries = match std::fs::read_dir(&config.plugins.dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            println!("plugin directory does not exist yet: no plugins");
-            return 0;
+            eprintln!(
+                "error: plugin directory {} does not exist (create it, or fix [plugins] dir in the config)",
+                config.plugins.dir.display()
+            );
+            return 2;
         }
         Err(e) => {
             eprintln!(

@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -101,8 +102,93 @@ pub struct Config {
     pub plugins: PluginsConfig,
     /// Default and maximum limits for plugin calls.
     pub runtime: RuntimeConfig,
+    /// Shutdown and readiness behaviour.
+    pub gateway: GatewayConfig,
     /// The stores to watch.
-    pub sources: Vec<SourceConfig>,
+    pub sources: Vec<SourceEntry>,
+}
+
+/// `[gateway]`: process-wide behaviour.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// How long shutdown may take: in-flight plugin calls finish or hit their
+    /// deadline, watches are cancelled, then the process exits regardless.
+    /// Default `"10s"`.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// When true, `/readyz` answers 503 while a source that finished its
+    /// initial sync has lost its connection ("degraded"). Default false: a
+    /// degraded source is reported, but the gateway stays ready, since it
+    /// still serves the last known state.
+    #[serde(default)]
+    pub degraded_is_unready: bool,
+}
+
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            shutdown_grace: default_shutdown_grace(),
+            degraded_is_unready: false,
+        }
+    }
+}
+
+/// What to do when a source cannot complete its initial sync.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartupPolicy {
+    /// Exit with status 1 and the reason once `startup_timeout` passes.
+    #[default]
+    Fail,
+    /// Keep running and retrying; `/readyz` reports not ready meanwhile.
+    Degraded,
+}
+
+/// Keys every `[[source]]` accepts, whatever its kind.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceCommon {
+    /// `"fail"` (default) or `"degraded"`.
+    #[serde(default)]
+    pub startup: StartupPolicy,
+    /// How long the initial sync may take before `startup` applies.
+    /// Default `"30s"`.
+    #[serde(default = "default_startup_timeout", with = "humantime_serde")]
+    pub startup_timeout: Duration,
+}
+
+fn default_startup_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for SourceCommon {
+    fn default() -> Self {
+        SourceCommon {
+            startup: StartupPolicy::Fail,
+            startup_timeout: default_startup_timeout(),
+        }
+    }
+}
+
+/// One `[[source]]`: the keys common to every kind, and the kind's own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceEntry {
+    /// Start-up behaviour.
+    pub common: SourceCommon,
+    /// The kind and its settings.
+    pub spec: SourceConfig,
+}
+
+impl SourceEntry {
+    /// The source's name.
+    pub fn name(&self) -> &str {
+        self.spec.name()
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,6 +201,8 @@ struct RawConfig {
     #[serde(default)]
     runtime: RuntimeConfig,
     #[serde(default)]
+    gateway: GatewayConfig,
+    #[serde(default)]
     source: Vec<toml::Spanned<toml::Table>>,
 }
 
@@ -126,6 +214,20 @@ pub struct AdminConfig {
     /// port (the chosen address is logged).
     #[serde(default = "default_admin_listen")]
     pub listen: SocketAddr,
+    /// Bearer token for mutating endpoints (`POST /v1/reload`). The
+    /// environment variable `WATCHGATE_ADMIN_TOKEN` takes precedence. Without
+    /// either, mutating endpoints are disabled.
+    pub token: Option<String>,
+}
+
+impl AdminConfig {
+    /// The effective admin token: the environment, then the file.
+    pub fn effective_token(&self) -> Option<String> {
+        std::env::var("WATCHGATE_ADMIN_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .or_else(|| self.token.clone().filter(|t| !t.is_empty()))
+    }
 }
 
 fn default_admin_listen() -> SocketAddr {
@@ -136,6 +238,7 @@ impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: default_admin_listen(),
+            token: None,
         }
     }
 }
@@ -393,7 +496,13 @@ impl Config {
         let mut sources = Vec::new();
         for (i, spanned) in raw.source.iter().enumerate() {
             let span = spanned.span();
-            let table = spanned.get_ref();
+            let mut table = spanned.get_ref().clone();
+            let mut common_table = toml::Table::new();
+            for key in ["startup", "startup_timeout"] {
+                if let Some(v) = table.remove(key) {
+                    common_table.insert(key.to_owned(), v);
+                }
+            }
             let err = |msg: String| {
                 let at = offending_key(&msg)
                     .and_then(|k| key_offset(text, span.clone(), k))
@@ -410,7 +519,6 @@ impl Config {
             let source = match kind {
                 "file" => {
                     let mut c: FileSourceConfig = table
-                        .clone()
                         .try_into()
                         .map_err(|e: toml::de::Error| err(e.message().trim().to_owned()))?;
                     c.path = resolve(&base, &c.path);
@@ -418,7 +526,6 @@ impl Config {
                 }
                 "etcd" => {
                     let mut c: crate::source::etcd::EtcdSourceConfig = table
-                        .clone()
                         .try_into()
                         .map_err(|e: toml::de::Error| err(e.message().trim().to_owned()))?;
                     c.validate(&base).map_err(err)?;
@@ -429,6 +536,13 @@ impl Config {
                         "unknown source kind {other:?} (known: \"file\", \"etcd\")"
                     )));
                 }
+            };
+            let common: SourceCommon = common_table
+                .try_into()
+                .map_err(|e: toml::de::Error| err(e.message().trim().to_owned()))?;
+            let source = SourceEntry {
+                common,
+                spec: source,
             };
             if source.name().is_empty() {
                 return Err(err("`name` must not be empty".into()));
@@ -472,6 +586,7 @@ impl Config {
             admin: raw.admin,
             plugins,
             runtime: raw.runtime,
+            gateway: raw.gateway,
             sources,
         })
     }
@@ -541,7 +656,7 @@ impl Sidecar {
         };
         for (i, sub) in sidecar.subscribe.iter().enumerate() {
             if !config.sources.iter().any(|s| s.name() == sub.source) {
-                let known: Vec<&str> = config.sources.iter().map(SourceConfig::name).collect();
+                let known: Vec<&str> = config.sources.iter().map(SourceEntry::name).collect();
                 return Err(whole(format!(
                     "subscribe[{i}].source: no source named {:?} in {} (known: {known:?})",
                     sub.source,
@@ -594,7 +709,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.plugins.dir, PathBuf::from("/etc/wg/p"));
-        let SourceConfig::File(f) = &c.sources[0] else {
+        let SourceConfig::File(f) = &c.sources[0].spec else {
             panic!("not a file source")
         };
         assert_eq!(f.path, PathBuf::from("/etc/wg/watched"));

@@ -379,6 +379,7 @@ impl Dispatcher {
     pub fn upsert(&self, spec: PluginSpec) -> std::io::Result<()> {
         let name = spec.loaded.ctx.name.clone();
         if let Some(w) = self.workers.get(&name) {
+            w.queue.set_capacity(spec.queue_capacity);
             w.spec.store(Arc::new(spec));
             return Ok(());
         }
@@ -433,13 +434,71 @@ impl Dispatcher {
         }
     }
 
+    /// The running version of `plugin`.
+    pub fn running(&self, plugin: &str) -> Option<Arc<PluginSpec>> {
+        self.workers.get(plugin).map(|w| w.spec.load_full())
+    }
+
     /// Events waiting for `plugin`, if it runs.
     pub fn queue_depth(&self, plugin: &str) -> Option<usize> {
         self.workers.get(plugin).map(|w| w.queue.len())
     }
 }
 
+impl Dispatcher {
+    /// Start routing a source added by a reload.
+    pub fn add_source(&self, name: &str) {
+        self.caches.entry(name.to_owned()).or_default();
+    }
+
+    /// Forget a source removed by a reload (its keys are not deleted in the
+    /// plugins: a removed source says nothing about its keys).
+    pub fn remove_source(&self, name: &str) {
+        self.caches.remove(name);
+    }
+}
+
 impl EventSink for Dispatcher {
+    fn deliver_snapshot(&self, source: &str, events: Vec<Event>) {
+        let cache = self.caches.entry(source.to_owned()).or_default().clone();
+        let diff = {
+            let keys = cache.keys.lock();
+            if keys.is_empty() {
+                events
+            } else {
+                // A restarted source: pass on only what changed meanwhile.
+                let fresh: std::collections::HashSet<&str> =
+                    events.iter().map(|e| e.key.as_str()).collect();
+                let revision = events.iter().map(|e| e.revision).max().unwrap_or(0);
+                let source_name: Arc<str> = Arc::from(source);
+                let mut out: Vec<Event> = keys
+                    .iter()
+                    .filter(|(k, _)| !fresh.contains(k.as_str()))
+                    .map(|(k, c)| {
+                        let mut e = Event::delete(&source_name, k.clone(), revision)
+                            .with_prev(Some(c.value.clone()));
+                        e.resync = true;
+                        e
+                    })
+                    .collect();
+                for mut e in events {
+                    match keys.get(&e.key) {
+                        Some(c) if Some(&c.value) == e.value.as_ref() => {}
+                        old => {
+                            e.prev_value = old.map(|c| c.value.clone());
+                            e.resync = true;
+                            out.push(e);
+                        }
+                    }
+                }
+                out
+            }
+        };
+        if !diff.is_empty() {
+            self.deliver(source, diff);
+        }
+    }
+
     fn deliver(&self, source: &str, events: Vec<Event>) {
         let cache = self.caches.entry(source.to_owned()).or_default().clone();
         let mut keys = cache.keys.lock();

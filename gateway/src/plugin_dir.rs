@@ -158,6 +158,7 @@ pub struct PluginLoader {
     files: HashMap<String, Files>,
     states: HashMap<String, Arc<PluginState>>,
     logs: HashMap<String, Arc<PluginLog>>,
+    compiled: HashMap<String, CompiledPlugin>,
     next_version: u64,
 }
 
@@ -180,6 +181,7 @@ impl PluginLoader {
             files: HashMap::new(),
             states: HashMap::new(),
             logs: HashMap::new(),
+            compiled: HashMap::new(),
             next_version: 1,
         }
     }
@@ -189,16 +191,18 @@ impl PluginLoader {
         self.status.clone()
     }
 
-    /// Watch the directory until `shutdown`, loading what appears. The
-    /// directory is created when missing.
+    /// Watch the directory until `shutdown`, loading what appears, and
+    /// re-evaluate every plugin when a reloaded config arrives on
+    /// `configs`.
     ///
     /// # Errors
     /// When the directory cannot be created or watched.
-    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(
+        mut self,
+        shutdown: CancellationToken,
+        mut configs: mpsc::Receiver<Arc<Config>>,
+    ) -> anyhow::Result<()> {
         let dir = self.config.plugins.dir.clone();
-        tokio::fs::create_dir_all(&dir).await.map_err(|e| {
-            anyhow::anyhow!("cannot create plugin directory {}: {e}", dir.display())
-        })?;
         let (tx, mut rx) = mpsc::unbounded_channel();
         let watch_token = shutdown.child_token();
         let mut fc = FileSourceConfig::new("plugins", &dir);
@@ -222,6 +226,15 @@ impl PluginLoader {
                     Some(batch) => self.apply(batch).await,
                     None => break Err(anyhow::anyhow!("plugin directory watch ended")),
                 },
+                Some(config) = configs.recv() => {
+                    // A reload: re-evaluate every plugin against the new
+                    // config; only those whose settings changed restart.
+                    self.config = config;
+                    let names: Vec<String> = self.files.keys().cloned().collect();
+                    for name in names {
+                        self.reload(&name).await;
+                    }
+                }
                 _ = tick.tick() => {}
             }
             if !self.status.is_loaded() && dir_status.is_synced() && rx.is_empty() {
@@ -297,6 +310,7 @@ impl PluginLoader {
             if files.sidecar.is_none() {
                 self.files.remove(name);
             }
+            self.compiled.remove(name);
             self.status.rejected.lock().remove(name);
             let dispatcher = self.dispatcher.clone();
             let n = name.to_owned();
@@ -319,22 +333,43 @@ impl PluginLoader {
                 }
             },
         };
-        let (runtime, config, n) = (self.runtime.clone(), self.config.clone(), name.to_owned());
-        let compiled = tokio::task::spawn_blocking(move || {
-            compile_plugin(
-                &runtime,
-                &config,
-                &n,
-                &wasm,
-                sidecar_text.as_deref().map(|t| (sidecar_path.as_path(), t)),
-            )
-        })
-        .await;
-        let (compiled, sidecar) = match compiled {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return self.reject(name, e.to_string()),
-            Err(e) => return self.reject(name, format!("compiler task failed: {e}")),
+        let digest = crate::runtime::digest(&wasm);
+        let cached = self
+            .compiled
+            .get(name)
+            .filter(|c| c.digest == digest)
+            .cloned();
+        let (compiled, sidecar) = match cached {
+            // Same code: only the sidecar (or the gateway config) changed.
+            Some(c) => match sidecar_text
+                .as_deref()
+                .map(|t| Sidecar::parse(&sidecar_path, t, &self.config))
+                .transpose()
+            {
+                Ok(sidecar) => (c, sidecar.unwrap_or_default()),
+                Err(e) => return self.reject(name, e.to_string()),
+            },
+            None => {
+                let (runtime, config, n) =
+                    (self.runtime.clone(), self.config.clone(), name.to_owned());
+                let compiled = tokio::task::spawn_blocking(move || {
+                    compile_plugin(
+                        &runtime,
+                        &config,
+                        &n,
+                        &wasm,
+                        sidecar_text.as_deref().map(|t| (sidecar_path.as_path(), t)),
+                    )
+                })
+                .await;
+                match compiled {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => return self.reject(name, e.to_string()),
+                    Err(e) => return self.reject(name, format!("compiler task failed: {e}")),
+                }
+            }
         };
+        self.compiled.insert(name.to_owned(), compiled.clone());
         let files_grant = match &sidecar.grants.files {
             None => None,
             Some(dir) => match FilesGrant::new(dir) {
@@ -362,6 +397,22 @@ impl PluginLoader {
                 ))
             })
             .clone();
+        let limits = self.config.runtime.defaults.merged(sidecar.limits);
+        let queue_capacity = sidecar
+            .queue_capacity
+            .unwrap_or(self.config.plugins.queue_capacity);
+        if let Some(running) = self.dispatcher.running(name)
+            && running.loaded.compiled.digest == compiled.digest
+            && running.loaded.limits == limits
+            && running.subscriptions == sidecar.subscribe
+            && running.queue_capacity == queue_capacity
+            && running.loaded.ctx.files.as_ref().map(FilesGrant::root)
+                == files_grant.as_ref().map(FilesGrant::root)
+        {
+            // Nothing that matters changed: keep the running version.
+            self.status.rejected.lock().remove(name);
+            return;
+        }
         let version = self.next_version;
         self.next_version += 1;
         let digest = compiled.digest.clone();
@@ -376,12 +427,10 @@ impl PluginLoader {
                     metrics: self.metrics.clone(),
                 }),
                 version,
-                limits: self.config.runtime.defaults.merged(sidecar.limits),
+                limits,
             },
             subscriptions: sidecar.subscribe.clone(),
-            queue_capacity: sidecar
-                .queue_capacity
-                .unwrap_or(self.config.plugins.queue_capacity),
+            queue_capacity,
         };
         let replacing = self.dispatcher.plugin_names().iter().any(|n| n == name);
         if let Err(e) = self.dispatcher.upsert(spec) {

@@ -173,10 +173,15 @@ impl Runtime {
         let pre = PluginPre::new(instance_pre).map_err(LoadError::Exports)?;
         Ok(CompiledPlugin {
             pre,
-            digest: hex(&Sha256::digest(bytes)),
+            digest: digest(bytes),
             size: bytes.len(),
         })
     }
+}
+
+/// SHA-256 of a plugin file, hex: its identity in reports and caches.
+pub fn digest(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
 }
 
 fn hex(bytes: &[u8]) -> String {

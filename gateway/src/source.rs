@@ -42,6 +42,14 @@ pub trait EventSink: Send + Sync + 'static {
     /// one atomic step of the source (one revision, one rescan). Must not
     /// block.
     fn deliver(&self, source: &str, events: Vec<Event>);
+
+    /// Deliver a source's complete current state, as puts (its initial
+    /// snapshot). A sink that remembers an earlier run of the same source
+    /// passes on only the difference: changed keys, and deletes for keys
+    /// that are gone. The default treats it as an ordinary batch.
+    fn deliver_snapshot(&self, source: &str, events: Vec<Event>) {
+        self.deliver(source, events);
+    }
 }
 
 /// Everything a running source gets.
@@ -91,6 +99,19 @@ impl SourceContext {
             CancellationToken::new(),
         );
         (ctx, rx)
+    }
+
+    /// Hand the source's complete current state (puts) to the dispatcher,
+    /// even when empty. Never blocks.
+    pub fn emit_snapshot(&self, events: Vec<Event>) {
+        if let Some(max) = events.iter().map(|e| e.revision).max() {
+            self.status.set_revision(max);
+        }
+        self.metrics
+            .source_events
+            .get_or_create(&Metrics::source(&self.name))
+            .inc_by(events.len() as u64);
+        self.sink.deliver_snapshot(&self.name, events);
     }
 
     /// Hand a batch of events to the dispatcher. Never blocks. Updates the

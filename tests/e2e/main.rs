@@ -14,3 +14,4 @@ mod file_source;
 mod hot_reload;
 mod runtime_limits;
 mod support;
+mod version;

@@ -41,7 +41,7 @@ struct Inner {
 
 /// A multi-producer, single-consumer queue of events for one plugin.
 pub struct EventQueue {
-    capacity: usize,
+    capacity: std::sync::atomic::AtomicUsize,
     inner: Mutex<Inner>,
     ready: Condvar,
 }
@@ -55,21 +55,28 @@ impl EventQueue {
     /// An empty queue folding at `capacity` (at least 1).
     pub fn new(capacity: usize) -> Self {
         EventQueue {
-            capacity: capacity.max(1),
+            capacity: std::sync::atomic::AtomicUsize::new(capacity.max(1)),
             inner: Mutex::new(Inner::default()),
             ready: Condvar::new(),
         }
     }
 
+    /// Change the capacity (a reloaded plugin setting); queued events stay.
+    pub fn set_capacity(&self, capacity: usize) {
+        self.capacity
+            .store(capacity.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Queue events in order. Never blocks beyond a short lock.
     pub fn push(&self, events: impl IntoIterator<Item = Event>) -> PushStats {
+        let capacity = self.capacity.load(std::sync::atomic::Ordering::Relaxed);
         let mut stats = PushStats::default();
         let mut inner = self.inner.lock();
         if inner.closed {
             return stats;
         }
         for event in events {
-            let full = inner.entries.len() >= self.capacity;
+            let full = inner.entries.len() >= capacity;
             if full && let Some(&seq) = inner.last.get(&event.key) {
                 let idx = (seq - inner.head) as usize;
                 let queued = &mut inner.entries[idx];

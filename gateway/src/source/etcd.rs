@@ -573,7 +573,11 @@ impl Watcher {
             tracing::info!(source = %name, revision, changes = batch.len(), "etcd source relisted and diffed.");
         }
         self.index = seen.into_iter().map(|(k, (r, v, _))| (k, (r, v))).collect();
-        self.ctx.emit(batch);
+        if first {
+            self.ctx.emit_snapshot(batch);
+        } else {
+            self.ctx.emit(batch);
+        }
         self.ctx.status.set_revision(revision.max(0) as u64);
         self.next_rev = Some(revision + 1);
         self.relist = false;

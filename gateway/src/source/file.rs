@@ -156,9 +156,13 @@ impl Runner {
             Scan::Replaced => return Err(fail(&"it was replaced during the initial scan")),
         };
         self.ctx.status.set_connected(true);
-        self.apply(snapshot, false);
-        // The initial snapshot is revision 1 even when it is empty.
-        self.revision = self.revision.max(1);
+        // The initial snapshot is revision 1 even when it is empty, and is
+        // delivered as the source's full state (the dispatcher diffs it
+        // against what an earlier run of this source delivered).
+        let events = diff(&self.ctx.name, &self.index, &snapshot.files, 1, false);
+        self.index = snapshot.files;
+        self.revision = 1;
+        self.ctx.emit_snapshot(events);
         self.ctx.status.set_synced();
         info!(
             source = %self.ctx.name,
@@ -931,13 +935,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_empty_directory_syncs_without_a_batch_at_revision_1() {
+    async fn an_empty_directory_syncs_with_an_empty_snapshot_at_revision_1() {
         let dir = tempfile::tempdir().unwrap();
         let mut source = Running::start(config(dir.path()));
         source
             .wait_for("synced", |ctx| ctx.status.is_synced())
             .await;
-        // Nothing was emitted for the empty snapshot, yet it was revision 1.
+        // The empty snapshot is still delivered (a restarted source's sink
+        // must learn that every key is gone), as revision 1.
+        let first = tokio::time::timeout(DEADLINE, source.rx.recv())
+            .await
+            .expect("the snapshot within the deadline")
+            .expect("the source stopped");
+        assert!(first.is_empty(), "{first:?}");
         source.revision = 1;
         let events = source.changes_before_sentinel(dir.path()).await;
         assert_eq!(brief(&events), Vec::<String>::new());
