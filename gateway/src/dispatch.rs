@@ -229,6 +229,7 @@ impl Worker {
                     unlogged = 0;
                 } else {
                     unlogged += 1;
+                    self.metrics.suppressed(&format!("plugin/{}", self.name));
                 }
             }
         }

@@ -239,10 +239,7 @@ impl SourceStatus {
 
     /// A repeated log line was held back.
     pub fn log_suppressed(&self) {
-        self.metrics
-            .log_suppressed
-            .get_or_create(&Metrics::source(&self.name))
-            .inc();
+        self.metrics.suppressed(&format!("source/{}", self.name));
     }
 
     /// Initial sync delivered?

@@ -28,6 +28,14 @@ pub struct PluginLabels {
     pub plugin: String,
 }
 
+/// Label set naming where a log line comes from: `source/NAME` or
+/// `plugin/NAME`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OriginLabels {
+    /// `source/NAME` or `plugin/NAME`.
+    pub origin: String,
+}
+
 /// How one plugin call ended.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue, serde::Serialize)]
 #[allow(non_camel_case_types)]
@@ -103,7 +111,7 @@ pub struct Metrics {
     /// Last delivered revision per source.
     pub source_revision: Family<SourceLabels, Gauge>,
     /// Repeated identical log lines held back (counted instead).
-    pub log_suppressed: Family<SourceLabels, Counter>,
+    pub log_suppressed: Family<OriginLabels, Counter>,
     /// Plugin call outcomes.
     pub plugin_invocations: Family<OutcomeLabels, Counter>,
     /// Events waiting in each plugin's queue.
@@ -295,6 +303,15 @@ impl Metrics {
         self.plugin_call_seconds
             .get_or_create(&Self::plugin(plugin))
             .observe(seconds);
+    }
+
+    /// Count a log line held back as a repeat.
+    pub fn suppressed(&self, origin: &str) {
+        self.log_suppressed
+            .get_or_create(&OriginLabels {
+                origin: origin.to_owned(),
+            })
+            .inc();
     }
 
     /// Record one capability call.

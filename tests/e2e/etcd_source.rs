@@ -490,7 +490,7 @@ fn a_hundred_connection_resets_leave_tasks_fds_and_memory_flat() {
         lines <= 5,
         "{lines} reconnect warnings for 100 identical resets"
     );
-    assert!(g.metric("watchgate_log_suppressed_total{source=\"main\"}") >= 90.0);
+    assert!(g.metric("watchgate_log_suppressed_total{origin=\"source/main\"}") >= 90.0);
 }
 
 #[test]
@@ -615,7 +615,7 @@ fn permission_revoked_then_restored_is_reported_with_backoff_and_loses_nothing()
         .filter(|l| l.contains("etcd watch interrupted") && l.contains("permission denied"))
         .count();
     assert!(warnings <= 2, "{warnings} identical warnings logged");
-    assert!(g.metric("watchgate_log_suppressed_total{source=\"main\"}") >= 3.0);
+    assert!(g.metric("watchgate_log_suppressed_total{origin=\"source/main\"}") >= 3.0);
 
     // Restore: the watch resumes where it left off, nothing was lost.
     as_root(&grant);

@@ -12,6 +12,7 @@ mod fault_proxy;
 mod faults;
 mod file_source;
 mod hot_reload;
+mod lifecycle;
 mod runtime_limits;
 mod support;
 mod version;
