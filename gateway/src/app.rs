@@ -29,8 +29,10 @@ use crate::host::log::TracingSink;
 use crate::plugin_dir::PluginLoader;
 use crate::runtime::Runtime;
 use crate::source::backoff::Backoff;
+use crate::source::consul::ConsulSource;
 use crate::source::etcd::EtcdSource;
 use crate::source::file::FileSource;
+use crate::source::nacos::NacosSource;
 use crate::source::{Source, SourceContext, SourceStatus};
 use crate::telemetry::{Metrics, RepeatLog};
 
@@ -60,6 +62,8 @@ fn build_source(config: &SourceConfig) -> Box<dyn Source> {
     match config {
         SourceConfig::File(c) => Box::new(FileSource::new(c.clone())),
         SourceConfig::Etcd(c) => Box::new(EtcdSource::new(c.clone())),
+        SourceConfig::Consul(c) => Box::new(ConsulSource::new(c.clone())),
+        SourceConfig::Nacos(c) => Box::new(NacosSource::new(c.clone())),
     }
 }
 

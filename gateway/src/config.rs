@@ -370,6 +370,10 @@ pub enum SourceConfig {
     File(FileSourceConfig),
     /// `kind = "etcd"`.
     Etcd(crate::source::etcd::EtcdSourceConfig),
+    /// `kind = "consul"`.
+    Consul(crate::source::consul::ConsulSourceConfig),
+    /// `kind = "nacos"`.
+    Nacos(crate::source::nacos::NacosSourceConfig),
 }
 
 impl SourceConfig {
@@ -378,6 +382,8 @@ impl SourceConfig {
         match self {
             SourceConfig::File(c) => &c.name,
             SourceConfig::Etcd(c) => &c.name,
+            SourceConfig::Consul(c) => &c.name,
+            SourceConfig::Nacos(c) => &c.name,
         }
     }
 }
@@ -513,7 +519,10 @@ impl Config {
                 Some(toml::Value::String(k)) => k.as_str(),
                 Some(_) => return Err(err("`kind` must be a string".into())),
                 None => {
-                    return Err(err("missing key `kind` (one of: \"file\", \"etcd\")".into()));
+                    return Err(err(
+                        "missing key `kind` (one of: \"file\", \"etcd\", \"consul\", \"nacos\")"
+                            .into(),
+                    ));
                 }
             };
             let source = match kind {
@@ -531,9 +540,23 @@ impl Config {
                     c.validate(&base).map_err(err)?;
                     SourceConfig::Etcd(c)
                 }
+                "consul" => {
+                    let mut c: crate::source::consul::ConsulSourceConfig = table
+                        .try_into()
+                        .map_err(|e: toml::de::Error| err(e.message().trim().to_owned()))?;
+                    c.validate().map_err(err)?;
+                    SourceConfig::Consul(c)
+                }
+                "nacos" => {
+                    let mut c: crate::source::nacos::NacosSourceConfig = table
+                        .try_into()
+                        .map_err(|e: toml::de::Error| err(e.message().trim().to_owned()))?;
+                    c.validate().map_err(err)?;
+                    SourceConfig::Nacos(c)
+                }
                 other => {
                     return Err(err(format!(
-                        "unknown source kind {other:?} (known: \"file\", \"etcd\")"
+                        "unknown source kind {other:?} (known: \"file\", \"etcd\", \"consul\", \"nacos\")"
                     )));
                 }
             };

@@ -8,14 +8,18 @@
 //! [`Source::run`] promptly once `shutdown` is cancelled.
 
 pub mod backoff;
+pub mod consul;
 pub mod etcd;
 pub mod file;
+pub mod nacos;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -262,5 +266,74 @@ impl SourceStatus {
             reconnects: self.reconnects.load(Ordering::SeqCst),
             last_error: self.last_error.lock().clone(),
         }
+    }
+}
+
+/// The events that turn `old` into `new` (both key → value): puts for new
+/// and changed keys, with previous values, and deletes for vanished keys,
+/// sorted by key, all at `revision`. Snapshot-style sources (a directory, a
+/// Consul or Nacos listing) share it.
+pub fn diff_snapshot(
+    source: &Arc<str>,
+    old: &BTreeMap<String, Bytes>,
+    new: &BTreeMap<String, Bytes>,
+    revision: u64,
+    resync: bool,
+) -> Vec<Event> {
+    let mut events = Vec::new();
+    for (key, value) in new {
+        let prev = old.get(key);
+        if prev != Some(value) {
+            events.push(Event::put(source, key, value.clone(), revision).with_prev(prev.cloned()));
+        }
+    }
+    for (key, prev) in old {
+        if !new.contains_key(key) {
+            events.push(Event::delete(source, key, revision).with_prev(Some(prev.clone())));
+        }
+    }
+    events.sort_by(|a, b| a.key.cmp(&b.key));
+    for event in &mut events {
+        event.resync = resync;
+    }
+    events
+}
+
+/// Health of a source made of several independent watches (one per
+/// service, one per KV prefix, …): connected while every watch's last
+/// request succeeded, synced once every watch completed its first fetch.
+pub struct WatchGroup {
+    status: Arc<SourceStatus>,
+    synced: Vec<AtomicBool>,
+    ok: Vec<AtomicBool>,
+}
+
+impl WatchGroup {
+    /// A group of `n` watches reporting into `status`.
+    pub fn new(status: Arc<SourceStatus>, n: usize) -> Arc<WatchGroup> {
+        Arc::new(WatchGroup {
+            status,
+            synced: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            ok: (0..n).map(|_| AtomicBool::new(false)).collect(),
+        })
+    }
+
+    /// Watch `i` fetched successfully (its first time: it is synced).
+    pub fn succeeded(&self, i: usize) {
+        self.synced[i].store(true, Ordering::SeqCst);
+        self.ok[i].store(true, Ordering::SeqCst);
+        if self.ok.iter().all(|o| o.load(Ordering::SeqCst)) {
+            self.status.set_connected(true);
+        }
+        if self.synced.iter().all(|s| s.load(Ordering::SeqCst)) {
+            self.status.set_synced();
+        }
+    }
+
+    /// Watch `i` failed.
+    pub fn failed(&self, i: usize, error: String) {
+        self.ok[i].store(false, Ordering::SeqCst);
+        self.status.set_connected(false);
+        self.status.set_error(error);
     }
 }

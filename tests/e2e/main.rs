@@ -6,13 +6,17 @@
 //! directory.
 
 mod cli;
+mod consul_source;
 mod etcd_harness;
 mod etcd_source;
+mod fake_consul;
+mod fake_nacos;
 mod fault_proxy;
 mod faults;
 mod file_source;
 mod hot_reload;
 mod lifecycle;
+mod nacos_source;
 mod runtime_limits;
 mod support;
 mod version;

@@ -27,6 +27,8 @@ use bytes::Bytes;
 use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
 use parking_lot::Mutex;
+
+use super::diff_snapshot as diff;
 use tokio::sync::Notify;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -732,35 +734,6 @@ fn read_file(path: &Path, max: u64) -> std::io::Result<Contents> {
         return Ok(too_large(len));
     }
     Ok(Contents::Value(Bytes::from(buf)))
-}
-
-/// The events that turn `old` into `new`, sorted by key, all at `revision`:
-/// puts (with the previous value) for new and changed keys, deletes (with
-/// the previous value) for vanished ones.
-fn diff(
-    source: &Arc<str>,
-    old: &BTreeMap<String, Bytes>,
-    new: &BTreeMap<String, Bytes>,
-    revision: u64,
-    resync: bool,
-) -> Vec<Event> {
-    let mut events = Vec::new();
-    for (key, value) in new {
-        let prev = old.get(key);
-        if prev != Some(value) {
-            events.push(Event::put(source, key, value.clone(), revision).with_prev(prev.cloned()));
-        }
-    }
-    for (key, prev) in old {
-        if !new.contains_key(key) {
-            events.push(Event::delete(source, key, revision).with_prev(Some(prev.clone())));
-        }
-    }
-    events.sort_by(|a, b| a.key.cmp(&b.key));
-    for event in &mut events {
-        event.resync = resync;
-    }
-    events
 }
 
 #[cfg(test)]
