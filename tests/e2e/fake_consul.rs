@@ -62,8 +62,10 @@
 //!   connection and every new one right after the accept
 //!   ([`FakeConsul::set_down`]).
 //! - **Observation**: requests counted per path ([`FakeConsul::requests`]),
-//!   TCP connections accepted ([`FakeConsul::accepted`]), the largest `wait`
-//!   asked for ([`FakeConsul::max_wait_seen`]).
+//!   TCP connections accepted and open ([`FakeConsul::accepted`],
+//!   [`FakeConsul::open_connections`]; a client that abandons a blocking
+//!   query frees its connection at once), the largest `wait` asked for
+//!   ([`FakeConsul::max_wait_seen`]).
 //!
 //! # Not modelled
 //!
@@ -302,6 +304,13 @@ impl FakeConsul {
             .filter(|(path, _)| path.starts_with(path_prefix))
             .map(|(_, n)| n)
             .sum()
+    }
+
+    /// Connections open now. A client that gives up on a blocking query
+    /// (closes its connection) frees it at once, so a leak of watches shows
+    /// here.
+    pub fn open_connections(&self) -> usize {
+        self.shared.conns().open.len()
     }
 
     /// TCP connections accepted so far, reset ones (while down) included.
@@ -1301,10 +1310,11 @@ mod tests {
             let consul = consul.clone();
             move || get(&consul, &format!("/v1/kv/app/?recurse&index={at}&wait=1m"))
         });
+        // Four requests under the prefix so far, the blocked one is the fifth.
         wait_for(
             "the blocking query to arrive",
             Duration::from_secs(10),
-            || (consul.requests("/v1/kv/app/") == 4).then_some(()),
+            || (consul.requests("/v1/kv/app/") == 5).then_some(()),
         );
         consul.kv_delete("app/b");
         let (deleted, _) = blocked.join().expect("the client thread");
@@ -1394,7 +1404,9 @@ mod tests {
             Duration::from_secs(10),
             || (consul.requests("/v1/health/service/web") == 2).then_some(()),
         );
+        assert_eq!(consul.open_connections(), 1);
         consul.restart();
+        assert_eq!(consul.open_connections(), 0, "restart returns once reset");
         let (result, took) = blocked.join().expect("the client thread");
         assert!(
             result.is_err(),
@@ -1494,6 +1506,22 @@ mod tests {
                 ("tag".to_owned(), "a b".to_owned()),
                 ("index".to_owned(), "5".to_owned()),
             ]
+        );
+    }
+
+    #[test]
+    fn a_client_giving_up_frees_its_connection() {
+        let consul = FakeConsul::start();
+        let impatient = ureq::AgentBuilder::new()
+            .timeout(Duration::from_millis(200))
+            .build();
+        let gave_up = get_with(&impatient, &consul, "/v1/kv/?recurse&index=1&wait=1m");
+        assert!(gave_up.is_err(), "the client timed out");
+        drop(impatient);
+        wait_for(
+            "the parked query's connection to close",
+            Duration::from_secs(10),
+            || (consul.open_connections() == 0).then_some(()),
         );
     }
 
