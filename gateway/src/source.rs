@@ -108,13 +108,7 @@ impl SourceContext {
     /// Hand the source's complete current state (puts) to the dispatcher,
     /// even when empty. Never blocks.
     pub fn emit_snapshot(&self, events: Vec<Event>) {
-        if let Some(max) = events.iter().map(|e| e.revision).max() {
-            self.status.set_revision(max);
-        }
-        self.metrics
-            .source_events
-            .get_or_create(&Metrics::source(&self.name))
-            .inc_by(events.len() as u64);
+        self.account(&events);
         self.sink.deliver_snapshot(&self.name, events);
     }
 
@@ -124,6 +118,12 @@ impl SourceContext {
         if events.is_empty() {
             return;
         }
+        self.account(&events);
+        self.sink.deliver(&self.name, events);
+    }
+
+    /// Record delivered events in the status and the events counter.
+    fn account(&self, events: &[Event]) {
         if let Some(max) = events.iter().map(|e| e.revision).max() {
             self.status.set_revision(max);
         }
@@ -131,7 +131,6 @@ impl SourceContext {
             .source_events
             .get_or_create(&Metrics::source(&self.name))
             .inc_by(events.len() as u64);
-        self.sink.deliver(&self.name, events);
     }
 }
 
