@@ -67,9 +67,15 @@ fn build_source(config: &SourceConfig) -> Box<dyn Source> {
     }
 }
 
-/// Run one source, restarting it after a failure unless its start-up
-/// policy says a failure before the first sync is fatal.
-async fn supervise(entry: SourceEntry, ctx: SourceContext) -> anyhow::Result<()> {
+/// Run one source, restarting it after a failure unless `fatal_before_sync`
+/// (a source started with the process under `startup = "fail"`) and it has
+/// not synced yet. A source added by a reload never takes the running
+/// gateway down: it keeps retrying and reports its error.
+async fn supervise(
+    entry: SourceEntry,
+    ctx: SourceContext,
+    fatal_before_sync: bool,
+) -> anyhow::Result<()> {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut errors = RepeatLog::new(Duration::from_secs(60));
     loop {
@@ -85,7 +91,7 @@ async fn supervise(entry: SourceEntry, ctx: SourceContext) -> anyhow::Result<()>
         let reason = format!("{error:#}");
         ctx.status.set_connected(false);
         ctx.status.set_error(reason.clone());
-        if entry.common.startup == StartupPolicy::Fail && !ctx.status.is_synced() {
+        if fatal_before_sync && !ctx.status.is_synced() {
             return Err(error);
         }
         if started.elapsed() > Duration::from_secs(60) {
@@ -178,8 +184,9 @@ impl App {
         };
         tracing::info!(source = %name, "Starting source.");
         let task_name = name.clone();
+        let fatal_before_sync = at_boot && entry.common.startup == StartupPolicy::Fail;
         self.tasks.spawn(async move {
-            let r = supervise(entry, ctx).await;
+            let r = supervise(entry, ctx, fatal_before_sync).await;
             (
                 Task::Source {
                     name: task_name,

@@ -300,6 +300,35 @@ fn post_reload_needs_the_token_and_restarts_only_what_changed() {
     assert_ne!(plugin["version"], version);
     assert_eq!(plugin["limits"]["fuel"], 7_000_000);
 
+    // A new source that cannot start does not take the gateway down: it
+    // retries and reports its error.
+    write_config(
+        &g,
+        &format!(
+            "{}{}{}{}",
+            file_source("a", 20),
+            file_source("b", 30),
+            file_source("c", 20),
+            file_source("missing", 20)
+        ),
+    );
+    let (code, report) = post_reload(&g, Some("s3cret"));
+    assert_eq!(code, 200, "{report}");
+    assert_eq!(report["sources_added"], serde_json::json!(["missing"]));
+    wait_for("the new source's error to be reported", DEADLINE, || {
+        g.assert_running();
+        let v = g.json("/v1/sources");
+        let missing = v["sources"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == "missing")?
+            .clone();
+        missing["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("does not exist"))
+            .then_some(())
+    });
+
     // An invalid config is refused with its reason; the running one stays.
     std::fs::write(g.config_path(), "[admin]\ntoken = \"s3cret\"\nbogus = 1\n").unwrap();
     let (code, body) = post_reload(&g, Some("s3cret"));
@@ -311,7 +340,7 @@ fn post_reload_needs_the_token_and_restarts_only_what_changed() {
         .iter()
         .map(|s| s["name"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(sources, vec!["a", "b", "c"]);
+    assert_eq!(sources, vec!["a", "b", "c", "missing"]);
     std::fs::write(g.path("a/key"), "a2").unwrap();
     let events = g.wait_events("event-log", 5, DEADLINE);
     assert_eq!(events[4]["value"], "a2");
