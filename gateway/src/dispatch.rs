@@ -460,11 +460,12 @@ impl Dispatcher {
 }
 
 impl EventSink for Dispatcher {
-    fn deliver_snapshot(&self, source: &str, events: Vec<Event>) {
+    fn deliver_snapshot(&self, source: &str, scope: &dyn Fn(&str) -> bool, events: Vec<Event>) {
         let cache = self.caches.entry(source.to_owned()).or_default().clone();
         let diff = {
             let keys = cache.keys.lock();
-            if keys.is_empty() {
+            if !keys.keys().any(|k| scope(k)) {
+                // Nothing of this scope was delivered before: a first sync.
                 events
             } else {
                 // A restarted source: pass on only what changed meanwhile.
@@ -474,7 +475,7 @@ impl EventSink for Dispatcher {
                 let source_name: Arc<str> = Arc::from(source);
                 let mut out: Vec<Event> = keys
                     .iter()
-                    .filter(|(k, _)| !fresh.contains(k.as_str()))
+                    .filter(|(k, _)| scope(k) && !fresh.contains(k.as_str()))
                     .map(|(k, c)| {
                         let mut e = Event::delete(&source_name, k.clone(), revision)
                             .with_prev(Some(c.value.clone()));

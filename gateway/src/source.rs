@@ -47,11 +47,13 @@ pub trait EventSink: Send + Sync + 'static {
     /// block.
     fn deliver(&self, source: &str, events: Vec<Event>);
 
-    /// Deliver a source's complete current state, as puts (its initial
-    /// snapshot). A sink that remembers an earlier run of the same source
-    /// passes on only the difference: changed keys, and deletes for keys
+    /// Deliver the complete current state of the keys for which `scope` is
+    /// true, as puts (a source's initial snapshot, or one watch's share of
+    /// it). A sink that remembers an earlier run of the same source passes
+    /// on only the difference: changed keys, and deletes for keys in scope
     /// that are gone. The default treats it as an ordinary batch.
-    fn deliver_snapshot(&self, source: &str, events: Vec<Event>) {
+    fn deliver_snapshot(&self, source: &str, scope: &dyn Fn(&str) -> bool, events: Vec<Event>) {
+        let _ = scope;
         self.deliver(source, events);
     }
 }
@@ -108,8 +110,15 @@ impl SourceContext {
     /// Hand the source's complete current state (puts) to the dispatcher,
     /// even when empty. Never blocks.
     pub fn emit_snapshot(&self, events: Vec<Event>) {
+        self.emit_snapshot_of(&|_| true, events);
+    }
+
+    /// Hand the complete current state of the keys for which `scope` is
+    /// true (one watch of a source made of several) to the dispatcher, even
+    /// when empty. Never blocks.
+    pub fn emit_snapshot_of(&self, scope: &dyn Fn(&str) -> bool, events: Vec<Event>) {
         self.account(&events);
-        self.sink.deliver_snapshot(&self.name, events);
+        self.sink.deliver_snapshot(&self.name, scope, events);
     }
 
     /// Hand a batch of events to the dispatcher. Never blocks. Updates the

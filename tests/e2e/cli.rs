@@ -74,7 +74,14 @@ fn a_bad_config_exits_2_promptly_naming_file_key_and_line() {
 #[test]
 fn an_admin_port_in_use_is_an_error_at_start() {
     let g = Gateway::new();
-    let _held = std::net::TcpListener::bind(("127.0.0.1", g.port)).unwrap();
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let config = std::fs::read_to_string(g.config_path()).unwrap();
+    std::fs::write(
+        g.config_path(),
+        config.replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
+    )
+    .unwrap();
     let started = Instant::now();
     let (code, _, err) = watchgate(&["run", "--config", g.config_path().to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");

@@ -224,3 +224,53 @@ fn kv_keys_map_to_puts_and_deletes() {
     let events = wait_state(&mut g, "no keys", |s| s.is_empty());
     assert!(events.iter().all(|e| e["key"] != "other/x"));
 }
+
+#[test]
+fn a_source_restarted_by_a_reload_reports_only_what_changed_meanwhile() {
+    let consul = FakeConsul::start();
+    consul.register("web", "web-1", "10.0.0.1", 80, &[]);
+    consul.register("web", "web-2", "10.0.0.2", 80, &[]);
+    consul.kv_put("config/a", b"one");
+    let mut g = gateway(&consul, "");
+    wait_state(&mut g, "the initial state", |s| s.len() == 3);
+    consul.set_down(true);
+    consul.restart();
+    wait_for("the source to notice", DEADLINE, || {
+        (g.metric("watchgate_source_connected{source=\"registry\"}") == 0.0).then_some(())
+    });
+    // A changed setting restarts the source on reload.
+    let config = std::fs::read_to_string(g.config_path()).unwrap();
+    std::fs::write(
+        g.config_path(),
+        config.replace("min_interval = \"100ms\"", "min_interval = \"150ms\""),
+    )
+    .unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &g.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_for("the reload", DEADLINE, || {
+        g.log().contains("Configuration reloaded.").then_some(())
+    });
+    consul.deregister("web", "web-2");
+    consul.kv_put("config/a", b"two");
+    consul.set_down(false);
+    let events = wait_state(&mut g, "the changes made meanwhile", |s| {
+        !s.contains_key("services/web/web-2")
+            && s.get("config/a") == Some(&Value::String("two".into()))
+    });
+    let web1 = events
+        .iter()
+        .filter(|e| e["key"] == "services/web/web-1")
+        .count();
+    assert_eq!(
+        web1, 1,
+        "an unchanged instance was delivered again: {events:#?}"
+    );
+    let gone = events
+        .iter()
+        .find(|e| e["key"] == "services/web/web-2" && e["kind"] == "delete")
+        .unwrap();
+    assert_eq!(gone["resync"], true);
+}

@@ -224,12 +224,11 @@ fn post_reload_needs_the_token_and_restarts_only_what_changed() {
         std::fs::write(g.path(&format!("{d}/key")), d).unwrap();
     }
     g.install_event_log("event-log");
-    let port = g.port;
     let write_config = |g: &Gateway, body: &str| {
         std::fs::write(
             g.config_path(),
             format!(
-                "[admin]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"s3cret\"\n\n[plugins]\ndir = \"plugins.d\"\n\n{body}"
+                "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"s3cret\"\n\n[plugins]\ndir = \"plugins.d\"\n\n{body}"
             ),
         )
         .unwrap()

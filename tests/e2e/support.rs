@@ -122,16 +122,17 @@ impl Gateway {
         for d in ["watched", "plugins.d", "out"] {
             std::fs::create_dir_all(dir.path().join(d)).expect("mkdir");
         }
-        let port = free_port();
+        // Port 0: the gateway picks a free port and logs it, so parallel
+        // tests never race for one.
         let g = Gateway {
             dir,
-            port,
+            port: 0,
             child: None,
         };
         std::fs::write(
             g.config_path(),
             format!(
-                "[admin]\nlisten = \"127.0.0.1:{port}\"\n\n[plugins]\ndir = \"plugins.d\"\n\n{sources}"
+                "[admin]\nlisten = \"127.0.0.1:0\"\n\n[plugins]\ndir = \"plugins.d\"\n\n{sources}"
             ),
         )
         .expect("write config");
@@ -193,7 +194,7 @@ impl Gateway {
     pub fn spawn(&mut self) {
         let log = std::fs::File::create(self.path("gateway.log")).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_watchgate"))
-            .args(["run", "--config"])
+            .args(["--log-format", "json", "run", "--config"])
             .arg(self.config_path())
             .env("WATCHGATE_LOG", "info,watchgate=debug")
             .stdout(Stdio::null())
@@ -201,6 +202,14 @@ impl Gateway {
             .spawn()
             .expect("start watchgate");
         self.child = Some(child);
+        self.port = wait_for(
+            "the admin address in the log",
+            Duration::from_secs(60),
+            || {
+                self.assert_running();
+                admin_port(&self.log())
+            },
+        );
         wait_for("the admin port to answer", Duration::from_secs(60), || {
             self.assert_running();
             self.get("/livez").map(|_| ())
@@ -294,6 +303,21 @@ impl Drop for Gateway {
             let _ = child.wait();
         }
     }
+}
+
+/// The admin port the gateway logged (JSON log lines).
+fn admin_port(log: &str) -> Option<u16> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "Admin server listening.")
+        .and_then(|v| {
+            v["fields"]["addr"]
+                .as_str()?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()
+        })
 }
 
 /// `(kind, key, value)` of event-log lines.

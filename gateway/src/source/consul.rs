@@ -285,6 +285,25 @@ impl Watch {
             .allow_burst(every);
         let limiter = RateLimiter::direct(quota);
         let mut failed = false;
+        let mut first = true;
+        // The keys this watch owns within the source, for its first answer:
+        // delivered as a snapshot of them, so a restarted source reports
+        // only what changed meanwhile.
+        let services: Vec<String> = self
+            .config
+            .services
+            .iter()
+            .map(|s| format!("services/{s}/"))
+            .collect();
+        let scope = |key: &str| -> bool {
+            match &self.target {
+                Target::Service(s) => key.starts_with(&format!("services/{s}/")),
+                Target::Kv(p) => {
+                    key.starts_with(p.as_str())
+                        && !services.iter().any(|s| key.starts_with(s.as_str()))
+                }
+            }
+        };
         loop {
             // C4: at most one query per min_interval, whatever the server does.
             tokio::select! {
@@ -319,7 +338,11 @@ impl Watch {
                         }
                     }
                     known = new;
-                    self.ctx.emit(events);
+                    if std::mem::take(&mut first) {
+                        self.ctx.emit_snapshot_of(&scope, events);
+                    } else {
+                        self.ctx.emit(events);
+                    }
                     self.group.succeeded(self.i);
                     if failed {
                         failed = false;

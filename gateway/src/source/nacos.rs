@@ -388,6 +388,9 @@ async fn configs_loop(s: Arc<Shared>, i: usize) {
     let mut revision = 0u64;
     // The first read of every config, as the initial snapshot.
     let mut pending: Vec<NacosConfigRef> = s.config.configs.clone();
+    let mut first = true;
+    let keys: Vec<String> = s.config.configs.iter().map(config_key).collect();
+    let scope = |key: &str| keys.iter().any(|k| k == key);
     loop {
         if !pending.is_empty() {
             let mut events = Vec::new();
@@ -427,7 +430,12 @@ async fn configs_loop(s: Arc<Shared>, i: usize) {
                     }
                 }
             }
-            if !events.is_empty() {
+            if first && error.is_none() {
+                // The whole initial state, as a snapshot of the configs.
+                first = false;
+                revision += 1;
+                s.ctx.emit_snapshot_of(&scope, events);
+            } else if !events.is_empty() {
                 revision += 1;
                 s.ctx.emit(events);
             }
@@ -525,6 +533,9 @@ async fn service_loop(s: Arc<Shared>, i: usize, service: String) {
     let mut errors = RepeatLog::new(Duration::from_secs(60));
     let mut known: BTreeMap<String, Bytes> = BTreeMap::new();
     let mut revision = 0u64;
+    let mut first = true;
+    let prefix = format!("services/{service}/");
+    let scope = |key: &str| key.starts_with(&prefix);
     loop {
         let fetched = tokio::select! {
             _ = s.ctx.shutdown.cancelled() => return,
@@ -533,7 +544,10 @@ async fn service_loop(s: Arc<Shared>, i: usize, service: String) {
         match fetched {
             Ok(now) => {
                 let events = diff_snapshot(&s.ctx.name, &known, &now, revision + 1, false);
-                if !events.is_empty() {
+                if std::mem::take(&mut first) {
+                    revision += 1;
+                    s.ctx.emit_snapshot_of(&scope, events);
+                } else if !events.is_empty() {
                     revision += 1;
                     s.ctx.emit(events);
                 }
