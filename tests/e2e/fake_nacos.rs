@@ -71,7 +71,7 @@ use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -87,6 +87,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
+use crate::conn_registry::ConnRegistry;
+
 /// Separates the words of a `Listening-Configs` entry (`%02`).
 const WORD_SEPARATOR: char = '\u{2}';
 /// Ends a `Listening-Configs` entry (`%01`).
@@ -97,8 +99,6 @@ const DEFAULT_GROUP: &str = "DEFAULT_GROUP";
 const PUBLIC_NAMESPACE: &str = "public";
 /// The only cluster.
 const DEFAULT_CLUSTER: &str = "DEFAULT";
-/// How long [`FakeNacos::restart`] waits for the connections to close.
-const ABORT_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Lower-case hex MD5 of the UTF-8 bytes of `content`, as Nacos computes a
 /// config's MD5 (`MD5Utils.md5Hex(content, "UTF-8")`).
@@ -131,8 +131,7 @@ impl FakeNacos {
             store: Mutex::new(Store::default()),
             down: AtomicBool::new(false),
             listen_requests: AtomicU64::new(0),
-            conns: Mutex::new(Conns::default()),
-            closed: Condvar::new(),
+            conns: ConnRegistry::new(),
         });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -291,10 +290,7 @@ struct Shared {
     store: Mutex<Store>,
     down: AtomicBool,
     listen_requests: AtomicU64,
-    /// Never held across an `.await`.
-    conns: Mutex<Conns>,
-    /// Notified whenever a connection leaves `conns`.
-    closed: Condvar,
+    conns: Arc<ConnRegistry>,
 }
 
 impl Shared {
@@ -304,24 +300,7 @@ impl Shared {
 
     /// Reset every open connection and wait until they are closed.
     fn abort_all(&self) {
-        let mut conns = self.conns.lock().expect("connections lock");
-        let ids: Vec<u64> = conns.open.keys().copied().collect();
-        for reset in conns.open.values_mut() {
-            if let Some(reset) = reset.take() {
-                let _ = reset.send(());
-            }
-        }
-        let (conns, timeout) = self
-            .closed
-            .wait_timeout_while(conns, ABORT_DEADLINE, |c| {
-                ids.iter().any(|id| c.open.contains_key(id))
-            })
-            .expect("connections lock");
-        drop(conns);
-        assert!(
-            !timeout.timed_out(),
-            "fake Nacos: connections still open after {ABORT_DEADLINE:?}"
-        );
+        self.conns.reset_all("fake Nacos");
     }
 }
 
@@ -454,42 +433,6 @@ impl Drop for ParkGuard {
     }
 }
 
-/// Open connections, each with the sender that resets it (taken once used).
-#[derive(Default)]
-struct Conns {
-    next_id: u64,
-    open: HashMap<u64, Option<oneshot::Sender<()>>>,
-}
-
-/// A connection's place in [`Conns`]; dropping it (after the socket is
-/// closed) removes the entry and wakes [`Shared::abort_all`].
-struct Registered {
-    shared: Arc<Shared>,
-    id: u64,
-}
-
-impl Registered {
-    fn new(shared: &Arc<Shared>, reset: oneshot::Sender<()>) -> Registered {
-        let mut conns = shared.conns.lock().expect("connections lock");
-        let id = conns.next_id;
-        conns.next_id += 1;
-        conns.open.insert(id, Some(reset));
-        Registered {
-            shared: shared.clone(),
-            id,
-        }
-    }
-}
-
-impl Drop for Registered {
-    fn drop(&mut self) {
-        if let Ok(mut conns) = self.shared.conns.lock() {
-            conns.open.remove(&self.id);
-        }
-        self.shared.closed.notify_all();
-    }
-}
-
 /// Accept until `stop` fires; every connection task belongs to `tasks` and
 /// is aborted when the loop ends.
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
@@ -509,7 +452,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: onesh
                     continue;
                 }
                 let (reset_tx, reset) = oneshot::channel();
-                let registered = Registered::new(&shared, reset_tx);
+                let registered = shared.conns.register(reset_tx);
                 let shared = shared.clone();
                 tasks.spawn(async move {
                     serve(shared, stream, reset).await;

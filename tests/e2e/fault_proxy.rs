@@ -27,10 +27,9 @@
 // Not every helper is used by a test yet (the etcd source tests come later).
 #![allow(dead_code)]
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -41,13 +40,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::conn_registry::ConnRegistry;
+
 /// Bytes read at once from one side.
 const CHUNK: usize = 32 * 1024;
 /// Chunks held per direction (in a delay) before the proxy stops reading
 /// that side; bounds memory to `CHUNK * CHUNKS_HELD` per direction.
 const CHUNKS_HELD: usize = 64;
-/// How long [`FaultProxy::reset_all`] waits for the resets to be sent.
-const RESET_DEADLINE: Duration = Duration::from_secs(10);
 
 /// What the proxy does with traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,8 +98,7 @@ impl FaultProxy {
             upstream,
             mode: watch::Sender::new(Mode::Pass),
             accepted: AtomicU64::new(0),
-            conns: Mutex::new(Conns::default()),
-            closed: Condvar::new(),
+            conns: ConnRegistry::new(),
         });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -157,35 +155,12 @@ impl FaultProxy {
     /// sides; returns once they are closed. New connections are not
     /// affected.
     pub fn reset_all(&self) {
-        let mut conns = self.shared.conns.lock().expect("connections lock");
-        let ids: Vec<u64> = conns.open.keys().copied().collect();
-        for reset in conns.open.values_mut() {
-            if let Some(reset) = reset.take() {
-                let _ = reset.send(());
-            }
-        }
-        let (conns, timeout) = self
-            .shared
-            .closed
-            .wait_timeout_while(conns, RESET_DEADLINE, |c| {
-                ids.iter().any(|id| c.open.contains_key(id))
-            })
-            .expect("connections lock");
-        drop(conns);
-        assert!(
-            !timeout.timed_out(),
-            "reset_all: connections still open after {RESET_DEADLINE:?}"
-        );
+        self.shared.conns.reset_all("fault proxy");
     }
 
     /// Connections currently relayed (refused ones never count).
     pub fn open_connections(&self) -> usize {
-        self.shared
-            .conns
-            .lock()
-            .expect("connections lock")
-            .open
-            .len()
+        self.shared.conns.open()
     }
 
     /// Connections accepted so far, refused ones included.
@@ -210,51 +185,12 @@ struct Shared {
     upstream: SocketAddr,
     mode: watch::Sender<Mode>,
     accepted: AtomicU64,
-    /// Never held across an `.await`.
-    conns: Mutex<Conns>,
-    /// Notified whenever a connection leaves `conns`.
-    closed: Condvar,
+    conns: Arc<ConnRegistry>,
 }
 
 impl Shared {
     fn mode(&self) -> Mode {
         *self.mode.borrow()
-    }
-}
-
-/// Open connections, each with the sender that resets it (taken once used).
-#[derive(Default)]
-struct Conns {
-    next_id: u64,
-    open: HashMap<u64, Option<oneshot::Sender<()>>>,
-}
-
-/// A connection's place in [`Conns`]; leaving it (after the sockets are
-/// closed) removes the entry and wakes [`FaultProxy::reset_all`].
-struct Registered {
-    shared: Arc<Shared>,
-    id: u64,
-}
-
-impl Registered {
-    fn new(shared: &Arc<Shared>, reset: oneshot::Sender<()>) -> Registered {
-        let mut conns = shared.conns.lock().expect("connections lock");
-        let id = conns.next_id;
-        conns.next_id += 1;
-        conns.open.insert(id, Some(reset));
-        Registered {
-            shared: shared.clone(),
-            id,
-        }
-    }
-}
-
-impl Drop for Registered {
-    fn drop(&mut self) {
-        if let Ok(mut conns) = self.shared.conns.lock() {
-            conns.open.remove(&self.id);
-        }
-        self.shared.closed.notify_all();
     }
 }
 
@@ -278,7 +214,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: onesh
                     continue;
                 }
                 let (reset_tx, reset) = oneshot::channel();
-                let registered = Registered::new(&shared, reset_tx);
+                let registered = shared.conns.register(reset_tx);
                 let shared = shared.clone();
                 tasks.spawn(async move {
                     serve(&shared, client, reset).await;

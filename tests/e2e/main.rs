@@ -6,6 +6,7 @@
 //! directory.
 
 mod cli;
+mod conn_registry;
 mod consul_source;
 mod etcd_harness;
 mod etcd_source;
