@@ -1,8 +1,10 @@
 //! The admin HTTP server: liveness, readiness, metrics and a JSON view.
 //!
 //! Owns the hyper server and the routes `GET /livez`, `/readyz`,
-//! `/metrics`, `/v1/plugins`, `/v1/sources` and `POST /v1/reload` (bearer
-//! token required). Read handlers only read shared status; they must never
+//! `/metrics`, `/v1/plugins`, `/v1/sources`, `/v1/plugins/NAME/dead-letters`,
+//! and, with the bearer token, `POST /v1/reload`,
+//! `POST /v1/plugins/NAME/dead-letters/replay` and
+//! `DELETE /v1/plugins/NAME/dead-letters`. Read handlers only read shared status; they must never
 //! wait on a source or a plugin, so the admin port answers even while
 //! everything else is stuck. A reload is handed to the app and answered
 //! with what it changed.
@@ -249,6 +251,66 @@ async fn reload(state: &AdminState, authorization: Option<&str>) -> Response<Ful
     }
 }
 
+/// Answer the dead-letter endpoints under `/v1/plugins/NAME/`, or `None`
+/// for any other path.
+fn dead_letters(
+    state: &AdminState,
+    method: &Method,
+    path: &str,
+    authorization: Option<&str>,
+) -> Option<Response<Full<Bytes>>> {
+    let rest = path.strip_prefix("/v1/plugins/")?;
+    let (plugin, action) = rest.split_once('/')?;
+    let replay = match action {
+        "dead-letters" => false,
+        "dead-letters/replay" => true,
+        _ => return None,
+    };
+    let mutating = |f: &dyn Fn() -> Response<Full<Bytes>>| {
+        let settings = state.settings.read().clone();
+        match authorized(&settings, authorization) {
+            Ok(()) => f(),
+            Err(r) => *r,
+        }
+    };
+    let wrong_method = |allowed: &str| {
+        json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &ErrorBody { error: allowed },
+        )
+    };
+    Some(match (replay, method) {
+        (false, &Method::GET | &Method::HEAD) => json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "plugin": plugin,
+                "dead_letters": state.dispatcher.dead_letters(plugin),
+            }),
+        ),
+        (false, &Method::DELETE) => mutating(&|| {
+            let n = state.dispatcher.delete_dead_letters(plugin);
+            json(
+                StatusCode::OK,
+                &serde_json::json!({ "plugin": plugin, "deleted": n }),
+            )
+        }),
+        (true, &Method::POST) => mutating(&|| match state.dispatcher.replay_dead_letters(plugin) {
+            Some(n) => json(
+                StatusCode::OK,
+                &serde_json::json!({ "plugin": plugin, "replayed": n }),
+            ),
+            None => json(
+                StatusCode::NOT_FOUND,
+                &ErrorBody {
+                    error: "no such plugin is running; dead letters replay into a running plugin",
+                },
+            ),
+        }),
+        (false, _) => wrong_method("use GET, or DELETE with the admin bearer token"),
+        (true, _) => wrong_method("use POST, with the admin bearer token"),
+    })
+}
+
 /// Answer one request that changes nothing.
 pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
     let known = [
@@ -337,15 +399,20 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
             let service = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
                 async move {
-                    let r = if req.method() == Method::POST && req.uri().path() == "/v1/reload" {
-                        let auth = req
-                            .headers()
-                            .get(hyper::header::AUTHORIZATION)
-                            .and_then(|v| v.to_str().ok())
-                            .map(str::to_owned);
+                    let auth = req
+                        .headers()
+                        .get(hyper::header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    let path = req.uri().path();
+                    let r = if req.method() == Method::POST && path == "/v1/reload" {
                         reload(&state, auth.as_deref()).await
+                    } else if let Some(r) =
+                        dead_letters(&state, req.method(), path, auth.as_deref())
+                    {
+                        r
                     } else {
-                        route(&state, req.method(), req.uri().path())
+                        route(&state, req.method(), path)
                     };
                     Ok::<_, Infallible>(r)
                 }

@@ -34,6 +34,7 @@ use crate::source::etcd::EtcdSource;
 use crate::source::file::FileSource;
 use crate::source::nacos::NacosSource;
 use crate::source::{Source, SourceContext, SourceStatus};
+use crate::store::Store;
 use crate::telemetry::{Metrics, RepeatLog};
 
 /// A start-up failure found before any source connects; `main` exits 2.
@@ -56,6 +57,9 @@ pub enum StartError {
     /// Plugins in the directory were rejected.
     #[error("{} plugin(s) rejected at start: {}", .0.len(), .0.join("; "))]
     Plugins(Vec<String>),
+    /// The state store cannot be opened.
+    #[error(transparent)]
+    State(#[from] crate::store::StoreError),
 }
 
 fn build_source(config: &SourceConfig) -> Box<dyn Source> {
@@ -164,14 +168,18 @@ struct App {
 impl App {
     fn start_source(&mut self, entry: SourceEntry, at_boot: bool) {
         let name = entry.name().to_owned();
-        self.dispatcher.add_source(&name);
+        self.dispatcher.add_source(&name, entry.spec.has_history());
         let token = self.tasks_token.child_token();
-        let ctx = SourceContext::new(
+        let mut ctx = SourceContext::new(
             Arc::from(name.as_str()),
             self.dispatcher.clone(),
             self.metrics.clone(),
             token.clone(),
         );
+        ctx.resume = self.dispatcher.resume_position(&name);
+        if let Some(revision) = ctx.resume {
+            tracing::info!(source = %name, after = revision, "Resuming the watch from the plugins' cursors.");
+        }
         self.generation += 1;
         let generation = self.generation;
         let running = Running {
@@ -376,10 +384,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let admin_addr = listener.local_addr().context("admin listener address")?;
     tracing::info!(addr = %admin_addr, "Admin server listening.");
 
+    let store = Arc::new(Store::open(&config.state.dir).map_err(StartError::from)?);
+    tracing::info!(path = %config.state.dir.join(crate::store::FILE_NAME).display(), "State store open.");
     let dispatcher = Dispatcher::new(
         runtime.clone(),
         metrics.clone(),
-        config.sources.iter().map(|s| s.name().to_owned()),
+        store.clone(),
+        config
+            .sources
+            .iter()
+            .map(|s| (s.name().to_owned(), s.spec.has_history())),
     );
     let tasks_token = shutdown.child_token();
     let mut tasks: JoinSet<(Task, anyhow::Result<()>)> = JoinSet::new();
@@ -523,7 +537,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let drain = async {
         while tasks.join_next().await.is_some() {}
         // In-flight plugin calls finish or hit their deadline; queued events
-        // are not delivered (there is no durable queue yet).
+        // stay behind the cursors and are delivered after a restart.
         let d = dispatcher.clone();
         let _ = tokio::task::spawn_blocking(move || d.shutdown()).await;
     };
@@ -533,6 +547,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             "Shutdown grace period ran out; exiting anyway."
         );
     }
+    // Commit what the writer holds; cursors never run ahead of delivery, so
+    // whatever is cut short here is delivered again after a restart.
+    let _ = tokio::task::spawn_blocking(move || store.close()).await;
     outcome
 }
 

@@ -1,7 +1,9 @@
-//! The command line: `run`, `check` and `plugin test`.
+//! The command line: `run`, `check`, `plugin test`, `state reset` and
+//! `dead-letters`.
 //!
-//! Owns argument parsing and the two commands that do not run the gateway
-//! (`check`, `plugin test`). Each returns an [`ExitCode`]-like integer; it
+//! Owns argument parsing and the commands that do not run the gateway
+//! (`check`, `plugin test`, `state reset`, and `dead-letters`, which talks to
+//! a running gateway's admin API). Each returns an [`ExitCode`]-like integer; it
 //! must not install signal handlers or telemetry (that is `main`'s job).
 
 use std::io::{BufRead, Write};
@@ -77,6 +79,165 @@ pub enum Command {
         #[command(subcommand)]
         command: PluginCommand,
     },
+    /// The state directory (cursors, key index, plugin state, dead letters).
+    State {
+        /// State subcommand.
+        #[command(subcommand)]
+        command: StateCommand,
+    },
+    /// Events plugins failed on after every attempt.
+    DeadLetters {
+        /// What to do with them.
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
+}
+
+/// `watchgate state …`.
+#[derive(Debug, Subcommand)]
+pub enum StateCommand {
+    /// Move the state store aside (it is kept, renamed) so the next start
+    /// begins empty: every plugin starts over per its `start` setting, and
+    /// plugin state and dead letters are forgotten. Refused while a gateway
+    /// uses it.
+    Reset {
+        /// The gateway configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+/// `watchgate dead-letters …`, through the running gateway's admin API.
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterCommand {
+    /// Print a plugin's dead letters as JSON. Reads the state store
+    /// directly when no gateway is running.
+    List(DeadLetterArgs),
+    /// Queue a plugin's dead letters again (admin token required).
+    Replay(DeadLetterArgs),
+    /// Forget a plugin's dead letters (admin token required).
+    Delete(DeadLetterArgs),
+}
+
+/// Arguments of every `dead-letters` command.
+#[derive(Debug, clap::Args)]
+pub struct DeadLetterArgs {
+    /// The gateway configuration file (TOML): gives the admin address,
+    /// token and state directory.
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// The plugin.
+    #[arg(long, short)]
+    pub plugin: String,
+}
+
+/// `watchgate state reset`: returns the exit code.
+pub fn state_reset(config_path: &Path) -> i32 {
+    let config = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    match crate::store::Store::reset(&config.state.dir) {
+        Ok(Some(moved)) => {
+            println!(
+                "state store moved to {}; the next start begins with an empty store",
+                moved.display()
+            );
+            0
+        }
+        Ok(None) => {
+            println!(
+                "no state store in {}; nothing to reset",
+                config.state.dir.display()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
+/// `watchgate dead-letters …`: returns the exit code.
+pub fn dead_letters(command: DeadLetterCommand) -> i32 {
+    let (args, method, suffix) = match command {
+        DeadLetterCommand::List(a) => (a, reqwest::Method::GET, ""),
+        DeadLetterCommand::Replay(a) => (a, reqwest::Method::POST, "/replay"),
+        DeadLetterCommand::Delete(a) => (a, reqwest::Method::DELETE, ""),
+    };
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let mut addr = config.admin.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let url = format!(
+        "http://{addr}/v1/plugins/{}/dead-letters{suffix}",
+        percent_encoding::utf8_percent_encode(&args.plugin, percent_encoding::NON_ALPHANUMERIC)
+    );
+    let token = config.admin.effective_token();
+    let is_list = method == reqwest::Method::GET;
+    let answer = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| {
+            rt.block_on(async {
+                let mut req = reqwest::Client::new()
+                    .request(method, &url)
+                    .timeout(std::time::Duration::from_secs(10));
+                if let Some(t) = &token {
+                    req = req.bearer_auth(t);
+                }
+                let resp = req.send().await?;
+                let status = resp.status();
+                Ok::<_, anyhow::Error>((status, resp.text().await?))
+            })
+        });
+    match answer {
+        Ok((status, body)) => {
+            print!("{body}");
+            if status.is_success() {
+                0
+            } else {
+                eprintln!("error: the gateway answered {status}");
+                1
+            }
+        }
+        Err(e) if is_list => {
+            // No gateway running: read the store itself.
+            match crate::store::Store::open(&config.state.dir) {
+                Ok(store) => {
+                    let body = serde_json::json!({
+                        "plugin": args.plugin,
+                        "dead_letters": store.dead_letters(&args.plugin),
+                    });
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&body).unwrap_or_default()
+                    );
+                    0
+                }
+                Err(open) => {
+                    eprintln!("error: no gateway answered at {url} ({e}), and {open}");
+                    1
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("error: no gateway answered at {url}: {e}");
+            1
+        }
+    }
 }
 
 /// `watchgate plugin …`.

@@ -106,6 +106,70 @@ pub struct Config {
     pub gateway: GatewayConfig,
     /// The stores to watch.
     pub sources: Vec<SourceEntry>,
+    /// Where cursors, the key index, plugin state and dead letters live.
+    pub state: StateConfig,
+}
+
+/// `[state]`: the state directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateConfig {
+    /// Directory of the state store (`state.redb`). Default `data` beside
+    /// the config file. Created if missing.
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStateConfig {
+    dir: Option<PathBuf>,
+}
+
+/// Where a plugin without a cursor starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartPosition {
+    /// The current keys as puts, then every change (default).
+    #[default]
+    Snapshot,
+    /// Only changes from now on.
+    Now,
+}
+
+/// What happens when a plugin call fails (an error, a trap, a limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Calls per event, the first included, before it is dead-lettered.
+    pub attempts: u32,
+    /// Wait before the second attempt; doubled for each further one.
+    pub backoff: Duration,
+    /// The longest wait between attempts.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 3,
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after failed attempt number `attempt` (1-based).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let factor = 1u32 << attempt.saturating_sub(1).min(16);
+        self.backoff.saturating_mul(factor).min(self.max_backoff)
+    }
+
+    fn merged(self, attempts: Option<u32>, backoff: Option<Duration>) -> RetryPolicy {
+        RetryPolicy {
+            attempts: attempts.unwrap_or(self.attempts),
+            backoff: backoff.unwrap_or(self.backoff),
+            max_backoff: self.max_backoff,
+        }
+    }
 }
 
 /// `[gateway]`: process-wide behaviour.
@@ -203,6 +267,8 @@ struct RawConfig {
     #[serde(default)]
     gateway: GatewayConfig,
     #[serde(default)]
+    state: RawStateConfig,
+    #[serde(default)]
     source: Vec<toml::Spanned<toml::Table>>,
 }
 
@@ -248,6 +314,9 @@ impl Default for AdminConfig {
 struct RawPluginsConfig {
     dir: Option<PathBuf>,
     queue_capacity: Option<usize>,
+    retry_attempts: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    retry_backoff: Option<Duration>,
 }
 
 /// `[plugins]`: where plugins come from and how much may queue for each.
@@ -259,6 +328,10 @@ pub struct PluginsConfig {
     /// Events queued per plugin before changes of the same key are folded
     /// together. Default 1024.
     pub queue_capacity: usize,
+    /// Failed calls: `retry_attempts` calls per event (default 3), waiting
+    /// `retry_backoff` (default `"100ms"`, doubling, at most 5 s) between
+    /// them; then the event becomes a dead letter.
+    pub retry: RetryPolicy,
 }
 
 /// Per-call limits of a plugin.
@@ -385,6 +458,12 @@ impl SourceConfig {
             SourceConfig::Consul(c) => &c.name,
             SourceConfig::Nacos(c) => &c.name,
         }
+    }
+
+    /// Whether the store keeps a revision history a watch can resume in
+    /// (etcd); other sources relist after a gap.
+    pub fn has_history(&self) -> bool {
+        matches!(self, SourceConfig::Etcd(_))
     }
 }
 
@@ -581,6 +660,11 @@ impl Config {
                 raw.plugins.dir.as_deref().unwrap_or(Path::new("plugins.d")),
             ),
             queue_capacity: raw.plugins.queue_capacity.unwrap_or(1024),
+            retry: RetryPolicy::default()
+                .merged(raw.plugins.retry_attempts, raw.plugins.retry_backoff),
+        };
+        let state = StateConfig {
+            dir: resolve(&base, raw.state.dir.as_deref().unwrap_or(Path::new("data"))),
         };
         let whole = |msg: String| ConfigError::Parse {
             path: path.to_owned(),
@@ -590,6 +674,11 @@ impl Config {
         };
         if plugins.queue_capacity == 0 {
             return Err(whole("plugins.queue_capacity must be at least 1".into()));
+        }
+        if plugins.retry.attempts == 0 {
+            return Err(whole(
+                "plugins.retry_attempts must be at least 1 (the first call counts)".into(),
+            ));
         }
         let rt = &raw.runtime;
         if rt.defaults.memory_mb > rt.max_memory_mb {
@@ -611,6 +700,7 @@ impl Config {
             runtime: raw.runtime,
             gateway: raw.gateway,
             sources,
+            state,
         })
     }
 }
@@ -630,6 +720,26 @@ pub struct Sidecar {
     pub grants: Grants,
     /// Overrides `[plugins] queue_capacity` for this plugin.
     pub queue_capacity: Option<usize>,
+    /// Overrides `[plugins] retry_attempts` for this plugin.
+    pub retry_attempts: Option<u32>,
+    /// Overrides `[plugins] retry_backoff` for this plugin.
+    #[serde(default, with = "humantime_serde")]
+    pub retry_backoff: Option<Duration>,
+    /// Where the plugin starts the first time it runs (it has no cursor
+    /// yet): `"snapshot"` (default) or `"now"`. Later starts resume from its
+    /// cursor.
+    #[serde(default)]
+    pub start: StartPosition,
+}
+
+impl Sidecar {
+    /// The effective failure policy over the gateway's.
+    pub fn retry(&self, config: &Config) -> RetryPolicy {
+        config
+            .plugins
+            .retry
+            .merged(self.retry_attempts, self.retry_backoff)
+    }
 }
 
 /// One `[[subscribe]]`: events of `source` whose key starts with `prefix`.
@@ -709,6 +819,11 @@ impl Sidecar {
         }
         if sidecar.queue_capacity == Some(0) {
             return Err(whole("queue_capacity must be at least 1".into()));
+        }
+        if sidecar.retry_attempts == Some(0) {
+            return Err(whole(
+                "retry_attempts must be at least 1 (the first call counts)".into(),
+            ));
         }
         if let Some(dir) = &sidecar.grants.files {
             sidecar.grants.files = Some(resolve(&base_dir(path), dir));

@@ -1,13 +1,22 @@
 //! Routing events to plugins: subscriptions, per-plugin queues, workers.
 //!
 //! Owns the table of running plugins, each with its own [`EventQueue`] and
-//! its own worker thread running a [`Sandbox`], and a cache of every
-//! source's current keys so that a plugin loaded late starts from the
+//! its own worker thread running a [`Sandbox`], and every source's key index
+//! (mirrored in the [`Store`]) so that a plugin loaded late starts from the
 //! current state (as puts) before it sees changes. [`Dispatcher::deliver`]
 //! never blocks on a plugin: a slow, spinning or crashing plugin only ever
 //! fills its own queue. Plugin calls run on the workers' own OS threads,
-//! never on the tokio workers. This module must not parse files or compile
-//! code.
+//! never on the tokio workers.
+//!
+//! Delivery is at least once across restarts. Every delivery of a source
+//! gets a position (the revision for a source with history, a counter
+//! otherwise); each plugin's cursor per source is the position below which
+//! it has handled (or dead-lettered) everything, and the store keeps it. On
+//! restart a plugin resumes from its cursor: a source with history replays
+//! its watch from the lowest cursor and each plugin skips what it had; any
+//! other source relists, and each plugin is given the index entries changed
+//! after its cursor (deletes included, from tombstones) flagged `resync`.
+//! This module must not parse files or compile code.
 
 pub mod queue;
 
@@ -19,17 +28,17 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
 use dashmap::DashMap;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use crate::config::{Limits, Subscription};
+use crate::config::{Limits, RetryPolicy, StartPosition, Subscription};
 use crate::event::{Event, EventKind};
 use crate::runtime::Runtime;
 use crate::runtime::instance::{CallReport, LoadedPlugin, Sandbox};
 use crate::source::EventSink;
+use crate::store::{CursorProbe, DeadLetter, KeyEntry, SourceMeta, Store};
 use crate::telemetry::{Metrics, Outcome};
 use queue::EventQueue;
 
@@ -42,6 +51,10 @@ pub struct PluginSpec {
     pub subscriptions: Vec<Subscription>,
     /// Queue capacity before folding.
     pub queue_capacity: usize,
+    /// What a failed call leads to.
+    pub retry: RetryPolicy,
+    /// Where it starts when it has no cursor.
+    pub start: StartPosition,
 }
 
 impl PluginSpec {
@@ -58,18 +71,46 @@ impl PluginSpec {
     }
 }
 
-#[derive(Clone)]
-struct Cached {
-    value: Bytes,
-    revision: u64,
-    metadata: Vec<(String, String)>,
+/// Delivery bookkeeping of one source: the key index (with tombstones) and
+/// the position counter, mirrored into the store.
+struct SourceKeys {
+    map: BTreeMap<String, KeyEntry>,
+    meta: SourceMeta,
+    /// Positions are the store's revisions (etcd), so a resumed watch can
+    /// replay them; otherwise positions count deliveries.
+    revisioned: bool,
+    /// Something was delivered in this process.
+    live: bool,
+    tombstones: usize,
+    batches: u64,
 }
 
 /// The current keys of one source, in key order.
-#[derive(Default)]
 struct SourceCache {
-    keys: Mutex<BTreeMap<String, Cached>>,
+    name: Arc<str>,
+    keys: Mutex<SourceKeys>,
 }
+
+impl SourceCache {
+    fn load(store: &Store, name: &str, revisioned: bool) -> SourceCache {
+        let map = store.load_keys(name);
+        let tombstones = map.values().filter(|e| e.value.is_none()).count();
+        SourceCache {
+            name: Arc::from(name),
+            keys: Mutex::new(SourceKeys {
+                map,
+                meta: store.source_meta(name),
+                revisioned,
+                live: false,
+                tombstones,
+                batches: 0,
+            }),
+        }
+    }
+}
+
+/// How often (in batches) a source prunes tombstones every plugin handled.
+const PRUNE_EVERY: u64 = 64;
 
 /// The most recent failure of a plugin, for `/v1/plugins`.
 #[derive(Debug, Clone, Serialize)]
@@ -89,6 +130,7 @@ pub struct LastFailure {
 struct WorkerStats {
     calls: [AtomicU64; 6],
     last_failure: Mutex<Option<LastFailure>>,
+    dead_letters: AtomicU64,
 }
 
 const OUTCOMES: [Outcome; 6] = [
@@ -109,6 +151,7 @@ struct Worker {
     thread: Mutex<Option<JoinHandle<()>>>,
     stats: Arc<WorkerStats>,
     metrics: Arc<Metrics>,
+    store: Arc<Store>,
 }
 
 /// A plugin as `/v1/plugins` shows it.
@@ -136,6 +179,12 @@ pub struct PluginReport {
     pub invocations: BTreeMap<String, u64>,
     /// The most recent failed call.
     pub last_failure: Option<LastFailure>,
+    /// Calls per event before it is dead-lettered.
+    pub retry_attempts: u32,
+    /// Dead letters kept for this plugin.
+    pub dead_letters: u64,
+    /// Per source: every event at or below this position was handled.
+    pub cursors: BTreeMap<String, u64>,
 }
 
 /// A subscription in a report.
@@ -173,26 +222,39 @@ impl Worker {
         runtime: Arc<Runtime>,
         spec: PluginSpec,
         metrics: Arc<Metrics>,
+        store: Arc<Store>,
+        queue: Arc<EventQueue>,
     ) -> std::io::Result<Arc<Worker>> {
         let name = spec.loaded.ctx.name.clone();
+        let stats = WorkerStats::default();
+        stats
+            .dead_letters
+            .store(store.dead_letters(&name).len() as u64, Ordering::Relaxed);
         let worker = Arc::new(Worker {
             name: name.clone(),
-            queue: Arc::new(EventQueue::new(spec.queue_capacity)),
+            queue,
             spec: ArcSwap::from_pointee(spec),
             stop: Arc::new(AtomicBool::new(false)),
             thread: Mutex::new(None),
-            stats: Arc::default(),
+            stats: Arc::new(stats),
             metrics,
+            store,
         });
         let w = worker.clone();
         let handle = std::thread::Builder::new()
             .name(format!("plugin-{name}"))
             .spawn(move || w.run(Sandbox::new(runtime)))?;
         *worker.thread.lock() = Some(handle);
+        worker
+            .store
+            .register(&name, worker.queue.clone() as Arc<dyn CursorProbe>);
         Ok(worker)
     }
 
-    /// The worker loop: one event at a time, in queue order.
+    /// The worker loop: one event at a time, in queue order. A failed call
+    /// is retried with backoff; after the last attempt the event becomes a
+    /// dead letter. Either way it is then complete and the cursor moves past
+    /// it; an event interrupted by a stop stays pending.
     fn run(self: Arc<Self>, mut sandbox: Sandbox) {
         let labels = Metrics::plugin(&self.name);
         let depth = self
@@ -211,10 +273,32 @@ impl Worker {
                 continue;
             };
             depth.set(self.queue.len() as i64);
-            let spec = self.spec.load_full();
-            let report = sandbox.call(&spec.loaded, &event);
-            self.record(&event, &report);
-            if report.outcome != Outcome::ok {
+            let mut attempt = 1;
+            let report = loop {
+                let spec = self.spec.load_full();
+                let report = sandbox.call(&spec.loaded, &event);
+                self.record(&event, &report);
+                if report.outcome == Outcome::ok || attempt >= spec.retry.attempts {
+                    break Some(report);
+                }
+                if !self.pause(spec.retry.delay(attempt)) {
+                    break None;
+                }
+                self.metrics.plugin_retries.get_or_create(&labels).inc();
+                attempt += 1;
+            };
+            let Some(report) = report else {
+                // Stopped while waiting to retry: the event stays pending
+                // and is delivered again after a restart.
+                break;
+            };
+            if report.outcome == Outcome::ok {
+                if let Some(id) = event.dead_letter {
+                    self.store.remove_dead_letter(&self.name, id);
+                    self.stats.dead_letters.fetch_sub(1, Ordering::Relaxed);
+                }
+            } else {
+                let letter = self.dead_letter(&event, &report, attempt);
                 if failure_log.check().is_ok() {
                     tracing::warn!(
                         plugin = %self.name,
@@ -222,9 +306,11 @@ impl Worker {
                         key = %event.key,
                         revision = event.revision,
                         outcome = report.outcome.as_str(),
+                        attempts = attempt,
+                        dead_letter = letter,
                         suppressed = unlogged,
                         error = report.message.as_deref().unwrap_or(""),
-                        "Plugin call failed; the event is not retried."
+                        "Plugin call failed on every attempt; the event was kept as a dead letter."
                     );
                     unlogged = 0;
                 } else {
@@ -232,8 +318,49 @@ impl Worker {
                     self.metrics.suppressed(&format!("plugin/{}", self.name));
                 }
             }
+            self.queue.complete(&event);
         }
         depth.set(0);
+    }
+
+    /// Wait `delay` unless stopped meanwhile; false when stopped.
+    fn pause(&self, delay: Duration) -> bool {
+        let until = std::time::Instant::now() + delay;
+        while !self.stop.load(Ordering::SeqCst) {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(50)));
+        }
+        false
+    }
+
+    /// Keep `event` as a dead letter (replacing the one it replayed);
+    /// returns its id.
+    fn dead_letter(&self, event: &Event, report: &CallReport, attempts: u32) -> u64 {
+        if let Some(old) = event.dead_letter {
+            self.store.remove_dead_letter(&self.name, old);
+        } else {
+            self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+        }
+        self.metrics
+            .dead_letters
+            .get_or_create(&Metrics::plugin(&self.name))
+            .inc();
+        let letter = self.store.add_dead_letter(
+            &self.name,
+            DeadLetter {
+                id: 0,
+                event: event.to_line(),
+                seq: event.seq,
+                outcome: report.outcome.as_str().to_owned(),
+                error: report.message.clone().unwrap_or_default(),
+                attempts,
+                at: 0,
+            },
+        );
+        letter.id
     }
 
     fn record(&self, event: &Event, report: &CallReport) {
@@ -254,9 +381,17 @@ impl Worker {
         }
     }
 
-    fn enqueue(&self, events: Vec<Event>) {
+    /// Queue the matching events of one delivery of `source` up to `upto`.
+    fn enqueue(&self, source: &Arc<str>, upto: u64, events: Vec<Event>) {
+        let stats = self.queue.push_batch(source, upto, events);
+        self.count(stats);
+    }
+
+    fn count(&self, stats: queue::PushStats) {
+        if stats.queued + stats.coalesced == 0 {
+            return;
+        }
         let labels = Metrics::plugin(&self.name);
-        let stats = self.queue.push(events);
         if stats.coalesced > 0 {
             self.metrics
                 .plugin_coalesced
@@ -276,21 +411,23 @@ impl Worker {
     }
 
     /// Stop taking events and wait for the worker thread; an in-flight call
-    /// finishes or hits its deadline first. Blocking: call off the async
-    /// workers.
+    /// finishes or hits its deadline first. Queued events stay below the
+    /// cursor, so a restart delivers them again. Blocking: call off the
+    /// async workers.
     fn stop_and_join(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        let discarded = self.queue.close();
-        if discarded > 0 {
-            tracing::warn!(
+        let left = self.queue.close();
+        if left > 0 {
+            tracing::info!(
                 plugin = %self.name,
-                discarded,
-                "Plugin stopped with events still queued; they were not delivered."
+                queued = left,
+                "Plugin stopped with events queued; its cursor stays before them, so they are delivered after a restart."
             );
         }
         if let Some(t) = self.thread.lock().take() {
             let _ = t.join();
         }
+        self.store.unregister(&self.name);
         self.metrics
             .plugin_queue_depth
             .get_or_create(&Metrics::plugin(&self.name))
@@ -327,6 +464,14 @@ impl Worker {
                 .map(|(o, c)| (o.as_str().to_owned(), c.load(Ordering::Relaxed)))
                 .collect(),
             last_failure: self.stats.last_failure.lock().clone(),
+            retry_attempts: spec.retry.attempts,
+            dead_letters: self.stats.dead_letters.load(Ordering::Relaxed),
+            cursors: self
+                .queue
+                .cursor_positions()
+                .into_iter()
+                .map(|(s, c)| (s.to_string(), c))
+                .collect(),
         }
     }
 }
@@ -336,24 +481,154 @@ impl Worker {
 pub struct Dispatcher {
     runtime: Arc<Runtime>,
     metrics: Arc<Metrics>,
+    store: Arc<Store>,
     caches: DashMap<String, Arc<SourceCache>>,
     workers: DashMap<String, Arc<Worker>>,
 }
 
+impl SourceKeys {
+    /// Give each event of one delivery its position; returns the highest.
+    fn assign(&mut self, events: &mut [Event]) -> u64 {
+        if self.revisioned {
+            for e in events.iter_mut() {
+                e.seq = e.revision + self.meta.offset;
+            }
+            let hi = events.iter().map(|e| e.seq).max().unwrap_or(0);
+            self.meta.last_seq = self.meta.last_seq.max(hi);
+            hi
+        } else {
+            self.meta.last_seq += 1;
+            for e in events.iter_mut() {
+                e.seq = self.meta.last_seq;
+            }
+            self.meta.last_seq
+        }
+    }
+
+    /// The position of a snapshot taken at the source's `revision`: always
+    /// a new one. A source whose revisions went back (a replaced cluster)
+    /// gets a larger offset, so positions never repeat.
+    fn snapshot_position(&mut self, revision: u64) -> u64 {
+        let upto = if self.revisioned {
+            let p = revision + self.meta.offset;
+            if p <= self.meta.last_seq {
+                self.meta.offset = self.meta.last_seq + 1 - revision;
+                self.meta.last_seq + 1
+            } else {
+                p
+            }
+        } else {
+            self.meta.last_seq + 1
+        };
+        self.meta.last_seq = upto;
+        upto
+    }
+
+    /// Record delivered events in the index and the store.
+    fn apply(&mut self, store: &Store, name: &Arc<str>, events: &[Event]) {
+        for e in events {
+            let entry = KeyEntry {
+                value: if e.kind == EventKind::Put {
+                    e.value.clone()
+                } else {
+                    None
+                },
+                revision: e.revision,
+                seq: e.seq,
+                metadata: if e.kind == EventKind::Put {
+                    e.metadata.clone()
+                } else {
+                    Vec::new()
+                },
+            };
+            let was_tombstone = self.map.get(&e.key).map(|old| old.value.is_none());
+            match (was_tombstone, entry.value.is_none()) {
+                (Some(false) | None, true) => self.tombstones += 1,
+                (Some(true), false) => self.tombstones -= 1,
+                _ => {}
+            }
+            store.put_key(name, e.key.clone(), Some(entry.clone()));
+            self.map.insert(e.key.clone(), entry);
+        }
+        store.set_source_meta(name, self.meta);
+        self.live = true;
+    }
+
+    /// The index entries `spec` has not been given: in `scope`, changed
+    /// after `from` and before `upto`, as resync events at `upto`.
+    fn missed(
+        &self,
+        name: &Arc<str>,
+        spec: &PluginSpec,
+        scope: &dyn Fn(&str) -> bool,
+        from: u64,
+        upto: u64,
+    ) -> Vec<Event> {
+        self.map
+            .iter()
+            .filter(|(k, e)| e.seq > from && e.seq < upto && scope(k) && spec.matches(name, k))
+            .map(|(k, e)| {
+                let mut ev = match &e.value {
+                    Some(v) => {
+                        let mut ev = Event::put(name, k.clone(), v.clone(), e.revision);
+                        ev.metadata = e.metadata.clone();
+                        ev
+                    }
+                    None => Event::delete(name, k.clone(), e.revision),
+                };
+                ev.resync = true;
+                ev.seq = e.seq;
+                ev
+            })
+            .collect()
+    }
+
+    /// The live keys matching `spec`, as puts at their own positions.
+    fn current(&self, name: &Arc<str>, spec: &PluginSpec, resync: bool) -> Vec<Event> {
+        self.map
+            .iter()
+            .filter(|(k, _)| spec.matches(name, k))
+            .filter_map(|(k, e)| {
+                let v = e.value.as_ref()?;
+                let mut ev = Event::put(name, k.clone(), v.clone(), e.revision);
+                ev.metadata = e.metadata.clone();
+                ev.resync = resync;
+                ev.seq = e.seq;
+                Some(ev)
+            })
+            .collect()
+    }
+}
+
 impl Dispatcher {
-    /// A dispatcher for the named sources.
+    /// A dispatcher for the named sources (with whether each has a
+    /// revision history a watch can resume in), restoring their key
+    /// indexes from `store`.
     pub fn new(
         runtime: Arc<Runtime>,
         metrics: Arc<Metrics>,
-        sources: impl IntoIterator<Item = String>,
+        store: Arc<Store>,
+        sources: impl IntoIterator<Item = (String, bool)>,
     ) -> Arc<Dispatcher> {
-        let caches = sources.into_iter().map(|s| (s, Arc::default())).collect();
+        let caches = sources
+            .into_iter()
+            .map(|(s, revisioned)| {
+                let cache = Arc::new(SourceCache::load(&store, &s, revisioned));
+                (s, cache)
+            })
+            .collect();
         Arc::new(Dispatcher {
             runtime,
             metrics,
+            store,
             caches,
             workers: DashMap::new(),
         })
+    }
+
+    /// The state store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
     }
 
     /// Names of the running plugins.
@@ -370,10 +645,13 @@ impl Dispatcher {
         v
     }
 
-    /// Start a plugin, or replace the running version of it. A new plugin
-    /// first receives the current keys of what it subscribes to, as puts.
-    /// A replaced plugin keeps its queue; an in-flight call finishes on the
-    /// old version.
+    /// Start a plugin, or replace the running version of it (which keeps
+    /// its queue and cursors; an in-flight call finishes on the old
+    /// version). A plugin with a stored cursor resumes from it: it is given
+    /// what it missed when the source has already delivered in this
+    /// process, or else by the source's own start (a replayed watch, or a
+    /// relist diffed against the index). A plugin without a cursor starts
+    /// per its `start` setting.
     ///
     /// # Errors
     /// When the worker thread cannot be started.
@@ -387,36 +665,63 @@ impl Dispatcher {
         // Hold the caches of the subscribed sources (in name order, like
         // every other taker of several) so no event slips between the
         // snapshot and the registration.
-        let mut sources: Vec<(String, Arc<SourceCache>)> = self
+        let mut sources: Vec<Arc<SourceCache>> = self
             .caches
             .iter()
             .filter(|c| spec.subscribes_to(c.key()))
-            .map(|c| (c.key().clone(), c.value().clone()))
+            .map(|c| c.value().clone())
             .collect();
-        sources.sort_by(|a, b| a.0.cmp(&b.0));
-        let guards: Vec<_> = sources.iter().map(|(n, c)| (n, c.keys.lock())).collect();
-        let mut snapshot = Vec::new();
+        sources.sort_by(|a, b| a.name.cmp(&b.name));
+        let guards: Vec<_> = sources.iter().map(|c| (&c.name, c.keys.lock())).collect();
+        let queue = Arc::new(EventQueue::new(spec.queue_capacity));
+        let mut initial: Vec<(Arc<str>, u64, Vec<Event>)> = Vec::new();
         for (source, keys) in &guards {
-            let source: Arc<str> = Arc::from(source.as_str());
-            for (key, c) in keys.iter() {
-                if spec.matches(&source, key) {
-                    let mut e = Event::put(&source, key.clone(), c.value.clone(), c.revision);
-                    e.metadata = c.metadata.clone();
-                    snapshot.push(e);
+            let source: Arc<str> = (*source).clone();
+            let last = keys.meta.last_seq;
+            match self.store.cursor(&name, &source) {
+                Some(c) if c >= keys.meta.floor || c >= last => {
+                    queue.start_at(&source, c);
+                    if keys.live {
+                        let missed = keys.missed(&source, &spec, &|_| true, c, u64::MAX);
+                        initial.push((source, last, missed));
+                    }
+                }
+                Some(c) => {
+                    tracing::warn!(
+                        plugin = %name,
+                        source = %source,
+                        cursor = c,
+                        pruned_to = keys.meta.floor,
+                        "Plugin cursor is older than the kept delete history; resending the current keys."
+                    );
+                    queue.start_at(&source, last);
+                    initial.push((source.clone(), last, keys.current(&source, &spec, true)));
+                }
+                None => {
+                    queue.start_at(&source, last);
+                    if spec.start == StartPosition::Snapshot {
+                        initial.push((source.clone(), last, keys.current(&source, &spec, false)));
+                    }
                 }
             }
         }
-        let worker = Worker::start(self.runtime.clone(), spec, self.metrics.clone())?;
-        if !snapshot.is_empty() {
-            worker.enqueue(snapshot);
+        let worker = Worker::start(
+            self.runtime.clone(),
+            spec,
+            self.metrics.clone(),
+            self.store.clone(),
+            queue,
+        )?;
+        for (source, upto, events) in initial {
+            worker.enqueue(&source, upto, events);
         }
         self.workers.insert(name, worker);
         drop(guards);
         Ok(())
     }
 
-    /// Stop and remove a plugin; waits for its in-flight call. Blocking:
-    /// call off the async workers.
+    /// Stop and remove a plugin; waits for its in-flight call. Its cursors
+    /// stay in the store. Blocking: call off the async workers.
     pub fn remove(&self, name: &str) -> bool {
         match self.workers.remove(name) {
             Some((_, w)) => {
@@ -427,12 +732,14 @@ impl Dispatcher {
         }
     }
 
-    /// Stop every plugin. Blocking: call off the async workers.
+    /// Stop every plugin and commit the store. Blocking: call off the async
+    /// workers.
     pub fn shutdown(&self) {
         let names = self.plugin_names();
         for n in names {
             self.remove(&n);
         }
+        self.store.flush();
     }
 
     /// The running version of `plugin`.
@@ -444,12 +751,78 @@ impl Dispatcher {
     pub fn queue_depth(&self, plugin: &str) -> Option<usize> {
         self.workers.get(plugin).map(|w| w.queue.len())
     }
+
+    /// Where a source with a revision history should resume its watch:
+    /// events after the returned revision are the ones some running plugin
+    /// has not been given. `None` when the source keeps no history or has
+    /// never delivered (it starts with a full snapshot).
+    pub fn resume_position(&self, source: &str) -> Option<u64> {
+        let cache = self.caches.get(source)?.clone();
+        let keys = cache.keys.lock();
+        if !keys.revisioned || keys.meta.last_seq == 0 {
+            return None;
+        }
+        let min = self
+            .workers
+            .iter()
+            .filter(|w| w.spec.load().subscribes_to(source))
+            .map(|w| w.queue.enqueued(source).unwrap_or(0))
+            .min()
+            .unwrap_or(keys.meta.last_seq);
+        Some(min.saturating_sub(keys.meta.offset))
+    }
+
+    /// Drop tombstones every subscribed plugin has handled, now and then.
+    fn maybe_prune(&self, name: &Arc<str>, keys: &mut SourceKeys) {
+        keys.batches += 1;
+        if keys.tombstones == 0 || !keys.batches.is_multiple_of(PRUNE_EVERY) {
+            return;
+        }
+        let floor = self
+            .workers
+            .iter()
+            .filter(|w| w.spec.load().subscribes_to(name))
+            .filter_map(|w| {
+                w.queue
+                    .cursor_positions()
+                    .into_iter()
+                    .find(|(s, _)| s == name)
+                    .map(|(_, c)| c)
+            })
+            .min()
+            .unwrap_or(keys.meta.last_seq);
+        let gone: Vec<String> = keys
+            .map
+            .iter()
+            .filter(|(_, e)| e.value.is_none() && e.seq <= floor)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        for k in gone {
+            keys.map.remove(&k);
+            keys.tombstones -= 1;
+            self.store.put_key(name, k, None);
+        }
+        keys.meta.floor = keys.meta.floor.max(floor);
+        self.store.set_source_meta(name, keys.meta);
+    }
+
+    fn cache(&self, source: &str) -> Arc<SourceCache> {
+        self.caches
+            .entry(source.to_owned())
+            .or_insert_with(|| Arc::new(SourceCache::load(&self.store, source, false)))
+            .clone()
+    }
 }
 
 impl Dispatcher {
     /// Start routing a source added by a reload.
-    pub fn add_source(&self, name: &str) {
-        self.caches.entry(name.to_owned()).or_default();
+    pub fn add_source(&self, name: &str, revisioned: bool) {
+        self.caches
+            .entry(name.to_owned())
+            .or_insert_with(|| Arc::new(SourceCache::load(&self.store, name, revisioned)));
     }
 
     /// Forget a source removed by a reload (its keys are not deleted in the
@@ -459,79 +832,121 @@ impl Dispatcher {
     }
 }
 
-impl EventSink for Dispatcher {
-    fn deliver_snapshot(&self, source: &str, scope: &dyn Fn(&str) -> bool, events: Vec<Event>) {
-        let cache = self.caches.entry(source.to_owned()).or_default().clone();
-        let diff = {
-            let keys = cache.keys.lock();
-            if !keys.keys().any(|k| scope(k)) {
-                // Nothing of this scope was delivered before: a first sync.
-                events
-            } else {
-                // A restarted source: pass on only what changed meanwhile.
-                let fresh: std::collections::HashSet<&str> =
-                    events.iter().map(|e| e.key.as_str()).collect();
-                let revision = events.iter().map(|e| e.revision).max().unwrap_or(0);
-                let source_name: Arc<str> = Arc::from(source);
-                let mut out: Vec<Event> = keys
-                    .iter()
-                    .filter(|(k, _)| scope(k) && !fresh.contains(k.as_str()))
-                    .map(|(k, c)| {
-                        let mut e = Event::delete(&source_name, k.clone(), revision)
-                            .with_prev(Some(c.value.clone()));
-                        e.resync = true;
-                        e
-                    })
-                    .collect();
-                for mut e in events {
-                    match keys.get(&e.key) {
-                        Some(c) if Some(&c.value) == e.value.as_ref() => {}
-                        old => {
-                            e.prev_value = old.map(|c| c.value.clone());
-                            e.resync = true;
-                            out.push(e);
-                        }
-                    }
-                }
-                out
-            }
-        };
-        if !diff.is_empty() {
-            self.deliver(source, diff);
-        }
+impl Dispatcher {
+    /// The dead letters of `plugin` (running or not), oldest first.
+    pub fn dead_letters(&self, plugin: &str) -> Vec<DeadLetter> {
+        self.store.dead_letters(plugin)
     }
 
-    fn deliver(&self, source: &str, events: Vec<Event>) {
-        let cache = self.caches.entry(source.to_owned()).or_default().clone();
+    /// Queue every dead letter of a running `plugin` again, behind what is
+    /// queued. A replayed letter is removed once a call succeeds, and kept
+    /// (with its new failure) otherwise. `None` when the plugin does not run.
+    pub fn replay_dead_letters(&self, plugin: &str) -> Option<usize> {
+        let w = self.workers.get(plugin)?.clone();
+        let events: Vec<Event> = self
+            .store
+            .dead_letters(plugin)
+            .into_iter()
+            .filter_map(|d| {
+                let mut e = Event::try_from(d.event).ok()?;
+                e.dead_letter = Some(d.id);
+                Some(e)
+            })
+            .collect();
+        let n = events.len();
+        let stats = w.queue.push(events);
+        w.count(stats);
+        Some(n)
+    }
+
+    /// Forget every dead letter of `plugin`; returns how many.
+    pub fn delete_dead_letters(&self, plugin: &str) -> usize {
+        let letters = self.store.dead_letters(plugin);
+        for d in &letters {
+            self.store.remove_dead_letter(plugin, d.id);
+        }
+        if let Some(w) = self.workers.get(plugin) {
+            w.stats.dead_letters.store(0, Ordering::Relaxed);
+        }
+        letters.len()
+    }
+}
+
+impl EventSink for Dispatcher {
+    fn deliver_snapshot(
+        &self,
+        source: &str,
+        scope: &dyn Fn(&str) -> bool,
+        revision: u64,
+        events: Vec<Event>,
+    ) {
+        let cache = self.cache(source);
+        let name = cache.name.clone();
         let mut keys = cache.keys.lock();
-        for e in &events {
-            match (e.kind, &e.value) {
-                (EventKind::Put, Some(v)) => {
-                    keys.insert(
-                        e.key.clone(),
-                        Cached {
-                            value: v.clone(),
-                            revision: e.revision,
-                            metadata: e.metadata.clone(),
-                        },
-                    );
-                }
-                _ => {
-                    keys.remove(&e.key);
-                }
+        let upto = keys.snapshot_position(revision);
+        // Nothing of this scope known: a first sync, not a resync.
+        let had_scope = keys.map.keys().any(|k| scope(k));
+        let fresh: std::collections::HashSet<String> =
+            events.iter().map(|e| e.key.clone()).collect();
+        let mut changes: Vec<Event> = Vec::new();
+        for mut e in events {
+            let old = keys.map.get(&e.key).and_then(|c| c.value.clone());
+            if old.is_some() && old == e.value {
+                continue;
+            }
+            e.prev_value = old;
+            e.resync = had_scope;
+            e.seq = upto;
+            changes.push(e);
+        }
+        for (k, c) in keys.map.iter() {
+            if c.value.is_some() && scope(k) && !fresh.contains(k) {
+                let mut e = Event::delete(&name, k.clone(), revision).with_prev(c.value.clone());
+                e.resync = true;
+                e.seq = upto;
+                changes.push(e);
             }
         }
+        keys.apply(&self.store, &name, &changes);
         for w in self.workers.iter() {
             let spec = w.spec.load();
-            let matched: Vec<Event> = events
+            if !spec.subscribes_to(source) {
+                continue;
+            }
+            let from = w.queue.enqueued(source).unwrap_or(0);
+            let mut out: Vec<Event> = changes
                 .iter()
                 .filter(|e| spec.matches(source, &e.key))
                 .cloned()
                 .collect();
-            if !matched.is_empty() {
-                w.enqueue(matched);
-            }
+            out.extend(keys.missed(&name, &spec, scope, from, upto));
+            out.sort_by(|a, b| a.key.cmp(&b.key));
+            w.enqueue(&name, upto, out);
         }
-        drop(keys);
+        self.maybe_prune(&name, &mut keys);
+    }
+
+    fn deliver(&self, source: &str, mut events: Vec<Event>) {
+        let cache = self.cache(source);
+        let name = cache.name.clone();
+        let mut keys = cache.keys.lock();
+        let upto = keys.assign(&mut events);
+        keys.apply(&self.store, &name, &events);
+        for w in self.workers.iter() {
+            let spec = w.spec.load();
+            if !spec.subscribes_to(source) {
+                continue;
+            }
+            // A resumed watch replays from the lowest cursor: each plugin
+            // skips what it was already given.
+            let from = w.queue.enqueued(source).unwrap_or(0);
+            let matched: Vec<Event> = events
+                .iter()
+                .filter(|e| e.seq > from && spec.matches(source, &e.key))
+                .cloned()
+                .collect();
+            w.enqueue(&name, upto, matched);
+        }
+        self.maybe_prune(&name, &mut keys);
     }
 }

@@ -52,6 +52,12 @@ pub struct Event {
     pub coalesced: u32,
     /// Source-specific extras.
     pub metadata: Vec<(String, String)>,
+    /// Position in the source's durable log, assigned by the dispatcher
+    /// (0: not tracked, as for a replayed dead letter). Plugin cursors count
+    /// in positions.
+    pub seq: u64,
+    /// The dead letter this event replays, if it is one.
+    pub dead_letter: Option<u64>,
 }
 
 impl Event {
@@ -67,6 +73,8 @@ impl Event {
             resync: false,
             coalesced: 0,
             metadata: Vec::new(),
+            seq: 0,
+            dead_letter: None,
         }
     }
 
@@ -82,6 +90,8 @@ impl Event {
             resync: false,
             coalesced: 0,
             metadata: Vec::new(),
+            seq: 0,
+            dead_letter: None,
         }
     }
 
@@ -99,6 +109,7 @@ impl Event {
         self.kind = later.kind;
         self.value = later.value;
         self.revision = self.revision.max(later.revision);
+        self.seq = self.seq.max(later.seq);
         self.resync |= later.resync;
         self.coalesced = self
             .coalesced
@@ -238,6 +249,8 @@ impl TryFrom<EventLine> for Event {
             resync: line.resync,
             coalesced: line.coalesced,
             metadata: line.metadata,
+            seq: 0,
+            dead_letter: None,
         })
     }
 }

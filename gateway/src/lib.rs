@@ -30,4 +30,5 @@ pub mod host;
 pub mod plugin_dir;
 pub mod runtime;
 pub mod source;
+pub mod store;
 pub mod telemetry;

@@ -8,7 +8,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use watchgate::cli::{Cli, Command, LogFormat, PluginCommand, PluginTest};
+use watchgate::cli::{Cli, Command, LogFormat, PluginCommand, PluginTest, StateCommand};
 use watchgate::config::{Config, PartialLimits};
 
 fn init_logging(format: LogFormat) {
@@ -29,6 +29,10 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Run { config } => run(&config),
         Command::Check { config } => watchgate::cli::check(&config),
+        Command::State {
+            command: StateCommand::Reset { config },
+        } => watchgate::cli::state_reset(&config),
+        Command::DeadLetters { command } => watchgate::cli::dead_letters(command),
         Command::Plugin {
             command:
                 PluginCommand::Test {

@@ -384,7 +384,12 @@ impl PluginLoader {
                 }
             },
         };
-        let state = self.states.entry(name.to_owned()).or_default().clone();
+        let store = self.dispatcher.store().clone();
+        let state = self
+            .states
+            .entry(name.to_owned())
+            .or_insert_with(|| Arc::new(PluginState::durable(store, name)))
+            .clone();
         let log = self
             .logs
             .entry(name.to_owned())
@@ -406,6 +411,8 @@ impl PluginLoader {
             && running.loaded.limits == limits
             && running.subscriptions == sidecar.subscribe
             && running.queue_capacity == queue_capacity
+            && running.retry == sidecar.retry(&self.config)
+            && running.start == sidecar.start
             && running.loaded.ctx.files.as_ref().map(FilesGrant::root)
                 == files_grant.as_ref().map(FilesGrant::root)
         {
@@ -431,6 +438,8 @@ impl PluginLoader {
             },
             subscriptions: sidecar.subscribe.clone(),
             queue_capacity,
+            retry: sidecar.retry(&self.config),
+            start: sidecar.start,
         };
         let replacing = self.dispatcher.plugin_names().iter().any(|n| n == name);
         if let Err(e) = self.dispatcher.upsert(spec) {

@@ -48,12 +48,19 @@ pub trait EventSink: Send + Sync + 'static {
     fn deliver(&self, source: &str, events: Vec<Event>);
 
     /// Deliver the complete current state of the keys for which `scope` is
-    /// true, as puts (a source's initial snapshot, or one watch's share of
-    /// it). A sink that remembers an earlier run of the same source passes
-    /// on only the difference: changed keys, and deletes for keys in scope
-    /// that are gone. The default treats it as an ordinary batch.
-    fn deliver_snapshot(&self, source: &str, scope: &dyn Fn(&str) -> bool, events: Vec<Event>) {
-        let _ = scope;
+    /// true, as puts, read at the source's `revision` (a source's initial
+    /// snapshot, or one watch's share of it). A sink that remembers an
+    /// earlier run of the same source passes on only the difference:
+    /// changed keys, and deletes for keys in scope that are gone. The
+    /// default treats it as an ordinary batch.
+    fn deliver_snapshot(
+        &self,
+        source: &str,
+        scope: &dyn Fn(&str) -> bool,
+        revision: u64,
+        events: Vec<Event>,
+    ) {
+        let _ = (scope, revision);
         self.deliver(source, events);
     }
 }
@@ -67,6 +74,10 @@ pub struct SourceContext {
     pub status: Arc<SourceStatus>,
     /// Cancelled when the source must stop.
     pub shutdown: CancellationToken,
+    /// For a source with a revision history: deliver the changes after this
+    /// revision rather than a snapshot (some plugin has not been given
+    /// them). `None`: start with a snapshot.
+    pub resume: Option<u64>,
     sink: Arc<dyn EventSink>,
     metrics: Arc<Metrics>,
 }
@@ -84,6 +95,7 @@ impl SourceContext {
             name,
             status,
             shutdown,
+            resume: None,
             sink,
             metrics,
         }
@@ -117,8 +129,19 @@ impl SourceContext {
     /// true (one watch of a source made of several) to the dispatcher, even
     /// when empty. Never blocks.
     pub fn emit_snapshot_of(&self, scope: &dyn Fn(&str) -> bool, events: Vec<Event>) {
+        let revision = events.iter().map(|e| e.revision).max().unwrap_or(0);
         self.account(&events);
-        self.sink.deliver_snapshot(&self.name, scope, events);
+        self.sink
+            .deliver_snapshot(&self.name, scope, revision, events);
+    }
+
+    /// Hand the complete current state, read at `revision`, to the
+    /// dispatcher. Never blocks.
+    pub fn emit_snapshot_at(&self, revision: u64, events: Vec<Event>) {
+        self.account(&events);
+        self.status.set_revision(revision);
+        self.sink
+            .deliver_snapshot(&self.name, &|_| true, revision, events);
     }
 
     /// Hand a batch of events to the dispatcher. Never blocks. Updates the

@@ -121,6 +121,11 @@ pub struct Metrics {
     /// Events accepted past the queue's capacity (distinct keys that could
     /// not be folded).
     pub plugin_queue_overflow: Family<PluginLabels, Counter>,
+    /// Events a plugin failed on after every attempt, set aside as dead
+    /// letters.
+    pub dead_letters: Family<PluginLabels, Counter>,
+    /// Plugin call attempts repeated after a failure.
+    pub plugin_retries: Family<PluginLabels, Counter>,
     /// Plugin call latency.
     pub plugin_call_seconds: HistogramFamily,
     /// Plugin files that failed to load.
@@ -160,6 +165,8 @@ impl Metrics {
             plugin_queue_depth: Family::default(),
             plugin_coalesced: Family::default(),
             plugin_queue_overflow: Family::default(),
+            dead_letters: Family::default(),
+            plugin_retries: Family::default(),
             plugin_call_seconds: Family::new_with_constructor(call_histogram),
             plugin_load_failures: Family::default(),
             plugin_loads: Family::default(),
@@ -222,6 +229,16 @@ impl Metrics {
             "watchgate_plugin_queue_overflow",
             "Events queued past capacity because no queued event of the same key could absorb them",
             m.plugin_queue_overflow.clone(),
+        );
+        registry.register(
+            "watchgate_dead_letters",
+            "Events a plugin failed on after every attempt, kept as dead letters",
+            m.dead_letters.clone(),
+        );
+        registry.register(
+            "watchgate_plugin_retries",
+            "Plugin call attempts repeated after a failed call",
+            m.plugin_retries.clone(),
         );
         registry.register(
             "watchgate_plugin_call_seconds",

@@ -9,12 +9,14 @@ use crate::support::{Gateway, wait_for};
 fn panicking_and_spinning_plugins_do_not_delay_or_lose_events() {
     let mut g = Gateway::new();
     g.install_event_log("event-log");
-    g.install("fault-panic", "fault-panic", "");
-    // Unlimited fuel, so the spin ends at the wall-clock deadline.
+    // Three attempts per event (the default), quickly.
+    g.install("fault-panic", "fault-panic", "retry_backoff = \"1ms\"\n");
+    // Unlimited fuel, so the spin ends at the wall-clock deadline; one
+    // attempt per event.
     g.install(
         "fault-spin",
         "fault-spin",
-        "[limits]\nfuel = 1_000_000_000_000_000\ntimeout_ms = 150\n",
+        "retry_attempts = 1\n[limits]\nfuel = 1_000_000_000_000_000\ntimeout_ms = 150\n",
     );
     g.start();
 
@@ -54,8 +56,22 @@ fn panicking_and_spinning_plugins_do_not_delay_or_lose_events() {
             .get("watchgate_plugin_invocations_total{plugin=\"fault-spin\",outcome=\"timeout\"}")
             .copied()
             .unwrap_or(0.0);
-        (panic == N as f64 && spin == N as f64).then_some(())
+        (panic == 3.0 * N as f64 && spin == N as f64).then_some(())
     });
+    // Every event fault-panic failed on, after its three attempts, is a
+    // dead letter.
+    wait_for("dead letters", Duration::from_secs(10), || {
+        let letters = g.json("/v1/plugins/fault-panic/dead-letters");
+        (letters["dead_letters"].as_array().unwrap().len() == N).then_some(())
+    });
+    assert_eq!(
+        g.metric("watchgate_dead_letters_total{plugin=\"fault-panic\"}"),
+        N as f64
+    );
+    assert_eq!(
+        g.metric("watchgate_plugin_retries_total{plugin=\"fault-panic\"}"),
+        2.0 * N as f64
+    );
     assert_eq!(
         g.metric("watchgate_plugin_invocations_total{plugin=\"fault-spin\",outcome=\"timeout\"}"),
         N as f64
@@ -65,7 +81,10 @@ fn panicking_and_spinning_plugins_do_not_delay_or_lose_events() {
         0.0
     );
     // Every trap recycled the instance: one fresh instance per failed call.
-    assert!(g.metric("watchgate_plugin_instantiations_total{plugin=\"fault-panic\"}") >= N as f64);
+    assert!(
+        g.metric("watchgate_plugin_instantiations_total{plugin=\"fault-panic\"}")
+            >= 3.0 * N as f64
+    );
 
     // The gateway is still healthy and still delivering.
     std::fs::write(g.path("watched/after"), "still here").unwrap();

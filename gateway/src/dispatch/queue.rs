@@ -8,9 +8,17 @@
 //! after it, so a plugin always sees that the key went away. Only when no
 //! queued event of that key can absorb it does the queue grow past capacity,
 //! so its length stays below capacity + 2 × distinct keys. Order per key is
-//! always preserved. This module must not call plugins.
+//! always preserved.
+//!
+//! The queue also knows the plugin's cursors. Per source it tracks the
+//! position delivered up to (`enqueued`) and the positions of events not yet
+//! completed (queued or in flight, folding moves a position). The cursor of a
+//! source is one below the lowest such position, or `enqueued` when none is
+//! left: everything at or below it was handled. This module must not call
+//! plugins.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
@@ -34,9 +42,40 @@ struct Inner {
     entries: VecDeque<Event>,
     /// Sequence number of `entries[0]`.
     head: u64,
-    /// Key → sequence number of its last queued entry.
-    last: HashMap<String, u64>,
+    /// (source, key) → sequence number of its last queued entry.
+    last: HashMap<(Arc<str>, String), u64>,
     closed: bool,
+    /// Per source: the position delivered up to.
+    enqueued: HashMap<Arc<str>, u64>,
+    /// Per source: positions of events not completed, with multiplicity.
+    pending: HashMap<Arc<str>, BTreeMap<u64, u32>>,
+}
+
+impl Inner {
+    fn track(&mut self, source: &Arc<str>, seq: u64) {
+        if seq > 0 {
+            *self
+                .pending
+                .entry(source.clone())
+                .or_default()
+                .entry(seq)
+                .or_default() += 1;
+        }
+    }
+
+    fn untrack(&mut self, source: &Arc<str>, seq: u64) {
+        if seq == 0 {
+            return;
+        }
+        if let Some(p) = self.pending.get_mut(source)
+            && let Some(n) = p.get_mut(&seq)
+        {
+            *n -= 1;
+            if *n == 0 {
+                p.remove(&seq);
+            }
+        }
+    }
 }
 
 /// A multi-producer, single-consumer queue of events for one plugin.
@@ -49,6 +88,8 @@ pub struct EventQueue {
 /// Whether a queued event may absorb a later change of the same key.
 fn can_absorb(queued: &Event, later: &Event) -> bool {
     !(queued.kind == EventKind::Delete && later.kind == EventKind::Put)
+        && queued.dead_letter.is_none()
+        && later.dead_letter.is_none()
 }
 
 impl EventQueue {
@@ -69,19 +110,77 @@ impl EventQueue {
 
     /// Queue events in order. Never blocks beyond a short lock.
     pub fn push(&self, events: impl IntoIterator<Item = Event>) -> PushStats {
+        self.push_upto(None, events)
+    }
+
+    /// Queue the events of one delivery of `source` that reached position
+    /// `upto`, after which the plugin has been given everything up to it.
+    pub fn push_batch(
+        &self,
+        source: &Arc<str>,
+        upto: u64,
+        events: impl IntoIterator<Item = Event>,
+    ) -> PushStats {
+        self.push_upto(Some((source, upto)), events)
+    }
+
+    /// The position of `source` delivered up to, if the queue tracks it.
+    pub fn enqueued(&self, source: &str) -> Option<u64> {
+        self.inner.lock().enqueued.get(source).copied()
+    }
+
+    /// Start tracking `source` from position `at` (the plugin's cursor).
+    pub fn start_at(&self, source: &Arc<str>, at: u64) {
+        self.inner.lock().enqueued.insert(source.clone(), at);
+    }
+
+    /// The event taken by [`pop`](Self::pop) was handled (or dead-lettered).
+    pub fn complete(&self, event: &Event) {
+        self.inner.lock().untrack(&event.source, event.seq);
+    }
+
+    /// (source, cursor) for every tracked source.
+    pub fn cursor_positions(&self) -> Vec<(Arc<str>, u64)> {
+        let inner = self.inner.lock();
+        inner
+            .enqueued
+            .iter()
+            .map(|(s, &upto)| {
+                let low = inner.pending.get(s).and_then(|p| p.keys().next().copied());
+                (s.clone(), low.map_or(upto, |l| (l - 1).min(upto)))
+            })
+            .collect()
+    }
+
+    fn push_upto(
+        &self,
+        upto: Option<(&Arc<str>, u64)>,
+        events: impl IntoIterator<Item = Event>,
+    ) -> PushStats {
         let capacity = self.capacity.load(std::sync::atomic::Ordering::Relaxed);
         let mut stats = PushStats::default();
         let mut inner = self.inner.lock();
+        if let Some((source, upto)) = upto {
+            let e = inner.enqueued.entry(source.clone()).or_default();
+            *e = (*e).max(upto);
+        }
         if inner.closed {
             return stats;
         }
         for event in events {
             let full = inner.entries.len() >= capacity;
-            if full && let Some(&seq) = inner.last.get(&event.key) {
+            let id = (event.source.clone(), event.key.clone());
+            if full && let Some(&seq) = inner.last.get(&id) {
                 let idx = (seq - inner.head) as usize;
                 let queued = &mut inner.entries[idx];
                 if can_absorb(queued, &event) {
+                    let (source, before) = (queued.source.clone(), queued.seq);
                     queued.absorb(event);
+                    let after = queued.seq;
+                    if after != before {
+                        inner.untrack(&source, before);
+                        inner.track(&source, after);
+                    }
                     stats.coalesced += 1;
                     continue;
                 }
@@ -89,8 +188,9 @@ impl EventQueue {
             if full {
                 stats.overflow += 1;
             }
+            inner.track(&event.source, event.seq);
             let seq = inner.head + inner.entries.len() as u64;
-            inner.last.insert(event.key.clone(), seq);
+            inner.last.insert(id, seq);
             inner.entries.push_back(event);
             stats.queued += 1;
         }
@@ -103,8 +203,9 @@ impl EventQueue {
         let event = inner.entries.pop_front()?;
         let seq = inner.head;
         inner.head += 1;
-        if inner.last.get(&event.key) == Some(&seq) {
-            inner.last.remove(&event.key);
+        let id = (event.source.clone(), event.key.clone());
+        if inner.last.get(&id) == Some(&seq) {
+            inner.last.remove(&id);
         }
         Some(event)
     }
@@ -141,7 +242,8 @@ impl EventQueue {
     }
 
     /// Stop accepting events and wake the consumer; returns how many events
-    /// were still queued (they are discarded).
+    /// were still queued. They are dropped from memory but stay pending, so
+    /// the cursor stays below them and a restart delivers them again.
     pub fn close(&self) -> usize {
         let mut inner = self.inner.lock();
         inner.closed = true;
@@ -151,6 +253,12 @@ impl EventQueue {
         drop(inner);
         self.ready.notify_all();
         n
+    }
+}
+
+impl crate::store::CursorProbe for EventQueue {
+    fn cursors(&self) -> Vec<(Arc<str>, u64)> {
+        self.cursor_positions()
     }
 }
 
@@ -268,6 +376,59 @@ mod tests {
                 ("a".into(), EventKind::Put, Some("3".into()), 4, 1),
             ]
         );
+    }
+
+    fn seq(mut e: Event, seq: u64) -> Event {
+        e.seq = seq;
+        e
+    }
+
+    #[test]
+    fn the_cursor_stays_below_every_event_not_completed() {
+        let q = EventQueue::new(2);
+        let s: Arc<str> = Arc::from("s");
+        q.start_at(&s, 4);
+        assert_eq!(q.cursor_positions(), vec![(s.clone(), 4)]);
+        q.push_batch(&s, 5, [seq(put("a", "1", 5), 5)]);
+        q.push_batch(&s, 6, [seq(put("b", "1", 6), 6)]);
+        // Full: a@7 folds into a@5, which moves to position 7; b@6 is now
+        // the lowest pending position.
+        q.push_batch(&s, 7, [seq(put("a", "2", 7), 7)]);
+        assert_eq!(q.cursor_positions(), vec![(s.clone(), 5)]);
+        let a = q.try_pop().unwrap();
+        assert_eq!((a.key.as_str(), a.seq), ("a", 7));
+        q.complete(&a);
+        assert_eq!(
+            q.cursor_positions(),
+            vec![(s.clone(), 5)],
+            "b@6 is still queued"
+        );
+        let b = q.try_pop().unwrap();
+        assert_eq!(
+            q.cursor_positions(),
+            vec![(s.clone(), 5)],
+            "b@6 is in flight"
+        );
+        q.complete(&b);
+        assert_eq!(q.cursor_positions(), vec![(s.clone(), 7)]);
+        // A batch that matched nothing still moves the cursor.
+        q.push_batch(&s, 9, []);
+        assert_eq!(q.cursor_positions(), vec![(s.clone(), 9)]);
+        // Closing keeps undelivered events pending.
+        q.push_batch(&s, 10, [seq(put("c", "1", 10), 10)]);
+        assert_eq!(q.close(), 1);
+        assert_eq!(q.cursor_positions(), vec![(s, 9)]);
+    }
+
+    #[test]
+    fn the_same_key_of_two_sources_is_never_folded() {
+        let q = EventQueue::new(1);
+        q.push([put("a", "1", 1)]);
+        let mut other = put("a", "2", 2);
+        other.source = Arc::from("t");
+        let s = q.push([other]);
+        assert_eq!(s.coalesced, 0);
+        assert_eq!(drain(&q).len(), 2);
     }
 
     #[test]

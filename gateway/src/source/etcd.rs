@@ -200,12 +200,15 @@ impl Source for EtcdSource {
     fn run(self: Box<Self>, ctx: SourceContext) -> SourceFuture {
         Box::pin(async move {
             let options = connect_options(&self.config).await?;
+            let resume = ctx.resume;
             let mut watcher = Watcher {
                 config: self.config,
                 options,
                 ctx,
                 index: BTreeMap::new(),
-                next_rev: None,
+                next_rev: resume.map(|r| r as i64 + 1),
+                check_resume: resume.is_some(),
+                sync_target: None,
                 cluster_id: None,
                 relist: false,
                 endpoint: 0,
@@ -300,6 +303,12 @@ struct Watcher {
     index: BTreeMap<String, (i64, Bytes)>,
     /// The next revision to deliver; `None` before the first snapshot.
     next_rev: Option<i64>,
+    /// Resumed from plugins' cursors: check on connecting that the store
+    /// has not gone back before the resume revision.
+    check_resume: bool,
+    /// Resumed: the store's revision at connect; the source is synced once
+    /// delivery reaches it.
+    sync_target: Option<i64>,
     cluster_id: Option<u64>,
     relist: bool,
     endpoint: usize,
@@ -395,6 +404,15 @@ impl Watcher {
             Ok(Err(e)) => return SessionEnd::Disconnected(e.to_string()),
             Err(_) => return SessionEnd::Disconnected(format!("no connection within {dial:?}")),
         };
+        if self.check_resume && !self.relist {
+            let checked = tokio::select! {
+                _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+                c = self.check_resume(&client) => c,
+            };
+            if let Err(end) = checked {
+                return end;
+            }
+        }
         if self.next_rev.is_none() || self.relist {
             let listed = tokio::select! {
                 _ = shutdown.cancelled() => return SessionEnd::Shutdown,
@@ -466,17 +484,77 @@ impl Watcher {
             if resp.created() {
                 watch_id = Some(resp.watch_id());
                 self.ctx.status.set_connected(true);
-                self.ctx.status.set_synced();
+                if self.sync_target.is_some() {
+                    // Resumed: synced once the replay caught up. A progress
+                    // reply comes once the server has sent everything up to
+                    // its current revision.
+                    let _ = stream.request_progress().await;
+                    self.check_synced(None);
+                } else {
+                    self.ctx.status.set_synced();
+                }
                 continue;
             }
             if let Err(end) = self.deliver(resp.events()) {
                 return end;
             }
+            let progress = resp.events().is_empty();
+            self.check_synced(
+                resp.header()
+                    .filter(|_| progress)
+                    .map(etcd_client::ResponseHeader::revision),
+            );
         }
     }
 
-    /// Read the prefix at one revision, page by page, and emit what differs
-    /// from the index (everything, the first time).
+    /// Resuming from plugins' cursors: learn the store's current revision,
+    /// and relist instead when it is below the resume point (a cluster
+    /// restored from a backup, or a different one behind the address).
+    async fn check_resume(&mut self, client: &Client) -> Result<(), SessionEnd> {
+        let dial = Duration::from_secs(self.config.dial_timeout_s);
+        let (start, end) = prefix_range(&self.config.prefix);
+        let opts = GetOptions::new().with_range(end).with_count_only();
+        let resp = match tokio::time::timeout(dial, client.kv_client().get(start, Some(opts))).await
+        {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err(SessionEnd::Disconnected(e.to_string())),
+            Err(_) => {
+                return Err(SessionEnd::Disconnected(format!(
+                    "no answer within {dial:?}"
+                )));
+            }
+        };
+        let current = resp.header().map_or(0, |h| h.revision());
+        if let Some(h) = resp.header() {
+            self.cluster_id = Some(h.cluster_id());
+        }
+        let resume_after = self.next_rev.unwrap_or(1) - 1;
+        self.check_resume = false;
+        if current < resume_after {
+            tracing::warn!(source = %self.ctx.name, current, resume_after, "etcd revision is below the plugins' cursors; relisting.");
+            self.relist = true;
+        } else {
+            self.sync_target = Some(current);
+        }
+        Ok(())
+    }
+
+    /// Resumed: open the readiness latch once delivery (or a progress
+    /// reply at `progress`) reached the revision seen at connect.
+    fn check_synced(&mut self, progress: Option<i64>) {
+        let Some(target) = self.sync_target else {
+            return;
+        };
+        let delivered = self.next_rev.unwrap_or(0) - 1;
+        if delivered >= target || progress.is_some_and(|p| p >= target) {
+            self.sync_target = None;
+            self.ctx.status.set_synced();
+        }
+    }
+
+    /// Read the prefix at one revision, page by page, and hand it over as a
+    /// snapshot; the dispatcher diffs it against its key index (everything
+    /// is new the first time).
     async fn list(&mut self, client: &Client) -> Result<(), SessionEnd> {
         let dial = Duration::from_secs(self.config.dial_timeout_s);
         let mut kv = client
@@ -548,36 +626,21 @@ impl Watcher {
         }
         let name = self.ctx.name.clone();
         let first = self.next_rev.is_none();
-        let mut batch = Vec::new();
-        for (key, (mod_rev, value, meta)) in &seen {
-            let prev = self.index.get(key);
-            if prev.is_some_and(|(r, v)| r == mod_rev && v == value) {
-                continue;
-            }
-            let mut e = Event::put(&name, key.clone(), value.clone(), (*mod_rev).max(1) as u64)
-                .with_prev(prev.map(|(_, v)| v.clone()));
-            e.resync = !first;
-            e.metadata = meta.clone();
-            batch.push(e);
-        }
-        for (key, (_, old)) in &self.index {
-            if !seen.contains_key(key) {
-                let mut e = Event::delete(&name, key.clone(), revision.max(1) as u64)
-                    .with_prev(Some(old.clone()));
-                e.resync = true;
-                batch.push(e);
-            }
-        }
+        let batch: Vec<Event> = seen
+            .iter()
+            .map(|(key, (mod_rev, value, meta))| {
+                let mut e = Event::put(&name, key.clone(), value.clone(), (*mod_rev).max(1) as u64);
+                e.metadata = meta.clone();
+                e
+            })
+            .collect();
         if !first {
             self.ctx.status.resynced();
-            tracing::info!(source = %name, revision, changes = batch.len(), "etcd source relisted and diffed.");
+            tracing::info!(source = %name, revision, keys = batch.len(), "etcd source relisted; the dispatcher diffs it.");
         }
         self.index = seen.into_iter().map(|(k, (r, v, _))| (k, (r, v))).collect();
-        if first {
-            self.ctx.emit_snapshot(batch);
-        } else {
-            self.ctx.emit(batch);
-        }
+        self.ctx.emit_snapshot_at(revision.max(0) as u64, batch);
+        self.sync_target = None;
         self.ctx.status.set_revision(revision.max(0) as u64);
         self.next_rev = Some(revision + 1);
         self.relist = false;
@@ -634,6 +697,8 @@ impl Watcher {
     }
 
     fn flush(&mut self, batch: &mut Vec<Event>, rev: i64) {
+        // A resumed watch replays what some plugin had not been given; the
+        // dispatcher skips, per plugin, what it had.
         self.ctx.emit(std::mem::take(batch));
         self.next_rev = Some(rev + 1);
     }

@@ -1,0 +1,707 @@
+//! The state directory: what must survive a restart or a crash.
+//!
+//! One embedded transactional store (redb, `DIR/state.redb`) holds, per
+//! plugin and source, the cursor (the last position whose events that plugin
+//! fully handled or dead-lettered); per source, the key index (key →
+//! revision, position and value, with tombstones for deletes some plugin has
+//! not handled yet) that restarts diff against; each plugin's `state`; and
+//! the dead letters. Writes go through one writer thread that commits in
+//! small batches: key-index changes in the order the dispatcher made them,
+//! and, in the same transaction, the cursors the running plugins report.
+//! Cursors are read *before* the pending writes are drained, so a committed
+//! cursor never covers an event whose key-index change is not committed.
+//!
+//! This module owns the file format (tables and their encodings) and the
+//! writer; it must not decide what a cursor means (the dispatcher does).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::event::EventLine;
+
+/// The store's file name inside the state directory.
+pub const FILE_NAME: &str = "state.redb";
+/// The layout version written into the store.
+const SCHEMA: u64 = 1;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const SOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("sources");
+const KEYS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("keys");
+const CURSORS: TableDefinition<(&str, &str), u64> = TableDefinition::new("cursors");
+const PLUGIN_STATE: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("plugin_state");
+const DEAD_LETTERS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dead_letters");
+
+/// How long the writer gathers changes before it commits.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(20);
+/// Most queued writes one transaction takes.
+const MAX_BATCH: usize = 20_000;
+
+/// A problem with the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The state directory could not be created.
+    #[error("cannot create the state directory {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another process (a running gateway) holds the store.
+    #[error(
+        "the state store {path} is in use by another process (is a gateway running with this state directory?)"
+    )]
+    InUse {
+        /// The store file.
+        path: PathBuf,
+    },
+    /// The file is not a readable store.
+    #[error(
+        "the state store {path} is unreadable: {message}. Nothing was changed; `watchgate state reset` moves it aside and starts empty (cursors, plugin state and dead letters are forgotten)"
+    )]
+    Unreadable {
+        /// The store file.
+        path: PathBuf,
+        /// What redb reported.
+        message: String,
+    },
+}
+
+/// One key of a source as the dispatcher last saw it: the current value, or
+/// a tombstone (`value: None`) for a delete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyEntry {
+    /// Current value; `None` once deleted.
+    pub value: Option<Bytes>,
+    /// The source's revision of the last change.
+    pub revision: u64,
+    /// Position of the last change.
+    pub seq: u64,
+    /// Source-specific extras of the last put.
+    pub metadata: Vec<(String, String)>,
+}
+
+/// Per-source bookkeeping.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceMeta {
+    /// The highest position assigned.
+    pub last_seq: u64,
+    /// For sources with a revision history: position = revision + offset.
+    /// Raised when the store's revisions go back (a replaced cluster).
+    pub offset: u64,
+    /// Tombstones at or below this position were pruned: a plugin whose
+    /// cursor is older restarts from a snapshot.
+    pub floor: u64,
+}
+
+/// An event a plugin failed on after every attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Identifier, unique in the store.
+    pub id: u64,
+    /// The event.
+    pub event: EventLine,
+    /// Its position.
+    pub seq: u64,
+    /// Outcome class of the last attempt.
+    pub outcome: String,
+    /// Message of the last attempt.
+    pub error: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Seconds since the Unix epoch of the last attempt.
+    pub at: u64,
+}
+
+/// Something that knows a running plugin's cursors (its queue).
+pub trait CursorProbe: Send + Sync {
+    /// (source, cursor) for every source the plugin tracks.
+    fn cursors(&self) -> Vec<(Arc<str>, u64)>;
+}
+
+enum Op {
+    Key(Arc<str>, String, Option<KeyEntry>),
+    Source(Arc<str>, SourceMeta),
+    Cursor(String, Arc<str>, u64),
+    State(String, String, Option<Vec<u8>>),
+    DeadLetter(String, u64, Option<Vec<u8>>),
+    Flush(mpsc::SyncSender<()>),
+}
+
+type Probes = Arc<Mutex<HashMap<String, Arc<dyn CursorProbe>>>>;
+
+/// The open store and its writer thread.
+pub struct Store {
+    db: Arc<Database>,
+    path: Option<PathBuf>,
+    tx: Mutex<Option<mpsc::Sender<Op>>>,
+    probes: Probes,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    next_dead_letter: AtomicU64,
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_stdvec(v).expect("in-memory encoding cannot fail")
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Store {
+    /// Open (or create) the store in `dir`.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the directory cannot be created, another process
+    /// holds the store, or the file is not a readable store of this layout.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let path = dir.join(FILE_NAME);
+        let db = Database::create(&path).map_err(|e| classify(&path, e))?;
+        Self::start(db, Some(path))
+    }
+
+    /// A store that keeps nothing on disk (tests, `plugin test`).
+    pub fn in_memory() -> Store {
+        let db = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .expect("an in-memory store always opens");
+        Self::start(db, None).expect("an in-memory store has the current layout")
+    }
+
+    fn start(db: Database, path: Option<PathBuf>) -> Result<Store, StoreError> {
+        let unreadable = |message: String| StoreError::Unreadable {
+            path: path.clone().unwrap_or_default(),
+            message,
+        };
+        let next_dead_letter = init_tables(&db).map_err(|e| unreadable(e.to_string()))?;
+        let schema = {
+            let r = db.begin_read().map_err(|e| unreadable(e.to_string()))?;
+            let t = r.open_table(META).map_err(|e| unreadable(e.to_string()))?;
+            t.get("schema")
+                .map_err(|e| unreadable(e.to_string()))?
+                .map(|v| v.value())
+        };
+        if schema != Some(SCHEMA) {
+            return Err(unreadable(format!(
+                "layout version {schema:?}, this gateway reads version {SCHEMA}"
+            )));
+        }
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::channel();
+        let probes: Probes = Arc::default();
+        let writer = {
+            let db = db.clone();
+            let probes = probes.clone();
+            std::thread::Builder::new()
+                .name("state-writer".into())
+                .spawn(move || write_loop(&db, &rx, &probes))
+                .expect("spawning the state writer")
+        };
+        Ok(Store {
+            db,
+            path,
+            tx: Mutex::new(Some(tx)),
+            probes,
+            writer: Mutex::new(Some(writer)),
+            next_dead_letter: AtomicU64::new(next_dead_letter),
+        })
+    }
+
+    /// The store file, when on disk.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Move the store in `dir` aside (to `state.redb.reset-UNIX_SECONDS`),
+    /// so the next start begins empty. Returns where it went, or `None`
+    /// when there was no store.
+    ///
+    /// # Errors
+    /// When a running gateway holds the store, or the file cannot be moved.
+    pub fn reset(dir: &Path) -> anyhow::Result<Option<PathBuf>> {
+        let path = dir.join(FILE_NAME);
+        if !path.exists() {
+            return Ok(None);
+        }
+        match Database::create(&path) {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StoreError::InUse { path }.into());
+            }
+            Ok(db) => drop(db),
+            Err(_) => {} // unreadable: exactly what reset is for
+        }
+        let backup = dir.join(format!("{FILE_NAME}.reset-{}", now_secs()));
+        std::fs::rename(&path, &backup).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot move {} to {}: {e}",
+                path.display(),
+                backup.display()
+            )
+        })?;
+        Ok(Some(backup))
+    }
+
+    fn send(&self, op: Op) {
+        if let Some(tx) = self.tx.lock().as_ref() {
+            let _ = tx.send(op);
+        }
+    }
+
+    /// Bookkeeping of `source`.
+    pub fn source_meta(&self, source: &str) -> SourceMeta {
+        self.read(|r| {
+            let t = r.open_table(SOURCES)?;
+            Ok(t.get(source)?
+                .and_then(|v| postcard::from_bytes(v.value()).ok())
+                .unwrap_or_default())
+        })
+        .unwrap_or_default()
+    }
+
+    /// The stored key index of `source`.
+    pub fn load_keys(&self, source: &str) -> BTreeMap<String, KeyEntry> {
+        self.read(|r| {
+            let t = r.open_table(KEYS)?;
+            let mut out = BTreeMap::new();
+            for item in t.range((source, "")..)? {
+                let (k, v) = item?;
+                let (s, key) = k.value();
+                if s != source {
+                    break;
+                }
+                if let Ok(entry) = postcard::from_bytes::<KeyEntry>(v.value()) {
+                    out.insert(key.to_owned(), entry);
+                }
+            }
+            Ok(out)
+        })
+        .unwrap_or_default()
+    }
+
+    /// The stored cursor of `plugin` for `source`.
+    pub fn cursor(&self, plugin: &str, source: &str) -> Option<u64> {
+        self.read(|r| {
+            let t = r.open_table(CURSORS)?;
+            Ok(t.get((plugin, source))?.map(|v| v.value()))
+        })
+        .ok()
+        .flatten()
+    }
+
+    /// Every stored cursor of `plugin`, by source.
+    pub fn cursors(&self, plugin: &str) -> BTreeMap<String, u64> {
+        self.read(|r| {
+            let t = r.open_table(CURSORS)?;
+            let mut out = BTreeMap::new();
+            for item in t.range((plugin, "")..)? {
+                let (k, v) = item?;
+                let (p, source) = k.value();
+                if p != plugin {
+                    break;
+                }
+                out.insert(source.to_owned(), v.value());
+            }
+            Ok(out)
+        })
+        .unwrap_or_default()
+    }
+
+    /// The stored `state` of `plugin`.
+    pub fn plugin_state(&self, plugin: &str) -> Vec<(String, Vec<u8>)> {
+        self.read(|r| {
+            let t = r.open_table(PLUGIN_STATE)?;
+            let mut out = Vec::new();
+            for item in t.range((plugin, "")..)? {
+                let (k, v) = item?;
+                let (p, key) = k.value();
+                if p != plugin {
+                    break;
+                }
+                out.push((key.to_owned(), v.value().to_vec()));
+            }
+            Ok(out)
+        })
+        .unwrap_or_default()
+    }
+
+    /// The dead letters of `plugin`, oldest first.
+    pub fn dead_letters(&self, plugin: &str) -> Vec<DeadLetter> {
+        self.read(|r| {
+            let t = r.open_table(DEAD_LETTERS)?;
+            let mut out = Vec::new();
+            for item in t.range((plugin, 0)..)? {
+                let (k, v) = item?;
+                if k.value().0 != plugin {
+                    break;
+                }
+                if let Ok(d) = serde_json::from_slice::<DeadLetter>(v.value()) {
+                    out.push(d);
+                }
+            }
+            Ok(out)
+        })
+        .unwrap_or_default()
+    }
+
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error>,
+    ) -> Result<T, redb::Error> {
+        let r = self.db.begin_read()?;
+        f(&r)
+    }
+
+    /// Record a key change (or prune it with `None`).
+    pub fn put_key(&self, source: &Arc<str>, key: String, entry: Option<KeyEntry>) {
+        self.send(Op::Key(source.clone(), key, entry));
+    }
+
+    /// Record a source's bookkeeping.
+    pub fn set_source_meta(&self, source: &Arc<str>, meta: SourceMeta) {
+        self.send(Op::Source(source.clone(), meta));
+    }
+
+    /// Record a cursor directly (a plugin starting at "now", or a final
+    /// cursor on unload).
+    pub fn set_cursor(&self, plugin: &str, source: &Arc<str>, seq: u64) {
+        self.send(Op::Cursor(plugin.to_owned(), source.clone(), seq));
+    }
+
+    /// Record a plugin `state` change.
+    pub fn set_plugin_state(&self, plugin: &str, key: &str, value: Option<&[u8]>) {
+        self.send(Op::State(
+            plugin.to_owned(),
+            key.to_owned(),
+            value.map(<[u8]>::to_vec),
+        ));
+    }
+
+    /// Record a new dead letter; returns it with its id.
+    pub fn add_dead_letter(&self, plugin: &str, mut letter: DeadLetter) -> DeadLetter {
+        letter.id = self.next_dead_letter.fetch_add(1, Ordering::SeqCst);
+        letter.at = now_secs();
+        let bytes = serde_json::to_vec(&letter).expect("a dead letter encodes");
+        self.send(Op::DeadLetter(plugin.to_owned(), letter.id, Some(bytes)));
+        letter
+    }
+
+    /// Forget a dead letter (replayed successfully, or deleted).
+    pub fn remove_dead_letter(&self, plugin: &str, id: u64) {
+        self.send(Op::DeadLetter(plugin.to_owned(), id, None));
+    }
+
+    /// Report `probe`'s cursors with every commit from now on.
+    pub fn register(&self, plugin: &str, probe: Arc<dyn CursorProbe>) {
+        self.probes.lock().insert(plugin.to_owned(), probe);
+    }
+
+    /// Stop reporting `plugin`'s cursors, recording their final values.
+    pub fn unregister(&self, plugin: &str) {
+        if let Some(p) = self.probes.lock().remove(plugin) {
+            for (source, seq) in p.cursors() {
+                self.set_cursor(plugin, &source, seq);
+            }
+        }
+    }
+
+    /// Wait until everything recorded so far is committed.
+    pub fn flush(&self) {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.send(Op::Flush(tx));
+        let _ = rx.recv_timeout(Duration::from_secs(30));
+    }
+
+    /// Commit what is pending and stop the writer. Later writes are ignored.
+    pub fn close(&self) {
+        self.tx.lock().take();
+        if let Some(w) = self.writer.lock().take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Map an open error to what the operator must know.
+fn classify(path: &Path, e: redb::DatabaseError) -> StoreError {
+    match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse {
+            path: path.to_owned(),
+        },
+        other => StoreError::Unreadable {
+            path: path.to_owned(),
+            message: other.to_string(),
+        },
+    }
+}
+
+/// Create missing tables and the layout version; returns the next free dead
+/// letter id.
+fn init_tables(db: &Database) -> Result<u64, redb::Error> {
+    let w = db.begin_write()?;
+    let next;
+    {
+        let mut meta = w.open_table(META)?;
+        if meta.get("schema")?.is_none() {
+            let empty = w.list_tables()?.count() <= 1;
+            if empty {
+                meta.insert("schema", SCHEMA)?;
+            }
+        }
+        w.open_table(SOURCES)?;
+        w.open_table(KEYS)?;
+        w.open_table(CURSORS)?;
+        w.open_table(PLUGIN_STATE)?;
+        let dl = w.open_table(DEAD_LETTERS)?;
+        let mut max = 0;
+        for item in dl.iter()? {
+            let (k, _) = item?;
+            max = max.max(k.value().1);
+        }
+        next = max + 1;
+    }
+    w.commit()?;
+    Ok(next)
+}
+
+/// The writer thread: gather, then commit cursors and changes together.
+fn write_loop(db: &Database, rx: &mpsc::Receiver<Op>, probes: &Probes) {
+    let mut written: HashMap<(String, Arc<str>), u64> = HashMap::new();
+    let mut failures = 0u64;
+    loop {
+        let first = rx.recv_timeout(COMMIT_INTERVAL);
+        let closed = matches!(first, Err(mpsc::RecvTimeoutError::Disconnected));
+        if !closed && first.is_ok() {
+            // Give concurrent writers a moment to join this transaction.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Cursors first: every event they cover was recorded before now.
+        let mut cursors: Vec<(String, Arc<str>, u64)> = Vec::new();
+        for (plugin, probe) in probes.lock().iter() {
+            for (source, seq) in probe.cursors() {
+                cursors.push((plugin.clone(), source, seq));
+            }
+        }
+        let mut ops: Vec<Op> = first.into_iter().collect();
+        while ops.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => ops.push(op),
+                Err(_) => break,
+            }
+        }
+        cursors.retain(|(p, s, seq)| written.get(&(p.clone(), s.clone())) != Some(seq));
+        if !ops.is_empty() || !cursors.is_empty() {
+            let mut acks = Vec::new();
+            match commit(db, ops, &cursors, &mut acks) {
+                Ok(explicit) => {
+                    for (p, s, seq) in cursors.into_iter().chain(explicit) {
+                        written.insert((p, s), seq);
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures.is_power_of_two() {
+                        tracing::error!(error = %e, failures, "Writing the state store failed; cursors stay where they were.");
+                    }
+                }
+            }
+            for a in acks {
+                let _ = a.send(());
+            }
+        }
+        if closed {
+            return;
+        }
+    }
+}
+
+type Written = Vec<(String, Arc<str>, u64)>;
+
+fn commit(
+    db: &Database,
+    ops: Vec<Op>,
+    cursors: &[(String, Arc<str>, u64)],
+    acks: &mut Vec<mpsc::SyncSender<()>>,
+) -> Result<Written, redb::Error> {
+    let w = db.begin_write()?;
+    let mut explicit = Vec::new();
+    {
+        let mut keys = w.open_table(KEYS)?;
+        let mut sources = w.open_table(SOURCES)?;
+        let mut cur = w.open_table(CURSORS)?;
+        let mut state = w.open_table(PLUGIN_STATE)?;
+        let mut dead = w.open_table(DEAD_LETTERS)?;
+        for op in ops {
+            match op {
+                Op::Key(s, k, Some(e)) => {
+                    keys.insert((&*s, k.as_str()), encode(&e).as_slice())?;
+                }
+                Op::Key(s, k, None) => {
+                    keys.remove((&*s, k.as_str()))?;
+                }
+                Op::Source(s, m) => {
+                    sources.insert(&*s, encode(&m).as_slice())?;
+                }
+                Op::Cursor(p, s, seq) => {
+                    cur.insert((p.as_str(), &*s), seq)?;
+                    explicit.push((p, s, seq));
+                }
+                Op::State(p, k, Some(v)) => {
+                    state.insert((p.as_str(), k.as_str()), v.as_slice())?;
+                }
+                Op::State(p, k, None) => {
+                    state.remove((p.as_str(), k.as_str()))?;
+                }
+                Op::DeadLetter(p, id, Some(v)) => {
+                    dead.insert((p.as_str(), id), v.as_slice())?;
+                }
+                Op::DeadLetter(p, id, None) => {
+                    dead.remove((p.as_str(), id))?;
+                }
+                Op::Flush(a) => acks.push(a),
+            }
+        }
+        for (p, s, seq) in cursors {
+            cur.insert((p.as_str(), &**s), *seq)?;
+        }
+    }
+    w.commit()?;
+    Ok(explicit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed(Vec<(Arc<str>, u64)>);
+    impl CursorProbe for Fixed {
+        fn cursors(&self) -> Vec<(Arc<str>, u64)> {
+            self.0.clone()
+        }
+    }
+
+    fn entry(v: &str, seq: u64) -> KeyEntry {
+        KeyEntry {
+            value: Some(Bytes::from(v.to_owned())),
+            revision: seq,
+            seq,
+            metadata: vec![],
+        }
+    }
+
+    #[test]
+    fn everything_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let s: Arc<str> = Arc::from("etcd");
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.put_key(&s, "a".into(), Some(entry("1", 3)));
+            store.put_key(&s, "b".into(), Some(entry("2", 4)));
+            store.put_key(&Arc::from("other"), "a".into(), Some(entry("x", 1)));
+            store.set_source_meta(
+                &s,
+                SourceMeta {
+                    last_seq: 4,
+                    offset: 0,
+                    floor: 0,
+                },
+            );
+            store.register("p", Arc::new(Fixed(vec![(s.clone(), 3)])));
+            store.set_plugin_state("p", "k", Some(b"v"));
+            let line = crate::event::Event::put(&s, "a", Bytes::from_static(b"1"), 3).to_line();
+            let d = store.add_dead_letter(
+                "p",
+                DeadLetter {
+                    id: 0,
+                    event: line,
+                    seq: 3,
+                    outcome: "trap".into(),
+                    error: "boom".into(),
+                    attempts: 3,
+                    at: 0,
+                },
+            );
+            assert_eq!(d.id, 1);
+            store.flush();
+            store.close();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let keys = store.load_keys("etcd");
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys["b"], entry("2", 4));
+        assert_eq!(store.source_meta("etcd").last_seq, 4);
+        assert_eq!(store.cursor("p", "etcd"), Some(3));
+        assert_eq!(store.plugin_state("p"), vec![("k".into(), b"v".to_vec())]);
+        let dl = store.dead_letters("p");
+        assert_eq!(dl.len(), 1);
+        assert_eq!(dl[0].error, "boom");
+        // New ids never reuse old ones.
+        let line = dl[0].event.clone();
+        let d = store.add_dead_letter(
+            "p",
+            DeadLetter {
+                id: 0,
+                ..dl[0].clone()
+            },
+        );
+        assert_eq!(d.id, 2);
+        assert_eq!(d.event, line);
+    }
+
+    #[test]
+    fn a_second_open_is_refused_and_garbage_is_reported_not_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StoreError::InUse { .. })
+        ));
+        assert!(
+            Store::reset(dir.path()).is_err(),
+            "reset refuses a store in use"
+        );
+        store.close();
+        drop(store);
+
+        let bad = tempfile::tempdir().unwrap();
+        std::fs::write(bad.path().join(FILE_NAME), vec![7u8; 8192]).unwrap();
+        let Err(err) = Store::open(bad.path()) else {
+            panic!("garbage must not open")
+        };
+        assert!(matches!(err, StoreError::Unreadable { .. }), "{err}");
+        assert!(err.to_string().contains("watchgate state reset"), "{err}");
+        assert_eq!(
+            std::fs::read(bad.path().join(FILE_NAME)).unwrap(),
+            vec![7u8; 8192]
+        );
+        let moved = Store::reset(bad.path()).unwrap().unwrap();
+        assert_eq!(std::fs::read(&moved).unwrap(), vec![7u8; 8192]);
+        Store::open(bad.path()).expect("starts empty after a reset");
+    }
+}
