@@ -129,6 +129,10 @@ pub struct DeadLetterArgs {
     /// The plugin.
     #[arg(long, short)]
     pub plugin: String,
+    /// The admin server's base URL, when `[admin] listen` does not say
+    /// where to reach it (port 0, or another host).
+    #[arg(long)]
+    pub admin: Option<String>,
 }
 
 /// `watchgate state reset`: returns the exit code.
@@ -142,10 +146,8 @@ pub fn state_reset(config_path: &Path) -> i32 {
     };
     match crate::store::Store::reset(&config.state.dir) {
         Ok(Some(moved)) => {
-            println!(
-                "state store moved to {}; the next start begins with an empty store",
-                moved.display()
-            );
+            println!("state store moved aside to {}", moved.display());
+            println!("the next start begins with an empty store");
             0
         }
         Ok(None) => {
@@ -176,12 +178,16 @@ pub fn dead_letters(command: DeadLetterCommand) -> i32 {
             return 2;
         }
     };
-    let mut addr = config.admin.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
+    let base = args.admin.clone().unwrap_or_else(|| {
+        let mut addr = config.admin.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{addr}")
+    });
     let url = format!(
-        "http://{addr}/v1/plugins/{}/dead-letters{suffix}",
+        "{}/v1/plugins/{}/dead-letters{suffix}",
+        base.trim_end_matches('/'),
         percent_encoding::utf8_percent_encode(&args.plugin, percent_encoding::NON_ALPHANUMERIC)
     );
     let token = config.admin.effective_token();

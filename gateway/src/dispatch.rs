@@ -914,9 +914,12 @@ impl EventSink for Dispatcher {
                 continue;
             }
             let from = w.queue.enqueued(source).unwrap_or(0);
+            // The first sync of a scope is the state before any change:
+            // a plugin that starts at "now" never sees it.
+            let first_for_now = !had_scope && spec.start == StartPosition::Now;
             let mut out: Vec<Event> = changes
                 .iter()
-                .filter(|e| spec.matches(source, &e.key))
+                .filter(|e| !first_for_now && spec.matches(source, &e.key))
                 .cloned()
                 .collect();
             out.extend(keys.missed(&name, &spec, scope, from, upto));

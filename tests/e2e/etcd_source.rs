@@ -17,21 +17,21 @@ use crate::etcd_harness::{Etcd, EtcdCluster, EtcdOptions, etcdctl};
 use crate::fault_proxy::{FaultProxy, Mode};
 use crate::support::{Gateway, wait_for};
 
-const DEADLINE: Duration = Duration::from_secs(60);
-const PREFIX: &str = "/wg/";
-const SENTINEL: &str = "/wg/~sentinel";
+pub(crate) const DEADLINE: Duration = Duration::from_secs(60);
+pub(crate) const PREFIX: &str = "/wg/";
+pub(crate) const SENTINEL: &str = "/wg/~sentinel";
 
 /// One delivered or recorded change: (kind, key, value, revision).
-type Change = (String, String, Option<String>, u64);
+pub(crate) type Change = (String, String, Option<String>, u64);
 
 /// A test's own etcd client.
-struct Store {
+pub(crate) struct Store {
     rt: tokio::runtime::Runtime,
     client: Client,
 }
 
 impl Store {
-    fn connect(endpoints: &[String]) -> Store {
+    pub(crate) fn connect(endpoints: &[String]) -> Store {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -42,12 +42,16 @@ impl Store {
         Store { rt, client }
     }
 
-    fn put(&mut self, key: &str, value: impl Into<Vec<u8>>) -> Result<i64, etcd_client::Error> {
+    pub(crate) fn put(
+        &mut self,
+        key: &str,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<i64, etcd_client::Error> {
         let r = self.rt.block_on(self.client.put(key, value, None))?;
         Ok(r.header().map_or(0, |h| h.revision()))
     }
 
-    fn delete(&mut self, key: &str) -> Result<i64, etcd_client::Error> {
+    pub(crate) fn delete(&mut self, key: &str) -> Result<i64, etcd_client::Error> {
         let r = self.rt.block_on(self.client.delete(key, None))?;
         Ok(r.header().map_or(0, |h| h.revision()))
     }
@@ -58,7 +62,7 @@ impl Store {
             .map(|_| ())
     }
 
-    fn revision(&mut self) -> i64 {
+    pub(crate) fn revision(&mut self) -> i64 {
         let r = self
             .rt
             .block_on(self.client.get(
@@ -69,7 +73,7 @@ impl Store {
         r.header().unwrap().revision()
     }
 
-    fn compact(&mut self, revision: i64) {
+    pub(crate) fn compact(&mut self, revision: i64) {
         self.rt
             .block_on(
                 self.client
@@ -79,7 +83,10 @@ impl Store {
     }
 
     /// Retry `op` until etcd accepts it (the server may be restarting).
-    fn retry<T>(&mut self, mut op: impl FnMut(&mut Store) -> Result<T, etcd_client::Error>) -> T {
+    pub(crate) fn retry<T>(
+        &mut self,
+        mut op: impl FnMut(&mut Store) -> Result<T, etcd_client::Error>,
+    ) -> T {
         let start = Instant::now();
         loop {
             match op(self) {
@@ -93,7 +100,7 @@ impl Store {
     }
 
     /// The prefix's history from `from` up to and including the sentinel.
-    fn history(&mut self, from: i64) -> Vec<Change> {
+    pub(crate) fn history(&mut self, from: i64) -> Vec<Change> {
         self.rt.block_on(async {
             let mut stream = self
                 .client
@@ -134,7 +141,7 @@ impl Store {
     }
 }
 
-fn etcd_source(endpoints: &[String], extra: &str) -> String {
+pub(crate) fn etcd_source(endpoints: &[String], extra: &str) -> String {
     let list: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
     format!(
         "[[source]]\nname = \"main\"\nkind = \"etcd\"\nendpoints = [{}]\nprefix = \"{PREFIX}\"\n\
@@ -143,7 +150,7 @@ fn etcd_source(endpoints: &[String], extra: &str) -> String {
     )
 }
 
-fn changes(events: &[Value]) -> Vec<Change> {
+pub(crate) fn changes(events: &[Value]) -> Vec<Change> {
     events
         .iter()
         .map(|e| {
@@ -158,7 +165,7 @@ fn changes(events: &[Value]) -> Vec<Change> {
 }
 
 /// Wait until event-log has seen the sentinel; returns its events.
-fn wait_sentinel(g: &mut Gateway) -> Vec<Value> {
+pub(crate) fn wait_sentinel(g: &mut Gateway) -> Vec<Value> {
     wait_for("the sentinel to arrive", DEADLINE, || {
         g.assert_running();
         let e = g.events("event-log");

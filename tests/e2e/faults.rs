@@ -82,8 +82,7 @@ fn panicking_and_spinning_plugins_do_not_delay_or_lose_events() {
     );
     // Every trap recycled the instance: one fresh instance per failed call.
     assert!(
-        g.metric("watchgate_plugin_instantiations_total{plugin=\"fault-panic\"}")
-            >= 3.0 * N as f64
+        g.metric("watchgate_plugin_instantiations_total{plugin=\"fault-panic\"}") >= 3.0 * N as f64
     );
 
     // The gateway is still healthy and still delivering.

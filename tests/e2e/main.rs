@@ -8,6 +8,7 @@
 mod cli;
 mod conn_registry;
 mod consul_source;
+mod durable;
 mod etcd_harness;
 mod etcd_source;
 mod fake_consul;

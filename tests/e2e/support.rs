@@ -284,6 +284,26 @@ impl Gateway {
         })
     }
 
+    /// Kill the gateway with SIGKILL (a crash) and wait until it is gone.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("started");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Run `watchgate ARGS…` to completion: exit code, stdout, stderr.
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_watchgate"))
+            .args(args)
+            .output()
+            .expect("run watchgate");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// Send SIGTERM and wait for the exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("started");
