@@ -273,6 +273,9 @@ impl App {
         if new.plugins.dir != old.plugins.dir {
             report.requires_restart.push("plugins.dir".into());
         }
+        if new.state.dir != old.state.dir {
+            report.requires_restart.push("state.dir".into());
+        }
         let (o, n) = (&old.runtime, &new.runtime);
         if (
             o.max_memory_mb,
@@ -294,6 +297,7 @@ impl App {
         let mut effective = new.clone();
         effective.admin.listen = old.admin.listen;
         effective.plugins.dir = old.plugins.dir.clone();
+        effective.state.dir = old.state.dir.clone();
         effective.runtime.max_memory_mb = o.max_memory_mb;
         effective.runtime.max_timeout_ms = o.max_timeout_ms;
         effective.runtime.max_wasm_stack_kb = o.max_wasm_stack_kb;

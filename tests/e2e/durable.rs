@@ -309,21 +309,30 @@ fn start_now_skips_the_snapshot_and_a_replaced_plugin_keeps_its_cursor() {
     assert_eq!(now.len(), 1);
     assert_eq!(now[0]["key"], "z");
 
-    // A new version of `snap` (its settings changed) keeps its queue and
-    // cursor: nothing is sent again.
-    g.install(
-        "snap",
-        "event-log",
-        "[limits]\nmemory_mb = 48\n[grants]\nfiles = \"../out/snap\"\n",
-    );
-    wait_for("snap to be replaced", DEADLINE, || {
+    // A new build of `snap` (a different file: event-log with a custom
+    // section appended) keeps its queue and cursor: nothing is sent again.
+    let digest = |g: &Gateway| -> Value {
         let p = g.json("/v1/plugins");
         p["plugins"]
             .as_array()
             .unwrap()
             .iter()
-            .any(|p| p["name"] == "snap" && p["limits"]["memory_mb"] == 48)
-            .then_some(())
+            .find(|p| p["name"] == "snap")
+            .map(|p| p["digest"].clone())
+            .unwrap()
+    };
+    let old = digest(&g);
+    let mut wasm = std::fs::read(crate::support::plugin("event-log")).unwrap();
+    let name = b"rebuilt";
+    let payload = b"2";
+    wasm.push(0); // custom section
+    wasm.push((1 + name.len() + payload.len()) as u8);
+    wasm.push(name.len() as u8);
+    wasm.extend_from_slice(name);
+    wasm.extend_from_slice(payload);
+    crate::support::write_atomic(&g.path("plugins.d/snap.wasm"), &wasm);
+    wait_for("snap to be replaced", DEADLINE, || {
+        (digest(&g) != old).then_some(())
     });
     std::fs::write(g.path("watched/marker"), "1").unwrap();
     let snap = g.wait_events("snap", 4, DEADLINE);
