@@ -176,7 +176,10 @@ impl App {
             self.metrics.clone(),
             token.clone(),
         );
-        ctx.resume = self.dispatcher.resume_position(&name);
+        ctx.resume = entry
+            .spec
+            .history_identity()
+            .and_then(|identity| self.dispatcher.resume_position(&name, &identity));
         if let Some(revision) = ctx.resume {
             tracing::info!(source = %name, after = revision, "Resuming the watch from the plugins' cursors.");
         }

@@ -463,7 +463,17 @@ impl SourceConfig {
     /// Whether the store keeps a revision history a watch can resume in
     /// (etcd); other sources relist after a gap.
     pub fn has_history(&self) -> bool {
-        matches!(self, SourceConfig::Etcd(_))
+        self.history_identity().is_some()
+    }
+
+    /// For a source with a revision history: what its positions are
+    /// positions *of*. A watch resumes from stored cursors only while this
+    /// is unchanged; a different prefix must be relisted.
+    pub fn history_identity(&self) -> Option<String> {
+        match self {
+            SourceConfig::Etcd(c) => Some(format!("etcd prefix={:?}", c.prefix)),
+            _ => None,
+        }
     }
 }
 

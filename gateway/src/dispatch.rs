@@ -81,6 +81,8 @@ struct SourceKeys {
     revisioned: bool,
     /// Something was delivered in this process.
     live: bool,
+    /// The identity to record with the next snapshot (a changed prefix).
+    pending_identity: Option<String>,
     tombstones: usize,
     batches: u64,
 }
@@ -102,6 +104,7 @@ impl SourceCache {
                 meta: store.source_meta(name),
                 revisioned,
                 live: false,
+                pending_identity: None,
                 tombstones,
                 batches: 0,
             }),
@@ -550,7 +553,7 @@ impl SourceKeys {
             store.put_key(name, e.key.clone(), Some(entry.clone()));
             self.map.insert(e.key.clone(), entry);
         }
-        store.set_source_meta(name, self.meta);
+        store.set_source_meta(name, self.meta.clone());
         self.live = true;
     }
 
@@ -754,12 +757,22 @@ impl Dispatcher {
 
     /// Where a source with a revision history should resume its watch:
     /// events after the returned revision are the ones some running plugin
-    /// has not been given. `None` when the source keeps no history or has
-    /// never delivered (it starts with a full snapshot).
-    pub fn resume_position(&self, source: &str) -> Option<u64> {
+    /// has not been given. `None` when the source keeps no history, has
+    /// never delivered, or `identity` (its prefix) changed: it starts with
+    /// a full snapshot, diffed against the index.
+    pub fn resume_position(&self, source: &str, identity: &str) -> Option<u64> {
         let cache = self.caches.get(source)?.clone();
-        let keys = cache.keys.lock();
-        if !keys.revisioned || keys.meta.last_seq == 0 {
+        let mut keys = cache.keys.lock();
+        if !keys.revisioned {
+            return None;
+        }
+        if keys.meta.identity != identity {
+            // Positions of another prefix: relist, and record the new
+            // identity with that snapshot.
+            keys.pending_identity = Some(identity.to_owned());
+            return None;
+        }
+        if keys.meta.last_seq == 0 {
             return None;
         }
         let min = self
@@ -806,7 +819,7 @@ impl Dispatcher {
             self.store.put_key(name, k, None);
         }
         keys.meta.floor = keys.meta.floor.max(floor);
-        self.store.set_source_meta(name, keys.meta);
+        self.store.set_source_meta(name, keys.meta.clone());
     }
 
     fn cache(&self, source: &str) -> Arc<SourceCache> {
@@ -884,6 +897,9 @@ impl EventSink for Dispatcher {
         let name = cache.name.clone();
         let mut keys = cache.keys.lock();
         let upto = keys.snapshot_position(revision);
+        if let Some(identity) = keys.pending_identity.take() {
+            keys.meta.identity = identity;
+        }
         // Nothing of this scope known: a first sync, not a resync.
         let had_scope = keys.map.keys().any(|k| scope(k));
         let fresh: std::collections::HashSet<String> =

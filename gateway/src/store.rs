@@ -92,7 +92,7 @@ pub struct KeyEntry {
 }
 
 /// Per-source bookkeeping.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceMeta {
     /// The highest position assigned.
     pub last_seq: u64,
@@ -102,6 +102,9 @@ pub struct SourceMeta {
     /// Tombstones at or below this position were pruned: a plugin whose
     /// cursor is older restarts from a snapshot.
     pub floor: u64,
+    /// What the positions of a source with history refer to (its prefix);
+    /// a watch resumes only while it is unchanged.
+    pub identity: String,
 }
 
 /// An event a plugin failed on after every attempt.
@@ -628,8 +631,7 @@ mod tests {
                 &s,
                 SourceMeta {
                     last_seq: 4,
-                    offset: 0,
-                    floor: 0,
+                    ..SourceMeta::default()
                 },
             );
             store.register("p", Arc::new(Fixed(vec![(s.clone(), 3)])));

@@ -547,3 +547,40 @@ fn plugin_state_survives_a_restart() {
         g.log().contains("count=3").then_some(())
     });
 }
+
+#[test]
+fn a_changed_etcd_prefix_is_relisted_not_resumed() {
+    let etcd = Etcd::start();
+    let (mut g, mut store) = seen_then_stopped(&etcd);
+    store.put("/wg/sub/x", "1").unwrap();
+    let path = g.config_path();
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replacen("prefix = \"/wg/\"", "prefix = \"/wg/sub/\"", 1),
+    )
+    .unwrap();
+    g.start();
+    assert!(
+        !g.log().contains("Resuming the watch"),
+        "resumed positions of another prefix:\n{}",
+        g.log()
+    );
+    let events = g.wait_events("event-log", 5, DEADLINE);
+    assert_eq!(
+        kkvr(&events[2..]),
+        vec![
+            ("delete".into(), "/wg/a".into(), None, true),
+            ("delete".into(), "/wg/b".into(), None, true),
+            ("put".into(), "/wg/sub/x".into(), Some("1".into()), true),
+        ]
+    );
+    // The next start resumes again.
+    assert!(g.stop().success());
+    store.put("/wg/sub/y", "1").unwrap();
+    g.start();
+    assert!(g.log().contains("Resuming the watch"), "{}", g.log());
+    let events = g.wait_events("event-log", 6, DEADLINE);
+    assert_eq!(events[5]["key"], "/wg/sub/y");
+    assert_eq!(events[5]["resync"], false);
+}
