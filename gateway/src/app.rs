@@ -180,6 +180,9 @@ impl App {
             .spec
             .history_identity()
             .and_then(|identity| self.dispatcher.resume_position(&name, &identity));
+        if !entry.spec.has_history() {
+            ctx.revision_base = self.dispatcher.last_position(&name);
+        }
         if let Some(revision) = ctx.resume {
             tracing::info!(source = %name, after = revision, "Resuming the watch from the plugins' cursors.");
         }

@@ -785,6 +785,13 @@ impl Dispatcher {
         Some(min.saturating_sub(keys.meta.offset))
     }
 
+    /// The highest position `source` reached, in this run or an earlier one.
+    pub fn last_position(&self, source: &str) -> u64 {
+        self.caches
+            .get(source)
+            .map_or(0, |c| c.keys.lock().meta.last_seq)
+    }
+
     /// Drop tombstones every subscribed plugin has handled, now and then.
     fn maybe_prune(&self, name: &Arc<str>, keys: &mut SourceKeys) {
         keys.batches += 1;

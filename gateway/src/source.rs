@@ -78,6 +78,10 @@ pub struct SourceContext {
     /// revision rather than a snapshot (some plugin has not been given
     /// them). `None`: start with a snapshot.
     pub resume: Option<u64>,
+    /// For a source whose revisions are its own counter: the revision an
+    /// earlier run of it reached, to count on from (so revisions never go
+    /// back across restarts). 0 the first time.
+    pub revision_base: u64,
     sink: Arc<dyn EventSink>,
     metrics: Arc<Metrics>,
 }
@@ -96,6 +100,7 @@ impl SourceContext {
             status,
             shutdown,
             resume: None,
+            revision_base: 0,
             sink,
             metrics,
         }

@@ -258,6 +258,12 @@ fn files_removed_or_changed_while_down_arrive_as_resync_after_a_stop_or_a_crash(
             ("put".into(), "b".into(), Some("2".into()), true),
         ]
     );
+    // Revisions count on across the restart; they never go back.
+    let revisions: Vec<u64> = events
+        .iter()
+        .map(|e| e["revision"].as_u64().unwrap())
+        .collect();
+    assert!(revisions[3] > revisions[2], "{revisions:?}");
 
     // A crash right after a change was handled: at least once, nothing
     // lost, and the unchanged `c` is never sent again.

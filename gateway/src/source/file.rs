@@ -158,12 +158,14 @@ impl Runner {
             Scan::Replaced => return Err(fail(&"it was replaced during the initial scan")),
         };
         self.ctx.status.set_connected(true);
-        // The initial snapshot is revision 1 even when it is empty, and is
-        // delivered as the source's full state (the dispatcher diffs it
-        // against what an earlier run of this source delivered).
-        let events = diff(&self.ctx.name, &self.index, &snapshot.files, 1, false);
+        // The initial snapshot is the first revision (1, or one past what an
+        // earlier run reached) even when it is empty, and is delivered as
+        // the source's full state (the dispatcher diffs it against what an
+        // earlier run of this source delivered).
+        let first = self.ctx.revision_base + 1;
+        let events = diff(&self.ctx.name, &self.index, &snapshot.files, first, false);
         self.index = snapshot.files;
-        self.revision = 1;
+        self.revision = first;
         self.ctx.emit_snapshot(events);
         self.ctx.status.set_synced();
         info!(

@@ -385,7 +385,7 @@ async fn configs_loop(s: Arc<Shared>, i: usize) {
         .map(|c| (c.clone(), String::new()))
         .collect();
     let mut contents: BTreeMap<NacosConfigRef, Bytes> = BTreeMap::new();
-    let mut revision = 0u64;
+    let mut revision = s.ctx.revision_base;
     // The first read of every config, as the initial snapshot.
     let mut pending: Vec<NacosConfigRef> = s.config.configs.clone();
     let mut first = true;
@@ -532,7 +532,7 @@ async fn service_loop(s: Arc<Shared>, i: usize, service: String) {
     let mut backoff = backoff_for(&s.config);
     let mut errors = RepeatLog::new(Duration::from_secs(60));
     let mut known: BTreeMap<String, Bytes> = BTreeMap::new();
-    let mut revision = 0u64;
+    let mut revision = s.ctx.revision_base;
     let mut first = true;
     let prefix = format!("services/{service}/");
     let scope = |key: &str| key.starts_with(&prefix);
