@@ -274,3 +274,31 @@ fn a_source_restarted_by_a_reload_reports_only_what_changed_meanwhile() {
         .unwrap();
     assert_eq!(gone["resync"], true);
 }
+
+#[test]
+fn an_instance_deregistered_while_the_gateway_was_down_arrives_as_a_resync_delete() {
+    let consul = FakeConsul::start();
+    consul.register("web", "web-1", "10.0.0.1", 8080, &[]);
+    consul.register("web", "web-2", "10.0.0.2", 8080, &[]);
+    let mut g = gateway(&consul, "");
+    let before = wait_state(&mut g, "both instances", |s| s.len() == 2).len();
+    assert!(g.stop().success());
+
+    consul.deregister("web", "web-1");
+    g.start();
+    let events = wait_state(&mut g, "web-1 deleted", |s| {
+        !s.contains_key("services/web/web-1")
+    });
+    let after: Vec<(&str, &str, bool)> = events[before..]
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap(),
+                e["key"].as_str().unwrap(),
+                e["resync"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    // Only the change is sent, flagged resync: web-2 is not sent again.
+    assert_eq!(after, vec![("delete", "services/web/web-1", true)]);
+}
