@@ -1,7 +1,8 @@
 //! The admin HTTP server: liveness, readiness, metrics and a JSON view.
 //!
 //! Owns the hyper server and the routes `GET /livez`, `/readyz`,
-//! `/metrics`, `/v1/plugins`, `/v1/sources`, `/v1/plugins/NAME/dead-letters`,
+//! `/metrics`, `/v1/plugins`, `/v1/sources`, `/v1/cluster`,
+//! `/v1/plugins/NAME/dead-letters`,
 //! and, with the bearer token, `POST /v1/reload`,
 //! `POST /v1/plugins/NAME/dead-letters/replay` and
 //! `DELETE /v1/plugins/NAME/dead-letters`. Read handlers only read shared status; they must never
@@ -58,6 +59,8 @@ pub struct AdminState {
     pub settings: RwLock<AdminSettings>,
     /// Where reload requests go.
     pub reload: mpsc::Sender<ReloadRequest>,
+    /// Cluster membership and ownership, in cluster mode.
+    pub cluster: Option<Arc<RwLock<crate::cluster::ClusterReport>>>,
     /// True until the configured sources have been started (before that the
     /// source list is incomplete and readiness would be vacuous).
     pub starting: std::sync::atomic::AtomicBool,
@@ -320,6 +323,7 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
         "/v1/plugins",
         "/v1/sources",
         "/v1/reload",
+        "/v1/cluster",
     ];
     if !known.contains(&path) {
         return json(
@@ -368,6 +372,15 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
                 rejected: state.loader.rejected(),
             },
         ),
+        "/v1/cluster" => match &state.cluster {
+            Some(c) => json(StatusCode::OK, &*c.read()),
+            None => json(
+                StatusCode::NOT_FOUND,
+                &ErrorBody {
+                    error: "not in cluster mode: this gateway runs alone (no [cluster] in its config)",
+                },
+            ),
+        },
         _ => json(
             StatusCode::OK,
             &SourcesBody {

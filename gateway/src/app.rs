@@ -23,6 +23,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminSettings, AdminState, ReloadRequest};
+use crate::cluster::{Cluster, ClusterReport};
 use crate::config::{Config, SourceConfig, SourceEntry, StartupPolicy};
 use crate::dispatch::Dispatcher;
 use crate::host::log::TracingSink;
@@ -138,6 +139,7 @@ enum Task {
     Loader,
     Source { name: String, generation: u64 },
     SignalListener,
+    Cluster,
 }
 
 /// What a reload changed, as `POST /v1/reload` answers it.
@@ -213,6 +215,19 @@ impl App {
         self.publish_sources();
     }
 
+    /// Restart sources so they replay from the plugins' cursors (a plugin
+    /// taken over in the cluster resumes from its previous owner's cursor).
+    async fn replay(&mut self, sources: Vec<String>) {
+        for name in sources {
+            let Some(entry) = self.sources.get(&name).map(|r| r.entry.clone()) else {
+                continue;
+            };
+            tracing::info!(source = %name, "Restarting source to replay from a handed-over cursor.");
+            self.stop_source(&name).await;
+            self.start_source(entry, false);
+        }
+    }
+
     /// Stop a source and wait (bounded) for its task to return.
     async fn stop_source(&mut self, name: &str) {
         let Some(running) = self.sources.remove(name) else {
@@ -282,6 +297,9 @@ impl App {
         if new.state.dir != old.state.dir {
             report.requires_restart.push("state.dir".into());
         }
+        if new.cluster != old.cluster {
+            report.requires_restart.push("cluster".into());
+        }
         let (o, n) = (&old.runtime, &new.runtime);
         if (
             o.max_memory_mb,
@@ -304,6 +322,7 @@ impl App {
         effective.admin.listen = old.admin.listen;
         effective.plugins.dir = old.plugins.dir.clone();
         effective.state.dir = old.state.dir.clone();
+        effective.cluster = old.cluster.clone();
         effective.runtime.max_memory_mb = o.max_memory_mb;
         effective.runtime.max_timeout_ms = o.max_timeout_ms;
         effective.runtime.max_wasm_stack_kb = o.max_wasm_stack_kb;
@@ -407,6 +426,26 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     );
     let tasks_token = shutdown.child_token();
     let mut tasks: JoinSet<(Task, anyhow::Result<()>)> = JoinSet::new();
+    // In a cluster, plugins of one owner run only where claimed.
+    dispatcher.set_clustered(config.cluster.is_some());
+    let cluster_report = config
+        .cluster
+        .as_ref()
+        .map(|_| Arc::new(parking_lot::RwLock::new(ClusterReport::default())));
+    let (replay_tx, mut replay_rx) = mpsc::unbounded_channel::<Vec<String>>();
+    if let (Some(c), Some(report)) = (&config.cluster, &cluster_report) {
+        let cluster = Cluster::new(
+            c.clone(),
+            dispatcher.clone(),
+            metrics.clone(),
+            report.clone(),
+            replay_tx,
+        );
+        let token = tasks_token.clone();
+        tasks.spawn(async move { (Task::Cluster, cluster.run(token).await) });
+    } else {
+        drop(replay_tx);
+    }
 
     let loader = PluginLoader::new(
         config.clone(),
@@ -427,6 +466,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             degraded_is_unready: config.gateway.degraded_is_unready,
         }),
         reload: reload_tx,
+        cluster: cluster_report.clone(),
         starting: std::sync::atomic::AtomicBool::new(true),
     });
     {
@@ -526,6 +566,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                         }
                     }
                     Some(reply) = reload_rx.recv() => app.handle_reload(Some(reply)).await,
+                    Some(sources) = replay_rx.recv() => app.replay(sources).await,
                     Some(()) = hup_rx.recv() => {
                         tracing::info!("SIGHUP received; reloading the configuration.");
                         app.handle_reload(None).await;
@@ -571,6 +612,7 @@ fn task_ended(
         Task::Loader => "the plugin directory watch".to_owned(),
         Task::Source { name, .. } => format!("source {name:?}"),
         Task::SignalListener => "the signal listener".to_owned(),
+        Task::Cluster => "the cluster membership".to_owned(),
     };
     match done {
         Some(Ok((task, Ok(())))) => Err(anyhow::anyhow!("{} stopped unexpectedly", label(&task))),

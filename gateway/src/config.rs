@@ -108,6 +108,58 @@ pub struct Config {
     pub sources: Vec<SourceEntry>,
     /// Where cursors, the key index, plugin state and dead letters live.
     pub state: StateConfig,
+    /// Several replicas sharing the plugins; `None`: this gateway runs
+    /// alone.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: replicas coordinated through etcd leases and transactions,
+/// each plugin run by exactly one live replica.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The coordination etcd's endpoints (`http://` or `https://` URLs);
+    /// may be the same etcd as a source.
+    pub etcd: Vec<String>,
+    /// This replica's id, unique in the cluster. Default: hostname-pid.
+    #[serde(default = "default_replica_name")]
+    pub name: String,
+    /// The lease time to live: a replica that stops renewing is gone after
+    /// it, and its plugins move. Default `"10s"`, at least `"2s"`.
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// Key prefix of the cluster's records in etcd. Default
+    /// `"/watchgate/cluster/"`.
+    #[serde(default = "default_cluster_prefix")]
+    pub prefix: String,
+}
+
+fn default_replica_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "watchgate".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_cluster_prefix() -> String {
+    "/watchgate/cluster/".to_owned()
+}
+
+/// Where a plugin runs in a cluster.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PluginMode {
+    /// On exactly one live replica at a time (default).
+    #[default]
+    Single,
+    /// On every replica (per-host work, such as rendering a local file).
+    EveryReplica,
 }
 
 /// `[state]`: the state directory.
@@ -268,6 +320,7 @@ struct RawConfig {
     gateway: GatewayConfig,
     #[serde(default)]
     state: RawStateConfig,
+    cluster: Option<ClusterConfig>,
     #[serde(default)]
     source: Vec<toml::Spanned<toml::Table>>,
 }
@@ -676,6 +729,40 @@ impl Config {
         let state = StateConfig {
             dir: resolve(&base, raw.state.dir.as_deref().unwrap_or(Path::new("data"))),
         };
+        let cluster = raw.cluster;
+        if let Some(c) = &cluster {
+            let bad = |m: String| ConfigError::Parse {
+                path: path.to_owned(),
+                line: 0,
+                column: 0,
+                message: m,
+            };
+            if c.etcd.is_empty()
+                || c.etcd
+                    .iter()
+                    .any(|e| !(e.starts_with("http://") || e.starts_with("https://")))
+            {
+                return Err(bad(format!(
+                    "cluster.etcd: give one or more http:// or https:// URLs, not {:?}",
+                    c.etcd
+                )));
+            }
+            if c.name.is_empty() || c.name.contains('/') {
+                return Err(bad(format!(
+                    "cluster.name: {:?} must be non-empty and contain no '/'",
+                    c.name
+                )));
+            }
+            if c.lease_ttl < Duration::from_secs(2) {
+                return Err(bad("cluster.lease_ttl must be at least 2s".into()));
+            }
+            if !c.prefix.ends_with('/') {
+                return Err(bad(format!(
+                    "cluster.prefix: {:?} must end with '/'",
+                    c.prefix
+                )));
+            }
+        }
         let whole = |msg: String| ConfigError::Parse {
             path: path.to_owned(),
             line: 0,
@@ -711,6 +798,7 @@ impl Config {
             gateway: raw.gateway,
             sources,
             state,
+            cluster,
         })
     }
 }
@@ -740,6 +828,10 @@ pub struct Sidecar {
     /// cursor.
     #[serde(default)]
     pub start: StartPosition,
+    /// In a cluster: `"single"` (default: on one replica at a time) or
+    /// `"every-replica"`.
+    #[serde(default)]
+    pub mode: PluginMode,
 }
 
 impl Sidecar {

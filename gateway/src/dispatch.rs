@@ -33,7 +33,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use crate::config::{Limits, RetryPolicy, StartPosition, Subscription};
+use crate::config::{Limits, PluginMode, RetryPolicy, StartPosition, Subscription};
 use crate::event::{Event, EventKind};
 use crate::runtime::Runtime;
 use crate::runtime::instance::{CallReport, LoadedPlugin, Sandbox};
@@ -55,6 +55,8 @@ pub struct PluginSpec {
     pub retry: RetryPolicy,
     /// Where it starts when it has no cursor.
     pub start: StartPosition,
+    /// In a cluster: one replica at a time, or every replica.
+    pub mode: PluginMode,
 }
 
 impl PluginSpec {
@@ -155,6 +157,19 @@ struct Worker {
     stats: Arc<WorkerStats>,
     metrics: Arc<Metrics>,
     store: Arc<Store>,
+    /// Not dispatched on this replica (another owns it, or ownership is not
+    /// established).
+    parked: AtomicBool,
+    /// The ownership's fencing token, passed to the plugin in each event's
+    /// metadata as `fencing_token` (0: none).
+    fencing: AtomicU64,
+    /// Held for the duration of a call (with its retries), so parking can
+    /// wait for the call in flight.
+    calling: Mutex<()>,
+    /// Sources this plugin takes nothing from until they restart and replay
+    /// from its (handed-over) cursor: a live event now would move its
+    /// position past the gap the replay must fill.
+    awaiting_replay: Mutex<Vec<Arc<str>>>,
 }
 
 /// A plugin as `/v1/plugins` shows it.
@@ -188,6 +203,10 @@ pub struct PluginReport {
     pub dead_letters: u64,
     /// Per source: every event at or below this position was handled.
     pub cursors: BTreeMap<String, u64>,
+    /// In a cluster: `"single"` or `"every-replica"`.
+    pub mode: &'static str,
+    /// In a cluster: not run on this replica now.
+    pub parked: bool,
 }
 
 /// A subscription in a report.
@@ -227,6 +246,7 @@ impl Worker {
         metrics: Arc<Metrics>,
         store: Arc<Store>,
         queue: Arc<EventQueue>,
+        parked: bool,
     ) -> std::io::Result<Arc<Worker>> {
         let name = spec.loaded.ctx.name.clone();
         let stats = WorkerStats::default();
@@ -242,6 +262,10 @@ impl Worker {
             stats: Arc::new(stats),
             metrics,
             store,
+            parked: AtomicBool::new(parked),
+            fencing: AtomicU64::new(0),
+            calling: Mutex::new(()),
+            awaiting_replay: Mutex::new(Vec::new()),
         });
         let w = worker.clone();
         let handle = std::thread::Builder::new()
@@ -276,11 +300,27 @@ impl Worker {
                 continue;
             };
             depth.set(self.queue.len() as i64);
+            let calling = self.calling.lock();
+            if self.parked.load(Ordering::SeqCst) {
+                // Parked meanwhile: the event stays pending for the owner.
+                continue;
+            }
+            let token = self.fencing.load(Ordering::SeqCst);
+            let fenced;
+            let event = if token > 0 {
+                let mut e = event.clone();
+                e.metadata
+                    .push(("fencing_token".to_owned(), token.to_string()));
+                fenced = e;
+                &fenced
+            } else {
+                &event
+            };
             let mut attempt = 1;
             let report = loop {
                 let spec = self.spec.load_full();
-                let report = sandbox.call(&spec.loaded, &event);
-                self.record(&event, &report);
+                let report = sandbox.call(&spec.loaded, event);
+                self.record(event, &report);
                 if report.outcome == Outcome::ok || attempt >= spec.retry.attempts {
                     break Some(report);
                 }
@@ -291,9 +331,13 @@ impl Worker {
                 attempt += 1;
             };
             let Some(report) = report else {
-                // Stopped while waiting to retry: the event stays pending
-                // and is delivered again after a restart.
-                break;
+                // Stopped or parked while waiting to retry: the event stays
+                // pending and is delivered again after a restart (or by the
+                // next owner).
+                if self.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                continue;
             };
             if report.outcome == Outcome::ok {
                 if let Some(id) = event.dead_letter {
@@ -301,7 +345,7 @@ impl Worker {
                     self.stats.dead_letters.fetch_sub(1, Ordering::Relaxed);
                 }
             } else {
-                let letter = self.dead_letter(&event, &report, attempt);
+                let letter = self.dead_letter(event, &report, attempt);
                 if failure_log.check().is_ok() {
                     tracing::warn!(
                         plugin = %self.name,
@@ -321,15 +365,24 @@ impl Worker {
                     self.metrics.suppressed(&format!("plugin/{}", self.name));
                 }
             }
-            self.queue.complete(&event);
+            self.queue.complete(event);
+            drop(calling);
         }
         depth.set(0);
     }
 
-    /// Wait `delay` unless stopped meanwhile; false when stopped.
+    /// Whether a delivery of `source` passes this plugin by: parked, not
+    /// subscribed, or waiting for the source to replay.
+    fn skips(&self, source: &str, spec: &PluginSpec) -> bool {
+        self.parked.load(Ordering::SeqCst)
+            || !spec.subscribes_to(source)
+            || self.awaiting_replay.lock().iter().any(|s| &**s == source)
+    }
+
+    /// Wait `delay` unless stopped or parked meanwhile; false then.
     fn pause(&self, delay: Duration) -> bool {
         let until = std::time::Instant::now() + delay;
-        while !self.stop.load(Ordering::SeqCst) {
+        while !self.stop.load(Ordering::SeqCst) && !self.parked.load(Ordering::SeqCst) {
             let left = until.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
                 return true;
@@ -475,6 +528,11 @@ impl Worker {
                 .into_iter()
                 .map(|(s, c)| (s.to_string(), c))
                 .collect(),
+            mode: match spec.mode {
+                PluginMode::Single => "single",
+                PluginMode::EveryReplica => "every-replica",
+            },
+            parked: self.parked.load(Ordering::Relaxed),
         }
     }
 }
@@ -487,6 +545,7 @@ pub struct Dispatcher {
     store: Arc<Store>,
     caches: DashMap<String, Arc<SourceCache>>,
     workers: DashMap<String, Arc<Worker>>,
+    clustered: AtomicBool,
 }
 
 impl SourceKeys {
@@ -626,6 +685,7 @@ impl Dispatcher {
             store,
             caches,
             workers: DashMap::new(),
+            clustered: AtomicBool::new(false),
         })
     }
 
@@ -660,9 +720,14 @@ impl Dispatcher {
     /// When the worker thread cannot be started.
     pub fn upsert(&self, spec: PluginSpec) -> std::io::Result<()> {
         let name = spec.loaded.ctx.name.clone();
-        if let Some(w) = self.workers.get(&name) {
+        if let Some(w) = self.workers.get(&name).map(|w| w.clone()) {
+            let every = spec.mode == PluginMode::EveryReplica;
             w.queue.set_capacity(spec.queue_capacity);
             w.spec.store(Arc::new(spec));
+            if every && w.parked.load(Ordering::SeqCst) {
+                // Now for every replica: nobody claims it, run it here.
+                self.activate(&name, None, 0);
+            }
             return Ok(());
         }
         // Hold the caches of the subscribed sources (in name order, like
@@ -677,43 +742,24 @@ impl Dispatcher {
         sources.sort_by(|a, b| a.name.cmp(&b.name));
         let guards: Vec<_> = sources.iter().map(|c| (&c.name, c.keys.lock())).collect();
         let queue = Arc::new(EventQueue::new(spec.queue_capacity));
-        let mut initial: Vec<(Arc<str>, u64, Vec<Event>)> = Vec::new();
-        for (source, keys) in &guards {
-            let source: Arc<str> = (*source).clone();
-            let last = keys.meta.last_seq;
-            match self.store.cursor(&name, &source) {
-                Some(c) if c >= keys.meta.floor || c >= last => {
-                    queue.start_at(&source, c);
-                    if keys.live {
-                        let missed = keys.missed(&source, &spec, &|_| true, c, u64::MAX);
-                        initial.push((source, last, missed));
-                    }
-                }
-                Some(c) => {
-                    tracing::warn!(
-                        plugin = %name,
-                        source = %source,
-                        cursor = c,
-                        pruned_to = keys.meta.floor,
-                        "Plugin cursor is older than the kept delete history; resending the current keys."
-                    );
-                    queue.start_at(&source, last);
-                    initial.push((source.clone(), last, keys.current(&source, &spec, true)));
-                }
-                None => {
-                    queue.start_at(&source, last);
-                    if spec.start == StartPosition::Snapshot {
-                        initial.push((source.clone(), last, keys.current(&source, &spec, false)));
-                    }
-                }
-            }
-        }
+        // In a cluster a plugin of one owner starts parked; the cluster
+        // activates it on the replica that claims it.
+        let parked = self.clustered.load(Ordering::SeqCst) && spec.mode == PluginMode::Single;
+        let initial = if parked {
+            Vec::new()
+        } else {
+            guards
+                .iter()
+                .flat_map(|(source, keys)| self.initial(&name, &spec, source, keys, &queue))
+                .collect()
+        };
         let worker = Worker::start(
             self.runtime.clone(),
             spec,
             self.metrics.clone(),
             self.store.clone(),
             queue,
+            parked,
         )?;
         for (source, upto, events) in initial {
             worker.enqueue(&source, upto, events);
@@ -721,6 +767,169 @@ impl Dispatcher {
         self.workers.insert(name, worker);
         drop(guards);
         Ok(())
+    }
+
+    /// Where a starting plugin begins in `source`: from its stored cursor
+    /// (with what it missed, when the source already delivered in this
+    /// process), or per its `start` setting. Sets the queue's position and
+    /// returns the events to queue first.
+    fn initial(
+        &self,
+        name: &str,
+        spec: &PluginSpec,
+        source: &Arc<str>,
+        keys: &SourceKeys,
+        queue: &EventQueue,
+    ) -> Option<(Arc<str>, u64, Vec<Event>)> {
+        let last = keys.meta.last_seq;
+        match self.store.cursor(name, source) {
+            Some(c) if c >= keys.meta.floor || c >= last => {
+                queue.reset_source(source, c);
+                keys.live.then(|| {
+                    let missed = keys.missed(source, spec, &|_| true, c, u64::MAX);
+                    (source.clone(), last, missed)
+                })
+            }
+            Some(c) => {
+                tracing::warn!(
+                    plugin = %name,
+                    source = %source,
+                    cursor = c,
+                    pruned_to = keys.meta.floor,
+                    "Plugin cursor is older than the kept delete history; resending the current keys."
+                );
+                queue.reset_source(source, last);
+                Some((source.clone(), last, keys.current(source, spec, true)))
+            }
+            None => {
+                queue.reset_source(source, last);
+                (spec.start == StartPosition::Snapshot)
+                    .then(|| (source.clone(), last, keys.current(source, spec, false)))
+            }
+        }
+    }
+
+    /// Run plugins of one owner only where the cluster activates them.
+    /// Call before plugins load.
+    pub fn set_clustered(&self, clustered: bool) {
+        self.clustered.store(clustered, Ordering::SeqCst);
+    }
+
+    /// Running plugins that run on one replica at a time.
+    pub fn single_plugins(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|w| w.spec.load().mode == PluginMode::Single)
+            .map(|w| w.key().clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Stop dispatching `plugin` on this replica: drop what is queued, wait
+    /// for the call in flight, and return its cursors as source revisions
+    /// (sources with a revision history only: other positions are this
+    /// replica's own). Blocking: call off the async workers.
+    pub fn park(&self, plugin: &str) -> Option<BTreeMap<String, u64>> {
+        let w = self.workers.get(plugin)?.clone();
+        w.parked.store(true, Ordering::SeqCst);
+        w.queue.clear_entries();
+        let guard = w.calling.lock();
+        w.fencing.store(0, Ordering::SeqCst);
+        let cursors = self.revision_cursors(&w);
+        drop(guard);
+        w.count(queue::PushStats::default());
+        Some(cursors)
+    }
+
+    /// Park several plugins: all stop taking events first, then each call in
+    /// flight is waited for. Blocking: call off the async workers.
+    pub fn park_many(&self, plugins: &[String]) {
+        let workers: Vec<Arc<Worker>> = plugins
+            .iter()
+            .filter_map(|p| self.workers.get(p).map(|w| w.clone()))
+            .collect();
+        for w in &workers {
+            w.parked.store(true, Ordering::SeqCst);
+            w.queue.clear_entries();
+        }
+        for p in plugins {
+            self.park(p);
+        }
+    }
+
+    /// The cursors of a running `plugin` as source revisions (sources with
+    /// a revision history only), for handing over to another replica.
+    pub fn cluster_cursors(&self, plugin: &str) -> Option<BTreeMap<String, u64>> {
+        let w = self.workers.get(plugin)?.clone();
+        Some(self.revision_cursors(&w))
+    }
+
+    fn revision_cursors(&self, w: &Worker) -> BTreeMap<String, u64> {
+        w.queue
+            .cursor_positions()
+            .into_iter()
+            .filter_map(|(source, seq)| {
+                let cache = self.caches.get(&*source)?.clone();
+                let keys = cache.keys.lock();
+                keys.revisioned
+                    .then(|| (source.to_string(), seq.saturating_sub(keys.meta.offset)))
+            })
+            .collect()
+    }
+
+    /// Start dispatching `plugin` on this replica, as owner with fencing
+    /// `token`, from `cursors` (source revisions handed over by the previous
+    /// owner) or, without them, as a plugin starting here. Returns the
+    /// sources with a history that must replay from the new cursors. For a
+    /// source without history a handed-over plugin gets the current keys as
+    /// `resync` puts (its positions are this replica's own).
+    pub fn activate(
+        &self,
+        plugin: &str,
+        cursors: Option<&BTreeMap<String, u64>>,
+        token: u64,
+    ) -> Vec<String> {
+        let Some(w) = self.workers.get(plugin).map(|w| w.clone()) else {
+            return Vec::new();
+        };
+        let spec = w.spec.load_full();
+        let mut sources: Vec<Arc<SourceCache>> = self
+            .caches
+            .iter()
+            .filter(|c| spec.subscribes_to(c.key()))
+            .map(|c| c.value().clone())
+            .collect();
+        sources.sort_by(|a, b| a.name.cmp(&b.name));
+        let guards: Vec<_> = sources.iter().map(|c| (&c.name, c.keys.lock())).collect();
+        let mut replay = Vec::new();
+        let mut initial = Vec::new();
+        for (source, keys) in &guards {
+            let handed = cursors.and_then(|c| c.get(&***source)).copied();
+            match (handed, keys.revisioned) {
+                (Some(rev), true) => {
+                    // The source replays from the lowest cursor: restarted
+                    // if it already runs, or at its own start.
+                    w.queue.reset_source(source, rev + keys.meta.offset);
+                    w.awaiting_replay.lock().push((*source).clone());
+                    replay.push(source.to_string());
+                }
+                _ if cursors.is_some() => {
+                    let last = keys.meta.last_seq;
+                    w.queue.reset_source(source, last);
+                    initial.push(((*source).clone(), last, keys.current(source, &spec, true)));
+                }
+                _ => initial.extend(self.initial(plugin, &spec, source, keys, &w.queue)),
+            }
+        }
+        w.fencing.store(token, Ordering::SeqCst);
+        w.parked.store(false, Ordering::SeqCst);
+        for (source, upto, events) in initial {
+            w.enqueue(&source, upto, events);
+        }
+        drop(guards);
+        replay
     }
 
     /// Stop and remove a plugin; waits for its in-flight call. Its cursors
@@ -763,6 +972,11 @@ impl Dispatcher {
     pub fn resume_position(&self, source: &str, identity: &str) -> Option<u64> {
         let cache = self.caches.get(source)?.clone();
         let mut keys = cache.keys.lock();
+        // The source (re)starts now: from here on it gives every plugin what
+        // it lacks, from its cursor, so none waits any more.
+        for w in self.workers.iter() {
+            w.awaiting_replay.lock().retain(|s| &**s != source);
+        }
         if !keys.revisioned {
             return None;
         }
@@ -778,7 +992,7 @@ impl Dispatcher {
         let min = self
             .workers
             .iter()
-            .filter(|w| w.spec.load().subscribes_to(source))
+            .filter(|w| !w.parked.load(Ordering::SeqCst) && w.spec.load().subscribes_to(source))
             .map(|w| w.queue.enqueued(source).unwrap_or(0))
             .min()
             .unwrap_or(keys.meta.last_seq);
@@ -801,7 +1015,7 @@ impl Dispatcher {
         let floor = self
             .workers
             .iter()
-            .filter(|w| w.spec.load().subscribes_to(name))
+            .filter(|w| !w.parked.load(Ordering::SeqCst) && w.spec.load().subscribes_to(name))
             .filter_map(|w| {
                 w.queue
                     .cursor_positions()
@@ -933,7 +1147,7 @@ impl EventSink for Dispatcher {
         keys.apply(&self.store, &name, &changes);
         for w in self.workers.iter() {
             let spec = w.spec.load();
-            if !spec.subscribes_to(source) {
+            if w.skips(source, &spec) {
                 continue;
             }
             let from = w.queue.enqueued(source).unwrap_or(0);
@@ -960,7 +1174,7 @@ impl EventSink for Dispatcher {
         keys.apply(&self.store, &name, &events);
         for w in self.workers.iter() {
             let spec = w.spec.load();
-            if !spec.subscribes_to(source) {
+            if w.skips(source, &spec) {
                 continue;
             }
             // A resumed watch replays from the lowest cursor: each plugin

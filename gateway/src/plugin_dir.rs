@@ -413,6 +413,7 @@ impl PluginLoader {
             && running.queue_capacity == queue_capacity
             && running.retry == sidecar.retry(&self.config)
             && running.start == sidecar.start
+            && running.mode == sidecar.mode
             && running.loaded.ctx.files.as_ref().map(FilesGrant::root)
                 == files_grant.as_ref().map(FilesGrant::root)
         {
@@ -440,6 +441,7 @@ impl PluginLoader {
             queue_capacity,
             retry: sidecar.retry(&self.config),
             start: sidecar.start,
+            mode: sidecar.mode,
         };
         let replacing = self.dispatcher.plugin_names().iter().any(|n| n == name);
         if let Err(e) = self.dispatcher.upsert(spec) {

@@ -140,6 +140,12 @@ pub struct Metrics {
     pub capability_calls: Family<CapabilityLabels, Counter>,
     /// Live tokio tasks, refreshed on every scrape.
     pub runtime_alive_tasks: Gauge,
+    /// Live replicas of the cluster, as this replica sees them.
+    pub cluster_replicas: Gauge,
+    /// Plugins this replica owns.
+    pub cluster_owned_plugins: Gauge,
+    /// Plugins this replica took over from an earlier owner.
+    pub cluster_handovers: Counter,
 }
 
 impl Default for Metrics {
@@ -174,6 +180,9 @@ impl Metrics {
             plugin_log_dropped: Family::default(),
             capability_calls: Family::default(),
             runtime_alive_tasks: Gauge::default(),
+            cluster_replicas: Gauge::default(),
+            cluster_owned_plugins: Gauge::default(),
+            cluster_handovers: Counter::default(),
         };
         registry.register(
             "watchgate_source_events",
@@ -274,6 +283,21 @@ impl Metrics {
             "watchgate_runtime_alive_tasks",
             "Live tokio tasks",
             m.runtime_alive_tasks.clone(),
+        );
+        registry.register(
+            "watchgate_cluster_replicas",
+            "Live replicas of the cluster as this replica sees them (0 outside cluster mode)",
+            m.cluster_replicas.clone(),
+        );
+        registry.register(
+            "watchgate_cluster_owned_plugins",
+            "Plugins this replica owns in the cluster",
+            m.cluster_owned_plugins.clone(),
+        );
+        registry.register(
+            "watchgate_cluster_handovers",
+            "Plugins this replica took over from an earlier owner, resuming from its cursor",
+            m.cluster_handovers.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -6,6 +6,7 @@
 //! directory.
 
 mod cli;
+mod cluster;
 mod conn_registry;
 mod consul_source;
 mod durable;

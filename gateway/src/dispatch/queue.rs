@@ -134,6 +134,22 @@ impl EventQueue {
         self.inner.lock().enqueued.insert(source.clone(), at);
     }
 
+    /// Drop every queued event but keep them pending: the cursor stays
+    /// before them (a plugin parked on this replica).
+    pub fn clear_entries(&self) {
+        let mut inner = self.inner.lock();
+        inner.entries.clear();
+        inner.last.clear();
+    }
+
+    /// Start `source` over at position `at` (a cursor handed over from
+    /// another replica), forgetting what was pending.
+    pub fn reset_source(&self, source: &Arc<str>, at: u64) {
+        let mut inner = self.inner.lock();
+        inner.enqueued.insert(source.clone(), at);
+        inner.pending.remove(source);
+    }
+
     /// The event taken by [`pop`](Self::pop) was handled (or dead-lettered).
     pub fn complete(&self, event: &Event) {
         self.inner.lock().untrack(&event.source, event.seq);

@@ -10,6 +10,7 @@
 //!
 //! `value` holds the value as text; a value that is not UTF-8 is written as
 //! `value_b64` (standard base64 with padding) instead; a delete has neither.
+//! In a cluster, `fencing_token` carries the owner's token.
 //! The plugin keeps no state and never reads the file back.
 
 use base64::Engine as _;
@@ -46,6 +47,10 @@ struct Line<'a> {
     revision: u64,
     resync: bool,
     coalesced: u32,
+    /// The cluster owner's fencing token, when the gateway runs in a
+    /// cluster (from the event's `fencing_token` metadata).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fencing_token: Option<u64>,
 }
 
 /// Formats `event` as one JSON object followed by `\n`.
@@ -66,6 +71,7 @@ fn json_line(event: &Event) -> Result<String, String> {
         revision: event.revision,
         resync: event.resync,
         coalesced: event.coalesced,
+        fencing_token: event.metadata("fencing_token").and_then(|v| v.parse().ok()),
     };
     let mut out = serde_json::to_string(&line).map_err(|e| {
         format!(
@@ -112,6 +118,17 @@ mod tests {
         let line = json_line(&event(EventKind::Put, Some(&[0xff, 0x00, 0x41]))).unwrap();
         assert!(line.contains("\"value_b64\":\"/wBB\""), "{line}");
         assert!(!line.contains("\"value\""), "{line}");
+    }
+
+    #[test]
+    fn a_fencing_token_is_written_when_present() {
+        let mut e = event(EventKind::Put, Some(b"1"));
+        e.metadata = vec![("fencing_token".into(), "42".into())];
+        let line = json_line(&e).unwrap();
+        assert!(
+            line.ends_with("\"coalesced\":0,\"fencing_token\":42}\n"),
+            "{line}"
+        );
     }
 
     #[test]
