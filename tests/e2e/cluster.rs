@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::etcd_harness::Etcd;
-use crate::etcd_source::{Change, DEADLINE, SENTINEL, Store, changes, etcd_source};
+use crate::etcd_source::{Change, DEADLINE, SENTINEL, Store, changes, etcd_source, spawn_writer};
 use crate::fault_proxy::{FaultProxy, Mode};
 use crate::support::{Gateway, wait_for};
 
@@ -175,21 +175,7 @@ fn killing_an_owner_moves_its_plugins_and_loses_nothing() {
 
     let mut store = Store::connect(std::slice::from_ref(&url));
     let first = store.revision() + 1;
-    let progress = Arc::new(AtomicUsize::new(0));
-    let writer = {
-        let (progress, url) = (progress.clone(), url.clone());
-        std::thread::spawn(move || {
-            let mut store = Store::connect(&[url]);
-            for i in 0..CHANGES {
-                if i % 11 == 10 {
-                    store.retry(|s| s.delete(&format!("/wg/k{}", (i * 3) % 40)));
-                } else {
-                    store.retry(|s| s.put(&format!("/wg/k{}", i % 40), format!("v{i}")));
-                }
-                progress.store(i + 1, Ordering::SeqCst);
-            }
-        })
-    };
+    let (writer, progress) = spawn_writer(&url, CHANGES, 11, 40);
     wait_for("500 writes", DEADLINE, || {
         (progress.load(Ordering::SeqCst) >= 500).then_some(())
     });

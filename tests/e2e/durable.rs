@@ -10,11 +10,12 @@
 use rand::RngExt;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use crate::etcd_harness::Etcd;
-use crate::etcd_source::{Change, DEADLINE, SENTINEL, Store, changes, etcd_source, wait_sentinel};
+use crate::etcd_source::{
+    Change, DEADLINE, SENTINEL, Store, changes, etcd_source, spawn_writer, wait_sentinel,
+};
 use crate::support::{Gateway, wait_for};
 
 /// `event-log` as `event-log`, with a queue that never folds (so every
@@ -65,21 +66,7 @@ fn kill_9_several_times_during_5000_changes_loses_nothing() {
     let mut g = etcd_gateway(&url);
     g.start();
 
-    let progress = Arc::new(AtomicUsize::new(0));
-    let writer = {
-        let (progress, url) = (progress.clone(), url.clone());
-        std::thread::spawn(move || {
-            let mut store = Store::connect(&[url]);
-            for i in 0..CHANGES {
-                if i % 9 == 8 {
-                    store.retry(|s| s.delete(&format!("/wg/k{}", (i * 7) % 60)));
-                } else {
-                    store.retry(|s| s.put(&format!("/wg/k{}", i % 60), format!("v{i}")));
-                }
-                progress.store(i + 1, Ordering::SeqCst);
-            }
-        })
-    };
+    let (writer, progress) = spawn_writer(&url, CHANGES, 9, 60);
     let seed: u64 = rand::rng().random();
     eprintln!("kill points seed {seed}");
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);

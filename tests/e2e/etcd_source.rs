@@ -141,6 +141,34 @@ impl Store {
     }
 }
 
+/// A thread writing `changes` changes under `/wg/` through its own client:
+/// puts of `/wg/k0`…`/wg/k{keys-1}`, and every `delete_every`th change a
+/// delete (which may hit an absent key). The counter says how many were
+/// made so far.
+pub(crate) fn spawn_writer(
+    url: &str,
+    changes: usize,
+    delete_every: usize,
+    keys: usize,
+) -> (std::thread::JoinHandle<()>, Arc<AtomicUsize>) {
+    let progress = Arc::new(AtomicUsize::new(0));
+    let handle = {
+        let (progress, url) = (progress.clone(), url.to_owned());
+        std::thread::spawn(move || {
+            let mut store = Store::connect(&[url]);
+            for i in 0..changes {
+                if i % delete_every == delete_every - 1 {
+                    store.retry(|s| s.delete(&format!("/wg/k{}", (i * 7) % keys)));
+                } else {
+                    store.retry(|s| s.put(&format!("/wg/k{}", i % keys), format!("v{i}")));
+                }
+                progress.store(i + 1, Ordering::SeqCst);
+            }
+        })
+    };
+    (handle, progress)
+}
+
 pub(crate) fn etcd_source(endpoints: &[String], extra: &str) -> String {
     let list: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
     format!(
