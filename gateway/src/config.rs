@@ -370,6 +370,7 @@ struct RawPluginsConfig {
     retry_attempts: Option<u32>,
     #[serde(default, with = "humantime_serde")]
     retry_backoff: Option<Duration>,
+    batch_max: Option<usize>,
 }
 
 /// `[plugins]`: where plugins come from and how much may queue for each.
@@ -385,6 +386,9 @@ pub struct PluginsConfig {
     /// `retry_backoff` (default `"100ms"`, doubling, at most 5 s) between
     /// them; then the event becomes a dead letter.
     pub retry: RetryPolicy,
+    /// Most events handed to a plugin in one `handle-batch` call when its
+    /// queue has a backlog. Default 64; 1 calls `handle` once per event.
+    pub batch_max: usize,
 }
 
 /// Per-call limits of a plugin.
@@ -725,6 +729,7 @@ impl Config {
             queue_capacity: raw.plugins.queue_capacity.unwrap_or(1024),
             retry: RetryPolicy::default()
                 .merged(raw.plugins.retry_attempts, raw.plugins.retry_backoff),
+            batch_max: raw.plugins.batch_max.unwrap_or(64),
         };
         let state = StateConfig {
             dir: resolve(&base, raw.state.dir.as_deref().unwrap_or(Path::new("data"))),
@@ -771,6 +776,9 @@ impl Config {
         };
         if plugins.queue_capacity == 0 {
             return Err(whole("plugins.queue_capacity must be at least 1".into()));
+        }
+        if plugins.batch_max == 0 {
+            return Err(whole("plugins.batch_max must be at least 1".into()));
         }
         if plugins.retry.attempts == 0 {
             return Err(whole(
@@ -820,6 +828,8 @@ pub struct Sidecar {
     pub queue_capacity: Option<usize>,
     /// Overrides `[plugins] retry_attempts` for this plugin.
     pub retry_attempts: Option<u32>,
+    /// Overrides `[plugins] batch_max` for this plugin.
+    pub batch_max: Option<usize>,
     /// Overrides `[plugins] retry_backoff` for this plugin.
     #[serde(default, with = "humantime_serde")]
     pub retry_backoff: Option<Duration>,
@@ -921,6 +931,9 @@ impl Sidecar {
         }
         if sidecar.queue_capacity == Some(0) {
             return Err(whole("queue_capacity must be at least 1".into()));
+        }
+        if sidecar.batch_max == Some(0) {
+            return Err(whole("batch_max must be at least 1".into()));
         }
         if sidecar.retry_attempts == Some(0) {
             return Err(whole(

@@ -57,6 +57,9 @@ pub struct PluginSpec {
     pub start: StartPosition,
     /// In a cluster: one replica at a time, or every replica.
     pub mode: PluginMode,
+    /// Most events per `handle-batch` call when a backlog has built up
+    /// (1: one call per event).
+    pub batch_max: usize,
 }
 
 impl PluginSpec {
@@ -114,6 +117,9 @@ impl SourceCache {
     }
 }
 
+/// Successful calls in a row before a plugin gets batches again.
+const HEALTHY_TO_BATCH: u32 = 16;
+
 /// How often (in batches) a source prunes tombstones every plugin handled.
 const PRUNE_EVERY: u64 = 64;
 
@@ -147,6 +153,12 @@ const OUTCOMES: [Outcome; 6] = [
     Outcome::memory,
 ];
 
+/// Failure lines of one worker, rate limited.
+struct FailureLog {
+    limiter: DefaultDirectRateLimiter,
+    unlogged: u64,
+}
+
 /// A running plugin: its queue, settings and worker thread.
 struct Worker {
     name: String,
@@ -170,6 +182,8 @@ struct Worker {
     /// from its (handed-over) cursor: a live event now would move its
     /// position past the gap the replay must fill.
     awaiting_replay: Mutex<Vec<Arc<str>>>,
+    /// Events taken from the queue for the call in progress.
+    in_batch: std::sync::atomic::AtomicUsize,
 }
 
 /// A plugin as `/v1/plugins` shows it.
@@ -266,6 +280,7 @@ impl Worker {
             fencing: AtomicU64::new(0),
             calling: Mutex::new(()),
             awaiting_replay: Mutex::new(Vec::new()),
+            in_batch: std::sync::atomic::AtomicUsize::new(0),
         });
         let w = worker.clone();
         let handle = std::thread::Builder::new()
@@ -278,10 +293,12 @@ impl Worker {
         Ok(worker)
     }
 
-    /// The worker loop: one event at a time, in queue order. A failed call
-    /// is retried with backoff; after the last attempt the event becomes a
-    /// dead letter. Either way it is then complete and the cursor moves past
-    /// it; an event interrupted by a stop stays pending.
+    /// The worker loop, in queue order. With a backlog several events go
+    /// to the plugin in one `handle-batch` call; a batch that fails falls
+    /// back to one call per remaining event. A failed call is retried with
+    /// backoff; after the last attempt the event becomes a dead letter.
+    /// Either way it is then complete and the cursor moves past it; an event
+    /// interrupted by a stop or a park stays pending.
     fn run(self: Arc<Self>, mut sandbox: Sandbox) {
         let labels = Metrics::plugin(&self.name);
         let depth = self
@@ -291,84 +308,180 @@ impl Worker {
             .clone();
         // Failures are logged at most once a second per plugin; the rest are
         // counted in the outcome metric and summarized in the next line.
-        let failure_log: DefaultDirectRateLimiter =
-            RateLimiter::direct(Quota::per_second(NonZeroU32::MIN));
-        let mut unlogged = 0u64;
+        let mut failures = FailureLog {
+            limiter: RateLimiter::direct(Quota::per_second(NonZeroU32::MIN)),
+            unlogged: 0,
+        };
+        // Consecutive successful calls; batches only for a healthy plugin,
+        // so a failing or slow one is called (and limited) event by event.
+        let mut healthy: u32 = HEALTHY_TO_BATCH;
         while !self.stop.load(Ordering::SeqCst) {
-            let Some(event) = self.queue.pop(Duration::from_millis(200)) else {
-                depth.set(self.queue.len() as i64);
-                continue;
+            let max = if healthy >= HEALTHY_TO_BATCH {
+                self.spec.load().batch_max
+            } else {
+                1
             };
-            depth.set(self.queue.len() as i64);
+            let batch = self.queue.pop_many(max, Duration::from_millis(200));
+            depth.set(self.depth() as i64);
+            if batch.is_empty() {
+                continue;
+            }
+            self.in_batch.store(batch.len(), Ordering::SeqCst);
+            depth.set(self.depth() as i64);
             let calling = self.calling.lock();
             if self.parked.load(Ordering::SeqCst) {
-                // Parked meanwhile: the event stays pending for the owner.
+                // Parked meanwhile: the events stay pending for the owner.
+                self.in_batch.store(0, Ordering::SeqCst);
                 continue;
             }
             let token = self.fencing.load(Ordering::SeqCst);
-            let fenced;
-            let event = if token > 0 {
-                let mut e = event.clone();
-                e.metadata
-                    .push(("fencing_token".to_owned(), token.to_string()));
-                fenced = e;
-                &fenced
+            let batch: Vec<Event> = if token > 0 {
+                batch
+                    .into_iter()
+                    .map(|mut e| {
+                        e.metadata
+                            .push(("fencing_token".to_owned(), token.to_string()));
+                        e
+                    })
+                    .collect()
             } else {
-                &event
+                batch
             };
-            let mut attempt = 1;
-            let report = loop {
+            let mut batch = batch;
+            let mut prior = None;
+            if batch.len() > 1 {
                 let spec = self.spec.load_full();
-                let report = sandbox.call(&spec.loaded, event);
-                self.record(event, &report);
-                if report.outcome == Outcome::ok || attempt >= spec.retry.attempts {
-                    break Some(report);
+                let report = sandbox.call_batch(&spec.loaded, &batch);
+                let each = report.elapsed.as_secs_f64() / batch.len() as f64;
+                for e in &batch[..report.handled] {
+                    self.record(e, Outcome::ok, each, None);
+                    self.succeeded(e);
+                    self.queue.complete(e);
                 }
-                if !self.pause(spec.retry.delay(attempt)) {
-                    break None;
+                let mut rest = batch.split_off(report.handled);
+                if report.failure.is_some() {
+                    // One call per event until the plugin is healthy again.
+                    healthy = 0;
                 }
-                self.metrics.plugin_retries.get_or_create(&labels).inc();
-                attempt += 1;
-            };
-            let Some(report) = report else {
-                // Stopped or parked while waiting to retry: the event stays
-                // pending and is delivered again after a restart (or by the
-                // next owner).
-                if self.stop.load(Ordering::SeqCst) {
+                if report.attributed && !rest.is_empty() {
+                    // The handler's error on the first remaining event is
+                    // its first attempt; the others go back to the queue.
+                    prior = report.failure;
+                    let others = rest.split_off(1);
+                    self.queue.requeue_front(others);
+                    batch = rest;
+                } else {
+                    // All handled, or a trap or limit somewhere in the
+                    // batch: what is left goes back, to be called one by
+                    // one.
+                    self.queue.requeue_front(rest);
+                    batch = Vec::new();
+                }
+                self.in_batch.store(batch.len(), Ordering::SeqCst);
+                depth.set(self.depth() as i64);
+            }
+            for event in &batch {
+                if self.stop.load(Ordering::SeqCst) || self.parked.load(Ordering::SeqCst) {
                     break;
                 }
-                continue;
-            };
-            if report.outcome == Outcome::ok {
-                if let Some(id) = event.dead_letter {
-                    self.store.remove_dead_letter(&self.name, id);
-                    self.stats.dead_letters.fetch_sub(1, Ordering::Relaxed);
-                }
-            } else {
-                let letter = self.dead_letter(event, &report, attempt);
-                if failure_log.check().is_ok() {
-                    tracing::warn!(
-                        plugin = %self.name,
-                        source = %event.source,
-                        key = %event.key,
-                        revision = event.revision,
-                        outcome = report.outcome.as_str(),
-                        attempts = attempt,
-                        dead_letter = letter,
-                        suppressed = unlogged,
-                        error = report.message.as_deref().unwrap_or(""),
-                        "Plugin call failed on every attempt; the event was kept as a dead letter."
-                    );
-                    unlogged = 0;
-                } else {
-                    unlogged += 1;
-                    self.metrics.suppressed(&format!("plugin/{}", self.name));
+                let ok = self.handle_one(&mut sandbox, event, prior.take(), &labels, &mut failures);
+                match ok {
+                    Some(true) => healthy = healthy.saturating_add(1),
+                    Some(false) => healthy = 0,
+                    None => break,
                 }
             }
-            self.queue.complete(event);
+            self.in_batch.store(0, Ordering::SeqCst);
             drop(calling);
         }
         depth.set(0);
+    }
+
+    /// One event with retries, then a dead letter. `prior` is a failed
+    /// first attempt already made (in a batch). Whether the first attempt
+    /// succeeded; `None` when a stop or park interrupted it (the event
+    /// stays pending).
+    fn handle_one(
+        &self,
+        sandbox: &mut Sandbox,
+        event: &Event,
+        prior: Option<CallReport>,
+        labels: &crate::telemetry::PluginLabels,
+        failures: &mut FailureLog,
+    ) -> Option<bool> {
+        let mut attempt = 1;
+        let mut report = match prior {
+            Some(r) => {
+                self.record(event, r.outcome, r.elapsed.as_secs_f64(), Some(&r));
+                r
+            }
+            None => {
+                let spec = self.spec.load_full();
+                let r = sandbox.call(&spec.loaded, event);
+                self.record(event, r.outcome, r.elapsed.as_secs_f64(), Some(&r));
+                r
+            }
+        };
+        let first_ok = report.outcome == Outcome::ok;
+        loop {
+            let spec = self.spec.load_full();
+            if report.outcome == Outcome::ok || attempt >= spec.retry.attempts {
+                break;
+            }
+            if !self.pause(spec.retry.delay(attempt)) {
+                // Stopped or parked while waiting to retry: the event stays
+                // pending and is delivered again after a restart (or by the
+                // next owner).
+                return None;
+            }
+            self.metrics.plugin_retries.get_or_create(labels).inc();
+            attempt += 1;
+            report = sandbox.call(&spec.loaded, event);
+            self.record(
+                event,
+                report.outcome,
+                report.elapsed.as_secs_f64(),
+                Some(&report),
+            );
+        }
+        if report.outcome == Outcome::ok {
+            self.succeeded(event);
+        } else {
+            let letter = self.dead_letter(event, &report, attempt);
+            if failures.limiter.check().is_ok() {
+                tracing::warn!(
+                    plugin = %self.name,
+                    source = %event.source,
+                    key = %event.key,
+                    revision = event.revision,
+                    outcome = report.outcome.as_str(),
+                    attempts = attempt,
+                    dead_letter = letter,
+                    suppressed = failures.unlogged,
+                    error = report.message.as_deref().unwrap_or(""),
+                    "Plugin call failed on every attempt; the event was kept as a dead letter."
+                );
+                failures.unlogged = 0;
+            } else {
+                failures.unlogged += 1;
+                self.metrics.suppressed(&format!("plugin/{}", self.name));
+            }
+        }
+        self.queue.complete(event);
+        Some(first_ok)
+    }
+
+    /// A replayed dead letter succeeded: forget it.
+    fn succeeded(&self, event: &Event) {
+        if let Some(id) = event.dead_letter {
+            self.store.remove_dead_letter(&self.name, id);
+            self.stats.dead_letters.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Events waiting: queued, plus taken into the batch in progress.
+    fn depth(&self) -> usize {
+        self.queue.len() + self.in_batch.load(Ordering::SeqCst)
     }
 
     /// Whether a delivery of `source` passes this plugin by: parked, not
@@ -419,17 +532,16 @@ impl Worker {
         letter.id
     }
 
-    fn record(&self, event: &Event, report: &CallReport) {
-        self.metrics
-            .plugin_call(&self.name, report.outcome, report.elapsed.as_secs_f64());
-        if let Some(i) = OUTCOMES.iter().position(|o| *o == report.outcome) {
+    fn record(&self, event: &Event, outcome: Outcome, seconds: f64, report: Option<&CallReport>) {
+        self.metrics.plugin_call(&self.name, outcome, seconds);
+        if let Some(i) = OUTCOMES.iter().position(|o| *o == outcome) {
             self.stats.calls[i].fetch_add(1, Ordering::Relaxed);
         }
-        if report.outcome != Outcome::ok {
+        if outcome != Outcome::ok {
             *self.stats.last_failure.lock() = Some(LastFailure {
-                outcome: report.outcome,
+                outcome,
                 key: event.key.clone(),
-                message: report.message.clone().unwrap_or_default(),
+                message: report.and_then(|r| r.message.clone()).unwrap_or_default(),
                 at: SystemTime::now()
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
@@ -463,7 +575,7 @@ impl Worker {
         self.metrics
             .plugin_queue_depth
             .get_or_create(&labels)
-            .set(self.queue.len() as i64);
+            .set(self.depth() as i64);
     }
 
     /// Stop taking events and wait for the worker thread; an in-flight call
@@ -512,7 +624,7 @@ impl Worker {
                 .files
                 .as_ref()
                 .map(|g| g.root().display().to_string()),
-            queue_depth: self.queue.len(),
+            queue_depth: self.depth(),
             queue_capacity: spec.queue_capacity,
             invocations: OUTCOMES
                 .iter()
@@ -961,7 +1073,7 @@ impl Dispatcher {
 
     /// Events waiting for `plugin`, if it runs.
     pub fn queue_depth(&self, plugin: &str) -> Option<usize> {
-        self.workers.get(plugin).map(|w| w.queue.len())
+        self.workers.get(plugin).map(|w| w.depth())
     }
 
     /// Where a source with a revision history should resume its watch:

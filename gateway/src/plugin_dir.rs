@@ -406,6 +406,7 @@ impl PluginLoader {
         let queue_capacity = sidecar
             .queue_capacity
             .unwrap_or(self.config.plugins.queue_capacity);
+        let batch_max = sidecar.batch_max.unwrap_or(self.config.plugins.batch_max);
         if let Some(running) = self.dispatcher.running(name)
             && running.loaded.compiled.digest == compiled.digest
             && running.loaded.limits == limits
@@ -414,6 +415,7 @@ impl PluginLoader {
             && running.retry == sidecar.retry(&self.config)
             && running.start == sidecar.start
             && running.mode == sidecar.mode
+            && running.batch_max == batch_max
             && running.loaded.ctx.files.as_ref().map(FilesGrant::root)
                 == files_grant.as_ref().map(FilesGrant::root)
         {
@@ -442,6 +444,7 @@ impl PluginLoader {
             retry: sidecar.retry(&self.config),
             start: sidecar.start,
             mode: sidecar.mode,
+            batch_max,
         };
         let replacing = self.dispatcher.plugin_names().iter().any(|n| n == name);
         if let Err(e) = self.dispatcher.upsert(spec) {

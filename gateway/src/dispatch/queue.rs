@@ -242,6 +242,46 @@ impl EventQueue {
         Self::take_front(&mut inner)
     }
 
+    /// Take up to `max` events from the front, waiting up to `wait` for the
+    /// first. Empty when the wait ran out or the queue is closed.
+    pub fn pop_many(&self, max: usize, wait: Duration) -> Vec<Event> {
+        let mut inner = self.inner.lock();
+        if inner.closed {
+            return Vec::new();
+        }
+        if inner.entries.is_empty() {
+            let _ = self.ready.wait_for(&mut inner, wait);
+            if inner.closed {
+                return Vec::new();
+            }
+        }
+        let n = inner.entries.len().min(max.max(1));
+        (0..n)
+            .filter_map(|_| Self::take_front(&mut inner))
+            .collect()
+    }
+
+    /// Put events taken by [`pop_many`](Self::pop_many) back at the front,
+    /// in order (a batch that failed part way: the rest goes one by one).
+    /// They stay pending throughout.
+    pub fn requeue_front(&self, events: Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        let mut inner = self.inner.lock();
+        if inner.closed {
+            return;
+        }
+        let n = events.len() as u64;
+        inner.head -= n;
+        let head = inner.head;
+        for (i, e) in events.into_iter().enumerate().rev() {
+            let id = (e.source.clone(), e.key.clone());
+            inner.last.entry(id).or_insert(head + i as u64);
+            inner.entries.push_front(e);
+        }
+    }
+
     /// Take the next event without waiting.
     pub fn try_pop(&self) -> Option<Event> {
         Self::take_front(&mut self.inner.lock())
@@ -445,6 +485,26 @@ mod tests {
         let s = q.push([other]);
         assert_eq!(s.coalesced, 0);
         assert_eq!(drain(&q).len(), 2);
+    }
+
+    #[test]
+    fn requeued_events_come_first_and_still_fold_into_the_right_entry() {
+        let q = EventQueue::new(3);
+        q.push([put("a", "1", 1), put("b", "1", 2), put("c", "1", 3)]);
+        let taken = q.pop_many(2, Duration::ZERO);
+        assert_eq!(taken.len(), 2);
+        q.requeue_front(taken);
+        // Full: a later change of b folds into the requeued b.
+        let s = q.push([put("b", "2", 4)]);
+        assert_eq!(s.coalesced, 1);
+        assert_eq!(
+            drain(&q),
+            vec![
+                ("a".into(), EventKind::Put, Some("1".into()), 1, 0),
+                ("b".into(), EventKind::Put, Some("2".into()), 4, 1),
+                ("c".into(), EventKind::Put, Some("1".into()), 3, 0),
+            ]
+        );
     }
 
     #[test]

@@ -85,6 +85,21 @@ pub fn to_wit(e: &Event) -> wit::Event {
     }
 }
 
+/// How one batch call went.
+#[derive(Debug, Clone)]
+pub struct BatchReport {
+    /// Events handled, from the front of the batch.
+    pub handled: usize,
+    /// Why the rest was not: the handler's error on event `handled`
+    /// (`attributed`), or a trap or limit somewhere in the batch.
+    pub failure: Option<CallReport>,
+    /// Whether `failure` belongs to event `handled` (a handler error) rather
+    /// than to the batch as a whole (a trap: which event is unknown).
+    pub attributed: bool,
+    /// Wall-clock time of the call.
+    pub elapsed: Duration,
+}
+
 impl Sandbox {
     /// A sandbox with no instance yet.
     pub fn new(runtime: Arc<Runtime>) -> Sandbox {
@@ -141,6 +156,75 @@ impl Sandbox {
                 store.data().flush_output();
                 let hit = store.data_mut().limiter.take_hit();
                 Err((e, hit))
+            }
+        }
+    }
+
+    /// Run `handle-batch` on several events in one call: the fuel of one
+    /// call per event, but the deadline of a single call, so a slow batch
+    /// times out and the caller falls back to one call per event.
+    pub fn call_batch(&mut self, plugin: &LoadedPlugin, events: &[Event]) -> BatchReport {
+        let start = Instant::now();
+        let failed = |e: wasmtime::Error, hit: bool, what: &str| BatchReport {
+            handled: 0,
+            failure: Some(CallReport {
+                outcome: classify(&e, hit),
+                trap: trap_code(&e),
+                message: Some(format!("{what}: {e:#}")),
+                elapsed: start.elapsed(),
+            }),
+            attributed: false,
+            elapsed: start.elapsed(),
+        };
+        if self
+            .live
+            .as_ref()
+            .is_none_or(|l| l.version != plugin.version)
+            && let Err((e, hit)) = self.instantiate(plugin)
+        {
+            return failed(e, hit, "instantiation failed");
+        }
+        let Some(live) = self.live.as_mut() else {
+            unreachable!("instantiate succeeded or returned early")
+        };
+        let limits = Limits {
+            fuel: plugin
+                .limits
+                .fuel
+                .saturating_mul(events.len().max(1) as u64),
+            ..plugin.limits
+        };
+        if let Err(e) = Self::arm(&mut live.store, &limits) {
+            return failed(e, false, "cannot set limits");
+        }
+        let args: Vec<wit::Event> = events.iter().map(to_wit).collect();
+        let result = live.bindings.call_handle_batch(&mut live.store, &args);
+        live.store.data().flush_output();
+        match result {
+            Ok(Ok(())) => BatchReport {
+                handled: events.len(),
+                failure: None,
+                attributed: false,
+                elapsed: start.elapsed(),
+            },
+            Ok(Err(e)) => {
+                let handled = (e.index as usize).min(events.len());
+                BatchReport {
+                    handled,
+                    failure: Some(CallReport {
+                        outcome: Outcome::error,
+                        message: Some(e.message),
+                        trap: None,
+                        elapsed: start.elapsed(),
+                    }),
+                    attributed: handled < events.len(),
+                    elapsed: start.elapsed(),
+                }
+            }
+            Err(e) => {
+                let hit = live.store.data_mut().limiter.take_hit();
+                self.live = None;
+                failed(e, hit, "trapped")
             }
         }
     }
