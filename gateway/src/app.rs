@@ -400,7 +400,25 @@ impl App {
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let metrics = Metrics::shared();
-    let runtime = Runtime::new(&config.runtime).map_err(StartError::from)?;
+    let cache = config
+        .runtime
+        .compile_cache
+        .then(|| std::path::absolute(config.state.dir.join("compiled")))
+        .transpose()
+        .and_then(|dir| {
+            if let Some(d) = &dir {
+                std::fs::create_dir_all(d)?;
+            }
+            Ok(dir)
+        })
+        .map_err(|source| {
+            StartError::State(crate::store::StoreError::Dir {
+                path: config.state.dir.join("compiled"),
+                source,
+            })
+        })?;
+    let runtime =
+        Runtime::with_cache(&config.runtime, cache.as_deref()).map_err(StartError::from)?;
     if !config.plugins.dir.is_dir() {
         return Err(StartError::PluginDir(config.plugins.dir.display().to_string()).into());
     }

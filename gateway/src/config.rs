@@ -454,6 +454,14 @@ pub struct RuntimeConfig {
     /// Default 128.
     #[serde(default = "default_max_instances")]
     pub max_instances: u32,
+    /// Keep compiled plugins in `compiled/` in the state directory, so a
+    /// restart does not compile them again. Default true.
+    #[serde(default = "default_true")]
+    pub compile_cache: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_max_instances() -> u32 {
@@ -489,6 +497,7 @@ impl Default for RuntimeConfig {
             max_wasm_stack_kb: default_max_wasm_stack_kb(),
             log_lines_per_second: default_log_lines_per_second(),
             max_instances: default_max_instances(),
+            compile_cache: true,
         }
     }
 }

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use dashmap::DashMap;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use parking_lot::Mutex;
@@ -184,7 +184,13 @@ struct Worker {
     awaiting_replay: Mutex<Vec<Arc<str>>>,
     /// Events taken from the queue for the call in progress.
     in_batch: std::sync::atomic::AtomicUsize,
+    /// Told the queueing latency of each event when its call starts
+    /// (benchmarks).
+    observer: Arc<ArcSwapOption<Observer>>,
 }
+
+/// Receives (plugin, time from delivery to the start of its call).
+pub type Observer = Box<dyn Fn(&str, Duration) + Send + Sync>;
 
 /// A plugin as `/v1/plugins` shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -261,6 +267,7 @@ impl Worker {
         store: Arc<Store>,
         queue: Arc<EventQueue>,
         parked: bool,
+        observer: Arc<ArcSwapOption<Observer>>,
     ) -> std::io::Result<Arc<Worker>> {
         let name = spec.loaded.ctx.name.clone();
         let stats = WorkerStats::default();
@@ -281,6 +288,7 @@ impl Worker {
             calling: Mutex::new(()),
             awaiting_replay: Mutex::new(Vec::new()),
             in_batch: std::sync::atomic::AtomicUsize::new(0),
+            observer,
         });
         let w = worker.clone();
         let handle = std::thread::Builder::new()
@@ -347,6 +355,14 @@ impl Worker {
             } else {
                 batch
             };
+            if let Some(observe) = self.observer.load().as_ref() {
+                let now = std::time::Instant::now();
+                for e in &batch {
+                    if let Some(at) = e.delivered_at {
+                        observe(&self.name, now.saturating_duration_since(at));
+                    }
+                }
+            }
             let mut batch = batch;
             let mut prior = None;
             if batch.len() > 1 {
@@ -658,6 +674,7 @@ pub struct Dispatcher {
     caches: DashMap<String, Arc<SourceCache>>,
     workers: DashMap<String, Arc<Worker>>,
     clustered: AtomicBool,
+    observer: Arc<ArcSwapOption<Observer>>,
 }
 
 impl SourceKeys {
@@ -798,6 +815,7 @@ impl Dispatcher {
             caches,
             workers: DashMap::new(),
             clustered: AtomicBool::new(false),
+            observer: Arc::default(),
         })
     }
 
@@ -872,6 +890,7 @@ impl Dispatcher {
             self.store.clone(),
             queue,
             parked,
+            self.observer.clone(),
         )?;
         for (source, upto, events) in initial {
             worker.enqueue(&source, upto, events);
@@ -1069,6 +1088,18 @@ impl Dispatcher {
     /// The running version of `plugin`.
     pub fn running(&self, plugin: &str) -> Option<Arc<PluginSpec>> {
         self.workers.get(plugin).map(|w| w.spec.load_full())
+    }
+
+    /// Observe every event's queueing latency (benchmarks); `None` stops.
+    pub fn set_observer(&self, observer: Option<Observer>) {
+        self.observer.store(observer.map(Arc::new));
+    }
+
+    /// Successful calls of `plugin` (events handled), if it runs.
+    pub fn handled(&self, plugin: &str) -> Option<u64> {
+        self.workers
+            .get(plugin)
+            .map(|w| w.stats.calls[0].load(Ordering::Relaxed))
     }
 
     /// Events waiting for `plugin`, if it runs.
@@ -1283,6 +1314,10 @@ impl EventSink for Dispatcher {
         let name = cache.name.clone();
         let mut keys = cache.keys.lock();
         let upto = keys.assign(&mut events);
+        let now = std::time::Instant::now();
+        for e in &mut events {
+            e.delivered_at = Some(now);
+        }
         keys.apply(&self.store, &name, &events);
         for w in self.workers.iter() {
             let spec = w.spec.load();

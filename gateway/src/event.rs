@@ -58,6 +58,8 @@ pub struct Event {
     pub seq: u64,
     /// The dead letter this event replays, if it is one.
     pub dead_letter: Option<u64>,
+    /// When the dispatcher took it from its source (queueing latency).
+    pub delivered_at: Option<std::time::Instant>,
 }
 
 impl Event {
@@ -75,6 +77,7 @@ impl Event {
             metadata: Vec::new(),
             seq: 0,
             dead_letter: None,
+            delivered_at: None,
         }
     }
 
@@ -92,6 +95,7 @@ impl Event {
             metadata: Vec::new(),
             seq: 0,
             dead_letter: None,
+            delivered_at: None,
         }
     }
 
@@ -251,6 +255,7 @@ impl TryFrom<EventLine> for Event {
             metadata: line.metadata,
             seq: 0,
             dead_letter: None,
+            delivered_at: None,
         })
     }
 }

@@ -12,8 +12,12 @@ use watchgate::cli::{Cli, Command, LogFormat, PluginCommand, PluginTest, StateCo
 use watchgate::config::{Config, PartialLimits};
 
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("WATCHGATE_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,wasmtime=warn,cranelift=warn"));
+    init_logging_with(format, "info,wasmtime=warn,cranelift=warn");
+}
+
+fn init_logging_with(format: LogFormat, default: &str) {
+    let filter =
+        EnvFilter::try_from_env("WATCHGATE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -25,7 +29,12 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    if matches!(cli.command, Command::Bench { .. }) && std::env::var_os("WATCHGATE_LOG").is_none() {
+        // The benchmarks provoke failures on purpose; only errors matter.
+        init_logging_with(cli.log_format, "error");
+    } else {
+        init_logging(cli.log_format);
+    }
     let code = match cli.command {
         Command::Run { config } => run(&config),
         Command::Check { config } => watchgate::cli::check(&config),
@@ -33,6 +42,17 @@ fn main() -> ExitCode {
             command: StateCommand::Reset { config },
         } => watchgate::cli::state_reset(&config),
         Command::DeadLetters { command } => watchgate::cli::dead_letters(command),
+        Command::Bench {
+            quick,
+            plugins,
+            out,
+            only,
+        } => watchgate::bench::run(&watchgate::bench::BenchArgs {
+            quick,
+            plugins,
+            out,
+            only,
+        }),
         Command::Plugin {
             command:
                 PluginCommand::Test {

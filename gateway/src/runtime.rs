@@ -98,6 +98,20 @@ impl Runtime {
     /// # Errors
     /// [`RuntimeError`] when wasmtime refuses the configuration.
     pub fn new(config: &RuntimeConfig) -> Result<Arc<Runtime>, RuntimeError> {
+        Self::with_cache(config, None)
+    }
+
+    /// Like [`Runtime::new`], keeping compiled code in `cache` (an absolute
+    /// directory), so a plugin compiled once starts without compiling
+    /// again, across restarts.
+    ///
+    /// # Errors
+    /// [`RuntimeError`] when wasmtime refuses the configuration or the
+    /// cache directory.
+    pub fn with_cache(
+        config: &RuntimeConfig,
+        cache: Option<&std::path::Path>,
+    ) -> Result<Arc<Runtime>, RuntimeError> {
         let max_memory = usize::try_from(config.max_memory_mb << 20).unwrap_or(usize::MAX);
         let n = config.max_instances.max(1);
         let mut pool = PoolingAllocationConfig::default();
@@ -116,6 +130,12 @@ impl Runtime {
             .max_wasm_stack(config.max_wasm_stack_kb * 1024)
             .memory_reservation(max_memory as u64)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        if let Some(dir) = cache {
+            let mut c = wasmtime::CacheConfig::new();
+            c.with_directory(dir);
+            let cache = wasmtime::Cache::new(c).map_err(RuntimeError::Engine)?;
+            cfg.cache(Some(cache));
+        }
         let engine = Engine::new(&cfg).map_err(RuntimeError::Engine)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(RuntimeError::Linker)?;

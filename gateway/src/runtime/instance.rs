@@ -85,6 +85,34 @@ pub fn to_wit(e: &Event) -> wit::Event {
     }
 }
 
+/// Call `handle` on each event in turn with plain wasmtime: one instance,
+/// limits set once and never re-armed, no queue, no metrics. The floor a
+/// dispatched call is measured against (benchmarks).
+///
+/// # Errors
+/// When instantiation or a call fails.
+pub fn bare_calls(
+    runtime: &Runtime,
+    plugin: &LoadedPlugin,
+    events: &[Event],
+) -> wasmtime::Result<Duration> {
+    let mut store = Store::new(
+        runtime.engine(),
+        HostState::new(plugin.ctx.clone(), usize::MAX),
+    );
+    store.set_fuel(u64::MAX)?;
+    store.set_epoch_deadline(u64::MAX / 2);
+    let bindings = plugin.compiled.pre.instantiate(&mut store)?;
+    let start = Instant::now();
+    for e in events {
+        let arg = to_wit(e);
+        if let Err(message) = bindings.call_handle(&mut store, &arg)? {
+            wasmtime::bail!("handler failed: {message}");
+        }
+    }
+    Ok(start.elapsed())
+}
+
 /// How one batch call went.
 #[derive(Debug, Clone)]
 pub struct BatchReport {

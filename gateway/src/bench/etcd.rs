@@ -1,0 +1,424 @@
+//! Cases against a real etcd (Debian's `etcd-server`): end-to-end latency
+//! next to `etcdctl watch`, and scale.
+
+use std::io::BufRead;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use etcd_client::{Client, Txn, TxnOp};
+use parking_lot::Mutex;
+
+use super::process::{Proc, wait_file};
+use super::{BenchArgs, CaseResult, Samples, free_port, percentile};
+
+/// `etcd --version`, when etcd is installed.
+pub(super) fn version() -> Option<String> {
+    let out = Command::new("etcd").arg("--version").output().ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("etcd Version: ").map(str::to_owned))
+}
+
+/// An etcd on loopback ports with a temporary data directory.
+struct Etcd {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    fn start() -> anyhow::Result<Etcd> {
+        anyhow::ensure!(
+            version().is_some(),
+            "etcd is not installed (Debian: apt-get install etcd-server etcd-client)"
+        );
+        let dir = tempfile::tempdir()?;
+        let (client, peer) = (free_port()?, free_port()?);
+        let url = format!("http://127.0.0.1:{client}");
+        let child = Command::new("etcd")
+            .args(["--name", "bench", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-cluster",
+                &format!("bench=http://127.0.0.1:{peer}"),
+                "--quota-backend-bytes",
+                &(4u64 << 30).to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let e = Etcd {
+            child,
+            url,
+            _dir: dir,
+        };
+        let rt = runtime()?;
+        let started = Instant::now();
+        while rt
+            .block_on(async {
+                let mut c = Client::connect([e.url.as_str()], None).await?;
+                c.get("/", None).await
+            })
+            .is_err()
+        {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(30),
+                "etcd did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(e)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+fn etcd_source(url: &str, prefix: &str) -> String {
+    format!(
+        "[[source]]\nname = \"etcd\"\nkind = \"etcd\"\nendpoints = [\"{url}\"]\nprefix = \"{prefix}\"\n"
+    )
+}
+
+/// Latencies (µs) from `entries.log` lines `KEY ENTERED_NS SENT_NS`.
+fn probe_latencies(path: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            let _key = f.next()?;
+            let entered: u128 = f.next()?.parse().ok()?;
+            let sent: u128 = f.next()?.trim().parse().ok()?;
+            Some(entered.saturating_sub(sent) as f64 / 1e3)
+        })
+        .collect()
+}
+
+/// End-to-end latency: etcd put → plugin entry, next to `etcdctl watch`
+/// and to `etcdctl watch -- CMD` running a shell handler per change.
+pub(super) fn e2e_latency(args: &BenchArgs) -> anyhow::Result<CaseResult> {
+    let n = if args.quick { 20 } else { 300 };
+    let probe = std::fs::read(args.plugin("bench-probe")?)?;
+    let mut s = Samples::default();
+    for _ in 0..args.runs() {
+        let etcd = Etcd::start()?;
+        let mut gw = Proc::new(Some(&etcd_source(&etcd.url, "/bench/")))?;
+        gw.install("probe", &probe, "[grants]\nfiles = \"../out/probe\"\n")?;
+        gw.start()?;
+        // etcdctl watch: the time each change is printed.
+        let mut watch = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &etcd.url, "watch", "--prefix", "/bench/"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let seen: Arc<Mutex<Vec<f64>>> = Arc::default();
+        let reader = {
+            let out = watch.stdout.take().expect("piped");
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                // PUT / key / value, one line each.
+                let mut lines = std::io::BufReader::new(out).lines();
+                while let (Some(Ok(_)), Some(Ok(_)), Some(Ok(value))) =
+                    (lines.next(), lines.next(), lines.next())
+                {
+                    let at = now_ns();
+                    if let Ok(sent) = value.trim().parse::<u128>() {
+                        seen.lock().push(at.saturating_sub(sent) as f64 / 1e3);
+                    }
+                }
+            })
+        };
+        // etcdctl watch -- CMD: a shell per change, as users run callbacks.
+        let exec_log = gw.path("out/exec.log");
+        let mut exec = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args([
+                "--endpoints",
+                &etcd.url,
+                "watch",
+                "--prefix",
+                "/bench/",
+                "--",
+                "sh",
+                "-c",
+            ])
+            .arg(format!(
+                "echo \"$(date +%s%N) $ETCD_WATCH_VALUE\" >> {}",
+                exec_log.display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let rt = runtime()?;
+        let mut client = rt.block_on(Client::connect([etcd.url.as_str()], None))?;
+        // Both watchers are up once a warm-up change reaches them (they
+        // start watching some time after their process starts).
+        let started = Instant::now();
+        while !exec_log.exists() || seen.lock().is_empty() {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(30),
+                "the etcdctl watchers saw nothing"
+            );
+            rt.block_on(client.put("/bench/warmup", now_ns().to_string(), None))?;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        wait_file(
+            &gw.path("out/probe/entries.log"),
+            started,
+            Duration::from_secs(30),
+        )?;
+        let probe_log = gw.path("out/probe/entries.log");
+        let before = probe_latencies(&probe_log).len();
+        seen.lock().clear();
+        let exec_before = std::fs::read_to_string(&exec_log)?.lines().count();
+        for i in 0..n {
+            rt.block_on(client.put(format!("/bench/k{}", i % 10), now_ns().to_string(), None))?;
+            // Paced: the latency of a change, not of a queue of them.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let exec_lat = loop {
+            let lines: Vec<f64> = std::fs::read_to_string(&exec_log)?
+                .lines()
+                .skip(exec_before)
+                .filter_map(|l| {
+                    let (at, sent) = l.split_once(' ')?;
+                    // etcdctl quotes the value.
+                    let sent = sent.trim().trim_matches('"');
+                    let (at, sent): (u128, u128) = (at.parse().ok()?, sent.parse().ok()?);
+                    Some(at.saturating_sub(sent) as f64 / 1e3)
+                })
+                .collect();
+            let probe_done = probe_latencies(&probe_log).len() >= before + n;
+            if (lines.len() >= n && seen.lock().len() >= n && probe_done)
+                || Instant::now() > deadline
+            {
+                break lines;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let gw_lat: Vec<f64> = probe_latencies(&probe_log)
+            .into_iter()
+            .skip(before)
+            .collect();
+        anyhow::ensure!(
+            gw_lat.len() >= n,
+            "the plugin saw {} of {n} changes",
+            gw_lat.len()
+        );
+        let watch_lat = seen.lock().clone();
+        s.add("watchgate_p50_us", "µs", percentile(&gw_lat, 50.0));
+        s.add("watchgate_p99_us", "µs", percentile(&gw_lat, 99.0));
+        s.add("etcdctl_watch_p50_us", "µs", percentile(&watch_lat, 50.0));
+        s.add("etcdctl_watch_p99_us", "µs", percentile(&watch_lat, 99.0));
+        s.add("etcdctl_exec_p50_us", "µs", percentile(&exec_lat, 50.0));
+        s.add("etcdctl_exec_p99_us", "µs", percentile(&exec_lat, 99.0));
+        let _ = watch.kill();
+        let _ = exec.kill();
+        let _ = watch.wait();
+        let _ = exec.wait();
+        let _ = reader.join();
+        gw.stop()?;
+    }
+    s.note(format!(
+        "{n} puts, one every 20 ms, each carrying its send time (wall clock, same machine). \
+         watchgate: entry into the bench-probe plugin, which reads the clock first; etcdctl \
+         watch: the moment its output line is read; etcdctl exec: `date` inside the shell \
+         handler."
+    ));
+    Ok(s.finish(
+        "e2e_latency",
+        "etcd put → plugin entry, next to what `etcdctl watch` itself sees for the same puts, \
+         and to `etcdctl watch --prefix KEY -- sh -c …` running a shell handler per change.",
+        "p99 no more than 1 ms above etcdctl watch",
+        |s| {
+            let ours = s.median("watchgate_p99_us").unwrap_or(f64::MAX);
+            let theirs = s.median("etcdctl_watch_p99_us").unwrap_or(0.0);
+            let exec = s.median("etcdctl_exec_p99_us").unwrap_or(0.0);
+            let mut r = std::collections::BTreeMap::new();
+            if theirs > 0.0 {
+                r.insert("p99 to etcdctl watch".to_owned(), ours / theirs);
+            }
+            if ours > 0.0 {
+                r.insert("etcdctl exec p99 to watchgate".to_owned(), exec / ours);
+            }
+            (None, r, Some(ours - theirs <= 1000.0))
+        },
+    ))
+}
+
+/// Write `n` keys under `prefix` in transactions of 100.
+fn fill(
+    rt: &tokio::runtime::Runtime,
+    client: &mut Client,
+    prefix: &str,
+    n: usize,
+) -> anyhow::Result<()> {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
+        let ops: Vec<TxnOp> = chunk
+            .iter()
+            .map(|i| TxnOp::put(format!("{prefix}{i:06}"), vec![b'v'; 100], None))
+            .collect();
+        rt.block_on(client.txn(Txn::new().and_then(ops)))?;
+    }
+    Ok(())
+}
+
+/// Scale: the initial sync of many keys.
+pub(super) fn scale_sync(args: &BenchArgs) -> anyhow::Result<CaseResult> {
+    let n = if args.quick { 2_000 } else { 100_000 };
+    let noop = std::fs::read(args.plugin("noop")?)?;
+    let etcd = Etcd::start()?;
+    let rt = runtime()?;
+    let mut client = rt.block_on(Client::connect([etcd.url.as_str()], None))?;
+    fill(&rt, &mut client, "/scale/", n)?;
+    let mut s = Samples::default();
+    for _ in 0..args.runs().min(3) {
+        let mut gw = Proc::new(Some(&etcd_source(&etcd.url, "/scale/")))?;
+        gw.install("noop", &noop, "queue_capacity = 1_000_000\n")?;
+        let started = Instant::now();
+        let ready = gw.start()?;
+        let sample = "watchgate_plugin_invocations_total{plugin=\"noop\",outcome=\"ok\"}";
+        while gw.metric(sample) < n as f64 {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(600),
+                "the plugin did not get every key"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        s.add("ready_s", "s", ready.as_secs_f64());
+        s.add("all_handled_s", "s", started.elapsed().as_secs_f64());
+        s.add("rss_mib", "MiB", gw.rss_kib()? / 1024.0);
+        gw.stop()?;
+    }
+    s.note(format!(
+        "{n} keys of 100-byte values, listed page by page at one revision; ready is `/readyz` \
+         200 (the snapshot delivered), handled is the no-op plugin having been called for every \
+         key."
+    ));
+    Ok(s.finish(
+        "scale_sync",
+        "Initial sync of 100,000 etcd keys into the gateway and one no-op plugin.",
+        "reported (no target set)",
+        |_| (None, Default::default(), None),
+    ))
+}
+
+/// Scale: many distinct keys changing at a steady rate.
+pub(super) fn scale_churn(args: &BenchArgs) -> anyhow::Result<CaseResult> {
+    let (keys, rate, duration) = if args.quick {
+        (1_000, 500, Duration::from_secs(1))
+    } else {
+        (10_000, 5_000, Duration::from_secs(60))
+    };
+    let probe = std::fs::read(args.plugin("bench-probe")?)?;
+    let etcd = Etcd::start()?;
+    let mut s = Samples::default();
+    let mut gw = Proc::new(Some(&etcd_source(&etcd.url, "/churn/")))?;
+    gw.install(
+        "probe",
+        &probe,
+        "queue_capacity = 1_000_000\n[grants]\nfiles = \"../out/probe\"\n",
+    )?;
+    gw.start()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let client = rt.block_on(Client::connect([etcd.url.as_str()], None))?;
+    // Writers in parallel, each pacing its share of the rate.
+    let writers = 16usize;
+    let started = Instant::now();
+    let sent: usize = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for w in 0..writers {
+            let mut c = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let per = rate / writers;
+                let mut n = 0usize;
+                let start = Instant::now();
+                while start.elapsed() < duration {
+                    let due = (start.elapsed().as_secs_f64() * per as f64) as usize;
+                    while n < due {
+                        let key = format!("/churn/k{:05}", (n * writers + w) % keys);
+                        if c.put(key, now_ns().to_string(), None).await.is_err() {
+                            break;
+                        }
+                        n += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                n
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.unwrap_or(0);
+        }
+        total
+    });
+    let wrote_for = started.elapsed();
+    let probe_log = gw.path("out/probe/entries.log");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let lat = loop {
+        let l = probe_latencies(&probe_log);
+        if l.len() >= sent || Instant::now() > deadline {
+            break l;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    s.add(
+        "offered_changes_per_s",
+        "changes/s",
+        sent as f64 / wrote_for.as_secs_f64(),
+    );
+    s.add("sent", "changes", sent as f64);
+    s.add("delivered", "changes", lat.len() as f64);
+    s.add("latency_p50_ms", "ms", percentile(&lat, 50.0) / 1e3);
+    s.add("latency_p99_ms", "ms", percentile(&lat, 99.0) / 1e3);
+    s.add("rss_mib", "MiB", gw.rss_kib()? / 1024.0);
+    gw.stop()?;
+    s.note(format!(
+        "{keys} distinct keys, {writers} concurrent writers aiming at {rate} puts/s for \
+         {duration:?} (etcd 3.4 fsyncs every write, so the achieved rate is reported); latency is \
+         put → entry into the bench-probe plugin, which appends a line per change."
+    ));
+    Ok(s.finish(
+        "scale_churn",
+        "10,000 distinct keys changing at 5,000 per second for a minute, through etcd into one \
+         plugin: what arrives, and how late.",
+        "every change delivered",
+        |s| {
+            let got = s.median("delivered").unwrap_or(0.0);
+            let sent = s.median("sent").unwrap_or(f64::MAX);
+            (None, Default::default(), Some(got >= sent && got > 0.0))
+        },
+    ))
+}

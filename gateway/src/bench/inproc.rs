@@ -1,0 +1,400 @@
+//! In-process cases: the dispatcher and the sandbox without a network.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use super::{BenchArgs, CaseResult, Samples, percentile, us};
+use crate::config::{Limits, PluginMode, RetryPolicy, RuntimeConfig, StartPosition};
+use crate::dispatch::{Dispatcher, PluginSpec};
+use crate::event::Event;
+use crate::host::PluginContext;
+use crate::host::log::{LogSink, PluginLog};
+use crate::runtime::Runtime;
+use crate::runtime::instance::{LoadedPlugin, Sandbox, bare_calls};
+use crate::source::EventSink;
+use crate::store::Store;
+use crate::telemetry::Metrics;
+
+const SOURCE: &str = "bench";
+
+/// A sink that drops plugin log lines.
+struct Quiet;
+impl LogSink for Quiet {
+    fn line(&self, _: &str, _: crate::host::log::Level, _: crate::host::log::Stream, _: &str) {}
+}
+
+fn loaded(
+    runtime: &Runtime,
+    wasm: &[u8],
+    name: &str,
+    limits: Limits,
+) -> anyhow::Result<LoadedPlugin> {
+    let metrics = Metrics::shared();
+    Ok(LoadedPlugin {
+        compiled: runtime.compile(wasm)?,
+        ctx: Arc::new(PluginContext {
+            name: name.to_owned(),
+            files: None,
+            state: Arc::default(),
+            log: Arc::new(PluginLog::new(name, 10, Arc::new(Quiet), metrics.clone())),
+            metrics,
+        }),
+        version: 1,
+        limits,
+    })
+}
+
+fn spec(loaded: LoadedPlugin, batch_max: usize, capacity: usize) -> PluginSpec {
+    PluginSpec {
+        loaded,
+        subscriptions: Vec::new(),
+        queue_capacity: capacity,
+        retry: RetryPolicy {
+            attempts: 1,
+            ..RetryPolicy::default()
+        },
+        start: StartPosition::Now,
+        mode: PluginMode::Single,
+        batch_max,
+    }
+}
+
+fn dispatcher(runtime: &Arc<Runtime>) -> Arc<Dispatcher> {
+    Dispatcher::new(
+        runtime.clone(),
+        Metrics::shared(),
+        Arc::new(Store::in_memory()),
+        [(SOURCE.to_owned(), false)],
+    )
+}
+
+fn events(n: usize, keys: usize, value: &Bytes) -> Vec<Event> {
+    let src: Arc<str> = Arc::from(SOURCE);
+    (0..n)
+        .map(|i| Event::put(&src, format!("k{}", i % keys), value.clone(), i as u64 + 1))
+        .collect()
+}
+
+fn wait_handled(d: &Dispatcher, plugin: &str, n: u64, limit: Duration) -> anyhow::Result<()> {
+    let until = Instant::now() + limit;
+    while d.handled(plugin).unwrap_or(0) < n {
+        anyhow::ensure!(
+            Instant::now() < until,
+            "{plugin} handled fewer than {n} events in {limit:?}"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<Arc<Runtime>> {
+    Ok(Runtime::new(&RuntimeConfig {
+        max_instances: 256,
+        ..RuntimeConfig::default()
+    })?)
+}
+
+/// A 100-byte value, as in the reference measurements.
+fn value() -> Bytes {
+    Bytes::from(vec![b'v'; 100])
+}
+
+/// Dispatch throughput: in-process source → routing → queue → Wasm call
+/// into the no-op plugin, one call per event and batched; next to the bare
+/// wasmtime call of the same plugin (the floor) and a native closure.
+pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
+    let n = if args.quick { 5_000 } else { 200_000 };
+    let wasm = std::fs::read(args.plugin("noop")?)?;
+    let runtime = runtime()?;
+    let input = events(n, 10_000, &value());
+    let mut s = Samples::default();
+    for _ in 0..args.runs() {
+        for (figure, batch_max) in [("dispatch_events_per_s", 1), ("batched_events_per_s", 64)] {
+            let d = dispatcher(&runtime);
+            let l = loaded(&runtime, &wasm, "noop", default_limits())?;
+            d.upsert(spec(l, batch_max, n + 1))?;
+            let start = Instant::now();
+            for e in input.iter().cloned() {
+                d.deliver(SOURCE, vec![e]);
+            }
+            wait_handled(&d, "noop", n as u64, Duration::from_secs(600))?;
+            s.add(figure, "events/s", n as f64 / start.elapsed().as_secs_f64());
+            d.shutdown();
+        }
+        let l = loaded(&runtime, &wasm, "noop", default_limits())?;
+        let floor = bare_calls(&runtime, &l, &input)?;
+        s.add(
+            "floor_bare_wasmtime_events_per_s",
+            "events/s",
+            n as f64 / floor.as_secs_f64(),
+        );
+        let start = Instant::now();
+        let mut sum = 0usize;
+        let native = |e: &Event| e.key.len() + e.value.as_ref().map_or(0, Bytes::len);
+        for e in &input {
+            sum = sum.wrapping_add(std::hint::black_box(native(std::hint::black_box(e))));
+        }
+        std::hint::black_box(sum);
+        s.add(
+            "native_closure_events_per_s",
+            "events/s",
+            n as f64 / start.elapsed().as_secs_f64(),
+        );
+    }
+    s.note(format!(
+        "{n} put events of 100-byte values over 10,000 keys, delivered one per batch from one \
+         producer thread; the dispatcher keeps its key index in an in-memory store (the \
+         gateway's is on disk, written by a background thread)."
+    ));
+    Ok(s.finish(
+        "dispatch",
+        "Events per second from an in-process source through routing, the per-plugin queue and \
+         the Wasm call into a no-op plugin, one call per event (`dispatch`) and with batching \
+         (`batched`, up to 64 events per `handle-batch` call), next to the same plugin called \
+         in a loop with plain wasmtime (the floor) and a native closure.",
+        "dispatch ≥ 0.8 × floor; batched ≥ 1,000,000 events/s",
+        |s| {
+            let floor = s.median("floor_bare_wasmtime_events_per_s").unwrap_or(0.0);
+            let one = s.median("dispatch_events_per_s").unwrap_or(0.0);
+            let batched = s.median("batched_events_per_s").unwrap_or(0.0);
+            let ratio = if floor > 0.0 { one / floor } else { 0.0 };
+            let mut r = std::collections::BTreeMap::new();
+            r.insert(
+                "batched to floor".to_owned(),
+                if floor > 0.0 { batched / floor } else { 0.0 },
+            );
+            (Some(ratio), r, Some(ratio >= 0.8 && batched >= 1_000_000.0))
+        },
+    ))
+}
+
+/// Trap recovery: after a trap, the next event is served by a fresh
+/// instance; how long that call takes.
+pub(super) fn trap_recovery(args: &BenchArgs) -> anyhow::Result<CaseResult> {
+    let n = if args.quick { 50 } else { 2_000 };
+    let wasm = std::fs::read(args.plugin("fault-by-key")?)?;
+    let runtime = runtime()?;
+    let plugin = loaded(&runtime, &wasm, "fault-by-key", default_limits())?;
+    let src: Arc<str> = Arc::from(SOURCE);
+    let panic = Event::put(&src, "panic", value(), 1);
+    let ok = Event::put(&src, "ok", value(), 2);
+    let mut s = Samples::default();
+    for _ in 0..args.runs() {
+        let mut sandbox = Sandbox::new(runtime.clone());
+        sandbox.call(&plugin, &ok);
+        let mut warm = Vec::with_capacity(n);
+        let mut recovery = Vec::with_capacity(n);
+        for _ in 0..n {
+            warm.push(us(sandbox.call(&plugin, &ok).elapsed));
+            let trapped = sandbox.call(&plugin, &panic);
+            anyhow::ensure!(trapped.trap.is_some(), "the panic event did not trap");
+            let started = Instant::now();
+            let r = sandbox.call(&plugin, &ok);
+            anyhow::ensure!(
+                r.outcome == crate::telemetry::Outcome::ok,
+                "no recovery: {:?}",
+                r.message
+            );
+            recovery.push(us(started.elapsed()));
+        }
+        s.add("recovery_p50_us", "µs", percentile(&recovery, 50.0));
+        s.add("recovery_p99_us", "µs", percentile(&recovery, 99.0));
+        s.add("warm_call_p50_us", "µs", percentile(&warm, 50.0));
+    }
+    Ok(s.finish(
+        "trap_recovery",
+        "Time from a trap (a panicking call) to the next event served: that call includes a \
+         fresh instance from the `InstancePre` (pooling allocator). Reference: a call on a warm \
+         instance.",
+        "recovery < 100 µs",
+        |s| {
+            let p50 = s.median("recovery_p50_us").unwrap_or(f64::MAX);
+            let warm = s.median("warm_call_p50_us").unwrap_or(0.0);
+            let mut r = std::collections::BTreeMap::new();
+            if warm > 0.0 {
+                r.insert("recovery to warm call".to_owned(), p50 / warm);
+            }
+            (None, r, Some(p50 < 100.0))
+        },
+    ))
+}
+
+/// Deliver `rate` events per second for `duration` (in 1 ms ticks).
+fn paced(d: &Dispatcher, rate: usize, duration: Duration, value: &Bytes) -> usize {
+    let src: Arc<str> = Arc::from(SOURCE);
+    let start = Instant::now();
+    let mut sent = 0usize;
+    while start.elapsed() < duration {
+        let due = (start.elapsed().as_secs_f64() * rate as f64) as usize;
+        while sent < due {
+            let e = Event::put(
+                &src,
+                format!("k{}", sent % 1000),
+                value.clone(),
+                sent as u64 + 1,
+            );
+            d.deliver(SOURCE, vec![e]);
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    sent
+}
+
+type Latencies = Arc<Mutex<Vec<(String, f64)>>>;
+
+fn observe(d: &Dispatcher) -> Latencies {
+    let seen: Latencies = Arc::default();
+    let sink = seen.clone();
+    d.set_observer(Some(Box::new(move |plugin, waited| {
+        sink.lock().push((plugin.to_owned(), us(waited)));
+    })));
+    seen
+}
+
+/// Fan-out: 1, 10 and 100 plugins on the same keys at a fixed rate: the
+/// queueing latency and depth should stay flat.
+pub(super) fn fanout(args: &BenchArgs) -> anyhow::Result<CaseResult> {
+    let (rate, duration) = if args.quick {
+        (1_000, Duration::from_millis(300))
+    } else {
+        (2_000, Duration::from_secs(3))
+    };
+    let counts: &[usize] = if args.quick { &[1, 10] } else { &[1, 10, 100] };
+    let wasm = std::fs::read(args.plugin("noop")?)?;
+    let runtime = runtime()?;
+    let mut s = Samples::default();
+    for _ in 0..args.runs() {
+        for &n in counts {
+            let d = dispatcher(&runtime);
+            for i in 0..n {
+                let l = loaded(&runtime, &wasm, &format!("noop{i}"), default_limits())?;
+                d.upsert(spec(l, 64, 100_000))?;
+            }
+            let seen = observe(&d);
+            let sent = paced(&d, rate, duration, &value());
+            for i in 0..n {
+                wait_handled(
+                    &d,
+                    &format!("noop{i}"),
+                    sent as u64,
+                    Duration::from_secs(120),
+                )?;
+            }
+            let lat: Vec<f64> = seen.lock().iter().map(|(_, l)| *l).collect();
+            s.add(
+                &format!("plugins_{n:03}_p50_us"),
+                "µs",
+                percentile(&lat, 50.0),
+            );
+            s.add(
+                &format!("plugins_{n:03}_p99_us"),
+                "µs",
+                percentile(&lat, 99.0),
+            );
+            d.shutdown();
+        }
+    }
+    s.note(format!(
+        "{rate} events/s for {duration:?}; latency is from the dispatcher taking an event to \
+         its plugin's call starting, over every plugin."
+    ));
+    let last = *counts.last().unwrap_or(&1);
+    Ok(s.finish(
+        "fanout",
+        "The same events to 1, 10 and 100 no-op plugins at a fixed input rate: queueing latency \
+         (delivery to call start) per plugin count.",
+        "latency flat as plugins are added (p99 with the most plugins within 10× of one plugin)",
+        move |s| {
+            let one = s.median("plugins_001_p99_us").unwrap_or(0.0);
+            let many = s
+                .median(&format!("plugins_{last:03}_p99_us"))
+                .unwrap_or(0.0);
+            let mut r = std::collections::BTreeMap::new();
+            let ratio = if one > 0.0 { many / one } else { 0.0 };
+            r.insert(format!("p99 {last} plugins to 1"), ratio);
+            (None, r, Some(ratio <= 10.0))
+        },
+    ))
+}
+
+/// Isolation: a healthy plugin's latency alone, then beside a spinning, a
+/// panicking and a slow neighbour.
+pub(super) fn isolation(args: &BenchArgs) -> anyhow::Result<CaseResult> {
+    let (rate, duration) = if args.quick {
+        (200, Duration::from_millis(300))
+    } else {
+        (500, Duration::from_secs(3))
+    };
+    let runtime = runtime()?;
+    let noop = std::fs::read(args.plugin("noop")?)?;
+    let neighbours = [
+        (
+            "fault-spin",
+            Limits {
+                fuel: u64::MAX / 2,
+                timeout_ms: 50,
+                memory_mb: 16,
+            },
+        ),
+        ("fault-panic", default_limits()),
+        ("fault-slow", default_limits()),
+    ];
+    let mut s = Samples::default();
+    // fault-slow busy-waits the value in milliseconds.
+    let slow_value = Bytes::from_static(b"5");
+    for _ in 0..args.runs() {
+        for (figure, with) in [("alone", false), ("beside_faults", true)] {
+            let d = dispatcher(&runtime);
+            let l = loaded(&runtime, &noop, "healthy", default_limits())?;
+            d.upsert(spec(l, 64, 100_000))?;
+            if with {
+                for (name, limits) in &neighbours {
+                    let wasm = std::fs::read(args.plugin(name)?)?;
+                    let l = loaded(&runtime, &wasm, name, *limits)?;
+                    d.upsert(spec(l, 1, 64))?;
+                }
+            }
+            let seen = observe(&d);
+            let sent = paced(&d, rate, duration, &slow_value);
+            wait_handled(&d, "healthy", sent as u64, Duration::from_secs(120))?;
+            let lat: Vec<f64> = seen
+                .lock()
+                .iter()
+                .filter(|(p, _)| p == "healthy")
+                .map(|(_, l)| *l)
+                .collect();
+            s.add(&format!("{figure}_p50_us"), "µs", percentile(&lat, 50.0));
+            s.add(&format!("{figure}_p99_us"), "µs", percentile(&lat, 99.0));
+            d.set_observer(None);
+            d.shutdown();
+        }
+    }
+    s.note(format!(
+        "{rate} events/s for {duration:?}. Neighbours: fault-spin (runs to its 50 ms deadline on \
+         every event), fault-panic (traps on every event) and fault-slow (busy-waits 5 ms per \
+         event), each with one attempt per event; their queues fold at 64."
+    ));
+    Ok(s.finish(
+        "isolation",
+        "A healthy no-op plugin's queueing latency alone, then beside three faulty neighbours \
+         on the same events.",
+        "p99 beside the faults within 10 % of alone",
+        |s| {
+            let alone = s.median("alone_p99_us").unwrap_or(0.0);
+            let beside = s.median("beside_faults_p99_us").unwrap_or(0.0);
+            let ratio = if alone > 0.0 { beside / alone } else { 0.0 };
+            let mut r = std::collections::BTreeMap::new();
+            r.insert("p99 beside to alone".to_owned(), ratio);
+            (None, r, Some(ratio <= 1.1))
+        },
+    ))
+}
+
+/// The default per-call limits.
+fn default_limits() -> Limits {
+    RuntimeConfig::default().defaults
+}
