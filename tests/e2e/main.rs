@@ -5,6 +5,7 @@
 //! test runs its own gateway on a free loopback port in its own temporary
 //! directory.
 
+mod bench_smoke;
 mod cli;
 mod cluster;
 mod conn_registry;

@@ -44,6 +44,9 @@ pub fn plugin(name: &str) -> PathBuf {
             "fault-panic",
             "fault-spin",
             "fault-by-key",
+            "fault-slow",
+            "noop",
+            "bench-probe",
         ] {
             cmd.args(["-p", p]);
         }
