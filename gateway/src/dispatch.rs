@@ -38,7 +38,7 @@ use crate::event::{Event, EventKind};
 use crate::runtime::Runtime;
 use crate::runtime::instance::{CallReport, LoadedPlugin, Sandbox};
 use crate::source::EventSink;
-use crate::store::{CursorProbe, DeadLetter, KeyEntry, SourceMeta, Store};
+use crate::store::{CursorProbe, DeadLetter, IndexProbe, KeyEntry, SourceMeta, Store};
 use crate::telemetry::{Metrics, Outcome};
 use queue::EventQueue;
 
@@ -90,29 +90,88 @@ struct SourceKeys {
     pending_identity: Option<String>,
     tombstones: usize,
     batches: u64,
+    /// Keys changed since the store last took them.
+    dirty: std::collections::HashSet<String>,
+    meta_dirty: bool,
 }
 
 /// The current keys of one source, in key order.
 struct SourceCache {
     name: Arc<str>,
     keys: Mutex<SourceKeys>,
+    /// The highest position whose index change is committed. Events of a
+    /// source without history reach a plugin only once their change is
+    /// durable: after a crash the relist diffs against the stored index,
+    /// and a change the plugin saw but the index lost could never be
+    /// undone (a delete would never come).
+    committed: Arc<AtomicU64>,
+    /// A wake-up for the writer is on its way.
+    wake_sent: AtomicBool,
 }
 
 impl SourceCache {
     fn load(store: &Store, name: &str, revisioned: bool) -> SourceCache {
         let map = store.load_keys(name);
         let tombstones = map.values().filter(|e| e.value.is_none()).count();
+        let meta = store.source_meta(name);
         SourceCache {
             name: Arc::from(name),
+            committed: Arc::new(AtomicU64::new(meta.last_seq)),
+            wake_sent: AtomicBool::new(false),
             keys: Mutex::new(SourceKeys {
                 map,
-                meta: store.source_meta(name),
+                meta,
                 revisioned,
                 live: false,
                 pending_identity: None,
                 tombstones,
                 batches: 0,
+                dirty: std::collections::HashSet::new(),
+                meta_dirty: false,
             }),
+        }
+    }
+}
+
+impl IndexProbe for SourceCache {
+    fn source(&self) -> Arc<str> {
+        self.name.clone()
+    }
+
+    fn take_changes(&self) -> Option<crate::store::IndexChanges> {
+        self.wake_sent.store(false, Ordering::SeqCst);
+        let mut keys = self.keys.lock();
+        if keys.dirty.is_empty() && !keys.meta_dirty {
+            return None;
+        }
+        keys.meta_dirty = false;
+        let dirty = std::mem::take(&mut keys.dirty);
+        let changes = dirty
+            .into_iter()
+            .map(|k| {
+                let e = keys.map.get(&k).cloned();
+                (k, e)
+            })
+            .collect();
+        Some((changes, keys.meta.clone()))
+    }
+
+    fn written(&self, last_seq: u64) {
+        self.committed.fetch_max(last_seq, Ordering::SeqCst);
+    }
+
+    fn unwritten(&self, again: Vec<String>) {
+        let mut keys = self.keys.lock();
+        keys.dirty.extend(again);
+        keys.meta_dirty = true;
+    }
+}
+
+impl SourceCache {
+    /// Ask the store to commit soon.
+    fn wake(&self, store: &Store) {
+        if !self.wake_sent.swap(true, Ordering::SeqCst) {
+            store.wake();
         }
     }
 }
@@ -153,6 +212,39 @@ const OUTCOMES: [Outcome; 6] = [
     Outcome::memory,
 ];
 
+/// The metrics one worker updates on every event, looked up once.
+struct Handles {
+    calls: Vec<prometheus_client::metrics::counter::Counter>,
+    seconds: prometheus_client::metrics::histogram::Histogram,
+    depth: prometheus_client::metrics::gauge::Gauge,
+    coalesced: prometheus_client::metrics::counter::Counter,
+    overflow: prometheus_client::metrics::counter::Counter,
+}
+
+impl Handles {
+    fn new(metrics: &Metrics, plugin: &str) -> Handles {
+        let labels = Metrics::plugin(plugin);
+        Handles {
+            calls: OUTCOMES
+                .iter()
+                .map(|o| {
+                    metrics
+                        .plugin_invocations
+                        .get_or_create(&crate::telemetry::OutcomeLabels {
+                            plugin: plugin.to_owned(),
+                            outcome: *o,
+                        })
+                        .clone()
+                })
+                .collect(),
+            seconds: metrics.plugin_call_seconds.get_or_create(&labels).clone(),
+            depth: metrics.plugin_queue_depth.get_or_create(&labels).clone(),
+            coalesced: metrics.plugin_coalesced.get_or_create(&labels).clone(),
+            overflow: metrics.plugin_queue_overflow.get_or_create(&labels).clone(),
+        }
+    }
+}
+
 /// Failure lines of one worker, rate limited.
 struct FailureLog {
     limiter: DefaultDirectRateLimiter,
@@ -187,6 +279,8 @@ struct Worker {
     /// Told the queueing latency of each event when its call starts
     /// (benchmarks).
     observer: Arc<ArcSwapOption<Observer>>,
+    handles: Handles,
+    durable: Watermarks,
 }
 
 /// Receives (plugin, time from delivery to the start of its call).
@@ -261,19 +355,19 @@ impl From<Limits> for LimitsReport {
 
 impl Worker {
     fn start(
-        runtime: Arc<Runtime>,
+        d: &Dispatcher,
         spec: PluginSpec,
-        metrics: Arc<Metrics>,
-        store: Arc<Store>,
         queue: Arc<EventQueue>,
         parked: bool,
-        observer: Arc<ArcSwapOption<Observer>>,
     ) -> std::io::Result<Arc<Worker>> {
+        let (runtime, metrics, store) = (d.runtime.clone(), d.metrics.clone(), d.store.clone());
+        let (observer, durable) = (d.observer.clone(), d.durable.clone());
         let name = spec.loaded.ctx.name.clone();
         let stats = WorkerStats::default();
         stats
             .dead_letters
             .store(store.dead_letters(&name).len() as u64, Ordering::Relaxed);
+        let handles = Handles::new(&metrics, &name);
         let worker = Arc::new(Worker {
             name: name.clone(),
             queue,
@@ -289,6 +383,8 @@ impl Worker {
             awaiting_replay: Mutex::new(Vec::new()),
             in_batch: std::sync::atomic::AtomicUsize::new(0),
             observer,
+            handles,
+            durable,
         });
         let w = worker.clone();
         let handle = std::thread::Builder::new()
@@ -309,11 +405,7 @@ impl Worker {
     /// interrupted by a stop or a park stays pending.
     fn run(self: Arc<Self>, mut sandbox: Sandbox) {
         let labels = Metrics::plugin(&self.name);
-        let depth = self
-            .metrics
-            .plugin_queue_depth
-            .get_or_create(&labels)
-            .clone();
+        let depth = self.handles.depth.clone();
         // Failures are logged at most once a second per plugin; the rest are
         // counted in the outcome metric and summarized in the next line.
         let mut failures = FailureLog {
@@ -355,6 +447,10 @@ impl Worker {
             } else {
                 batch
             };
+            if !self.wait_durable(&batch) {
+                self.in_batch.store(0, Ordering::SeqCst);
+                continue;
+            }
             if let Some(observe) = self.observer.load().as_ref() {
                 let now = std::time::Instant::now();
                 for e in &batch {
@@ -495,6 +591,25 @@ impl Worker {
         }
     }
 
+    /// Wait until the index changes of `batch` are committed (sources
+    /// without history; see [`SourceCache::committed`]). False when
+    /// stopped or parked meanwhile (the events stay pending).
+    fn wait_durable(&self, batch: &[Event]) -> bool {
+        // The last event of each source has the highest position.
+        for e in batch.iter().rev().filter(|e| e.seq > 0) {
+            let Some(mark) = self.durable.get(&*e.source).map(|m| m.value().clone()) else {
+                continue;
+            };
+            while mark.load(Ordering::SeqCst) < e.seq {
+                if self.stop.load(Ordering::SeqCst) || self.parked.load(Ordering::SeqCst) {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_micros(250));
+            }
+        }
+        true
+    }
+
     /// Events waiting: queued, plus taken into the batch in progress.
     fn depth(&self) -> usize {
         self.queue.len() + self.in_batch.load(Ordering::SeqCst)
@@ -549,8 +664,9 @@ impl Worker {
     }
 
     fn record(&self, event: &Event, outcome: Outcome, seconds: f64, report: Option<&CallReport>) {
-        self.metrics.plugin_call(&self.name, outcome, seconds);
+        self.handles.seconds.observe(seconds);
         if let Some(i) = OUTCOMES.iter().position(|o| *o == outcome) {
+            self.handles.calls[i].inc();
             self.stats.calls[i].fetch_add(1, Ordering::Relaxed);
         }
         if outcome != Outcome::ok {
@@ -575,23 +691,13 @@ impl Worker {
         if stats.queued + stats.coalesced == 0 {
             return;
         }
-        let labels = Metrics::plugin(&self.name);
         if stats.coalesced > 0 {
-            self.metrics
-                .plugin_coalesced
-                .get_or_create(&labels)
-                .inc_by(stats.coalesced as u64);
+            self.handles.coalesced.inc_by(stats.coalesced as u64);
         }
         if stats.overflow > 0 {
-            self.metrics
-                .plugin_queue_overflow
-                .get_or_create(&labels)
-                .inc_by(stats.overflow as u64);
+            self.handles.overflow.inc_by(stats.overflow as u64);
         }
-        self.metrics
-            .plugin_queue_depth
-            .get_or_create(&labels)
-            .set(self.depth() as i64);
+        self.handles.depth.set(self.depth() as i64);
     }
 
     /// Stop taking events and wait for the worker thread; an in-flight call
@@ -675,7 +781,11 @@ pub struct Dispatcher {
     workers: DashMap<String, Arc<Worker>>,
     clustered: AtomicBool,
     observer: Arc<ArcSwapOption<Observer>>,
+    durable: Watermarks,
 }
+
+/// Per source without history: the highest position committed.
+type Watermarks = Arc<DashMap<String, Arc<AtomicU64>>>;
 
 impl SourceKeys {
     /// Give each event of one delivery its position; returns the highest.
@@ -715,8 +825,9 @@ impl SourceKeys {
         upto
     }
 
-    /// Record delivered events in the index and the store.
-    fn apply(&mut self, store: &Store, name: &Arc<str>, events: &[Event]) {
+    /// Record delivered events in the index (the store takes them from
+    /// there).
+    fn apply(&mut self, events: &[Event]) {
         for e in events {
             let entry = KeyEntry {
                 value: if e.kind == EventKind::Put {
@@ -738,10 +849,17 @@ impl SourceKeys {
                 (Some(true), false) => self.tombstones -= 1,
                 _ => {}
             }
-            store.put_key(name, e.key.clone(), Some(entry.clone()));
-            self.map.insert(e.key.clone(), entry);
+            if !self.dirty.contains(e.key.as_str()) {
+                self.dirty.insert(e.key.clone());
+            }
+            match self.map.get_mut(e.key.as_str()) {
+                Some(slot) => *slot = entry,
+                None => {
+                    self.map.insert(e.key.clone(), entry);
+                }
+            }
         }
-        store.set_source_meta(name, self.meta.clone());
+        self.meta_dirty = true;
         self.live = true;
     }
 
@@ -801,10 +919,15 @@ impl Dispatcher {
         store: Arc<Store>,
         sources: impl IntoIterator<Item = (String, bool)>,
     ) -> Arc<Dispatcher> {
+        let durable: Watermarks = Arc::default();
         let caches = sources
             .into_iter()
             .map(|(s, revisioned)| {
                 let cache = Arc::new(SourceCache::load(&store, &s, revisioned));
+                store.register_index(cache.clone());
+                if !revisioned {
+                    durable.insert(s.clone(), cache.committed.clone());
+                }
                 (s, cache)
             })
             .collect();
@@ -816,6 +939,7 @@ impl Dispatcher {
             workers: DashMap::new(),
             clustered: AtomicBool::new(false),
             observer: Arc::default(),
+            durable,
         })
     }
 
@@ -883,15 +1007,7 @@ impl Dispatcher {
                 .flat_map(|(source, keys)| self.initial(&name, &spec, source, keys, &queue))
                 .collect()
         };
-        let worker = Worker::start(
-            self.runtime.clone(),
-            spec,
-            self.metrics.clone(),
-            self.store.clone(),
-            queue,
-            parked,
-            self.observer.clone(),
-        )?;
+        let worker = Worker::start(self, spec, queue, parked)?;
         for (source, upto, events) in initial {
             worker.enqueue(&source, upto, events);
         }
@@ -1180,32 +1296,44 @@ impl Dispatcher {
         for k in gone {
             keys.map.remove(&k);
             keys.tombstones -= 1;
-            self.store.put_key(name, k, None);
+            keys.dirty.insert(k);
         }
         keys.meta.floor = keys.meta.floor.max(floor);
-        self.store.set_source_meta(name, keys.meta.clone());
+        keys.meta_dirty = true;
     }
 
     fn cache(&self, source: &str) -> Arc<SourceCache> {
+        if let Some(c) = self.caches.get(source) {
+            return c.clone();
+        }
+        self.add_source(source, false);
         self.caches
-            .entry(source.to_owned())
-            .or_insert_with(|| Arc::new(SourceCache::load(&self.store, source, false)))
-            .clone()
+            .get(source)
+            .map(|c| c.clone())
+            .expect("just added")
     }
 }
 
 impl Dispatcher {
     /// Start routing a source added by a reload.
     pub fn add_source(&self, name: &str, revisioned: bool) {
-        self.caches
-            .entry(name.to_owned())
-            .or_insert_with(|| Arc::new(SourceCache::load(&self.store, name, revisioned)));
+        self.caches.entry(name.to_owned()).or_insert_with(|| {
+            let cache = Arc::new(SourceCache::load(&self.store, name, revisioned));
+            self.store.register_index(cache.clone());
+            if !revisioned {
+                self.durable
+                    .insert(name.to_owned(), cache.committed.clone());
+            }
+            cache
+        });
     }
 
     /// Forget a source removed by a reload (its keys are not deleted in the
     /// plugins: a removed source says nothing about its keys).
     pub fn remove_source(&self, name: &str) {
         self.caches.remove(name);
+        self.store.unregister_index(name);
+        self.durable.remove(name);
     }
 }
 
@@ -1287,7 +1415,8 @@ impl EventSink for Dispatcher {
                 changes.push(e);
             }
         }
-        keys.apply(&self.store, &name, &changes);
+        keys.apply(&changes);
+        cache.wake(&self.store);
         for w in self.workers.iter() {
             let spec = w.spec.load();
             if w.skips(source, &spec) {
@@ -1318,7 +1447,8 @@ impl EventSink for Dispatcher {
         for e in &mut events {
             e.delivered_at = Some(now);
         }
-        keys.apply(&self.store, &name, &events);
+        keys.apply(&events);
+        cache.wake(&self.store);
         for w in self.workers.iter() {
             let spec = w.spec.load();
             if w.skips(source, &spec) {

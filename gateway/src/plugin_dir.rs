@@ -207,7 +207,9 @@ impl PluginLoader {
         let watch_token = shutdown.child_token();
         let mut fc = FileSourceConfig::new("plugins", &dir);
         fc.max_value_bytes = 512 * 1024 * 1024;
-        fc.debounce_ms = 100;
+        // Plugin files are expected to arrive by rename (atomically), so a short
+        // settle time is enough; it bounds how soon a new plugin runs.
+        fc.debounce_ms = 30;
         fc.rescan_interval_s = 30;
         let ctx = SourceContext::new(
             Arc::from("plugins"),

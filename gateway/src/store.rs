@@ -132,9 +132,27 @@ pub trait CursorProbe: Send + Sync {
     fn cursors(&self) -> Vec<(Arc<str>, u64)>;
 }
 
+/// Keys changed since the last write (`None`: removed) and the source's
+/// bookkeeping.
+pub type IndexChanges = (Vec<(String, Option<KeyEntry>)>, SourceMeta);
+
+/// Something holding a source's key index, which changes far more often
+/// than it is written: the writer pulls what changed once per commit.
+pub trait IndexProbe: Send + Sync {
+    /// The source's name.
+    fn source(&self) -> Arc<str>;
+    /// The keys changed since the last call, with their current entries
+    /// (`None`: removed from the index), and the source's bookkeeping;
+    /// `None` when nothing changed.
+    fn take_changes(&self) -> Option<IndexChanges>;
+    /// The changes taken last were committed, up to position `last_seq`.
+    fn written(&self, last_seq: u64);
+    /// The changes taken last could not be written: take these keys again.
+    fn unwritten(&self, keys: Vec<String>);
+}
+
 enum Op {
-    Key(Arc<str>, String, Option<KeyEntry>),
-    Source(Arc<str>, SourceMeta),
+    Wake,
     Cursor(String, Arc<str>, u64),
     State(String, String, Option<Vec<u8>>),
     DeadLetter(String, u64, Option<Vec<u8>>),
@@ -142,6 +160,7 @@ enum Op {
 }
 
 type Probes = Arc<Mutex<HashMap<String, Arc<dyn CursorProbe>>>>;
+type Indexes = Arc<Mutex<Vec<Arc<dyn IndexProbe>>>>;
 
 /// The open store and its writer thread.
 pub struct Store {
@@ -149,6 +168,7 @@ pub struct Store {
     path: Option<PathBuf>,
     tx: Mutex<Option<mpsc::Sender<Op>>>,
     probes: Probes,
+    indexes: Indexes,
     writer: Mutex<Option<JoinHandle<()>>>,
     next_dead_letter: AtomicU64,
 }
@@ -208,12 +228,14 @@ impl Store {
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel();
         let probes: Probes = Arc::default();
+        let indexes: Indexes = Arc::default();
         let writer = {
             let db = db.clone();
             let probes = probes.clone();
+            let indexes = indexes.clone();
             std::thread::Builder::new()
                 .name("state-writer".into())
-                .spawn(move || write_loop(&db, &rx, &probes))
+                .spawn(move || write_loop(&db, &rx, &probes, &indexes))
                 .expect("spawning the state writer")
         };
         Ok(Store {
@@ -221,6 +243,7 @@ impl Store {
             path,
             tx: Mutex::new(Some(tx)),
             probes,
+            indexes,
             writer: Mutex::new(Some(writer)),
             next_dead_letter: AtomicU64::new(next_dead_letter),
         })
@@ -370,14 +393,22 @@ impl Store {
         f(&r)
     }
 
-    /// Record a key change (or prune it with `None`).
-    pub fn put_key(&self, source: &Arc<str>, key: String, entry: Option<KeyEntry>) {
-        self.send(Op::Key(source.clone(), key, entry));
+    /// Write `probe`'s key changes with every commit from now on (a
+    /// source's index; one per source name).
+    pub fn register_index(&self, probe: Arc<dyn IndexProbe>) {
+        let mut v = self.indexes.lock();
+        v.retain(|p| p.source() != probe.source());
+        v.push(probe);
     }
 
-    /// Record a source's bookkeeping.
-    pub fn set_source_meta(&self, source: &Arc<str>, meta: SourceMeta) {
-        self.send(Op::Source(source.clone(), meta));
+    /// Stop writing the index of `source` (removed by a reload).
+    pub fn unregister_index(&self, source: &str) {
+        self.indexes.lock().retain(|p| &*p.source() != source);
+    }
+
+    /// Ask the writer to commit soon (an index changed).
+    pub fn wake(&self) {
+        self.send(Op::Wake);
     }
 
     /// Record a cursor directly (a plugin starting at "now", or a final
@@ -494,7 +525,7 @@ fn init_tables(db: &Database) -> Result<u64, redb::Error> {
 }
 
 /// The writer thread: gather, then commit cursors and changes together.
-fn write_loop(db: &Database, rx: &mpsc::Receiver<Op>, probes: &Probes) {
+fn write_loop(db: &Database, rx: &mpsc::Receiver<Op>, probes: &Probes, indexes: &Indexes) {
     let mut written: HashMap<(String, Arc<str>), u64> = HashMap::new();
     let mut failures = 0u64;
     loop {
@@ -519,15 +550,33 @@ fn write_loop(db: &Database, rx: &mpsc::Receiver<Op>, probes: &Probes) {
             }
         }
         cursors.retain(|(p, s, seq)| written.get(&(p.clone(), s.clone())) != Some(seq));
-        if !ops.is_empty() || !cursors.is_empty() {
+        // Key changes last: they include everything the cursors cover, and
+        // everything recorded before a flush request.
+        let probes_now: Vec<Arc<dyn IndexProbe>> = indexes.lock().clone();
+        let mut taken: Vec<(Arc<dyn IndexProbe>, u64)> = Vec::new();
+        let changes: Vec<SourceChanges> = probes_now
+            .iter()
+            .filter_map(|p| {
+                let (keys, meta) = p.take_changes()?;
+                taken.push((p.clone(), meta.last_seq));
+                Some((p.source(), keys, meta))
+            })
+            .collect();
+        if !ops.is_empty() || !cursors.is_empty() || !changes.is_empty() {
             let mut acks = Vec::new();
-            match commit(db, ops, &cursors, &mut acks) {
+            match commit(db, ops, &cursors, &changes, &mut acks) {
                 Ok(explicit) => {
                     for (p, s, seq) in cursors.into_iter().chain(explicit) {
                         written.insert((p, s), seq);
                     }
+                    for (p, last) in &taken {
+                        p.written(*last);
+                    }
                 }
                 Err(e) => {
+                    for ((p, _), (_, keys, _)) in taken.iter().zip(changes) {
+                        p.unwritten(keys.into_iter().map(|(k, _)| k).collect());
+                    }
                     failures += 1;
                     if failures.is_power_of_two() {
                         tracing::error!(error = %e, failures, "Writing the state store failed; cursors stay where they were.");
@@ -545,11 +594,13 @@ fn write_loop(db: &Database, rx: &mpsc::Receiver<Op>, probes: &Probes) {
 }
 
 type Written = Vec<(String, Arc<str>, u64)>;
+type SourceChanges = (Arc<str>, Vec<(String, Option<KeyEntry>)>, SourceMeta);
 
 fn commit(
     db: &Database,
     ops: Vec<Op>,
     cursors: &[(String, Arc<str>, u64)],
+    changes: &[SourceChanges],
     acks: &mut Vec<mpsc::SyncSender<()>>,
 ) -> Result<Written, redb::Error> {
     let w = db.begin_write()?;
@@ -560,17 +611,21 @@ fn commit(
         let mut cur = w.open_table(CURSORS)?;
         let mut state = w.open_table(PLUGIN_STATE)?;
         let mut dead = w.open_table(DEAD_LETTERS)?;
+        for (source, changed, meta) in changes {
+            for (k, entry) in changed {
+                match entry {
+                    Some(e) => {
+                        keys.insert((&**source, k.as_str()), encode(e).as_slice())?;
+                    }
+                    None => {
+                        keys.remove((&**source, k.as_str()))?;
+                    }
+                }
+            }
+            sources.insert(&**source, encode(meta).as_slice())?;
+        }
         for op in ops {
             match op {
-                Op::Key(s, k, Some(e)) => {
-                    keys.insert((&*s, k.as_str()), encode(&e).as_slice())?;
-                }
-                Op::Key(s, k, None) => {
-                    keys.remove((&*s, k.as_str()))?;
-                }
-                Op::Source(s, m) => {
-                    sources.insert(&*s, encode(&m).as_slice())?;
-                }
                 Op::Cursor(p, s, seq) => {
                     cur.insert((p.as_str(), &*s), seq)?;
                     explicit.push((p, s, seq));
@@ -588,6 +643,7 @@ fn commit(
                     dead.remove((p.as_str(), id))?;
                 }
                 Op::Flush(a) => acks.push(a),
+                Op::Wake => {}
             }
         }
         for (p, s, seq) in cursors {
@@ -609,6 +665,21 @@ mod tests {
         }
     }
 
+    type Changes = IndexChanges;
+
+    /// Changes handed over once.
+    struct Index(Arc<str>, Mutex<Option<Changes>>);
+    impl IndexProbe for Index {
+        fn source(&self) -> Arc<str> {
+            self.0.clone()
+        }
+        fn take_changes(&self) -> Option<Changes> {
+            self.1.lock().take()
+        }
+        fn written(&self, _: u64) {}
+        fn unwritten(&self, _: Vec<String>) {}
+    }
+
     fn entry(v: &str, seq: u64) -> KeyEntry {
         KeyEntry {
             value: Some(Bytes::from(v.to_owned())),
@@ -624,16 +695,27 @@ mod tests {
         let s: Arc<str> = Arc::from("etcd");
         {
             let store = Store::open(dir.path()).unwrap();
-            store.put_key(&s, "a".into(), Some(entry("1", 3)));
-            store.put_key(&s, "b".into(), Some(entry("2", 4)));
-            store.put_key(&Arc::from("other"), "a".into(), Some(entry("x", 1)));
-            store.set_source_meta(
-                &s,
-                SourceMeta {
-                    last_seq: 4,
-                    ..SourceMeta::default()
-                },
-            );
+            store.register_index(Arc::new(Index(
+                s.clone(),
+                Mutex::new(Some((
+                    vec![
+                        ("a".into(), Some(entry("1", 3))),
+                        ("b".into(), Some(entry("2", 4))),
+                        ("gone".into(), None),
+                    ],
+                    SourceMeta {
+                        last_seq: 4,
+                        ..SourceMeta::default()
+                    },
+                ))),
+            )));
+            store.register_index(Arc::new(Index(
+                Arc::from("other"),
+                Mutex::new(Some((
+                    vec![("a".into(), Some(entry("x", 1)))],
+                    SourceMeta::default(),
+                ))),
+            )));
             store.register("p", Arc::new(Fixed(vec![(s.clone(), 3)])));
             store.set_plugin_state("p", "k", Some(b"v"));
             let line = crate::event::Event::put(&s, "a", Bytes::from_static(b"1"), 3).to_line();

@@ -124,6 +124,18 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
             s.add(figure, "events/s", n as f64 / start.elapsed().as_secs_f64());
             d.shutdown();
         }
+        // The producer's share alone: routing and indexing, no plugin.
+        let d = dispatcher(&runtime);
+        let start = Instant::now();
+        for e in input.iter().cloned() {
+            d.deliver(SOURCE, vec![e]);
+        }
+        s.add(
+            "route_only_events_per_s",
+            "events/s",
+            n as f64 / start.elapsed().as_secs_f64(),
+        );
+        d.shutdown();
         let l = loaded(&runtime, &wasm, "noop", default_limits())?;
         let floor = bare_calls(&runtime, &l, &input)?;
         s.add(

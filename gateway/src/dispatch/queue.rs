@@ -42,8 +42,10 @@ struct Inner {
     entries: VecDeque<Event>,
     /// Sequence number of `entries[0]`.
     head: u64,
-    /// (source, key) → sequence number of its last queued entry.
-    last: HashMap<(Arc<str>, String), u64>,
+    /// Hash of (source, key) → sequence number of its last queued entry
+    /// (checked against the entry: a collision only costs a fold).
+    last: HashMap<u64, u64>,
+    hasher: std::hash::RandomState,
     closed: bool,
     /// Per source: the position delivered up to.
     enqueued: HashMap<Arc<str>, u64>,
@@ -52,6 +54,11 @@ struct Inner {
 }
 
 impl Inner {
+    fn id(&self, e: &Event) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one((&*e.source, e.key.as_str()))
+    }
+
     fn track(&mut self, source: &Arc<str>, seq: u64) {
         if seq > 0 {
             *self
@@ -185,11 +192,14 @@ impl EventQueue {
         }
         for event in events {
             let full = inner.entries.len() >= capacity;
-            let id = (event.source.clone(), event.key.clone());
+            let id = inner.id(&event);
             if full && let Some(&seq) = inner.last.get(&id) {
                 let idx = (seq - inner.head) as usize;
                 let queued = &mut inner.entries[idx];
-                if can_absorb(queued, &event) {
+                if queued.source == event.source
+                    && queued.key == event.key
+                    && can_absorb(queued, &event)
+                {
                     let (source, before) = (queued.source.clone(), queued.seq);
                     queued.absorb(event);
                     let after = queued.seq;
@@ -219,7 +229,7 @@ impl EventQueue {
         let event = inner.entries.pop_front()?;
         let seq = inner.head;
         inner.head += 1;
-        let id = (event.source.clone(), event.key.clone());
+        let id = inner.id(&event);
         if inner.last.get(&id) == Some(&seq) {
             inner.last.remove(&id);
         }
@@ -276,7 +286,7 @@ impl EventQueue {
         inner.head -= n;
         let head = inner.head;
         for (i, e) in events.into_iter().enumerate().rev() {
-            let id = (e.source.clone(), e.key.clone());
+            let id = inner.id(&e);
             inner.last.entry(id).or_insert(head + i as u64);
             inner.entries.push_front(e);
         }
