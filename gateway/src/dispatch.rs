@@ -274,6 +274,8 @@ struct Worker {
     /// from its (handed-over) cursor: a live event now would move its
     /// position past the gap the replay must fill.
     awaiting_replay: Mutex<Vec<Arc<str>>>,
+    /// `awaiting_replay` is not empty (read without the lock).
+    awaiting: AtomicBool,
     /// Events taken from the queue for the call in progress.
     in_batch: std::sync::atomic::AtomicUsize,
     /// Told the queueing latency of each event when its call starts
@@ -381,6 +383,7 @@ impl Worker {
             fencing: AtomicU64::new(0),
             calling: Mutex::new(()),
             awaiting_replay: Mutex::new(Vec::new()),
+            awaiting: AtomicBool::new(false),
             in_batch: std::sync::atomic::AtomicUsize::new(0),
             observer,
             handles,
@@ -620,7 +623,8 @@ impl Worker {
     fn skips(&self, source: &str, spec: &PluginSpec) -> bool {
         self.parked.load(Ordering::SeqCst)
             || !spec.subscribes_to(source)
-            || self.awaiting_replay.lock().iter().any(|s| &**s == source)
+            || (self.awaiting.load(Ordering::SeqCst)
+                && self.awaiting_replay.lock().iter().any(|s| &**s == source))
     }
 
     /// Wait `delay` unless stopped or parked meanwhile; false then.
@@ -691,13 +695,14 @@ impl Worker {
         if stats.queued + stats.coalesced == 0 {
             return;
         }
+        let depth = stats.len + self.in_batch.load(Ordering::Relaxed);
         if stats.coalesced > 0 {
             self.handles.coalesced.inc_by(stats.coalesced as u64);
         }
         if stats.overflow > 0 {
             self.handles.overflow.inc_by(stats.overflow as u64);
         }
-        self.handles.depth.set(self.depth() as i64);
+        self.handles.depth.set(depth as i64);
     }
 
     /// Stop taking events and wait for the worker thread; an in-flight call
@@ -1160,6 +1165,7 @@ impl Dispatcher {
                     // if it already runs, or at its own start.
                     w.queue.reset_source(source, rev + keys.meta.offset);
                     w.awaiting_replay.lock().push((*source).clone());
+                    w.awaiting.store(true, Ordering::SeqCst);
                     replay.push(source.to_string());
                 }
                 _ if cursors.is_some() => {
@@ -1234,7 +1240,9 @@ impl Dispatcher {
         // The source (re)starts now: from here on it gives every plugin what
         // it lacks, from its cursor, so none waits any more.
         for w in self.workers.iter() {
-            w.awaiting_replay.lock().retain(|s| &**s != source);
+            let mut a = w.awaiting_replay.lock();
+            a.retain(|s| &**s != source);
+            w.awaiting.store(!a.is_empty(), Ordering::SeqCst);
         }
         if !keys.revisioned {
             return None;
@@ -1456,13 +1464,12 @@ impl EventSink for Dispatcher {
             }
             // A resumed watch replays from the lowest cursor: each plugin
             // skips what it was already given.
-            let from = w.queue.enqueued(source).unwrap_or(0);
-            let matched: Vec<Event> = events
+            let matched = events
                 .iter()
-                .filter(|e| e.seq > from && spec.matches(source, &e.key))
-                .cloned()
-                .collect();
-            w.enqueue(&name, upto, matched);
+                .filter(|e| spec.matches(source, &e.key))
+                .cloned();
+            let stats = w.queue.push_new(&name, upto, matched);
+            w.count(stats);
         }
         self.maybe_prune(&name, &mut keys);
     }

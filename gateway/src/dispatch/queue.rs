@@ -34,6 +34,8 @@ pub struct PushStats {
     pub coalesced: usize,
     /// New entries accepted past capacity.
     pub overflow: usize,
+    /// Events queued after the push.
+    pub len: usize,
 }
 
 #[derive(Default)]
@@ -117,7 +119,18 @@ impl EventQueue {
 
     /// Queue events in order. Never blocks beyond a short lock.
     pub fn push(&self, events: impl IntoIterator<Item = Event>) -> PushStats {
-        self.push_upto(None, events)
+        self.push_upto(None, false, events)
+    }
+
+    /// Like [`push_batch`](Self::push_batch), skipping events at or below
+    /// the position already given (a watch replaying from a lower cursor).
+    pub fn push_new(
+        &self,
+        source: &Arc<str>,
+        upto: u64,
+        events: impl IntoIterator<Item = Event>,
+    ) -> PushStats {
+        self.push_upto(Some((source, upto)), true, events)
     }
 
     /// Queue the events of one delivery of `source` that reached position
@@ -128,7 +141,7 @@ impl EventQueue {
         upto: u64,
         events: impl IntoIterator<Item = Event>,
     ) -> PushStats {
-        self.push_upto(Some((source, upto)), events)
+        self.push_upto(Some((source, upto)), false, events)
     }
 
     /// The position of `source` delivered up to, if the queue tracks it.
@@ -178,19 +191,25 @@ impl EventQueue {
     fn push_upto(
         &self,
         upto: Option<(&Arc<str>, u64)>,
+        only_new: bool,
         events: impl IntoIterator<Item = Event>,
     ) -> PushStats {
         let capacity = self.capacity.load(std::sync::atomic::Ordering::Relaxed);
         let mut stats = PushStats::default();
         let mut inner = self.inner.lock();
+        let mut given = 0;
         if let Some((source, upto)) = upto {
             let e = inner.enqueued.entry(source.clone()).or_default();
+            given = *e;
             *e = (*e).max(upto);
         }
         if inner.closed {
             return stats;
         }
         for event in events {
+            if only_new && event.seq > 0 && event.seq <= given {
+                continue;
+            }
             let full = inner.entries.len() >= capacity;
             let id = inner.id(&event);
             if full && let Some(&seq) = inner.last.get(&id) {
@@ -220,6 +239,7 @@ impl EventQueue {
             inner.entries.push_back(event);
             stats.queued += 1;
         }
+        stats.len = inner.entries.len();
         drop(inner);
         self.ready.notify_one();
         stats
@@ -365,7 +385,8 @@ mod tests {
             PushStats {
                 queued: 3,
                 coalesced: 0,
-                overflow: 0
+                overflow: 0,
+                len: 3,
             }
         );
         let got = drain(&q);
@@ -401,7 +422,8 @@ mod tests {
             PushStats {
                 queued: 1,
                 coalesced: 1,
-                overflow: 1
+                overflow: 1,
+                len: 2,
             }
         );
         assert_eq!(
@@ -422,7 +444,8 @@ mod tests {
             PushStats {
                 queued: 5,
                 coalesced: 0,
-                overflow: 3
+                overflow: 3,
+                len: 5,
             }
         );
         assert_eq!(drain(&q).len(), 5);
