@@ -992,13 +992,7 @@ impl Dispatcher {
         // Hold the caches of the subscribed sources (in name order, like
         // every other taker of several) so no event slips between the
         // snapshot and the registration.
-        let mut sources: Vec<Arc<SourceCache>> = self
-            .caches
-            .iter()
-            .filter(|c| spec.subscribes_to(c.key()))
-            .map(|c| c.value().clone())
-            .collect();
-        sources.sort_by(|a, b| a.name.cmp(&b.name));
+        let sources = self.subscribed(&spec);
         let guards: Vec<_> = sources.iter().map(|c| (&c.name, c.keys.lock())).collect();
         let queue = Arc::new(EventQueue::new(spec.queue_capacity));
         // In a cluster a plugin of one owner starts parked; the cluster
@@ -1019,6 +1013,19 @@ impl Dispatcher {
         self.workers.insert(name, worker);
         drop(guards);
         Ok(())
+    }
+
+    /// The caches of the sources `spec` subscribes to, in name order (the
+    /// order every taker of several locks them in).
+    fn subscribed(&self, spec: &PluginSpec) -> Vec<Arc<SourceCache>> {
+        let mut sources: Vec<Arc<SourceCache>> = self
+            .caches
+            .iter()
+            .filter(|c| spec.subscribes_to(c.key()))
+            .map(|c| c.value().clone())
+            .collect();
+        sources.sort_by(|a, b| a.name.cmp(&b.name));
+        sources
     }
 
     /// Where a starting plugin begins in `source`: from its stored cursor
@@ -1147,13 +1154,7 @@ impl Dispatcher {
             return Vec::new();
         };
         let spec = w.spec.load_full();
-        let mut sources: Vec<Arc<SourceCache>> = self
-            .caches
-            .iter()
-            .filter(|c| spec.subscribes_to(c.key()))
-            .map(|c| c.value().clone())
-            .collect();
-        sources.sort_by(|a, b| a.name.cmp(&b.name));
+        let sources = self.subscribed(&spec);
         let guards: Vec<_> = sources.iter().map(|c| (&c.name, c.keys.lock())).collect();
         let mut replay = Vec::new();
         let mut initial = Vec::new();

@@ -154,6 +154,18 @@ impl Sandbox {
         Ok(())
     }
 
+    /// The live instance of this version of `plugin`, made if needed.
+    fn live_for(&mut self, plugin: &LoadedPlugin) -> Result<&mut Live, (wasmtime::Error, bool)> {
+        if self
+            .live
+            .as_ref()
+            .is_none_or(|l| l.version != plugin.version)
+        {
+            self.instantiate(plugin)?;
+        }
+        Ok(self.live.as_mut().expect("instantiate succeeded"))
+    }
+
     fn instantiate(&mut self, plugin: &LoadedPlugin) -> Result<(), (wasmtime::Error, bool)> {
         self.live = None;
         let limits = &plugin.limits;
@@ -204,16 +216,9 @@ impl Sandbox {
             attributed: false,
             elapsed: start.elapsed(),
         };
-        if self
-            .live
-            .as_ref()
-            .is_none_or(|l| l.version != plugin.version)
-            && let Err((e, hit)) = self.instantiate(plugin)
-        {
-            return failed(e, hit, "instantiation failed");
-        }
-        let Some(live) = self.live.as_mut() else {
-            unreachable!("instantiate succeeded or returned early")
+        let live = match self.live_for(plugin) {
+            Ok(l) => l,
+            Err((e, hit)) => return failed(e, hit, "instantiation failed"),
         };
         let limits = Limits {
             fuel: plugin
@@ -268,16 +273,9 @@ impl Sandbox {
             message: Some(format!("{what}: {e:#}")),
             elapsed: start.elapsed(),
         };
-        if self
-            .live
-            .as_ref()
-            .is_none_or(|l| l.version != plugin.version)
-            && let Err((e, hit)) = self.instantiate(plugin)
-        {
-            return failed(e, hit, "instantiation failed");
-        }
-        let Some(live) = self.live.as_mut() else {
-            unreachable!("instantiate succeeded or returned early")
+        let live = match self.live_for(plugin) {
+            Ok(l) => l,
+            Err((e, hit)) => return failed(e, hit, "instantiation failed"),
         };
         if let Err(e) = Self::arm(&mut live.store, limits) {
             return failed(e, false, "cannot set limits");
