@@ -149,11 +149,6 @@ impl EventQueue {
         self.inner.lock().enqueued.get(source).copied()
     }
 
-    /// Start tracking `source` from position `at` (the plugin's cursor).
-    pub fn start_at(&self, source: &Arc<str>, at: u64) {
-        self.inner.lock().enqueued.insert(source.clone(), at);
-    }
-
     /// Drop every queued event but keep them pending: the cursor stays
     /// before them (a plugin parked on this replica).
     pub fn clear_entries(&self) {
@@ -476,7 +471,7 @@ mod tests {
     fn the_cursor_stays_below_every_event_not_completed() {
         let q = EventQueue::new(2);
         let s: Arc<str> = Arc::from("s");
-        q.start_at(&s, 4);
+        q.reset_source(&s, 4);
         assert_eq!(q.cursor_positions(), vec![(s.clone(), 4)]);
         q.push_batch(&s, 5, [seq(put("a", "1", 5), 5)]);
         q.push_batch(&s, 6, [seq(put("b", "1", 6), 6)]);
