@@ -3,7 +3,8 @@
 //! A plugin is a type that implements [`Plugin`] and is registered with
 //! [`export!`]. The gateway hands it one typed [`Event`] per change of a
 //! watched key; the plugin reacts through the host capabilities in
-//! [`log`](mod@log), [`state`] and [`files`]. Build it for `wasm32-wasip2`
+//! [`log`](mod@log), [`state`], [`files`], [`http`], [`kv`] and [`snapshot`],
+//! and declares itself with [`manifest!`]. Build it for `wasm32-wasip2`
 //! as a `cdylib`: the output is a WebAssembly component the gateway loads.
 //!
 //! This crate owns the mapping between the WIT contract
@@ -32,8 +33,10 @@
 //! export!(Echo);
 //! ```
 //!
-//! Returning `Err` counts and logs the failure in the gateway; the event is
-//! not retried. A panic traps the instance, which the host replaces.
+//! Returning `Err` counts and logs the failure in the gateway, which retries
+//! the event with backoff and finally dead-letters it (the operator's
+//! failure policy). A panic traps the instance, which the host replaces;
+//! repeated traps quarantine the plugin until a probe succeeds.
 
 use std::fmt;
 
@@ -235,7 +238,8 @@ pub trait Plugin {
     /// # Errors
     ///
     /// Return `Err` with a message when the event could not be handled. The
-    /// gateway counts and logs it; the event is not retried.
+    /// gateway counts and logs it, retries it per the failure policy, then
+    /// dead-letters it.
     fn handle(event: Event) -> Result<(), String>;
 
     /// Handle several events in order.
@@ -385,6 +389,25 @@ pub mod state {
     }
 }
 
+pub mod settings {
+    //! The operator's settings for this plugin: the `[settings]` table of
+    //! its sidecar `NAME.toml`.
+    //!
+    //! ```no_run
+    //! let url = watchgate_sdk::settings::get("url").ok_or("no url setting")?;
+    //! # Ok::<(), &str>(())
+    //! ```
+
+    use crate::wit::watchgate::plugin::settings as host;
+
+    /// The setting `name` as text (strings as written, other values in
+    /// their TOML form); `None` when unset.
+    #[must_use]
+    pub fn get(name: &str) -> Option<String> {
+        host::get(name)
+    }
+}
+
 pub mod files {
     //! Write-only access to the directory the operator granted.
     //!
@@ -414,4 +437,171 @@ pub mod files {
     pub fn replace(path: &str, data: &[u8]) -> Result<(), String> {
         host::replace(path, data)
     }
+}
+
+pub mod http {
+    //! Outbound HTTP to the hosts the operator granted.
+    //!
+    //! Available only with `[grants] http = ["HOST:PORT", …]` in the
+    //! plugin's sidecar. [`send`] queues the request and returns at once:
+    //! the host sends it in the background with a timeout, retries with
+    //! backoff, and a bound on requests in flight per plugin. The plugin
+    //! never sees the response; the outcome is logged and counted by the
+    //! gateway (`watchgate_capability_calls_total{capability="http"}`).
+    //!
+    //! ```no_run
+    //! let id = watchgate_sdk::http::post_json("https://hooks.example.com/notify", br#"{"ok":true}"#)?;
+    //! # Ok::<(), String>(())
+    //! ```
+
+    use crate::wit::watchgate::plugin::http as host;
+
+    /// One outbound request.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Request {
+        /// `GET`, `POST`, `PUT`, `PATCH`, `DELETE` or `HEAD`.
+        pub method: String,
+        /// An absolute `http://` or `https://` URL on a granted host.
+        pub url: String,
+        /// Request headers.
+        pub headers: Vec<(String, String)>,
+        /// Request body.
+        pub body: Option<Vec<u8>>,
+    }
+
+    /// Queue `request`; returns the id the gateway logs it under.
+    ///
+    /// # Errors
+    ///
+    /// Fails with the host's message when the host is not granted, the
+    /// request is malformed, or too many requests are in flight.
+    pub fn send(request: Request) -> Result<u64, String> {
+        host::send(&host::Request {
+            method: request.method,
+            url: request.url,
+            headers: request.headers,
+            body: request.body,
+        })
+    }
+
+    /// Queue a `POST` of a JSON body to `url`.
+    ///
+    /// # Errors
+    ///
+    /// As for [`send`].
+    pub fn post_json(url: &str, body: &[u8]) -> Result<u64, String> {
+        send(Request {
+            method: "POST".to_owned(),
+            url: url.to_owned(),
+            headers: vec![("content-type".to_owned(), "application/json".to_owned())],
+            body: Some(body.to_vec()),
+        })
+    }
+}
+
+pub mod kv {
+    //! Write back into a source that supports writes (etcd).
+    //!
+    //! Available only under the prefixes granted with
+    //! `[grants] kv = [{ source = "NAME", prefix = "/PREFIX/" }]`. Writes are
+    //! queued and performed by the host in the background, in order, with
+    //! retries; `Ok` means the write was accepted.
+
+    use crate::wit::watchgate::plugin::kv as host;
+
+    /// Set `key` to `value` in `source`.
+    ///
+    /// # Errors
+    ///
+    /// Fails with the host's message when the source or prefix is not
+    /// granted, the source cannot be written, or the write queue is full.
+    pub fn put(source: &str, key: &str, value: &[u8]) -> Result<(), String> {
+        host::put(source, key, value)
+    }
+
+    /// Remove `key` from `source`.
+    ///
+    /// # Errors
+    ///
+    /// As for [`put`].
+    pub fn delete(source: &str, key: &str) -> Result<(), String> {
+        host::delete(source, key)
+    }
+}
+
+pub mod snapshot {
+    //! Read the gateway's current view of the keys the plugin subscribes
+    //! to.
+    //!
+    //! Available only with `[grants] snapshot = true`, and only for sources
+    //! and prefixes in the plugin's subscriptions. Values are the newest the
+    //! gateway has seen, which may be newer than the event being handled.
+
+    use crate::wit::watchgate::plugin::snapshot as host;
+
+    /// The current value of `key` in `source`; `None` when absent.
+    ///
+    /// # Errors
+    ///
+    /// Fails with the host's message when not granted or not subscribed.
+    pub fn get(source: &str, key: &str) -> Result<Option<Vec<u8>>, String> {
+        host::get(source, key)
+    }
+
+    /// Every present key under `prefix` in `source`, in key order.
+    ///
+    /// # Errors
+    ///
+    /// As for [`get`].
+    pub fn list(source: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, String> {
+        host::scan(source, prefix)
+    }
+}
+
+/// Declares what the plugin is and what it needs, inside the `.wasm` file.
+///
+/// The argument is TOML text (any constant `&str` expression, so
+/// `concat!` and `env!` work). The SDK stores it in the component's
+/// `watchgate-manifest` custom section; the gateway reads it at load time,
+/// uses its subscriptions when the operator's sidecar gives none, and
+/// reports the capabilities it asks for next to those the operator granted.
+/// A manifest never grants anything by itself.
+///
+/// ```no_run
+/// watchgate_sdk::manifest!(concat!(
+///     "name = \"webhook-notify\"\n",
+///     "version = \"", env!("CARGO_PKG_VERSION"), "\"\n",
+///     "capabilities = [\"http\"]\n",
+///     "[[subscribe]]\nsource = \"registry\"\nprefix = \"services/\"\n",
+/// ));
+/// ```
+///
+/// Keys: `name`, `version`, `description`, `capabilities` (any of `files`,
+/// `http`, `kv`, `snapshot`) and `[[subscribe]]` tables with `source` and
+/// `prefix`, as in a sidecar.
+#[macro_export]
+macro_rules! manifest {
+    ($toml:expr) => {
+        const _: () = {
+            const TEXT: &str = $toml;
+            #[used]
+            #[unsafe(link_section = "watchgate-manifest")]
+            static MANIFEST: [u8; TEXT.len()] = $crate::__manifest_bytes(TEXT);
+        };
+    };
+}
+
+/// Copies the manifest text into a fixed-size array at compile time; used
+/// by [`manifest!`].
+#[doc(hidden)]
+#[must_use]
+pub const fn __manifest_bytes<const N: usize>(text: &str) -> [u8; N] {
+    let bytes = text.as_bytes();
+    let mut out = [0u8; N];
+    let mut i = 0;
+    while i < N {
+        out[i] = bytes[i];
+        i += 1;
+    }
+    out
 }
