@@ -553,7 +553,7 @@ pub mod snapshot {
     /// # Errors
     ///
     /// As for [`get`].
-    pub fn list(source: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, String> {
+    pub fn scan(source: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, String> {
         host::scan(source, prefix)
     }
 }
