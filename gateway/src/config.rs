@@ -6,13 +6,13 @@
 //! other module ever sees a relative path. This module must not start
 //! anything.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A configuration file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +196,12 @@ pub struct RetryPolicy {
     pub backoff: Duration,
     /// The longest wait between attempts.
     pub max_backoff: Duration,
+    /// Traps (including limit hits) in a row that quarantine the plugin; 0
+    /// never quarantines.
+    pub quarantine_after: u32,
+    /// First wait before a quarantined plugin is probed again; doubles per
+    /// failed probe, up to [`RetryPolicy::MAX_PROBE_BACKOFF`].
+    pub probe_backoff: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -204,6 +210,8 @@ impl Default for RetryPolicy {
             attempts: 3,
             backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
+            quarantine_after: 5,
+            probe_backoff: Duration::from_secs(1),
         }
     }
 }
@@ -215,13 +223,36 @@ impl RetryPolicy {
         self.backoff.saturating_mul(factor).min(self.max_backoff)
     }
 
-    fn merged(self, attempts: Option<u32>, backoff: Option<Duration>) -> RetryPolicy {
+    /// The longest wait between probes of a quarantined plugin.
+    pub const MAX_PROBE_BACKOFF: Duration = Duration::from_secs(300);
+
+    /// The wait before probe number `probe` (1-based) of a quarantined
+    /// plugin.
+    pub fn probe_delay(&self, probe: u32) -> Duration {
+        let factor = 1u32 << probe.saturating_sub(1).min(16);
+        self.probe_backoff
+            .saturating_mul(factor)
+            .min(Self::MAX_PROBE_BACKOFF)
+    }
+
+    fn merged(self, over: PolicyOverrides) -> RetryPolicy {
         RetryPolicy {
-            attempts: attempts.unwrap_or(self.attempts),
-            backoff: backoff.unwrap_or(self.backoff),
+            attempts: over.attempts.unwrap_or(self.attempts),
+            backoff: over.backoff.unwrap_or(self.backoff),
             max_backoff: self.max_backoff,
+            quarantine_after: over.quarantine_after.unwrap_or(self.quarantine_after),
+            probe_backoff: over.probe_backoff.unwrap_or(self.probe_backoff),
         }
     }
+}
+
+/// The failure-policy settings a config section may set.
+#[derive(Debug, Clone, Copy, Default)]
+struct PolicyOverrides {
+    attempts: Option<u32>,
+    backoff: Option<Duration>,
+    quarantine_after: Option<u32>,
+    probe_backoff: Option<Duration>,
 }
 
 /// `[gateway]`: process-wide behaviour.
@@ -371,6 +402,9 @@ struct RawPluginsConfig {
     #[serde(default, with = "humantime_serde")]
     retry_backoff: Option<Duration>,
     batch_max: Option<usize>,
+    quarantine_after: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    quarantine_probe: Option<Duration>,
 }
 
 /// `[plugins]`: where plugins come from and how much may queue for each.
@@ -384,7 +418,9 @@ pub struct PluginsConfig {
     pub queue_capacity: usize,
     /// Failed calls: `retry_attempts` calls per event (default 3), waiting
     /// `retry_backoff` (default `"100ms"`, doubling, at most 5 s) between
-    /// them; then the event becomes a dead letter.
+    /// them; then the event becomes a dead letter. `quarantine_after`
+    /// (default 5) traps in a row quarantine the plugin, probed again after
+    /// `quarantine_probe` (default `"1s"`, doubling, at most 5 min).
     pub retry: RetryPolicy,
     /// Most events handed to a plugin in one `handle-batch` call when its
     /// queue has a backlog. Default 64; 1 calls `handle` once per event.
@@ -736,8 +772,12 @@ impl Config {
                 raw.plugins.dir.as_deref().unwrap_or(Path::new("plugins.d")),
             ),
             queue_capacity: raw.plugins.queue_capacity.unwrap_or(1024),
-            retry: RetryPolicy::default()
-                .merged(raw.plugins.retry_attempts, raw.plugins.retry_backoff),
+            retry: RetryPolicy::default().merged(PolicyOverrides {
+                attempts: raw.plugins.retry_attempts,
+                backoff: raw.plugins.retry_backoff,
+                quarantine_after: raw.plugins.quarantine_after,
+                probe_backoff: raw.plugins.quarantine_probe,
+            }),
             batch_max: raw.plugins.batch_max.unwrap_or(64),
         };
         let state = StateConfig {
@@ -788,6 +828,9 @@ impl Config {
         }
         if plugins.batch_max == 0 {
             return Err(whole("plugins.batch_max must be at least 1".into()));
+        }
+        if plugins.retry.probe_backoff.is_zero() {
+            return Err(whole("plugins.quarantine_probe must be more than 0".into()));
         }
         if plugins.retry.attempts == 0 {
             return Err(whole(
@@ -842,6 +885,13 @@ pub struct Sidecar {
     /// Overrides `[plugins] retry_backoff` for this plugin.
     #[serde(default, with = "humantime_serde")]
     pub retry_backoff: Option<Duration>,
+    /// Overrides `[plugins] quarantine_after` for this plugin.
+    pub quarantine_after: Option<u32>,
+    /// Free-form settings the plugin reads with `settings.get` (a webhook
+    /// URL, a prefix). Strings are passed as written, other values in their
+    /// TOML form.
+    #[serde(default)]
+    pub settings: BTreeMap<String, toml::Value>,
     /// Where the plugin starts the first time it runs (it has no cursor
     /// yet): `"snapshot"` (default) or `"now"`. Later starts resume from its
     /// cursor.
@@ -856,15 +906,31 @@ pub struct Sidecar {
 impl Sidecar {
     /// The effective failure policy over the gateway's.
     pub fn retry(&self, config: &Config) -> RetryPolicy {
-        config
-            .plugins
-            .retry
-            .merged(self.retry_attempts, self.retry_backoff)
+        config.plugins.retry.merged(PolicyOverrides {
+            attempts: self.retry_attempts,
+            backoff: self.retry_backoff,
+            quarantine_after: self.quarantine_after,
+            probe_backoff: None,
+        })
+    }
+
+    /// The `[settings]` table as text values.
+    pub fn settings_text(&self) -> BTreeMap<String, String> {
+        self.settings
+            .iter()
+            .map(|(k, v)| {
+                let text = match v {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.clone(), text)
+            })
+            .collect()
     }
 }
 
 /// One `[[subscribe]]`: events of `source` whose key starts with `prefix`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Subscription {
     /// A source name from the gateway config.
@@ -881,6 +947,47 @@ pub struct Grants {
     /// Directory the plugin may write into (created if missing); relative
     /// paths are relative to the sidecar file.
     pub files: Option<PathBuf>,
+    /// `HOST:PORT` pairs the plugin may send HTTP requests to, for example
+    /// `["hooks.example.com:443", "127.0.0.1:8080", "[::1]:8080"]`.
+    #[serde(default)]
+    pub http: Vec<String>,
+    /// Prefixes the plugin may write under, per source (etcd sources only).
+    #[serde(default)]
+    pub kv: Vec<KvGrant>,
+    /// Read the current values of subscribed keys.
+    #[serde(default)]
+    pub snapshot: bool,
+}
+
+/// One `[[grants.kv]]` entry: `source` may be written under `prefix`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvGrant {
+    /// An etcd source of the gateway config.
+    pub source: String,
+    /// Key prefix; must not be empty (grant a whole store explicitly with
+    /// `"/"` when keys start with `/`).
+    pub prefix: String,
+}
+
+impl Grants {
+    /// The capabilities these grants give, by name, in WIT order.
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.files.is_some() {
+            v.push("files");
+        }
+        if !self.http.is_empty() {
+            v.push("http");
+        }
+        if !self.kv.is_empty() {
+            v.push("kv");
+        }
+        if self.snapshot {
+            v.push("snapshot");
+        }
+        v
+    }
 }
 
 impl Sidecar {
@@ -951,6 +1058,31 @@ impl Sidecar {
         }
         if let Some(dir) = &sidecar.grants.files {
             sidecar.grants.files = Some(resolve(&base_dir(path), dir));
+        }
+        for (i, entry) in sidecar.grants.http.iter().enumerate() {
+            if let Err(e) = crate::host::http::HostPort::parse(entry) {
+                return Err(whole(format!("grants.http[{i}]: {e}")));
+            }
+        }
+        for (i, g) in sidecar.grants.kv.iter().enumerate() {
+            match config.sources.iter().find(|s| s.name() == g.source) {
+                Some(s) if matches!(s.spec, SourceConfig::Etcd(_)) => {}
+                Some(_) => {
+                    return Err(whole(format!(
+                        "grants.kv[{i}].source: {:?} is not an etcd source; only etcd sources take writes",
+                        g.source
+                    )));
+                }
+                None => {
+                    return Err(whole(format!(
+                        "grants.kv[{i}].source: no source named {:?}",
+                        g.source
+                    )));
+                }
+            }
+            if g.prefix.is_empty() {
+                return Err(whole(format!("grants.kv[{i}].prefix must not be empty")));
+            }
         }
         Ok(sidecar)
     }
@@ -1035,9 +1167,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("limits.memory_mb"), "{err}");
-        let err = Sidecar::parse(p, "[grants]\nhttp = []\n", &c)
+        let err = Sidecar::parse(p, "[grants]\nnetwork = true\n", &c)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("x.toml:2:") && err.contains("http"), "{err}");
+        assert!(
+            err.contains("x.toml:2:") && err.contains("network"),
+            "{err}"
+        );
+        let err = Sidecar::parse(p, "[grants]\nhttp = [\"hooks.example.com\"]\n", &c)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("grants.http[0]") && err.contains("port"),
+            "{err}"
+        );
+        let err = Sidecar::parse(
+            p,
+            "[grants]\nkv = [{ source = \"nope\", prefix = \"/a/\" }]\n",
+            &c,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("grants.kv[0].source"), "{err}");
     }
 }

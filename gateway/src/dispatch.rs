@@ -28,6 +28,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use bytes::Bytes;
 use dashmap::DashMap;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use parking_lot::Mutex;
@@ -49,6 +50,8 @@ pub struct PluginSpec {
     pub loaded: LoadedPlugin,
     /// What it receives; empty means every source, every key.
     pub subscriptions: Vec<Subscription>,
+    /// The operator's grants, as configured (the context holds them live).
+    pub grants: crate::config::Grants,
     /// Queue capacity before folding.
     pub queue_capacity: usize,
     /// What a failed call leads to.
@@ -283,6 +286,55 @@ struct Worker {
     observer: Arc<ArcSwapOption<Observer>>,
     handles: Handles,
     durable: Watermarks,
+    /// Set while the plugin is quarantined after repeated traps.
+    quarantine: Mutex<Option<Quarantine>>,
+}
+
+/// A plugin set aside after `quarantine_after` traps in a row. Its events
+/// stay queued (folded by key when the queue is full); one at a time is
+/// tried as a probe, with a growing wait between probes. A probe that does
+/// not trap ends the quarantine. An event that traps on as many probes as
+/// the plugin's retry attempts becomes a dead letter, so one poisonous
+/// event cannot hold the rest back forever.
+#[derive(Debug)]
+struct Quarantine {
+    since: SystemTime,
+    probes: u32,
+    next_probe: std::time::Instant,
+    /// The event probed last, and how often it trapped.
+    head: Option<(Arc<str>, u64, String)>,
+    head_attempts: u32,
+}
+
+/// The quarantine in `/v1/plugins`.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuarantineReport {
+    /// Seconds since the Unix epoch when it began.
+    pub since: u64,
+    /// Probes made so far.
+    pub probes: u32,
+    /// Milliseconds until the next probe (0: as soon as an event waits).
+    pub next_probe_in_ms: u64,
+}
+
+/// Outcomes that mean the plugin itself broke (as opposed to a handler
+/// returning an error): these count towards quarantine.
+fn is_trap(outcome: Outcome) -> bool {
+    matches!(
+        outcome,
+        Outcome::trap | Outcome::timeout | Outcome::out_of_fuel | Outcome::memory
+    )
+}
+
+/// How [`Worker::handle_one`] ended.
+enum Handled {
+    /// Complete (handled or dead-lettered); whether the first attempt
+    /// succeeded.
+    Done(bool),
+    /// A stop or park interrupted it; the event stays pending.
+    Interrupted,
+    /// The plugin was quarantined; the event was not completed.
+    Quarantined,
 }
 
 /// Receives (plugin, time from delivery to the start of its call).
@@ -323,6 +375,14 @@ pub struct PluginReport {
     pub mode: &'static str,
     /// In a cluster: not run on this replica now.
     pub parked: bool,
+    /// `running`, `quarantined` or `parked`.
+    pub state: &'static str,
+    /// Set while quarantined.
+    pub quarantine: Option<QuarantineReport>,
+    /// What the plugin says about itself (its embedded manifest).
+    pub manifest: Option<crate::manifest::Manifest>,
+    /// Capabilities requested by the manifest against those granted.
+    pub capabilities: crate::manifest::CapabilityReport,
 }
 
 /// A subscription in a report.
@@ -388,6 +448,7 @@ impl Worker {
             observer,
             handles,
             durable,
+            quarantine: Mutex::new(None),
         });
         let w = worker.clone();
         let handle = std::thread::Builder::new()
@@ -418,8 +479,21 @@ impl Worker {
         // Consecutive successful calls; batches only for a healthy plugin,
         // so a failing or slow one is called (and limited) event by event.
         let mut healthy: u32 = HEALTHY_TO_BATCH;
+        // Traps in a row, towards quarantine.
+        let mut traps: u32 = 0;
         while !self.stop.load(Ordering::SeqCst) {
-            let max = if healthy >= HEALTHY_TO_BATCH {
+            let probe_at = self.quarantine.lock().as_ref().map(|q| q.next_probe);
+            if let Some(at) = probe_at {
+                // Re-read each time round: a new version is probed at once.
+                let left = at.saturating_duration_since(std::time::Instant::now());
+                if !left.is_zero() {
+                    std::thread::sleep(left.min(Duration::from_millis(50)));
+                    continue;
+                }
+            }
+            let max = if probe_at.is_some() {
+                1
+            } else if healthy >= HEALTHY_TO_BATCH {
                 self.spec.load().batch_max
             } else {
                 1
@@ -464,6 +538,26 @@ impl Worker {
             }
             let mut batch = batch;
             let mut prior = None;
+            if probe_at.is_some() {
+                let event = &batch[0];
+                let spec = self.spec.load_full();
+                let report = sandbox.call(&spec.loaded, event);
+                if is_trap(report.outcome) {
+                    self.record(
+                        event,
+                        report.outcome,
+                        report.elapsed.as_secs_f64(),
+                        Some(&report),
+                    );
+                    self.probe_failed(event, &report, &spec);
+                    self.in_batch.store(0, Ordering::SeqCst);
+                    continue;
+                }
+                self.leave_quarantine();
+                traps = 0;
+                healthy = 0;
+                prior = Some(report);
+            }
             if batch.len() > 1 {
                 let spec = self.spec.load_full();
                 let report = sandbox.call_batch(&spec.loaded, &batch);
@@ -495,15 +589,28 @@ impl Worker {
                 self.in_batch.store(batch.len(), Ordering::SeqCst);
                 depth.set(self.depth() as i64);
             }
-            for event in &batch {
+            for (i, event) in batch.iter().enumerate() {
                 if self.stop.load(Ordering::SeqCst) || self.parked.load(Ordering::SeqCst) {
                     break;
                 }
-                let ok = self.handle_one(&mut sandbox, event, prior.take(), &labels, &mut failures);
-                match ok {
-                    Some(true) => healthy = healthy.saturating_add(1),
-                    Some(false) => healthy = 0,
-                    None => break,
+                let handled = self.handle_one(
+                    &mut sandbox,
+                    event,
+                    prior.take(),
+                    &labels,
+                    &mut failures,
+                    &mut traps,
+                );
+                match handled {
+                    Handled::Done(true) => healthy = healthy.saturating_add(1),
+                    Handled::Done(false) => healthy = 0,
+                    Handled::Interrupted => break,
+                    Handled::Quarantined => {
+                        // This event and the rest wait for the probes.
+                        self.queue.requeue_front(batch[i..].to_vec());
+                        healthy = 0;
+                        break;
+                    }
                 }
             }
             self.in_batch.store(0, Ordering::SeqCst);
@@ -512,10 +619,10 @@ impl Worker {
         depth.set(0);
     }
 
-    /// One event with retries, then a dead letter. `prior` is a failed
-    /// first attempt already made (in a batch). Whether the first attempt
-    /// succeeded; `None` when a stop or park interrupted it (the event
-    /// stays pending).
+    /// One event with retries, then a dead letter. `prior` is a first
+    /// attempt already made (in a batch, or as a probe). `traps` counts
+    /// traps in a row; reaching the plugin's `quarantine_after` quarantines
+    /// it and leaves the event to the caller.
     fn handle_one(
         &self,
         sandbox: &mut Sandbox,
@@ -523,7 +630,17 @@ impl Worker {
         prior: Option<CallReport>,
         labels: &crate::telemetry::PluginLabels,
         failures: &mut FailureLog,
-    ) -> Option<bool> {
+        traps: &mut u32,
+    ) -> Handled {
+        let quarantines = |outcome: Outcome, traps: &mut u32| {
+            if is_trap(outcome) {
+                *traps += 1;
+            } else {
+                *traps = 0;
+            }
+            let k = self.spec.load().retry.quarantine_after;
+            k > 0 && *traps >= k
+        };
         let mut attempt = 1;
         let mut report = match prior {
             Some(r) => {
@@ -539,6 +656,10 @@ impl Worker {
         };
         let first_ok = report.outcome == Outcome::ok;
         loop {
+            if quarantines(report.outcome, traps) {
+                self.enter_quarantine(*traps, &report);
+                return Handled::Quarantined;
+            }
             let spec = self.spec.load_full();
             if report.outcome == Outcome::ok || attempt >= spec.retry.attempts {
                 break;
@@ -547,7 +668,7 @@ impl Worker {
                 // Stopped or parked while waiting to retry: the event stays
                 // pending and is delivered again after a restart (or by the
                 // next owner).
-                return None;
+                return Handled::Interrupted;
             }
             self.metrics.plugin_retries.get_or_create(labels).inc();
             attempt += 1;
@@ -583,7 +704,83 @@ impl Worker {
             }
         }
         self.queue.complete(event);
-        Some(first_ok)
+        Handled::Done(first_ok)
+    }
+
+    fn set_quarantined(&self, on: bool) {
+        self.metrics
+            .plugin_quarantined
+            .get_or_create(&Metrics::plugin(&self.name))
+            .set(i64::from(on));
+    }
+
+    fn enter_quarantine(&self, traps: u32, report: &CallReport) {
+        let delay = self.spec.load().retry.probe_delay(1);
+        *self.quarantine.lock() = Some(Quarantine {
+            since: SystemTime::now(),
+            probes: 0,
+            next_probe: std::time::Instant::now() + delay,
+            head: None,
+            head_attempts: 0,
+        });
+        self.set_quarantined(true);
+        tracing::warn!(
+            plugin = %self.name,
+            traps,
+            outcome = report.outcome.as_str(),
+            error = report.message.as_deref().unwrap_or(""),
+            probe_in_ms = delay.as_millis() as u64,
+            "Plugin quarantined after trapping on every recent call; its events are kept and it will be probed again."
+        );
+    }
+
+    fn leave_quarantine(&self) {
+        let probes = self.quarantine.lock().take().map_or(0, |q| q.probes);
+        self.set_quarantined(false);
+        tracing::info!(plugin = %self.name, probes, "Plugin left quarantine: a probe call did not trap.");
+    }
+
+    /// A probe trapped: wait longer for the next one; the event is probed
+    /// again, or dead-lettered once it trapped on as many probes as the
+    /// plugin's retry attempts.
+    fn probe_failed(&self, event: &Event, report: &CallReport, spec: &PluginSpec) {
+        let id = (event.source.clone(), event.seq, event.key.to_string());
+        let (attempts, probes) = {
+            let mut q = self.quarantine.lock();
+            let Some(q) = q.as_mut() else {
+                return;
+            };
+            q.probes += 1;
+            q.next_probe = std::time::Instant::now() + spec.retry.probe_delay(q.probes + 1);
+            if q.head.as_ref() == Some(&id) {
+                q.head_attempts += 1;
+            } else {
+                q.head = Some(id);
+                q.head_attempts = 1;
+            }
+            (q.head_attempts, q.probes)
+        };
+        if attempts >= spec.retry.attempts {
+            let letter = self.dead_letter(event, report, attempts);
+            tracing::warn!(
+                plugin = %self.name,
+                source = %event.source,
+                key = %event.key,
+                dead_letter = letter,
+                probes,
+                "Quarantined plugin trapped on this event at every probe; it was kept as a dead letter."
+            );
+            self.queue.complete(event);
+        } else {
+            self.queue.requeue_front(vec![event.clone()]);
+        }
+    }
+
+    /// A new version arrived: probe it at once.
+    fn probe_now(&self) {
+        if let Some(q) = self.quarantine.lock().as_mut() {
+            q.next_probe = std::time::Instant::now();
+        }
     }
 
     /// A replayed dead letter succeeded: forget it.
@@ -722,6 +919,9 @@ impl Worker {
         if let Some(t) = self.thread.lock().take() {
             let _ = t.join();
         }
+        if self.quarantine.lock().take().is_some() {
+            self.set_quarantined(false);
+        }
         self.store.unregister(&self.name);
         self.metrics
             .plugin_queue_depth
@@ -731,6 +931,17 @@ impl Worker {
 
     fn report(&self) -> PluginReport {
         let spec = self.spec.load();
+        let quarantine = self.quarantine.lock().as_ref().map(|q| QuarantineReport {
+            since: q
+                .since
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            probes: q.probes,
+            next_probe_in_ms: q
+                .next_probe
+                .saturating_duration_since(std::time::Instant::now())
+                .as_millis() as u64,
+        });
         PluginReport {
             name: self.name.clone(),
             version: spec.loaded.version,
@@ -772,7 +983,51 @@ impl Worker {
                 PluginMode::EveryReplica => "every-replica",
             },
             parked: self.parked.load(Ordering::Relaxed),
+            state: if self.parked.load(Ordering::Relaxed) {
+                "parked"
+            } else if quarantine.is_some() {
+                "quarantined"
+            } else {
+                "running"
+            },
+            quarantine,
+            manifest: spec.loaded.compiled.manifest.as_deref().cloned(),
+            capabilities: crate::manifest::CapabilityReport::new(
+                spec.loaded.compiled.manifest.as_deref(),
+                spec.loaded.ctx.granted(),
+            ),
         }
+    }
+}
+
+impl crate::host::snapshot::SnapshotReader for Dispatcher {
+    fn value(&self, source: &str, key: &str) -> Option<Option<Bytes>> {
+        let cache = self.caches.get(source)?.clone();
+        let keys = cache.keys.lock();
+        Some(keys.map.get(key).and_then(|e| e.value.clone()))
+    }
+
+    fn scan(
+        &self,
+        source: &str,
+        prefix: &str,
+        keep: &dyn Fn(&str) -> bool,
+        limit: usize,
+    ) -> Option<Vec<(String, Bytes)>> {
+        let cache = self.caches.get(source)?.clone();
+        let keys = cache.keys.lock();
+        Some(
+            keys.map
+                .range::<str, _>((
+                    std::ops::Bound::Included(prefix),
+                    std::ops::Bound::Unbounded,
+                ))
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .filter(|(k, _)| keep(k))
+                .filter_map(|(k, e)| Some((k.clone(), e.value.clone()?)))
+                .take(limit)
+                .collect(),
+        )
     }
 }
 
@@ -983,6 +1238,7 @@ impl Dispatcher {
             let every = spec.mode == PluginMode::EveryReplica;
             w.queue.set_capacity(spec.queue_capacity);
             w.spec.store(Arc::new(spec));
+            w.probe_now();
             if every && w.parked.load(Ordering::SeqCst) {
                 // Now for every replica: nobody claims it, run it here.
                 self.activate(&name, None, 0);

@@ -8,9 +8,13 @@
 //! network or inherited stdio. This module must not call into guests.
 
 pub mod files;
+pub mod http;
+pub mod kv;
 pub mod log;
+pub mod snapshot;
 pub mod state;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use wasmtime::component::ResourceTable;
@@ -20,7 +24,10 @@ use crate::runtime::bindings::watchgate::plugin as wit;
 use crate::runtime::limits::MemoryLimiter;
 use crate::telemetry::Metrics;
 use files::FilesGrant;
+use http::HttpGrant;
+use kv::KvWriter;
 use log::{Level, LineStream, PluginLog, Stream};
+use snapshot::SnapshotGrant;
 use state::PluginState;
 
 /// Everything of one plugin that outlives its instances.
@@ -29,12 +36,96 @@ pub struct PluginContext {
     pub name: String,
     /// `files` grant, if the operator gave one.
     pub files: Option<FilesGrant>,
+    /// `http` grant, if the operator gave one.
+    pub http: Option<HttpGrant>,
+    /// `kv` grants, if the operator gave any.
+    pub kv: Option<KvWriter>,
+    /// `snapshot` grant, if the operator gave one.
+    pub snapshot: Option<SnapshotGrant>,
+    /// The sidecar's `[settings]`.
+    pub settings: BTreeMap<String, String>,
     /// Host-kept state.
     pub state: Arc<PluginState>,
     /// Log output.
     pub log: Arc<PluginLog>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// What the capabilities do with granted requests.
+    pub effects: Effects,
+}
+
+impl PluginContext {
+    /// A context with no grants, no settings, performing effects.
+    pub fn new(
+        name: &str,
+        state: Arc<PluginState>,
+        log: Arc<PluginLog>,
+        metrics: Arc<Metrics>,
+    ) -> PluginContext {
+        PluginContext {
+            name: name.to_owned(),
+            files: None,
+            http: None,
+            kv: None,
+            snapshot: None,
+            settings: BTreeMap::new(),
+            state,
+            log,
+            metrics,
+            effects: Effects::default(),
+        }
+    }
+
+    /// The capabilities this context grants, by name.
+    pub fn granted(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.files.is_some() {
+            v.push("files");
+        }
+        if self.http.is_some() {
+            v.push("http");
+        }
+        if self.kv.is_some() {
+            v.push("kv");
+        }
+        if self.snapshot.is_some() {
+            v.push("snapshot");
+        }
+        v
+    }
+}
+
+/// What granted `files`, `http` and `kv` requests do: in the gateway they
+/// are performed; `watchgate plugin test` reports them and performs them
+/// only when asked.
+#[derive(Clone)]
+pub struct Effects {
+    /// Carry the requests out.
+    pub perform: bool,
+    /// Called with a JSON description of each granted request.
+    pub report: Option<Arc<dyn Fn(serde_json::Value) + Send + Sync>>,
+}
+
+impl Default for Effects {
+    fn default() -> Self {
+        Effects {
+            perform: true,
+            report: None,
+        }
+    }
+}
+
+impl Effects {
+    fn report(&self, plugin: &str, capability: &str, detail: serde_json::Value) {
+        if let Some(report) = &self.report {
+            report(serde_json::json!({
+                "effect": capability,
+                "plugin": plugin,
+                "performed": self.perform,
+                "detail": detail,
+            }));
+        }
+    }
 }
 
 /// The data of one wasmtime `Store`: one plugin instance.
@@ -126,15 +217,53 @@ impl wit::state::Host for HostState {
     }
 }
 
+impl wit::settings::Host for HostState {
+    fn get(&mut self, name: String) -> Option<String> {
+        self.ctx.settings.get(&name).cloned()
+    }
+}
+
 impl HostState {
+    fn not_granted(&self, capability: &str) -> String {
+        self.count(capability, "denied");
+        format!(
+            "capability `{capability}` is not granted to this plugin (see [grants] in its sidecar)"
+        )
+    }
+
+    /// Count a refusal or failure and turn it into the guest's error.
+    fn refused(&self, capability: &str, (outcome, message): (&'static str, String)) -> String {
+        self.count(capability, outcome);
+        message
+    }
+
     fn files_op(
         &mut self,
+        op_name: &'static str,
+        path: &str,
+        data: &[u8],
         op: impl FnOnce(&FilesGrant) -> Result<(), files::FilesError>,
     ) -> Result<(), String> {
         let Some(grant) = &self.ctx.files else {
-            self.count("files", "denied");
-            return Err(files::FilesError::NotGranted.to_string());
+            return Err(self.not_granted("files"));
         };
+        if self.ctx.effects.report.is_some() || !self.ctx.effects.perform {
+            if let Err(e) = files::clean_path(path) {
+                self.count("files", "denied");
+                return Err(e.to_string());
+            }
+            let detail = serde_json::json!({
+                "op": op_name,
+                "path": grant.root().join(path),
+                "bytes": data.len(),
+                "data": String::from_utf8_lossy(data),
+            });
+            self.ctx.effects.report(&self.ctx.name, "files", detail);
+            if !self.ctx.effects.perform {
+                self.count("files", "ok");
+                return Ok(());
+            }
+        }
         let r = op(grant);
         match &r {
             Ok(()) => self.count("files", "ok"),
@@ -147,10 +276,105 @@ impl HostState {
 
 impl wit::files::Host for HostState {
     fn append(&mut self, path: String, data: Vec<u8>) -> Result<(), String> {
-        self.files_op(|g| g.append(&path, &data))
+        self.files_op("append", &path, &data, |g| g.append(&path, &data))
     }
 
     fn replace(&mut self, path: String, data: Vec<u8>) -> Result<(), String> {
-        self.files_op(|g| g.replace(&path, &data))
+        self.files_op("replace", &path, &data, |g| g.replace(&path, &data))
+    }
+}
+
+impl wit::http::Host for HostState {
+    fn send(&mut self, request: wit::http::Request) -> Result<u64, String> {
+        let Some(grant) = &self.ctx.http else {
+            return Err(self.not_granted("http"));
+        };
+        let checked = match grant.check(http::Request {
+            method: request.method,
+            url: request.url,
+            headers: request.headers,
+            body: request.body,
+        }) {
+            Ok(c) => c,
+            Err(e) => return Err(self.refused("http", e)),
+        };
+        let id = grant.next_id();
+        let mut detail = checked.describe();
+        detail["id"] = id.into();
+        self.ctx.effects.report(&self.ctx.name, "http", detail);
+        if self.ctx.effects.perform
+            && let Err(e) = grant.send(id, checked, &self.ctx.name, &self.ctx.metrics)
+        {
+            return Err(self.refused("http", e));
+        }
+        self.count("http", "queued");
+        Ok(id)
+    }
+}
+
+impl HostState {
+    fn kv_write(&mut self, write: kv::Write) -> Result<(), String> {
+        let Some(writer) = &self.ctx.kv else {
+            return Err(self.not_granted("kv"));
+        };
+        if let Err(e) = writer.check(&write.source, &write.key) {
+            return Err(self.refused("kv", e));
+        }
+        self.ctx
+            .effects
+            .report(&self.ctx.name, "kv", write.describe());
+        if self.ctx.effects.perform
+            && let Err(e) = writer.submit(write)
+        {
+            return Err(self.refused("kv", e));
+        }
+        self.count("kv", "queued");
+        Ok(())
+    }
+}
+
+impl wit::kv::Host for HostState {
+    fn put(&mut self, source: String, key: String, value: Vec<u8>) -> Result<(), String> {
+        self.kv_write(kv::Write {
+            source,
+            key,
+            value: Some(value),
+        })
+    }
+
+    fn delete(&mut self, source: String, key: String) -> Result<(), String> {
+        self.kv_write(kv::Write {
+            source,
+            key,
+            value: None,
+        })
+    }
+}
+
+impl wit::snapshot::Host for HostState {
+    fn get(&mut self, source: String, key: String) -> Result<Option<Vec<u8>>, String> {
+        let Some(grant) = &self.ctx.snapshot else {
+            return Err(self.not_granted("snapshot"));
+        };
+        match grant.get(&source, &key) {
+            Ok(v) => {
+                self.count("snapshot", "ok");
+                Ok(v)
+            }
+            Err(e) => Err(self.refused("snapshot", e)),
+        }
+    }
+
+    fn scan(&mut self, source: String, prefix: String) -> Result<Vec<(String, Vec<u8>)>, String> {
+        let Some(grant) = &self.ctx.snapshot else {
+            return Err(self.not_granted("snapshot"));
+        };
+        match grant.scan(&source, &prefix) {
+            Ok(v) => {
+                self.count("snapshot", "ok");
+                Ok(v)
+            }
+            Err(e) => Err(self.refused("snapshot", e)),
+        }
     }
 }

@@ -29,6 +29,7 @@ pub mod config;
 pub mod dispatch;
 pub mod event;
 pub mod host;
+pub mod manifest;
 pub mod plugin_dir;
 pub mod runtime;
 pub mod source;

@@ -20,12 +20,15 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConfigError, FileSourceConfig, Sidecar};
+use crate::config::{Config, ConfigError, FileSourceConfig, Sidecar, Subscription};
 use crate::dispatch::{Dispatcher, PluginSpec};
 use crate::event::{Event, EventKind};
 use crate::host::PluginContext;
 use crate::host::files::FilesGrant;
+use crate::host::http::HttpGrant;
+use crate::host::kv::KvWriter;
 use crate::host::log::{LogSink, PluginLog};
+use crate::host::snapshot::{SnapshotGrant, SnapshotReader};
 use crate::host::state::PluginState;
 use crate::runtime::instance::LoadedPlugin;
 use crate::runtime::{CompiledPlugin, LoadError, Runtime};
@@ -95,6 +98,35 @@ pub fn compile_plugin(
         source,
     })?;
     Ok((compiled, sidecar))
+}
+
+/// The subscriptions a plugin runs with: the sidecar's when it gives any
+/// (the operator overrides), else the manifest's, which must name sources
+/// of this gateway.
+///
+/// # Errors
+/// A manifest subscription to a source the config does not have.
+pub fn effective_subscriptions(
+    config: &Config,
+    sidecar: &Sidecar,
+    compiled: &CompiledPlugin,
+) -> Result<Vec<Subscription>, String> {
+    if !sidecar.subscribe.is_empty() {
+        return Ok(sidecar.subscribe.clone());
+    }
+    let Some(manifest) = &compiled.manifest else {
+        return Ok(Vec::new());
+    };
+    for s in &manifest.subscribe {
+        if !config.sources.iter().any(|c| c.name() == s.source) {
+            return Err(format!(
+                "its manifest subscribes to source {:?}, which this gateway does not have; \
+                 give [[subscribe]] in its sidecar to choose sources",
+                s.source
+            ));
+        }
+    }
+    Ok(manifest.subscribe.clone())
 }
 
 /// What `/readyz` and `/v1/plugins` need to know about the directory.
@@ -404,6 +436,21 @@ impl PluginLoader {
                 ))
             })
             .clone();
+        let subscriptions = match effective_subscriptions(&self.config, &sidecar, &compiled) {
+            Ok(s) => s,
+            Err(e) => return self.reject(name, e),
+        };
+        let http_grant = if sidecar.grants.http.is_empty() {
+            None
+        } else {
+            match HttpGrant::new(
+                &sidecar.grants.http,
+                Some(tokio::runtime::Handle::current()),
+            ) {
+                Ok(g) => Some(g),
+                Err(e) => return self.reject(name, format!("grants.http: {e}")),
+            }
+        };
         let limits = self.config.runtime.defaults.merged(sidecar.limits);
         let queue_capacity = sidecar
             .queue_capacity
@@ -412,7 +459,7 @@ impl PluginLoader {
         if let Some(running) = self.dispatcher.running(name)
             && running.loaded.compiled.digest == compiled.digest
             && running.loaded.limits == limits
-            && running.subscriptions == sidecar.subscribe
+            && running.subscriptions == subscriptions
             && running.queue_capacity == queue_capacity
             && running.retry == sidecar.retry(&self.config)
             && running.start == sidecar.start
@@ -420,6 +467,8 @@ impl PluginLoader {
             && running.batch_max == batch_max
             && running.loaded.ctx.files.as_ref().map(FilesGrant::root)
                 == files_grant.as_ref().map(FilesGrant::root)
+            && running.grants == sidecar.grants
+            && running.loaded.ctx.settings == sidecar.settings_text()
         {
             // Nothing that matters changed: keep the running version.
             self.status.rejected.lock().remove(name);
@@ -432,22 +481,48 @@ impl PluginLoader {
             loaded: LoadedPlugin {
                 compiled,
                 ctx: Arc::new(PluginContext {
-                    name: name.to_owned(),
                     files: files_grant,
-                    state,
-                    log,
-                    metrics: self.metrics.clone(),
+                    http: http_grant,
+                    kv: (!sidecar.grants.kv.is_empty()).then(|| {
+                        KvWriter::new(
+                            sidecar.grants.kv.clone(),
+                            &self.config,
+                            Some(&tokio::runtime::Handle::current()),
+                            name,
+                            &self.metrics,
+                        )
+                    }),
+                    snapshot: sidecar.grants.snapshot.then(|| {
+                        let reader: Arc<dyn SnapshotReader> = self.dispatcher.clone();
+                        SnapshotGrant::new(Arc::downgrade(&reader), subscriptions.clone())
+                    }),
+                    settings: sidecar.settings_text(),
+                    ..PluginContext::new(name, state, log, self.metrics.clone())
                 }),
                 version,
                 limits,
             },
-            subscriptions: sidecar.subscribe.clone(),
+            grants: sidecar.grants.clone(),
+            subscriptions,
             queue_capacity,
             retry: sidecar.retry(&self.config),
             start: sidecar.start,
             mode: sidecar.mode,
             batch_max,
         };
+        let report = crate::manifest::CapabilityReport::new(
+            spec.loaded.compiled.manifest.as_deref(),
+            spec.loaded.ctx.granted(),
+        );
+        if !report.ungranted.is_empty() {
+            tracing::warn!(
+                plugin = %name,
+                requested = ?report.requested,
+                granted = ?report.granted,
+                ungranted = ?report.ungranted,
+                "Plugin asks for capabilities the operator did not grant; calls to them will fail. Grant them in its sidecar's [grants] if intended."
+            );
+        }
         let replacing = self.dispatcher.plugin_names().iter().any(|n| n == name);
         if let Err(e) = self.dispatcher.upsert(spec) {
             return self.reject(name, format!("cannot start worker thread: {e}"));

@@ -61,6 +61,9 @@ pub enum LoadError {
     /// It does not export the `watchgate:plugin` world's functions.
     #[error("does not export the watchgate:plugin@0.1.0 world: {0:#}")]
     Exports(wasmtime::Error),
+    /// Its `watchgate-manifest` section is unreadable.
+    #[error("{0}")]
+    Manifest(String),
 }
 
 /// A plugin compiled and validated against the world, ready to instantiate.
@@ -72,6 +75,8 @@ pub struct CompiledPlugin {
     pub digest: String,
     /// File size in bytes.
     pub size: usize,
+    /// The manifest the plugin carries, if any.
+    pub manifest: Option<Arc<crate::manifest::Manifest>>,
 }
 
 impl std::fmt::Debug for CompiledPlugin {
@@ -185,6 +190,9 @@ impl Runtime {
             Some([0, b'a', b's', b'm', ..]) => return Err(LoadError::CoreModule),
             _ => return Err(LoadError::NotWasm),
         }
+        let manifest = crate::manifest::read(bytes)
+            .map_err(LoadError::Manifest)?
+            .map(Arc::new);
         let component = Component::new(&self.engine, bytes).map_err(LoadError::Compile)?;
         let instance_pre = self
             .linker
@@ -195,6 +203,7 @@ impl Runtime {
             pre,
             digest: digest(bytes),
             size: bytes.len(),
+            manifest,
         })
     }
 }

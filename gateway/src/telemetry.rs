@@ -126,6 +126,8 @@ pub struct Metrics {
     pub dead_letters: Family<PluginLabels, Counter>,
     /// Plugin call attempts repeated after a failure.
     pub plugin_retries: Family<PluginLabels, Counter>,
+    /// 1 while a plugin is quarantined after repeated traps.
+    pub plugin_quarantined: Family<PluginLabels, Gauge>,
     /// Plugin call latency.
     pub plugin_call_seconds: HistogramFamily,
     /// Plugin files that failed to load.
@@ -173,6 +175,7 @@ impl Metrics {
             plugin_queue_overflow: Family::default(),
             dead_letters: Family::default(),
             plugin_retries: Family::default(),
+            plugin_quarantined: Family::default(),
             plugin_call_seconds: Family::new_with_constructor(call_histogram),
             plugin_load_failures: Family::default(),
             plugin_loads: Family::default(),
@@ -248,6 +251,11 @@ impl Metrics {
             "watchgate_plugin_retries",
             "Plugin call attempts repeated after a failed call",
             m.plugin_retries.clone(),
+        );
+        registry.register(
+            "watchgate_plugin_quarantined",
+            "1 while a plugin is quarantined after repeated traps (its events are kept)",
+            m.plugin_quarantined.clone(),
         );
         registry.register(
             "watchgate_plugin_call_seconds",
@@ -353,6 +361,17 @@ impl Metrics {
                 origin: origin.to_owned(),
             })
             .inc();
+    }
+
+    /// How often `capability` ended in `outcome` for `plugin` so far.
+    pub fn capability_count(&self, plugin: &str, capability: &str, outcome: &str) -> u64 {
+        self.capability_calls
+            .get_or_create(&CapabilityLabels {
+                plugin: plugin.to_owned(),
+                capability: capability.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .get()
     }
 
     /// Record one capability call.

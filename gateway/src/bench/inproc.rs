@@ -35,13 +35,12 @@ fn loaded(
     let metrics = Metrics::shared();
     Ok(LoadedPlugin {
         compiled: runtime.compile(wasm)?,
-        ctx: Arc::new(PluginContext {
-            name: name.to_owned(),
-            files: None,
-            state: Arc::default(),
-            log: Arc::new(PluginLog::new(name, 10, Arc::new(Quiet), metrics.clone())),
+        ctx: Arc::new(PluginContext::new(
+            name,
+            Arc::default(),
+            Arc::new(PluginLog::new(name, 10, Arc::new(Quiet), metrics.clone())),
             metrics,
-        }),
+        )),
         version: 1,
         limits,
     })
@@ -51,9 +50,12 @@ fn spec(loaded: LoadedPlugin, batch_max: usize, capacity: usize) -> PluginSpec {
     PluginSpec {
         loaded,
         subscriptions: Vec::new(),
+        grants: crate::config::Grants::default(),
         queue_capacity: capacity,
         retry: RetryPolicy {
             attempts: 1,
+            // The cases measure every failed call, not a quarantine.
+            quarantine_after: 0,
             ..RetryPolicy::default()
         },
         start: StartPosition::Now,

@@ -40,6 +40,39 @@ pub enum FilesError {
     },
 }
 
+/// Check a plugin-supplied path and return it cleaned: relative, only
+/// normal components, naming a file. Touches nothing on disk.
+///
+/// # Errors
+/// [`FilesError::BadPath`] saying why the path is refused.
+pub fn clean_path(path: &str) -> Result<PathBuf, FilesError> {
+    let bad = |reason| FilesError::BadPath {
+        path: path.to_owned(),
+        reason,
+    };
+    if path.is_empty() {
+        return Err(bad("empty path"));
+    }
+    if path.contains('\0') {
+        return Err(bad("NUL byte in path"));
+    }
+    let mut clean = PathBuf::new();
+    for c in Path::new(path).components() {
+        match c {
+            Component::Normal(part) => clean.push(part),
+            Component::CurDir => {}
+            Component::ParentDir => return Err(bad("`..` is not allowed")),
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(bad("absolute paths are not allowed"));
+            }
+        }
+    }
+    if clean.as_os_str().is_empty() {
+        return Err(bad("path names no file"));
+    }
+    Ok(clean)
+}
+
 impl FilesGrant {
     /// A grant rooted at `root` (created when missing).
     ///
@@ -64,28 +97,7 @@ impl FilesGrant {
             path: path.to_owned(),
             reason,
         };
-        if path.is_empty() {
-            return Err(bad("empty path"));
-        }
-        if path.contains('\0') {
-            return Err(bad("NUL byte in path"));
-        }
-        let rel = Path::new(path);
-        let mut clean = PathBuf::new();
-        for c in rel.components() {
-            match c {
-                Component::Normal(part) => clean.push(part),
-                Component::CurDir => {}
-                Component::ParentDir => return Err(bad("`..` is not allowed")),
-                Component::RootDir | Component::Prefix(_) => {
-                    return Err(bad("absolute paths are not allowed"));
-                }
-            }
-        }
-        if clean.as_os_str().is_empty() {
-            return Err(bad("path names no file"));
-        }
-        let target = self.root.join(&clean);
+        let target = self.root.join(clean_path(path)?);
         let parent = target.parent().unwrap_or(&self.root);
         std::fs::create_dir_all(parent).map_err(|source| FilesError::Io {
             op: "create directory for",

@@ -220,6 +220,16 @@ impl Source for EtcdSource {
     }
 }
 
+/// A client for `c`'s endpoints with its authentication, TLS and
+/// keepalive settings (the `kv` capability writes through one).
+///
+/// # Errors
+/// Unreadable TLS files, or no connection.
+pub async fn connect_client(c: &EtcdSourceConfig) -> anyhow::Result<Client> {
+    let options = connect_options(c).await?;
+    Ok(Client::connect(&c.endpoints, Some(options)).await?)
+}
+
 async fn connect_options(c: &EtcdSourceConfig) -> anyhow::Result<ConnectOptions> {
     let mut o = ConnectOptions::new()
         .with_keep_alive(

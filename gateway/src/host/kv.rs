@@ -1,0 +1,193 @@
+//! The `kv` capability: writes back into etcd sources, only under granted
+//! prefixes.
+//!
+//! Owns the grant check and one writer task per plugin that performs the
+//! writes in order, with a timeout and retries, on its own connection per
+//! source. A plugin's call returns once the write is checked and queued; it
+//! never waits on the network. It must not read, and must not write outside
+//! the granted prefixes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::config::{Config, KvGrant, SourceConfig};
+use crate::source::etcd::EtcdSourceConfig;
+use crate::telemetry::Metrics;
+
+/// Writes one plugin may have queued.
+pub const QUEUE: usize = 256;
+/// Attempts per write, the first included.
+const ATTEMPTS: u32 = 3;
+/// Wait before the second attempt; doubled after each further one.
+const BACKOFF: Duration = Duration::from_millis(200);
+
+/// One write: a put, or a delete when `value` is `None`.
+#[derive(Debug, Clone)]
+pub struct Write {
+    /// Source name.
+    pub source: String,
+    /// The full key.
+    pub key: String,
+    /// New value; `None` deletes.
+    pub value: Option<Vec<u8>>,
+}
+
+impl Write {
+    /// The write as JSON, for `plugin test`.
+    pub fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "op": if self.value.is_some() { "put" } else { "delete" },
+            "source": self.source,
+            "key": self.key,
+            "value": self.value.as_deref().map(String::from_utf8_lossy),
+        })
+    }
+}
+
+/// The `kv` grants of one plugin and its writer.
+#[derive(Debug)]
+pub struct KvWriter {
+    grants: Vec<KvGrant>,
+    tx: Option<mpsc::Sender<Write>>,
+}
+
+impl KvWriter {
+    /// Grants `grants` (validated against `config` by the sidecar parser).
+    /// With a runtime, starts the plugin's writer task on it; without one
+    /// (a dry run) writes can only be checked.
+    pub fn new(
+        grants: Vec<KvGrant>,
+        config: &Config,
+        runtime: Option<&tokio::runtime::Handle>,
+        plugin: &str,
+        metrics: &Arc<Metrics>,
+    ) -> KvWriter {
+        let targets: HashMap<String, Arc<EtcdSourceConfig>> = config
+            .sources
+            .iter()
+            .filter_map(|s| match &s.spec {
+                SourceConfig::Etcd(c) if grants.iter().any(|g| g.source == c.name) => {
+                    Some((c.name.clone(), Arc::new(c.clone())))
+                }
+                _ => None,
+            })
+            .collect();
+        let tx = runtime.map(|rt| {
+            let (tx, rx) = mpsc::channel(QUEUE);
+            rt.spawn(writer(rx, targets, plugin.to_owned(), metrics.clone()));
+            tx
+        });
+        KvWriter { grants, tx }
+    }
+
+    /// Check a write against the grants.
+    ///
+    /// # Errors
+    /// `("denied", message)` when no grant covers the source and key.
+    pub fn check(&self, source: &str, key: &str) -> Result<(), (&'static str, String)> {
+        if self
+            .grants
+            .iter()
+            .any(|g| g.source == source && key.starts_with(&g.prefix))
+        {
+            Ok(())
+        } else {
+            Err((
+                "denied",
+                format!("writing {key:?} in source {source:?} is not granted to this plugin"),
+            ))
+        }
+    }
+
+    /// Queue a checked write.
+    ///
+    /// # Errors
+    /// `("busy", message)` when the plugin's queue is full, `("error", …)`
+    /// when there is no writer.
+    pub fn submit(&self, write: Write) -> Result<(), (&'static str, String)> {
+        let Some(tx) = &self.tx else {
+            return Err(("error", "no writer in this mode".into()));
+        };
+        tx.try_send(write).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => (
+                "busy",
+                format!("{QUEUE} writes already queued; try again later"),
+            ),
+            mpsc::error::TrySendError::Closed(_) => ("error", "the writer has stopped".into()),
+        })
+    }
+}
+
+async fn writer(
+    mut rx: mpsc::Receiver<Write>,
+    targets: HashMap<String, Arc<EtcdSourceConfig>>,
+    plugin: String,
+    metrics: Arc<Metrics>,
+) {
+    let mut clients: HashMap<String, etcd_client::Client> = HashMap::new();
+    while let Some(w) = rx.recv().await {
+        let Some(target) = targets.get(&w.source) else {
+            continue;
+        };
+        let dial = Duration::from_secs(target.dial_timeout_s);
+        let mut result = Err(String::new());
+        for attempt in 1..=ATTEMPTS {
+            if attempt > 1 {
+                tokio::time::sleep(BACKOFF * (1 << (attempt - 2))).await;
+            }
+            let mut client = match clients.get(&w.source) {
+                Some(c) => c.clone(),
+                None => {
+                    match tokio::time::timeout(dial, crate::source::etcd::connect_client(target))
+                        .await
+                    {
+                        Ok(Ok(c)) => {
+                            clients.insert(w.source.clone(), c.clone());
+                            c
+                        }
+                        Ok(Err(e)) => {
+                            result = Err(format!("{e:#}"));
+                            continue;
+                        }
+                        Err(_) => {
+                            result = Err(format!("no connection within {dial:?}"));
+                            continue;
+                        }
+                    }
+                }
+            };
+            let op = async {
+                match &w.value {
+                    Some(v) => client
+                        .put(w.key.as_bytes(), v.as_slice(), None)
+                        .await
+                        .map(drop),
+                    None => client.delete(w.key.as_bytes(), None).await.map(drop),
+                }
+            };
+            match tokio::time::timeout(dial, op).await {
+                Ok(Ok(())) => {
+                    result = Ok(());
+                    break;
+                }
+                Ok(Err(e)) => result = Err(e.to_string()),
+                Err(_) => result = Err(format!("no answer within {dial:?}")),
+            }
+            clients.remove(&w.source);
+        }
+        match result {
+            Ok(()) => {
+                metrics.capability(&plugin, "kv", "written");
+                tracing::debug!(plugin = %plugin, source = %w.source, key = %w.key, "kv write done.");
+            }
+            Err(e) => {
+                metrics.capability(&plugin, "kv", "failed");
+                tracing::warn!(plugin = %plugin, source = %w.source, key = %w.key, error = %e,
+                    "kv write failed after retries.");
+            }
+        }
+    }
+}
