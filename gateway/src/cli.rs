@@ -1,28 +1,22 @@
-//! The command line: `run`, `check`, `plugin test`, `state reset` and
-//! `dead-letters`.
+//! The command line: `run`, `check`, `plugin test`, `plugin new`,
+//! `state reset` and `dead-letters`.
 //!
 //! Owns argument parsing and the commands that do not run the gateway
 //! (`check`, `plugin test`, `state reset`, and `dead-letters`, which talks to
 //! a running gateway's admin API). Each returns an [`ExitCode`]-like integer; it
 //! must not install signal handlers or telemetry (that is `main`'s job).
 
-use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use parking_lot::Mutex;
-use serde::Serialize;
 
-use crate::config::{Config, Limits, RuntimeConfig};
-use crate::event::{Event, EventLine};
-use crate::host::PluginContext;
-use crate::host::files::FilesGrant;
-use crate::host::log::{Level, LogSink, PluginLog, Stream};
+use crate::config::Config;
 use crate::plugin_dir::compile_plugin;
 use crate::runtime::Runtime;
-use crate::runtime::instance::{LoadedPlugin, Sandbox};
-use crate::telemetry::Metrics;
+
+pub mod plugin_tools;
+
+pub use plugin_tools::{plugin_new, plugin_test};
 
 /// watchgate: watch configuration and discovery stores, hand every change to
 /// sandboxed WebAssembly plugins.
@@ -266,27 +260,15 @@ pub fn dead_letters(command: DeadLetterCommand) -> i32 {
 #[derive(Debug, Subcommand)]
 pub enum PluginCommand {
     /// Run a plugin on recorded events (JSON lines as `event-log` writes
-    /// them) and print each outcome and log line as JSON. Exits 1 when any
-    /// call failed, 2 when the input is unusable.
-    Test {
-        /// The plugin component (`.wasm`).
-        wasm: PathBuf,
-        /// Events, one JSON object per line.
-        #[arg(long)]
-        events: PathBuf,
-        /// Grant the `files` capability rooted in this directory.
-        #[arg(long)]
-        files: Option<PathBuf>,
-        /// Fuel per call.
-        #[arg(long)]
-        fuel: Option<u64>,
-        /// Deadline per call, in milliseconds.
-        #[arg(long)]
-        timeout_ms: Option<u64>,
-        /// Memory cap, in MiB.
-        #[arg(long)]
-        memory_mb: Option<u64>,
-    },
+    /// them) with the limits and grants it would get, and print each
+    /// outcome, log line and effect (files it would write, HTTP requests
+    /// and kv writes it would make) as JSON. Effects are only performed
+    /// with `--perform`. Exits 1 when any call failed, 2 when the input is
+    /// unusable.
+    Test(plugin_tools::TestArgs),
+    /// Create a new plugin crate (Cargo.toml, src/lib.rs with a manifest
+    /// and a handler, a sidecar example and recorded events to test with).
+    New(plugin_tools::NewArgs),
 }
 
 /// Validate a config and every plugin in its directory. Prints one line per
@@ -363,26 +345,73 @@ pub fn check(config_path: &Path) -> i32 {
             });
         match result {
             Ok((compiled, sidecar)) => {
-                let subs = if sidecar.subscribe.is_empty() {
+                let subscriptions =
+                    crate::plugin_dir::effective_subscriptions(&config, &sidecar, &compiled);
+                let subscriptions = match subscriptions {
+                    Ok(s) => s,
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("plugin {name}: rejected: {e}");
+                        continue;
+                    }
+                };
+                let subs = if subscriptions.is_empty() {
                     "every source".to_owned()
                 } else {
-                    sidecar
-                        .subscribe
+                    subscriptions
                         .iter()
                         .map(|s| format!("{}:{:?}", s.source, s.prefix))
                         .collect::<Vec<_>>()
                         .join(", ")
                 };
-                let grants = sidecar
-                    .grants
-                    .files
-                    .as_ref()
-                    .map_or("none".to_owned(), |d| format!("files={}", d.display()));
+                let mut grants: Vec<String> = Vec::new();
+                if let Some(d) = &sidecar.grants.files {
+                    grants.push(format!("files={}", d.display()));
+                }
+                if !sidecar.grants.http.is_empty() {
+                    grants.push(format!("http={}", sidecar.grants.http.join(",")));
+                }
+                for g in &sidecar.grants.kv {
+                    grants.push(format!("kv={}:{}", g.source, g.prefix));
+                }
+                if sidecar.grants.snapshot {
+                    grants.push("snapshot".to_owned());
+                }
+                let grants = if grants.is_empty() {
+                    "none".to_owned()
+                } else {
+                    grants.join(" ")
+                };
+                let about = compiled.manifest.as_deref().map_or_else(
+                    || "no manifest".to_owned(),
+                    |m| {
+                        format!(
+                            "manifest {} {}",
+                            m.name.as_deref().unwrap_or("?"),
+                            m.version.as_deref().unwrap_or("?")
+                        )
+                    },
+                );
                 println!(
-                    "plugin {name}: ok (sha256 {}, {} bytes; subscribes to {subs}; grants: {grants})",
+                    "plugin {name}: ok (sha256 {}, {} bytes, {about}; subscribes to {subs}; grants: {grants})",
                     &compiled.digest[..12],
                     compiled.size
                 );
+                let report = crate::manifest::CapabilityReport::new(
+                    compiled.manifest.as_deref(),
+                    sidecar.grants.names(),
+                );
+                println!(
+                    "  capabilities requested: [{}], granted: [{}]",
+                    report.requested.join(", "),
+                    report.granted.join(", ")
+                );
+                if !report.ungranted.is_empty() {
+                    println!(
+                        "  warning: asks for [{}], which the operator did not grant; calls to them will fail",
+                        report.ungranted.join(", ")
+                    );
+                }
             }
             Err(e) => {
                 failed += 1;
@@ -393,157 +422,6 @@ pub fn check(config_path: &Path) -> i32 {
     if failed > 0 {
         eprintln!("{failed} of {} plugin(s) rejected", names.len());
         2
-    } else {
-        0
-    }
-}
-
-/// Prints plugin log lines as JSON objects.
-struct JsonLines(Mutex<std::io::Stdout>);
-
-#[derive(Serialize)]
-struct LogLine<'a> {
-    log: LogBody<'a>,
-}
-
-#[derive(Serialize)]
-struct LogBody<'a> {
-    level: Level,
-    stream: Stream,
-    message: &'a str,
-}
-
-impl LogSink for JsonLines {
-    fn line(&self, _plugin: &str, level: Level, stream: Stream, message: &str) {
-        let line = LogLine {
-            log: LogBody {
-                level,
-                stream,
-                message,
-            },
-        };
-        let mut out = self.0.lock();
-        let _ = serde_json::to_writer(&mut *out, &line);
-        let _ = writeln!(out);
-    }
-}
-
-#[derive(Serialize)]
-struct OutcomeLine<'a> {
-    line: usize,
-    key: &'a str,
-    kind: &'a str,
-    outcome: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    message: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    trap: Option<String>,
-    elapsed_us: u128,
-}
-
-/// Arguments of `plugin test`.
-pub struct PluginTest<'a> {
-    /// The component.
-    pub wasm: &'a Path,
-    /// JSON-lines events.
-    pub events: &'a Path,
-    /// `files` grant.
-    pub files: Option<&'a Path>,
-    /// Limits over the defaults.
-    pub limits: crate::config::PartialLimits,
-}
-
-/// Run `plugin test`; returns the exit code.
-pub fn plugin_test(args: PluginTest<'_>) -> i32 {
-    let fail = |msg: String| {
-        eprintln!("error: {msg}");
-        2
-    };
-    let runtime_config = RuntimeConfig::default();
-    let limits: Limits = runtime_config.defaults.merged(args.limits);
-    let runtime = match Runtime::new(&runtime_config) {
-        Ok(r) => r,
-        Err(e) => return fail(e.to_string()),
-    };
-    let bytes = match std::fs::read(args.wasm) {
-        Ok(b) => b,
-        Err(e) => return fail(format!("{}: cannot read: {e}", args.wasm.display())),
-    };
-    let compiled = match runtime.compile(&bytes) {
-        Ok(c) => c,
-        Err(e) => return fail(format!("{}: {e}", args.wasm.display())),
-    };
-    let files = match args.files.map(FilesGrant::new).transpose() {
-        Ok(f) => f,
-        Err(e) => return fail(format!("--files: {e}")),
-    };
-    let events = match std::fs::File::open(args.events) {
-        Ok(f) => std::io::BufReader::new(f),
-        Err(e) => return fail(format!("{}: cannot read: {e}", args.events.display())),
-    };
-    let name = args
-        .wasm
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("plugin")
-        .to_owned();
-    let metrics = Metrics::shared();
-    let sink: Arc<dyn LogSink> = Arc::new(JsonLines(Mutex::new(std::io::stdout())));
-    let plugin = LoadedPlugin {
-        compiled,
-        ctx: Arc::new(PluginContext {
-            name: name.clone(),
-            files,
-            state: Arc::default(),
-            log: Arc::new(PluginLog::new(&name, u32::MAX, sink, metrics.clone())),
-            metrics,
-        }),
-        version: 1,
-        limits,
-    };
-    let mut sandbox = Sandbox::new(runtime);
-    let (mut failed, mut bad_input) = (0usize, 0usize);
-    for (i, line) in events.lines().enumerate() {
-        let n = i + 1;
-        let line = match line {
-            Ok(l) => l,
-            Err(e) => return fail(format!("{}:{n}: cannot read: {e}", args.events.display())),
-        };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let event: Event = match serde_json::from_str::<EventLine>(&line)
-            .map_err(|e| e.to_string())
-            .and_then(|l| Event::try_from(l).map_err(|e| e.to_string()))
-        {
-            Ok(e) => e,
-            Err(e) => {
-                bad_input += 1;
-                eprintln!("error: {}:{n}: not an event: {e}", args.events.display());
-                continue;
-            }
-        };
-        let report = sandbox.call(&plugin, &event);
-        if report.outcome != crate::telemetry::Outcome::ok {
-            failed += 1;
-        }
-        let out = OutcomeLine {
-            line: n,
-            key: &event.key,
-            kind: event.kind.as_str(),
-            outcome: report.outcome.as_str(),
-            message: report.message.as_deref(),
-            trap: report.trap.map(|t| format!("{t:?}")),
-            elapsed_us: report.elapsed.as_micros(),
-        };
-        let mut stdout = std::io::stdout().lock();
-        let _ = serde_json::to_writer(&mut stdout, &out);
-        let _ = writeln!(stdout);
-    }
-    if bad_input > 0 {
-        2
-    } else if failed > 0 {
-        1
     } else {
         0
     }

@@ -8,8 +8,8 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use watchgate::cli::{Cli, Command, LogFormat, PluginCommand, PluginTest, StateCommand};
-use watchgate::config::{Config, PartialLimits};
+use watchgate::cli::{Cli, Command, LogFormat, PluginCommand, StateCommand};
+use watchgate::config::Config;
 
 fn init_logging(format: LogFormat) {
     init_logging_with(format, "info,wasmtime=warn,cranelift=warn");
@@ -54,25 +54,11 @@ fn main() -> ExitCode {
             only,
         }),
         Command::Plugin {
-            command:
-                PluginCommand::Test {
-                    wasm,
-                    events,
-                    files,
-                    fuel,
-                    timeout_ms,
-                    memory_mb,
-                },
-        } => watchgate::cli::plugin_test(PluginTest {
-            wasm: &wasm,
-            events: &events,
-            files: files.as_deref(),
-            limits: PartialLimits {
-                fuel,
-                timeout_ms,
-                memory_mb,
-            },
-        }),
+            command: PluginCommand::Test(args),
+        } => watchgate::cli::plugin_test(&args),
+        Command::Plugin {
+            command: PluginCommand::New(args),
+        } => watchgate::cli::plugin_new(&args),
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

@@ -1,0 +1,535 @@
+//! Tools for plugin authors: `watchgate plugin test` and `plugin new`.
+//!
+//! Owns running one plugin outside the gateway on recorded events, with
+//! the limits, grants and settings the gateway would give it, and the crate
+//! scaffold. `plugin test` reports every effect (files, HTTP, kv) as a JSON
+//! line and performs effects only with `--perform`; the values `snapshot`
+//! reads come from the recorded events seen so far.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::config::{Config, Limits, PartialLimits, RuntimeConfig, Sidecar};
+use crate::event::{Event, EventKind, EventLine};
+use crate::host::files::FilesGrant;
+use crate::host::http::HttpGrant;
+use crate::host::kv::KvWriter;
+use crate::host::log::{Level, LogSink, PluginLog, Stream};
+use crate::host::snapshot::{SnapshotGrant, SnapshotReader};
+use crate::host::{Effects, PluginContext};
+use crate::manifest::CapabilityReport;
+use crate::runtime::Runtime;
+use crate::runtime::instance::{LoadedPlugin, Sandbox};
+use crate::telemetry::Metrics;
+
+/// Arguments of `watchgate plugin test`.
+#[derive(Debug, clap::Args)]
+pub struct TestArgs {
+    /// The plugin component (`.wasm`).
+    pub wasm: PathBuf,
+    /// Events, one JSON object per line (as `event-log` writes them).
+    #[arg(long)]
+    pub events: PathBuf,
+    /// A gateway config: its `[runtime.defaults]` limits and sources apply,
+    /// and the plugin's sidecar is read from its plugin directory
+    /// (`NAME.toml`, NAME being the file stem) unless `--sidecar` is given.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// The sidecar to take grants, limits and settings from (needs
+    /// `--config`, which names the sources it may refer to).
+    #[arg(long, requires = "config")]
+    pub sidecar: Option<PathBuf>,
+    /// Grant the `files` capability rooted in this directory (over the
+    /// sidecar's grant).
+    #[arg(long)]
+    pub files: Option<PathBuf>,
+    /// Fuel per call.
+    #[arg(long)]
+    pub fuel: Option<u64>,
+    /// Deadline per call, in milliseconds.
+    #[arg(long)]
+    pub timeout_ms: Option<u64>,
+    /// Memory cap, in MiB.
+    #[arg(long)]
+    pub memory_mb: Option<u64>,
+    /// Carry out the effects (write the files, send the requests, make the
+    /// kv writes) instead of only printing them.
+    #[arg(long)]
+    pub perform: bool,
+}
+
+/// Prints plugin log lines and effects as JSON objects.
+struct JsonLines(Mutex<std::io::Stdout>);
+
+impl JsonLines {
+    fn print(&self, value: &impl Serialize) {
+        let mut out = self.0.lock();
+        let _ = serde_json::to_writer(&mut *out, value);
+        let _ = writeln!(out);
+    }
+}
+
+#[derive(Serialize)]
+struct LogLine<'a> {
+    log: LogBody<'a>,
+}
+
+#[derive(Serialize)]
+struct LogBody<'a> {
+    level: Level,
+    stream: Stream,
+    message: &'a str,
+}
+
+impl LogSink for JsonLines {
+    fn line(&self, _plugin: &str, level: Level, stream: Stream, message: &str) {
+        self.print(&LogLine {
+            log: LogBody {
+                level,
+                stream,
+                message,
+            },
+        });
+    }
+}
+
+#[derive(Serialize)]
+struct OutcomeLine<'a> {
+    line: usize,
+    key: &'a str,
+    kind: &'a str,
+    outcome: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trap: Option<String>,
+    elapsed_us: u128,
+}
+
+/// The values `snapshot` reads in a test: the recorded events so far.
+#[derive(Default)]
+struct Recorded(Mutex<BTreeMap<String, BTreeMap<String, Bytes>>>);
+
+impl Recorded {
+    fn apply(&self, e: &Event) {
+        let mut m = self.0.lock();
+        let keys = m.entry(e.source.to_string()).or_default();
+        match (&e.kind, &e.value) {
+            (EventKind::Put, Some(v)) => {
+                keys.insert(e.key.to_string(), v.clone());
+            }
+            _ => {
+                keys.remove(&*e.key);
+            }
+        }
+    }
+}
+
+impl SnapshotReader for Recorded {
+    fn value(&self, source: &str, key: &str) -> Option<Option<Bytes>> {
+        Some(self.0.lock().get(source)?.get(key).cloned())
+    }
+
+    fn scan(
+        &self,
+        source: &str,
+        prefix: &str,
+        keep: &dyn Fn(&str) -> bool,
+        limit: usize,
+    ) -> Option<Vec<(String, Bytes)>> {
+        let m = self.0.lock();
+        let Some(keys) = m.get(source) else {
+            return Some(Vec::new());
+        };
+        Some(
+            keys.iter()
+                .filter(|(k, _)| k.starts_with(prefix) && keep(k))
+                .take(limit)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
+    }
+}
+
+/// The config and sidecar a test runs with.
+fn settings(args: &TestArgs, name: &str) -> Result<(Config, Sidecar), String> {
+    let Some(config_path) = &args.config else {
+        let config = Config::parse(Path::new("watchgate.toml"), "")
+            .map_err(|e| format!("built-in config: {e}"))?;
+        return Ok((config, Sidecar::default()));
+    };
+    let config = Config::load(config_path).map_err(|e| e.to_string())?;
+    let sidecar_path = args
+        .sidecar
+        .clone()
+        .unwrap_or_else(|| config.plugins.dir.join(format!("{name}.toml")));
+    let sidecar = match std::fs::read_to_string(&sidecar_path) {
+        Ok(text) => Sidecar::parse(&sidecar_path, &text, &config).map_err(|e| e.to_string())?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && args.sidecar.is_none() => {
+            Sidecar::default()
+        }
+        Err(e) => return Err(format!("{}: cannot read: {e}", sidecar_path.display())),
+    };
+    Ok((config, sidecar))
+}
+
+/// Run `plugin test`; returns the exit code.
+pub fn plugin_test(args: &TestArgs) -> i32 {
+    let fail = |msg: String| {
+        eprintln!("error: {msg}");
+        2
+    };
+    let name = args
+        .wasm
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("plugin")
+        .to_owned();
+    let (config, sidecar) = match settings(args, &name) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let runtime_config = RuntimeConfig {
+        compile_cache: false,
+        ..config.runtime.clone()
+    };
+    let limits: Limits = runtime_config
+        .defaults
+        .merged(sidecar.limits)
+        .merged(PartialLimits {
+            fuel: args.fuel,
+            timeout_ms: args.timeout_ms,
+            memory_mb: args.memory_mb,
+        });
+    let runtime = match Runtime::new(&runtime_config) {
+        Ok(r) => r,
+        Err(e) => return fail(e.to_string()),
+    };
+    let bytes = match std::fs::read(&args.wasm) {
+        Ok(b) => b,
+        Err(e) => return fail(format!("{}: cannot read: {e}", args.wasm.display())),
+    };
+    let compiled = match runtime.compile(&bytes) {
+        Ok(c) => c,
+        Err(e) => return fail(format!("{}: {e}", args.wasm.display())),
+    };
+    let files_dir = args.files.clone().or_else(|| sidecar.grants.files.clone());
+    let files = match files_dir.as_deref().map(FilesGrant::new).transpose() {
+        Ok(f) => f,
+        Err(e) => return fail(format!("files grant: {e}")),
+    };
+    let events = match std::fs::File::open(&args.events) {
+        Ok(f) => std::io::BufReader::new(f),
+        Err(e) => return fail(format!("{}: cannot read: {e}", args.events.display())),
+    };
+    // Sends and writes run here when performed.
+    let io = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the I/O runtime: {e}")),
+    };
+    let handle = args.perform.then(|| io.handle().clone());
+    let http = if sidecar.grants.http.is_empty() {
+        None
+    } else {
+        match HttpGrant::new(&sidecar.grants.http, handle.clone()) {
+            Ok(g) => Some(g),
+            Err(e) => return fail(format!("grants.http: {e}")),
+        }
+    };
+    let metrics = Metrics::shared();
+    let sink = Arc::new(JsonLines(Mutex::new(std::io::stdout())));
+    let recorded: Arc<Recorded> = Arc::default();
+    let reader: Arc<dyn SnapshotReader> = recorded.clone();
+    let effect_sink = sink.clone();
+    let subscriptions = sidecar.subscribe.clone();
+    let ctx = PluginContext {
+        files,
+        http,
+        kv: (!sidecar.grants.kv.is_empty()).then(|| {
+            KvWriter::new(
+                sidecar.grants.kv.clone(),
+                &config,
+                handle.as_ref(),
+                &name,
+                &metrics,
+            )
+        }),
+        snapshot: sidecar
+            .grants
+            .snapshot
+            .then(|| SnapshotGrant::new(Arc::downgrade(&reader), subscriptions)),
+        settings: sidecar.settings_text(),
+        effects: Effects {
+            perform: args.perform,
+            report: Some(Arc::new(move |v| effect_sink.print(&v))),
+        },
+        ..PluginContext::new(
+            &name,
+            Arc::default(),
+            Arc::new(PluginLog::new(
+                &name,
+                u32::MAX,
+                sink.clone(),
+                metrics.clone(),
+            )),
+            metrics.clone(),
+        )
+    };
+    let report = CapabilityReport::new(compiled.manifest.as_deref(), ctx.granted());
+    sink.print(&serde_json::json!({
+        "plugin": name,
+        "manifest": compiled.manifest.as_deref(),
+        "capabilities": report,
+        "limits": crate::dispatch::LimitsReport::from(limits),
+        "perform": args.perform,
+    }));
+    let plugin = LoadedPlugin {
+        compiled,
+        ctx: Arc::new(ctx),
+        version: 1,
+        limits,
+    };
+    let mut sandbox = Sandbox::new(runtime);
+    let (mut failed, mut bad_input) = (0usize, 0usize);
+    for (i, line) in events.lines().enumerate() {
+        let n = i + 1;
+        let line = match line {
+            Ok(l) => l,
+            Err(e) => return fail(format!("{}:{n}: cannot read: {e}", args.events.display())),
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let event: Event = match serde_json::from_str::<EventLine>(&line)
+            .map_err(|e| e.to_string())
+            .and_then(|l| Event::try_from(l).map_err(|e| e.to_string()))
+        {
+            Ok(e) => e,
+            Err(e) => {
+                bad_input += 1;
+                eprintln!("error: {}:{n}: not an event: {e}", args.events.display());
+                continue;
+            }
+        };
+        recorded.apply(&event);
+        let report = sandbox.call(&plugin, &event);
+        if report.outcome != crate::telemetry::Outcome::ok {
+            failed += 1;
+        }
+        sink.print(&OutcomeLine {
+            line: n,
+            key: &event.key,
+            kind: event.kind.as_str(),
+            outcome: report.outcome.as_str(),
+            message: report.message.as_deref(),
+            trap: report.trap.map(|t| format!("{t:?}")),
+            elapsed_us: report.elapsed.as_micros(),
+        });
+    }
+    if args.perform {
+        wait_for_effects(&metrics, &name);
+    }
+    if bad_input > 0 {
+        2
+    } else if failed > 0 {
+        1
+    } else {
+        0
+    }
+}
+
+/// With `--perform`: wait (at most 30 s) until every queued HTTP request
+/// and kv write has finished, so the process does not exit under them.
+fn wait_for_effects(metrics: &Metrics, plugin: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let count = |cap: &str, outcome: &str| metrics.capability_count(plugin, cap, outcome);
+    while Instant::now() < deadline {
+        let http_done = count("http", "delivered") + count("http", "failed");
+        let kv_done = count("kv", "written") + count("kv", "failed");
+        if http_done >= count("http", "queued") && kv_done >= count("kv", "queued") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("warning: some effects were still running after 30 s");
+}
+
+/// Arguments of `watchgate plugin new`.
+#[derive(Debug, clap::Args)]
+pub struct NewArgs {
+    /// The plugin's name: letters, digits, `-` and `_`.
+    pub name: String,
+    /// Where to create the crate (default: `./NAME`). Must not exist.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Path of the `watchgate-sdk` crate (`plugin-sdk` in the watchgate
+    /// repository). Default: `$WATCHGATE_SDK`, else the SDK of the
+    /// repository this binary was built from, when it still exists.
+    #[arg(long)]
+    pub sdk: Option<PathBuf>,
+}
+
+/// Run `plugin new`; returns the exit code.
+pub fn plugin_new(args: &NewArgs) -> i32 {
+    let fail = |msg: String| {
+        eprintln!("error: {msg}");
+        2
+    };
+    if !crate::plugin_dir::valid_name(&args.name) {
+        return fail(format!(
+            "{:?} is not a plugin name (letters, digits, '-' and '_', at most 64)",
+            args.name
+        ));
+    }
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&args.name));
+    if dir.exists() {
+        return fail(format!("{} already exists", dir.display()));
+    }
+    let built_in = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugin-sdk");
+    let sdk = args
+        .sdk
+        .clone()
+        .or_else(|| std::env::var_os("WATCHGATE_SDK").map(PathBuf::from))
+        .or_else(|| built_in.join("Cargo.toml").exists().then_some(built_in));
+    let Some(sdk) = sdk else {
+        return fail(
+            "cannot find the watchgate-sdk crate; pass --sdk PATH (the plugin-sdk directory of the watchgate repository)".into(),
+        );
+    };
+    let sdk = match sdk.canonicalize() {
+        Ok(p) if p.join("Cargo.toml").exists() => p,
+        _ => return fail(format!("{}: no watchgate-sdk crate there", sdk.display())),
+    };
+    let files = scaffold(&args.name, &sdk);
+    for (path, text) in &files {
+        let target = dir.join(path);
+        if let Some(parent) = target.parent()
+            && let Err(e) = std::fs::create_dir_all(parent)
+        {
+            return fail(format!("{}: {e}", parent.display()));
+        }
+        if let Err(e) = std::fs::write(&target, text) {
+            return fail(format!("{}: {e}", target.display()));
+        }
+    }
+    println!("created plugin crate {} in {}", args.name, dir.display());
+    println!("next:");
+    println!("  cd {}", dir.display());
+    println!("  cargo build --release --target wasm32-wasip2");
+    println!(
+        "  watchgate plugin test target/wasm32-wasip2/release/{}.wasm --events events.jsonl",
+        args.name.replace('-', "_")
+    );
+    0
+}
+
+/// The files of a new plugin crate, relative to its directory.
+fn scaffold(name: &str, sdk: &Path) -> Vec<(&'static str, String)> {
+    let sdk_path = sdk.display().to_string().replace('\\', "/");
+    let cargo = format!(
+        r#"[package]
+name = "{name}"
+version = "0.1.0"
+edition = "2024"
+publish = false
+
+[lib]
+crate-type = ["cdylib"]
+
+[dependencies]
+watchgate-sdk = {{ path = "{sdk_path}" }}
+
+# Small, fast components.
+[profile.release]
+opt-level = "s"
+lto = true
+codegen-units = 1
+strip = true
+
+# A crate of its own, even when created inside another workspace.
+[workspace]
+"#
+    );
+    let lib = format!(
+        r#"//! {name}: a watchgate plugin.
+//!
+//! Build: `cargo build --release --target wasm32-wasip2`, then copy
+//! `target/wasm32-wasip2/release/{file}.wasm` to the gateway's plugin
+//! directory as `{name}.wasm` (and `{name}.toml` beside it for grants).
+
+use watchgate_sdk::{{Event, Plugin, export, log}};
+
+// What the plugin is and what it asks for. The operator's sidecar
+// `{name}.toml` decides what it gets: a manifest never grants anything.
+watchgate_sdk::manifest!(concat!(
+    "name = \"{name}\"\n",
+    "version = \"",
+    env!("CARGO_PKG_VERSION"),
+    "\"\n",
+    "description = \"Logs every change.\"\n",
+    "capabilities = []\n",
+));
+
+struct Handler;
+
+impl Plugin for Handler {{
+    fn handle(event: Event) -> Result<(), String> {{
+        let value = event.value_str().unwrap_or("<deleted or binary>");
+        log::info(format!("{{}} {{}} {{}} = {{value}}", event.kind, event.source, event.key));
+        Ok(())
+    }}
+}}
+
+export!(Handler);
+"#,
+        file = name.replace('-', "_")
+    );
+    let sidecar = r#"# Copy beside the plugin as NAME.toml in the gateway's plugin directory.
+# What the plugin receives (omit to use the manifest's subscriptions).
+# [[subscribe]]
+# source = "main"
+# prefix = "app/"
+
+# Capabilities: nothing is granted unless listed here.
+[grants]
+# files = "/var/lib/watchgate/out"
+# http = ["hooks.example.com:443"]
+# snapshot = true
+
+# Values the plugin reads with watchgate_sdk::settings::get.
+[settings]
+# url = "https://hooks.example.com/notify"
+"#
+    .to_owned();
+    let events = concat!(
+        r#"{"source":"main","kind":"put","key":"app/port","value":"8080","revision":1}"#,
+        "\n",
+        r#"{"source":"main","kind":"put","key":"app/port","value":"8081","prev_value":"8080","revision":2}"#,
+        "\n",
+        r#"{"source":"main","kind":"delete","key":"app/port","prev_value":"8081","revision":3}"#,
+        "\n"
+    )
+    .to_owned();
+    let gitignore = "/target\n".to_owned();
+    vec![
+        ("Cargo.toml", cargo),
+        ("src/lib.rs", lib),
+        ("sidecar.example.toml", sidecar),
+        ("events.jsonl", events),
+        (".gitignore", gitignore),
+    ]
+}
