@@ -120,11 +120,19 @@ fn plugin_test_replays_recorded_events() {
         events.to_str().unwrap(),
         "--files",
         out_dir.to_str().unwrap(),
+        "--perform",
     ]);
     assert_eq!(code, 0, "{out}{err}");
-    let outcomes: Vec<serde_json::Value> = out
+    let lines: Vec<serde_json::Value> = out
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // Each write is reported as an effect, then performed (--perform).
+    let effects = lines.iter().filter(|l| l["effect"] == "files").count();
+    assert_eq!(effects, 3, "{out}");
+    let outcomes: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l.get("outcome").is_some())
         .collect();
     assert_eq!(outcomes.len(), 3, "{out}");
     assert!(outcomes.iter().all(|o| o["outcome"] == "ok"), "{out}");

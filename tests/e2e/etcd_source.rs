@@ -56,6 +56,17 @@ impl Store {
         Ok(r.header().map_or(0, |h| h.revision()))
     }
 
+    /// The current value of `key`, as text.
+    pub(crate) fn get(&mut self, key: &str) -> Option<String> {
+        let r = self
+            .rt
+            .block_on(self.client.get(key, None))
+            .expect("etcd get");
+        r.kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+    }
+
     fn txn(&mut self, ops: Vec<TxnOp>) -> Result<(), etcd_client::Error> {
         self.rt
             .block_on(self.client.txn(Txn::new().and_then(ops)))

@@ -9,14 +9,20 @@ use crate::support::{Gateway, wait_for};
 fn panicking_and_spinning_plugins_do_not_delay_or_lose_events() {
     let mut g = Gateway::new();
     g.install_event_log("event-log");
-    // Three attempts per event (the default), quickly.
-    g.install("fault-panic", "fault-panic", "retry_backoff = \"1ms\"\n");
+    // Three attempts per event (the default), quickly. This test is about
+    // retries and dead letters, so no quarantine (tests/e2e/adversarial.rs
+    // and platform.rs cover it).
+    g.install(
+        "fault-panic",
+        "fault-panic",
+        "retry_backoff = \"1ms\"\nquarantine_after = 0\n",
+    );
     // Unlimited fuel, so the spin ends at the wall-clock deadline; one
     // attempt per event.
     g.install(
         "fault-spin",
         "fault-spin",
-        "retry_attempts = 1\n[limits]\nfuel = 1_000_000_000_000_000\ntimeout_ms = 150\n",
+        "retry_attempts = 1\nquarantine_after = 0\n[limits]\nfuel = 1_000_000_000_000_000\ntimeout_ms = 150\n",
     );
     g.start();
 

@@ -368,7 +368,12 @@ fn a_thousand_identical_failures_log_a_bounded_number_of_lines() {
     for i in 0..1000 {
         std::fs::write(g.path(&format!("watched/k{i:04}")), "x").unwrap();
     }
-    g.install("fault-panic", "fault-panic", "retry_attempts = 1\n");
+    // Every failure counts here: no quarantine.
+    g.install(
+        "fault-panic",
+        "fault-panic",
+        "retry_attempts = 1\nquarantine_after = 0\n",
+    );
     g.start();
     wait_for("1000 trapped calls", DEADLINE, || {
         g.assert_running();

@@ -5,6 +5,7 @@
 //! test runs its own gateway on a free loopback port in its own temporary
 //! directory.
 
+mod adversarial;
 mod bench_smoke;
 mod cli;
 mod cluster;
@@ -19,8 +20,10 @@ mod fault_proxy;
 mod faults;
 mod file_source;
 mod hot_reload;
+mod http_sink;
 mod lifecycle;
 mod nacos_source;
+mod platform;
 mod runtime_limits;
 mod support;
 mod version;

@@ -43,18 +43,17 @@ fn fixture_with_log_rate(limits: Limits, lines_per_second: u32) -> Fixture {
         .unwrap();
     let lines = Arc::new(Lines::default());
     let metrics = Metrics::shared();
-    let ctx = Arc::new(PluginContext {
-        name: "fault-by-key".into(),
-        files: None,
-        state: Arc::default(),
-        log: Arc::new(PluginLog::new(
+    let ctx = Arc::new(PluginContext::new(
+        "fault-by-key",
+        Arc::default(),
+        Arc::new(PluginLog::new(
             "fault-by-key",
             lines_per_second,
             lines.clone(),
             metrics.clone(),
         )),
-        metrics: metrics.clone(),
-    });
+        metrics.clone(),
+    ));
     Fixture {
         sandbox: Sandbox::new(runtime),
         plugin: LoadedPlugin {

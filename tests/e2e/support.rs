@@ -38,17 +38,20 @@ pub fn plugin(name: &str) -> PathBuf {
             ])
             .arg("--target-dir")
             .arg(&target);
-        for p in [
-            "event-log",
-            "template-render",
-            "fault-panic",
-            "fault-spin",
-            "fault-by-key",
-            "fault-slow",
-            "noop",
-            "bench-probe",
-        ] {
-            cmd.args(["-p", p]);
+        // Every crate under plugins/, by its package name.
+        for manifest in std::fs::read_dir(workspace().join("plugins"))
+            .expect("plugins/ exists")
+            .filter_map(Result::ok)
+            .map(|e| e.path().join("Cargo.toml"))
+            .filter(|m| m.exists())
+        {
+            let text = std::fs::read_to_string(&manifest).expect("read plugin manifest");
+            let name = text
+                .lines()
+                .find_map(|l| l.strip_prefix("name = \""))
+                .and_then(|l| l.strip_suffix('"'))
+                .unwrap_or_else(|| panic!("no package name in {}", manifest.display()));
+            cmd.args(["-p", name]);
         }
         let status = cmd.status().expect("cargo runs");
         assert!(

@@ -1,0 +1,251 @@
+//! The adversarial suite: each hostile fixture plugin runs beside
+//! `event-log`, and the gateway must stay up, `event-log` must get every
+//! event in order without waiting on its neighbour, the fault must be
+//! classified, memory must stay bounded, and `fault-escape` must reach
+//! nothing.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use crate::support::{Gateway, wait_for};
+
+/// Events written per test.
+const N: usize = 24;
+/// How long one event may take to reach `event-log`. Had `event-log` waited
+/// behind its neighbour, later events would queue behind seconds of faulty
+/// calls (three attempts at the neighbour's deadline per event).
+const PER_EVENT: Duration = Duration::from_secs(3);
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("proc status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// Run `fault` (with `sidecar`) beside `event-log`, writing `N` keys whose
+/// values come from `value`. Returns the running gateway for the caller's
+/// fault-specific checks.
+fn beside_event_log(fault: &str, sidecar: &str, value: impl Fn(usize) -> String) -> Gateway {
+    let mut g = Gateway::new();
+    g.install_event_log("event-log");
+    g.install(fault, fault, sidecar);
+    g.start();
+    let mut rss_at_start = 0;
+    let mut slowest = Duration::ZERO;
+    for i in 0..N {
+        let written = Instant::now();
+        std::fs::write(g.path(&format!("watched/k{i:02}")), value(i)).unwrap();
+        g.wait_events("event-log", i + 1, PER_EVENT);
+        slowest = slowest.max(written.elapsed());
+        if i == 3 {
+            rss_at_start = rss_kb(g.pid());
+        }
+    }
+    g.assert_running();
+    let keys: Vec<String> = g
+        .events("event-log")
+        .iter()
+        .map(|e| e["key"].as_str().unwrap().to_owned())
+        .collect();
+    let expected: Vec<String> = (0..N).map(|i| format!("k{i:02}")).collect();
+    assert_eq!(
+        keys, expected,
+        "event-log lost, repeated or reordered events"
+    );
+    let rss = rss_kb(g.pid());
+    assert!(
+        rss <= rss_at_start + 128 * 1024,
+        "gateway RSS grew from {rss_at_start} kB to {rss} kB beside {fault}"
+    );
+    eprintln!("{fault}: slowest event-log delivery {slowest:?}, RSS {rss_at_start} → {rss} kB");
+    g
+}
+
+fn outcome(m: &BTreeMap<String, f64>, plugin: &str, outcome: &str) -> f64 {
+    m.get(&format!(
+        "watchgate_plugin_invocations_total{{plugin=\"{plugin}\",outcome=\"{outcome}\"}}"
+    ))
+    .copied()
+    .unwrap_or(0.0)
+}
+
+/// A trapping fault is classified as `expect` and, trapping on every call,
+/// ends up quarantined with its events kept.
+fn assert_trapping_fault(g: &Gateway, fault: &str, expect: &str) {
+    wait_for(
+        &format!("{fault} classified as {expect} and quarantined"),
+        Duration::from_secs(30),
+        || {
+            let m = g.metrics();
+            (outcome(&m, fault, expect) >= 1.0
+                && m.get(&format!(
+                    "watchgate_plugin_quarantined{{plugin=\"{fault}\"}}"
+                )) == Some(&1.0))
+            .then_some(())
+        },
+    );
+    let m = g.metrics();
+    assert_eq!(outcome(&m, fault, "ok"), 0.0, "{fault} never succeeds");
+    let plugins = g.json("/v1/plugins");
+    let report = plugins["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == fault)
+        .unwrap()
+        .clone();
+    assert_eq!(report["state"], "quarantined", "{report:#}");
+    // Kept, not dropped: what it could not handle is still queued (or a
+    // dead letter after trapping at every probe).
+    let kept = report["queue_depth"].as_u64().unwrap() + report["dead_letters"].as_u64().unwrap();
+    assert!(kept >= 1, "{fault}'s events were dropped: {report:#}");
+}
+
+#[test]
+fn fault_panic_beside_event_log() {
+    let g = beside_event_log("fault-panic", "retry_backoff = \"1ms\"\n", |i| {
+        i.to_string()
+    });
+    assert_trapping_fault(&g, "fault-panic", "trap");
+}
+
+#[test]
+fn fault_spin_beside_event_log() {
+    let g = beside_event_log(
+        "fault-spin",
+        "retry_backoff = \"1ms\"\n[limits]\nfuel = 1_000_000_000_000_000\ntimeout_ms = 200\n",
+        |i| i.to_string(),
+    );
+    assert_trapping_fault(&g, "fault-spin", "timeout");
+}
+
+#[test]
+fn fault_memory_beside_event_log() {
+    let g = beside_event_log(
+        "fault-memory",
+        "retry_backoff = \"1ms\"\n[limits]\nmemory_mb = 32\n",
+        |i| i.to_string(),
+    );
+    assert_trapping_fault(&g, "fault-memory", "memory");
+}
+
+#[test]
+fn fault_stack_beside_event_log() {
+    let g = beside_event_log("fault-stack", "retry_backoff = \"1ms\"\n", |i| {
+        i.to_string()
+    });
+    assert_trapping_fault(&g, "fault-stack", "trap");
+}
+
+#[test]
+fn fault_slow_beside_event_log() {
+    // Asked to busy-wait 2 s per event with a 300 ms deadline: every call
+    // times out.
+    let g = beside_event_log(
+        "fault-slow",
+        "retry_backoff = \"1ms\"\n[limits]\nfuel = 1_000_000_000_000_000\ntimeout_ms = 300\n",
+        |_| "2000".to_owned(),
+    );
+    assert_trapping_fault(&g, "fault-slow", "timeout");
+}
+
+#[test]
+fn fault_log_flood_beside_event_log() {
+    let g = beside_event_log("fault-log-flood", "", |i| i.to_string());
+    wait_for(
+        "every flood call to finish",
+        Duration::from_secs(30),
+        || (outcome(&g.metrics(), "fault-log-flood", "ok") == N as f64).then_some(()),
+    );
+    // 10,000 lines per event, 240,000 in all: the per-plugin rate limit let
+    // a bounded number through and counted the rest.
+    let dropped = g.metric("watchgate_plugin_log_dropped_total{plugin=\"fault-log-flood\"}");
+    assert!(
+        dropped >= (N * 10_000 - 20_000) as f64,
+        "only {dropped} flood lines were dropped"
+    );
+    let logged = g.log().matches("flood k").count();
+    assert!(
+        logged <= 20_000,
+        "{logged} flood lines reached the gateway log"
+    );
+}
+
+#[test]
+fn fault_escape_reaches_nothing() {
+    // Something to reach: a listening socket and a writable path.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let target = tempfile::tempdir().unwrap();
+    let path = target.path().join("escaped");
+    let value = serde_json::json!({
+        "path": path,
+        "tcp": addr.to_string(),
+        "http": format!("http://{addr}/"),
+    })
+    .to_string();
+    // No grants at all.
+    let g = beside_event_log("fault-escape", "retry_attempts = 1\n", |_| value.clone());
+    wait_for(
+        "every escape attempt to finish",
+        Duration::from_secs(30),
+        || {
+            let m = g.metrics();
+            (outcome(&m, "fault-escape", "ok") + outcome(&m, "fault-escape", "error") == N as f64)
+                .then_some(())
+        },
+    );
+    let m = g.metrics();
+    let log = g.log();
+    assert_eq!(
+        outcome(&m, "fault-escape", "error"),
+        0.0,
+        "fault-escape reported an escape:\n{}",
+        log.lines()
+            .filter(|l| l.contains("ESCAPED"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(!log.contains("ESCAPED"));
+    assert!(!path.exists(), "fault-escape wrote {}", path.display());
+    assert!(
+        matches!(listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "fault-escape connected to {addr}"
+    );
+    // The capability calls were refused and counted.
+    for cap in ["files", "http", "kv", "snapshot"] {
+        let denied = m
+            .get(&format!(
+                "watchgate_capability_calls_total{{plugin=\"fault-escape\",capability=\"{cap}\",outcome=\"denied\"}}"
+            ))
+            .copied()
+            .unwrap_or(0.0);
+        assert!(denied >= N as f64, "{cap}: {denied} denied calls counted");
+    }
+    // It asked for them in its manifest; /v1/plugins shows none granted.
+    let plugins = g.json("/v1/plugins");
+    let report = plugins["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "fault-escape")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        report["capabilities"]["granted"],
+        serde_json::json!([]),
+        "{report:#}"
+    );
+    assert!(
+        !report["capabilities"]["ungranted"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "{report:#}"
+    );
+}
