@@ -24,6 +24,8 @@ watchgate_sdk::manifest!(concat!(
     "\"\n",
     "description = \"Performs the capability call each event asks for.\"\n",
     "capabilities = [\"http\", \"kv\", \"snapshot\"]\n",
+    // Used when the operator's sidecar gives no subscriptions.
+    "[[subscribe]]\nsource = \"local\"\nprefix = \"\"\n",
 ));
 
 struct Probe;
