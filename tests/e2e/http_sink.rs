@@ -1,9 +1,17 @@
 //! A loopback HTTP server that records what it receives: the far end of
 //! the `http` capability in tests. Paths starting with `/redirect/` answer
-//! 302 to the URL after the prefix; everything else answers 200.
+//! 302 to the URL after the prefix; a path starting with `/flaky/` answers
+//! 503 the first time it is asked for; everything else answers 200. Built on
+//! hyper (the gateway's own HTTP stack), one task per connection, so
+//! concurrent requests never wait for each other.
 
+use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
 
 /// One received request.
 #[derive(Debug, Clone)]
@@ -18,65 +26,94 @@ pub struct Received {
     pub body: String,
 }
 
-/// The running server.
+/// The running server; stops when dropped.
 pub struct HttpSink {
-    server: Arc<tiny_http::Server>,
+    addr: std::net::SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
-    thread: Option<JoinHandle<()>>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    received: Arc<Mutex<Vec<Received>>>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .unwrap_or_default();
+    let url = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+    let first = {
+        let all = received.lock().unwrap();
+        !all.iter().any(|r| r.url == url)
+    };
+    received.lock().unwrap().push(Received {
+        method: parts.method.to_string(),
+        url: url.clone(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        body,
+    });
+    let response = match url.strip_prefix("/redirect/") {
+        Some(to) => Response::builder()
+            .status(302)
+            .header("location", to)
+            .body(Full::new(Bytes::new())),
+        None if first && url.starts_with("/flaky/") => Response::builder()
+            .status(503)
+            .body(Full::new(Bytes::from_static(b"try again"))),
+        None => Response::builder().body(Full::new(Bytes::from_static(b"ok"))),
+    };
+    Ok(response.expect("a valid response"))
 }
 
 impl HttpSink {
     /// Listen on a free loopback port.
     pub fn start() -> HttpSink {
-        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("bind the sink"));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("sink runtime");
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind the sink");
+        let addr = listener.local_addr().expect("sink address");
         let received: Arc<Mutex<Vec<Received>>> = Arc::default();
-        let (s, r) = (server.clone(), received.clone());
-        let thread = std::thread::spawn(move || {
-            for mut req in s.incoming_requests() {
-                let mut body = String::new();
-                let _ = req.as_reader().read_to_string(&mut body);
-                let url = req.url().to_owned();
-                r.lock().unwrap().push(Received {
-                    method: req.method().to_string(),
-                    url: url.clone(),
-                    headers: req
-                        .headers()
-                        .iter()
-                        .map(|h| {
-                            (
-                                h.field.as_str().as_str().to_ascii_lowercase(),
-                                h.value.as_str().to_owned(),
-                            )
-                        })
-                        .collect(),
-                    body,
+        let r = received.clone();
+        rt.spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| answer(req, r.clone()));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
                 });
-                let response = match url.strip_prefix("/redirect/") {
-                    Some(to) => tiny_http::Response::from_string("")
-                        .with_status_code(302)
-                        .with_header(
-                            tiny_http::Header::from_bytes("Location", to.as_bytes())
-                                .expect("header"),
-                        ),
-                    None => tiny_http::Response::from_string("ok"),
-                };
-                let _ = req.respond(response);
             }
         });
         HttpSink {
-            server,
+            addr,
             received,
-            thread: Some(thread),
+            rt: Some(rt),
         }
     }
 
     /// `127.0.0.1:PORT`.
     pub fn addr(&self) -> String {
-        self.server
-            .server_addr()
-            .to_ip()
-            .expect("an IP listener")
-            .to_string()
+        self.addr.to_string()
     }
 
     /// What arrived so far.
@@ -87,9 +124,8 @@ impl HttpSink {
 
 impl Drop for HttpSink {
     fn drop(&mut self) {
-        self.server.unblock();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
         }
     }
 }

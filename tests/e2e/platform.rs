@@ -220,6 +220,17 @@ fn http_is_refused_off_the_allowlist_and_redirects_may_not_leave_it() {
     );
     assert_eq!(capability(&g, "probe", "http", "denied"), 1.0);
     assert_eq!(capability(&g, "probe", "http", "delivered"), 1.0);
+    // A server error is retried with backoff, and the retry delivers.
+    send("flaky", format!("http://{}/flaky/once", granted.addr()));
+    wait_for("the retried request", DEADLINE, || {
+        (capability(&g, "probe", "http", "delivered") == 2.0).then_some(())
+    });
+    let tries = granted
+        .received()
+        .iter()
+        .filter(|r| r.url == "/flaky/once")
+        .count();
+    assert_eq!(tries, 2, "one 503, then one success");
 }
 
 #[test]
@@ -514,4 +525,66 @@ fn plugin_new_scaffolds_a_crate_that_builds_and_passes_plugin_test() {
     let (code, _, err) = g.cli(&["plugin", "new", "my-plugin", "--dir", dir.to_str().unwrap()]);
     assert_eq!(code, 2);
     assert!(err.contains("already exists"), "{err}");
+}
+
+#[test]
+fn http_requests_in_flight_are_bounded_per_plugin() {
+    // A server that never answers: the kernel accepts connections into the
+    // backlog, nobody reads them, so every request waits for its timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let mut g = Gateway::new();
+    g.install(
+        "probe",
+        "capability-probe",
+        &format!("retry_attempts = 1\n[grants]\nhttp = [\"{addr}\"]\n"),
+    );
+    g.start();
+    for i in 0..20 {
+        let v = serde_json::json!({"op": "http", "url": format!("http://{addr}/{i}")});
+        std::fs::write(g.path(&format!("watched/req{i:02}")), v.to_string()).unwrap();
+    }
+    wait_for("all twenty calls", DEADLINE, || {
+        (capability(&g, "probe", "http", "queued") + capability(&g, "probe", "http", "busy")
+            >= 20.0)
+            .then_some(())
+    });
+    // Sixteen wait on the silent server; the rest were refused at once.
+    assert_eq!(capability(&g, "probe", "http", "queued"), 16.0);
+    assert_eq!(capability(&g, "probe", "http", "busy"), 4.0);
+    assert_eq!(capability(&g, "probe", "http", "delivered"), 0.0);
+    wait_log(&g, "requests already in flight");
+    drop(silent);
+}
+
+#[test]
+fn manifest_subscriptions_apply_unless_the_sidecar_overrides_them() {
+    // capability-probe's manifest subscribes to every key of `local`.
+    let mut g = Gateway::new();
+    g.install("probe", "capability-probe", "");
+    g.install(
+        "probe-narrow",
+        "capability-probe",
+        "[[subscribe]]\nsource = \"local\"\nprefix = \"narrow/\"\n",
+    );
+    g.start();
+    assert_eq!(
+        report(&g, "probe")["subscriptions"],
+        serde_json::json!([{"source": "local", "prefix": ""}])
+    );
+    assert_eq!(
+        report(&g, "probe-narrow")["subscriptions"],
+        serde_json::json!([{"source": "local", "prefix": "narrow/"}])
+    );
+    // A gateway without that source rejects the plugin and says why.
+    let other = Gateway::with_sources(
+        "[[source]]\nname = \"elsewhere\"\nkind = \"file\"\npath = \"watched\"\n",
+    );
+    other.install("probe", "capability-probe", "");
+    let (code, out, err) = other.cli(&["check", "--config", other.config_path().to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("manifest subscribes to source \"local\""),
+        "{err}"
+    );
 }
