@@ -34,6 +34,15 @@ impl Plugin for EventLog {
 
 export!(EventLog);
 
+watchgate_sdk::manifest!(concat!(
+    "name = \"event-log\"\n",
+    "version = \"",
+    env!("CARGO_PKG_VERSION"),
+    "\"\n",
+    "description = \"Appends every event as one JSON line to events.jsonl.\"\n",
+    "capabilities = [\"files\"]\n",
+));
+
 /// One line of `events.jsonl`; field order is the order on the line.
 #[derive(Debug, Serialize)]
 struct Line<'a> {

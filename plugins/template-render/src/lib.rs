@@ -36,6 +36,15 @@ impl Plugin for TemplateRender {
 
 export!(TemplateRender);
 
+watchgate_sdk::manifest!(concat!(
+    "name = \"template-render\"\n",
+    "version = \"",
+    env!("CARGO_PKG_VERSION"),
+    "\"\n",
+    "description = \"Renders consul-template-style templates from the store into files.\"\n",
+    "capabilities = [\"files\"]\n",
+));
+
 /// Records `event` in the store and re-renders the templates it affects.
 ///
 /// # Errors
