@@ -19,7 +19,8 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -46,13 +47,13 @@ struct Inner {
     head: u64,
     /// Hash of (source, key) → sequence number of its last queued entry
     /// (checked against the entry: a collision only costs a fold).
-    last: HashMap<u64, u64>,
-    hasher: std::hash::RandomState,
+    last: HashMap<u64, u64, foldhash::fast::RandomState>,
+    hasher: foldhash::fast::RandomState,
     closed: bool,
     /// Per source: the position delivered up to.
-    enqueued: HashMap<Arc<str>, u64>,
+    enqueued: HashMap<Arc<str>, u64, foldhash::fast::RandomState>,
     /// Per source: positions of events not completed, with multiplicity.
-    pending: HashMap<Arc<str>, BTreeMap<u64, u32>>,
+    pending: HashMap<Arc<str>, BTreeMap<u64, u32>, foldhash::fast::RandomState>,
 }
 
 impl Inner {
@@ -62,14 +63,14 @@ impl Inner {
     }
 
     fn track(&mut self, source: &Arc<str>, seq: u64) {
-        if seq > 0 {
-            *self
-                .pending
-                .entry(source.clone())
-                .or_default()
-                .entry(seq)
-                .or_default() += 1;
+        if seq == 0 {
+            return;
         }
+        let positions = match self.pending.get_mut(source) {
+            Some(p) => p,
+            None => self.pending.entry(source.clone()).or_default(),
+        };
+        *positions.entry(seq).or_default() += 1;
     }
 
     fn untrack(&mut self, source: &Arc<str>, seq: u64) {
@@ -92,7 +93,17 @@ pub struct EventQueue {
     capacity: std::sync::atomic::AtomicUsize,
     inner: Mutex<Inner>,
     ready: Condvar,
+    /// `entries.len()`, readable without the lock.
+    len: AtomicUsize,
+    /// The consumer found work without sleeping last time: events arrive
+    /// faster than it sleeps and wakes, so it spins briefly before it does.
+    hot: AtomicBool,
 }
+
+/// How long a hot consumer spins for the next event before it sleeps. A
+/// sleep costs both sides a system call (the producer's wake-up), several
+/// times the cost of a no-op plugin call.
+const SPIN: Duration = Duration::from_micros(50);
 
 /// Whether a queued event may absorb a later change of the same key.
 fn can_absorb(queued: &Event, later: &Event) -> bool {
@@ -108,6 +119,8 @@ impl EventQueue {
             capacity: std::sync::atomic::AtomicUsize::new(capacity.max(1)),
             inner: Mutex::new(Inner::default()),
             ready: Condvar::new(),
+            len: AtomicUsize::new(0),
+            hot: AtomicBool::new(false),
         }
     }
 
@@ -154,6 +167,7 @@ impl EventQueue {
     pub fn clear_entries(&self) {
         let mut inner = self.inner.lock();
         inner.entries.clear();
+        self.len.store(0, Ordering::Release);
         inner.last.clear();
     }
 
@@ -168,6 +182,18 @@ impl EventQueue {
     /// The event taken by [`pop`](Self::pop) was handled (or dead-lettered).
     pub fn complete(&self, event: &Event) {
         self.inner.lock().untrack(&event.source, event.seq);
+    }
+
+    /// Several taken events were handled: [`complete`](Self::complete)
+    /// under one lock.
+    pub fn complete_all(&self, events: &[Event]) {
+        if events.is_empty() {
+            return;
+        }
+        let mut inner = self.inner.lock();
+        for e in events {
+            inner.untrack(&e.source, e.seq);
+        }
     }
 
     /// (source, cursor) for every tracked source.
@@ -191,6 +217,9 @@ impl EventQueue {
     ) -> PushStats {
         let capacity = self.capacity.load(std::sync::atomic::Ordering::Relaxed);
         let mut stats = PushStats::default();
+        // Made (cloned, filtered) before the lock: the consumer waits for
+        // it meanwhile.
+        let events: Vec<Event> = events.into_iter().collect();
         let mut inner = self.inner.lock();
         let mut given = 0;
         if let Some((source, upto)) = upto {
@@ -235,13 +264,15 @@ impl EventQueue {
             stats.queued += 1;
         }
         stats.len = inner.entries.len();
+        self.len.store(stats.len, Ordering::Release);
         drop(inner);
         self.ready.notify_one();
         stats
     }
 
-    fn take_front(inner: &mut Inner) -> Option<Event> {
+    fn take_front(&self, inner: &mut Inner) -> Option<Event> {
         let event = inner.entries.pop_front()?;
+        self.len.store(inner.entries.len(), Ordering::Release);
         let seq = inner.head;
         inner.head += 1;
         let id = inner.id(&event);
@@ -254,36 +285,53 @@ impl EventQueue {
     /// Take the next event, waiting up to `wait` for one. `None` when the
     /// wait ran out or the queue is closed.
     pub fn pop(&self, wait: Duration) -> Option<Event> {
-        let mut inner = self.inner.lock();
-        if inner.closed {
-            return None;
-        }
-        if inner.entries.is_empty() {
-            let _ = self.ready.wait_for(&mut inner, wait);
-            if inner.closed {
-                return None;
-            }
-        }
-        Self::take_front(&mut inner)
+        self.pop_many(1, wait).pop()
     }
 
     /// Take up to `max` events from the front, waiting up to `wait` for the
     /// first. Empty when the wait ran out or the queue is closed.
     pub fn pop_many(&self, max: usize, wait: Duration) -> Vec<Event> {
+        if self.len.load(Ordering::Acquire) == 0 && self.hot.load(Ordering::Relaxed) {
+            self.spin();
+        }
         let mut inner = self.inner.lock();
         if inner.closed {
             return Vec::new();
         }
         if inner.entries.is_empty() {
+            self.hot.store(false, Ordering::Relaxed);
             let _ = self.ready.wait_for(&mut inner, wait);
             if inner.closed {
                 return Vec::new();
             }
+        } else {
+            self.hot.store(true, Ordering::Relaxed);
         }
         let n = inner.entries.len().min(max.max(1));
-        (0..n)
-            .filter_map(|_| Self::take_front(&mut inner))
-            .collect()
+        (0..n).filter_map(|_| self.take_front(&mut inner)).collect()
+    }
+
+    /// Wait up to [`SPIN`] for an event without sleeping, unless enough
+    /// other consumers spin already: with many plugins busy at once (fan-out)
+    /// spinning threads would only take the CPU from the ones with work.
+    fn spin(&self) {
+        static SPINNING: AtomicUsize = AtomicUsize::new(0);
+        static MOST: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let most = *MOST.get_or_init(|| {
+            std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
+        });
+        if SPINNING.fetch_add(1, Ordering::AcqRel) >= most {
+            SPINNING.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        let until = Instant::now() + SPIN;
+        while self.len.load(Ordering::Acquire) == 0 && Instant::now() < until {
+            for _ in 0..32 {
+                std::hint::spin_loop();
+            }
+            std::thread::yield_now();
+        }
+        SPINNING.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Put events taken by [`pop_many`](Self::pop_many) back at the front,
@@ -305,16 +353,17 @@ impl EventQueue {
             inner.last.entry(id).or_insert(head + i as u64);
             inner.entries.push_front(e);
         }
+        self.len.store(inner.entries.len(), Ordering::Release);
     }
 
     /// Take the next event without waiting.
     pub fn try_pop(&self) -> Option<Event> {
-        Self::take_front(&mut self.inner.lock())
+        self.take_front(&mut self.inner.lock())
     }
 
     /// Events waiting.
     pub fn len(&self) -> usize {
-        self.inner.lock().entries.len()
+        self.len.load(Ordering::Acquire)
     }
 
     /// Nothing waiting?
@@ -330,6 +379,7 @@ impl EventQueue {
         inner.closed = true;
         let n = inner.entries.len();
         inner.entries.clear();
+        self.len.store(0, Ordering::Release);
         inner.last.clear();
         drop(inner);
         self.ready.notify_all();
@@ -545,5 +595,70 @@ mod tests {
             std::thread::yield_now();
         }
         assert!(t.join().unwrap().is_none());
+    }
+
+    #[test]
+    fn len_follows_every_change_without_the_lock() {
+        let q = EventQueue::new(8);
+        q.push([put("a", "1", 1), put("b", "1", 2), put("c", "1", 3)]);
+        assert_eq!(q.len(), 3);
+        let taken = q.pop_many(2, Duration::ZERO);
+        assert_eq!(q.len(), 1);
+        q.requeue_front(taken);
+        assert_eq!(q.len(), 3);
+        assert!(q.try_pop().is_some());
+        assert_eq!(q.len(), 2);
+        q.clear_entries();
+        assert!(q.is_empty());
+        q.push([put("d", "1", 4)]);
+        assert_eq!(q.close(), 1);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn completing_a_batch_at_once_moves_the_cursor_like_one_by_one() {
+        let s: Arc<str> = Arc::from("s");
+        let events = |q: &EventQueue| {
+            q.reset_source(&s, 0);
+            q.push_batch(
+                &s,
+                4,
+                (1..=4).map(|i| seq(put(&format!("k{i}"), "v", i), i)),
+            );
+            q.pop_many(4, Duration::ZERO)
+        };
+        let (one, all) = (EventQueue::new(8), EventQueue::new(8));
+        let (a, b) = (events(&one), events(&all));
+        for e in &a[..3] {
+            one.complete(e);
+        }
+        all.complete_all(&b[..3]);
+        assert_eq!(one.cursor_positions(), vec![(s.clone(), 3)]);
+        assert_eq!(all.cursor_positions(), one.cursor_positions());
+        all.complete_all(&b[3..]);
+        assert_eq!(all.cursor_positions(), vec![(s, 4)]);
+    }
+
+    #[test]
+    fn a_hot_consumer_still_gets_an_event_pushed_while_it_spins_or_sleeps() {
+        let q = Arc::new(EventQueue::new(8));
+        // Work found without waiting: the consumer is hot and spins first.
+        q.push([put("a", "1", 1)]);
+        assert_eq!(q.pop_many(8, Duration::ZERO).len(), 1);
+        assert!(q.hot.load(Ordering::Relaxed));
+        for round in 0..50u64 {
+            let q2 = q.clone();
+            let producer = std::thread::spawn(move || {
+                q2.push([put("b", "1", round + 2)]);
+            });
+            let got = q.pop_many(8, Duration::from_secs(30));
+            producer.join().unwrap();
+            let got = if got.is_empty() {
+                q.pop_many(8, Duration::from_secs(30))
+            } else {
+                got
+            };
+            assert_eq!(got.len(), 1, "round {round}: the pushed event arrives");
+        }
     }
 }
