@@ -94,9 +94,13 @@ struct SourceKeys {
     tombstones: usize,
     batches: u64,
     /// Keys changed since the store last took them.
-    dirty: std::collections::HashSet<String>,
+    dirty: FastSet<String>,
     meta_dirty: bool,
 }
+
+/// A set hashed with foldhash: keys are hashed on every delivery, and
+/// SipHash showed up in the profile.
+type FastSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
 
 /// The current keys of one source, in key order.
 struct SourceCache {
@@ -129,7 +133,7 @@ impl SourceCache {
                 pending_identity: None,
                 tombstones,
                 batches: 0,
-                dirty: std::collections::HashSet::new(),
+                dirty: FastSet::default(),
                 meta_dirty: false,
             }),
         }
@@ -181,6 +185,9 @@ impl SourceCache {
 
 /// Successful calls in a row before a plugin gets batches again.
 const HEALTHY_TO_BATCH: u32 = 16;
+
+/// Most events a healthy plugin's worker takes from its queue at once.
+const TAKE_AT_ONCE: usize = 64;
 
 /// How often (in batches) a source prunes tombstones every plugin handled.
 const PRUNE_EVERY: u64 = 64;
@@ -491,12 +498,15 @@ impl Worker {
                     continue;
                 }
             }
-            let max = if probe_at.is_some() {
+            // A healthy plugin takes a backlog in one go, however many
+            // events each call gets: one lock and one completion for the
+            // lot. A failing one takes one event at a time, so what waits
+            // stays in the queue, where later changes can fold into it.
+            let per_call = self.spec.load().batch_max;
+            let max = if probe_at.is_some() || healthy < HEALTHY_TO_BATCH {
                 1
-            } else if healthy >= HEALTHY_TO_BATCH {
-                self.spec.load().batch_max
             } else {
-                1
+                per_call.max(TAKE_AT_ONCE)
             };
             let batch = self.queue.pop_many(max, Duration::from_millis(200));
             depth.set(self.depth() as i64);
@@ -558,15 +568,21 @@ impl Worker {
                 healthy = 0;
                 prior = Some(report);
             }
-            if batch.len() > 1 {
+            if batch.len() > per_call && per_call > 1 {
+                // More than one call's worth: the tail waits for the next
+                // round, in order.
+                self.queue.requeue_front(batch.split_off(per_call));
+                self.in_batch.store(batch.len(), Ordering::SeqCst);
+            }
+            if batch.len() > 1 && per_call > 1 {
                 let spec = self.spec.load_full();
                 let report = sandbox.call_batch(&spec.loaded, &batch);
                 let each = report.elapsed.as_secs_f64() / batch.len() as f64;
                 for e in &batch[..report.handled] {
                     self.record(e, Outcome::ok, each, None);
                     self.succeeded(e);
-                    self.queue.complete(e);
                 }
+                self.queue.complete_all(&batch[..report.handled]);
                 let mut rest = batch.split_off(report.handled);
                 if report.failure.is_some() {
                     // One call per event until the plugin is healthy again.
@@ -589,8 +605,9 @@ impl Worker {
                 self.in_batch.store(batch.len(), Ordering::SeqCst);
                 depth.set(self.depth() as i64);
             }
+            let mut done = 0;
             for (i, event) in batch.iter().enumerate() {
-                if self.stop.load(Ordering::SeqCst) || self.parked.load(Ordering::SeqCst) {
+                if self.stop.load(Ordering::Relaxed) || self.parked.load(Ordering::Relaxed) {
                     break;
                 }
                 let handled = self.handle_one(
@@ -601,6 +618,9 @@ impl Worker {
                     &mut failures,
                     &mut traps,
                 );
+                if matches!(handled, Handled::Done(_)) {
+                    done = i + 1;
+                }
                 match handled {
                     Handled::Done(true) => healthy = healthy.saturating_add(1),
                     Handled::Done(false) => healthy = 0,
@@ -613,6 +633,7 @@ impl Worker {
                     }
                 }
             }
+            self.queue.complete_all(&batch[..done]);
             self.in_batch.store(0, Ordering::SeqCst);
             drop(calling);
         }
@@ -680,6 +701,8 @@ impl Worker {
                 Some(&report),
             );
         }
+        // The caller completes the event in the queue (with the others of
+        // its batch).
         if report.outcome == Outcome::ok {
             self.succeeded(event);
         } else {
@@ -703,7 +726,6 @@ impl Worker {
                 self.metrics.suppressed(&format!("plugin/{}", self.name));
             }
         }
-        self.queue.complete(event);
         Handled::Done(first_ok)
     }
 
@@ -1039,6 +1061,10 @@ pub struct Dispatcher {
     store: Arc<Store>,
     caches: DashMap<String, Arc<SourceCache>>,
     workers: DashMap<String, Arc<Worker>>,
+    /// The workers as one list, for the delivery path: replaced (under
+    /// `roster_lock`) whenever `workers` changes.
+    roster: ArcSwap<Vec<Arc<Worker>>>,
+    roster_lock: Mutex<()>,
     clustered: AtomicBool,
     observer: Arc<ArcSwapOption<Observer>>,
     durable: Watermarks,
@@ -1103,20 +1129,21 @@ impl SourceKeys {
                     Vec::new()
                 },
             };
-            let was_tombstone = self.map.get(&e.key).map(|old| old.value.is_none());
-            match (was_tombstone, entry.value.is_none()) {
+            let is_tombstone = entry.value.is_none();
+            let was_tombstone = match self.map.get_mut(e.key.as_str()) {
+                Some(slot) => Some(std::mem::replace(slot, entry).value.is_none()),
+                None => {
+                    self.map.insert(e.key.clone(), entry);
+                    None
+                }
+            };
+            match (was_tombstone, is_tombstone) {
                 (Some(false) | None, true) => self.tombstones += 1,
                 (Some(true), false) => self.tombstones -= 1,
                 _ => {}
             }
             if !self.dirty.contains(e.key.as_str()) {
                 self.dirty.insert(e.key.clone());
-            }
-            match self.map.get_mut(e.key.as_str()) {
-                Some(slot) => *slot = entry,
-                None => {
-                    self.map.insert(e.key.clone(), entry);
-                }
             }
         }
         self.meta_dirty = true;
@@ -1197,6 +1224,8 @@ impl Dispatcher {
             store,
             caches,
             workers: DashMap::new(),
+            roster: ArcSwap::from_pointee(Vec::new()),
+            roster_lock: Mutex::new(()),
             clustered: AtomicBool::new(false),
             observer: Arc::default(),
             durable,
@@ -1267,6 +1296,8 @@ impl Dispatcher {
             worker.enqueue(&source, upto, events);
         }
         self.workers.insert(name, worker);
+        // Before the source locks go: the next delivery sees the worker.
+        self.refresh_roster();
         drop(guards);
         Ok(())
     }
@@ -1442,11 +1473,21 @@ impl Dispatcher {
         replay
     }
 
+    /// Rebuild `roster` from `workers`. Under a lock, so the last rebuild
+    /// sees every change made before it.
+    fn refresh_roster(&self) {
+        let _one = self.roster_lock.lock();
+        let mut all: Vec<Arc<Worker>> = self.workers.iter().map(|w| w.value().clone()).collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        self.roster.store(Arc::new(all));
+    }
+
     /// Stop and remove a plugin; waits for its in-flight call. Its cursors
     /// stay in the store. Blocking: call off the async workers.
     pub fn remove(&self, name: &str) -> bool {
         match self.workers.remove(name) {
             Some((_, w)) => {
+                self.refresh_roster();
                 w.stop_and_join();
                 true
             }
@@ -1714,18 +1755,27 @@ impl EventSink for Dispatcher {
         }
         keys.apply(&events);
         cache.wake(&self.store);
-        for w in self.workers.iter() {
+        let roster = self.roster.load();
+        let takers: Vec<&Arc<Worker>> = roster
+            .iter()
+            .filter(|w| !w.skips(source, &w.spec.load()))
+            .collect();
+        // Every plugin but the last gets copies; the last takes the events.
+        let mut events = Some(events);
+        for (i, w) in takers.iter().enumerate() {
             let spec = w.spec.load();
-            if w.skips(source, &spec) {
-                continue;
-            }
+            let matches = |e: &Event| spec.matches(source, &e.key);
             // A resumed watch replays from the lowest cursor: each plugin
-            // skips what it was already given.
-            let matched = events
-                .iter()
-                .filter(|e| spec.matches(source, &e.key))
-                .cloned();
-            let stats = w.queue.push_new(&name, upto, matched);
+            // skips what it was already given (`push_new`).
+            let stats = if i + 1 == takers.len() {
+                let all = events.take().unwrap_or_default();
+                w.queue
+                    .push_new(&name, upto, all.into_iter().filter(|e| matches(e)))
+            } else {
+                let all = events.as_deref().unwrap_or_default();
+                w.queue
+                    .push_new(&name, upto, all.iter().filter(|e| matches(e)).cloned())
+            };
             w.count(stats);
         }
         self.maybe_prune(&name, &mut keys);
