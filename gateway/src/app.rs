@@ -160,7 +160,7 @@ struct App {
     metrics: Arc<Metrics>,
     dispatcher: Arc<Dispatcher>,
     admin: Arc<AdminState>,
-    loader_configs: mpsc::Sender<Arc<Config>>,
+    loader_configs: mpsc::Sender<crate::plugin_dir::Reconfigure>,
     tasks: JoinSet<(Task, anyhow::Result<()>)>,
     tasks_token: CancellationToken,
     sources: BTreeMap<String, Running>,
@@ -368,7 +368,17 @@ impl App {
         self.config = effective.clone();
         // Plugins are re-evaluated against the new config by the loader;
         // only those whose effective settings changed get a new version.
-        let _ = self.loader_configs.send(effective).await;
+        // The reply waits for that, so a reload that returned is in effect.
+        let (done, applied) = tokio::sync::oneshot::channel();
+        if self.loader_configs.send((effective, done)).await.is_ok()
+            && tokio::time::timeout(Duration::from_secs(60), applied)
+                .await
+                .is_err()
+        {
+            tracing::warn!(
+                "Plugins are still being re-evaluated after 60 s; the reload reply does not wait longer."
+            );
+        }
         tracing::info!(
             added = ?report.sources_added,
             removed = ?report.sources_removed,
@@ -546,8 +556,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             break Some(Err(StartError::Plugins(reasons).into()));
         }
         tokio::select! {
+            // Shutdown first: tasks that watch the same token (the admin
+            // server) end with it, and that is no failure.
+            biased;
             _ = shutdown.cancelled() => break Some(Ok(())),
-            done = app.tasks.join_next() => break Some(task_ended(done)),
+            done = app.tasks.join_next() => {
+                if shutdown.is_cancelled() {
+                    break Some(Ok(()));
+                }
+                break Some(task_ended(done));
+            }
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
     };
@@ -565,8 +583,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tokio::select! {
+                    // Shutdown first: tasks that watch the same token (the
+                    // admin server, the cluster membership) end with it, and
+                    // that is no failure. Without this, a task that ended on
+                    // the signal could win the race and fail the exit.
+                    biased;
                     _ = shutdown.cancelled() => break Ok(()),
                     done = app.tasks.join_next() => {
+                        if shutdown.is_cancelled() {
+                            break Ok(());
+                        }
                         match done {
                             Some(Ok((Task::Source { name, generation }, result)))
                                 if app.sources.get(&name).is_none_or(|r| r.generation != generation) =>

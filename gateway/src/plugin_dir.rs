@@ -129,6 +129,10 @@ pub fn effective_subscriptions(
     Ok(manifest.subscribe.clone())
 }
 
+/// A reloaded configuration for the loader, and where to say that every
+/// plugin has been re-evaluated against it.
+pub type Reconfigure = (Arc<Config>, tokio::sync::oneshot::Sender<()>);
+
 /// What `/readyz` and `/v1/plugins` need to know about the directory.
 #[derive(Default)]
 pub struct LoaderStatus {
@@ -232,7 +236,7 @@ impl PluginLoader {
     pub async fn run(
         mut self,
         shutdown: CancellationToken,
-        mut configs: mpsc::Receiver<Arc<Config>>,
+        mut configs: mpsc::Receiver<Reconfigure>,
     ) -> anyhow::Result<()> {
         let dir = self.config.plugins.dir.clone();
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -260,7 +264,7 @@ impl PluginLoader {
                     Some(batch) => self.apply(batch).await,
                     None => break Err(anyhow::anyhow!("plugin directory watch ended")),
                 },
-                Some(config) = configs.recv() => {
+                Some((config, done)) = configs.recv() => {
                     // A reload: re-evaluate every plugin against the new
                     // config; only those whose settings changed restart.
                     self.config = config;
@@ -268,6 +272,7 @@ impl PluginLoader {
                     for name in names {
                         self.reload(&name).await;
                     }
+                    let _ = done.send(());
                 }
                 _ = tick.tick() => {}
             }
