@@ -657,8 +657,8 @@ impl Watcher {
         Ok(())
     }
 
-    /// Emit the events of one watch response, one batch per revision,
-    /// dropping anything below the resume revision.
+    /// Emit the events of one watch response as one batch (whole revisions,
+    /// in order), dropping anything below the resume revision.
     fn deliver(&mut self, events: &[etcd_client::Event]) -> Result<(), SessionEnd> {
         let next = self.next_rev.unwrap_or(0);
         let name = self.ctx.name.clone();
@@ -675,9 +675,9 @@ impl Watcher {
                     "watch revisions went back from {batch_rev} to {rev}"
                 )));
             }
-            if rev != batch_rev && !batch.is_empty() {
-                self.flush(&mut batch, batch_rev);
-            }
+            // Every revision of one response goes in one delivery: whole
+            // transactions, in order, and one dispatcher round for a
+            // response that carries a backlog (a watch catching up).
             batch_rev = rev;
             let key = utf8_key(kv);
             let known_prev = self.index.get(&key).map(|(_, v)| v.clone());
