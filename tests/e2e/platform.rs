@@ -295,6 +295,11 @@ fn kv_writes_back_under_the_granted_prefix_and_snapshot_reads_subscribed_keys() 
     wait_for("the delete", DEADLINE, || {
         store.get("/wg/out/result").is_none().then_some(())
     });
+    // The writer counts a write after etcd acknowledged it, so the count
+    // can trail what the store already shows.
+    wait_for("both writes counted", DEADLINE, || {
+        (capability(&g, "probe", "kv", "written") == 2.0).then_some(())
+    });
     assert_eq!(capability(&g, "probe", "kv", "written"), 2.0);
     assert_eq!(capability(&g, "probe", "kv", "denied"), 1.0);
     assert_eq!(capability(&g, "probe", "snapshot", "denied"), 1.0);
