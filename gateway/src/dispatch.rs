@@ -186,7 +186,9 @@ impl SourceCache {
 /// Successful calls in a row before a plugin gets batches again.
 const HEALTHY_TO_BATCH: u32 = 16;
 
-/// Most events a healthy plugin's worker takes from its queue at once.
+/// Most events a healthy plugin's worker takes from its queue at once when
+/// each call gets one event (`batch_max = 1`); otherwise it takes one
+/// call's worth.
 const TAKE_AT_ONCE: usize = 64;
 
 /// How often (in batches) a source prunes tombstones every plugin handled.
@@ -505,8 +507,10 @@ impl Worker {
             let per_call = self.spec.load().batch_max;
             let max = if probe_at.is_some() || healthy < HEALTHY_TO_BATCH {
                 1
+            } else if per_call > 1 {
+                per_call
             } else {
-                per_call.max(TAKE_AT_ONCE)
+                TAKE_AT_ONCE
             };
             let batch = self.queue.pop_many(max, Duration::from_millis(200));
             depth.set(self.depth() as i64);
@@ -567,12 +571,6 @@ impl Worker {
                 traps = 0;
                 healthy = 0;
                 prior = Some(report);
-            }
-            if batch.len() > per_call && per_call > 1 {
-                // More than one call's worth: the tail waits for the next
-                // round, in order.
-                self.queue.requeue_front(batch.split_off(per_call));
-                self.in_batch.store(batch.len(), Ordering::SeqCst);
             }
             if batch.len() > 1 && per_call > 1 {
                 let spec = self.spec.load_full();
