@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use watchgate::cluster::desired_owner;
 
 use crate::etcd_harness::Etcd;
 use crate::etcd_source::{Change, DEADLINE, SENTINEL, Store, changes, etcd_source, spawn_writer};
@@ -62,7 +63,10 @@ fn owned(gs: &[&Gateway]) -> Vec<BTreeSet<String>> {
 }
 
 /// Wait until every plugin in `plugins` is owned by exactly one of `gs`,
-/// with every replica seeing `gs.len()` members; returns the ownership.
+/// its desired owner by rendezvous hashing over `gs`, with every replica
+/// seeing `gs.len()` members; returns the ownership. (Without the desired
+/// owner check, the moment a replica joins, before any hand-over began,
+/// looked settled: the old owner still held everything.)
 fn wait_settled(gs: &mut [&mut Gateway], plugins: &[String]) -> Vec<BTreeSet<String>> {
     wait_for("ownership to settle", DEADLINE, || {
         for g in gs.iter_mut() {
@@ -72,10 +76,21 @@ fn wait_settled(gs: &mut [&mut Gateway], plugins: &[String]) -> Vec<BTreeSet<Str
         let members_ok = views
             .iter()
             .all(|g| g.metric("watchgate_cluster_replicas") == views.len() as f64);
+        let names: Vec<String> = views
+            .iter()
+            .map(|g| g.json("/v1/cluster")["name"].as_str().unwrap().to_owned())
+            .collect();
+        let members: BTreeSet<String> = names.iter().cloned().collect();
         let o = owned(&views);
-        let total: usize = o.iter().map(BTreeSet::len).sum();
-        let union: BTreeSet<&String> = o.iter().flatten().collect();
-        (members_ok && total == plugins.len() && union.len() == plugins.len()).then_some(o)
+        let desired = names.iter().zip(&o).all(|(name, owns)| {
+            let want: BTreeSet<String> = plugins
+                .iter()
+                .filter(|p| desired_owner(p, &members) == Some(name.as_str()))
+                .cloned()
+                .collect();
+            *owns == want
+        });
+        (members_ok && desired).then_some(o)
     })
 }
 
