@@ -1,12 +1,14 @@
 //! Routing events to plugins: subscriptions, per-plugin queues, workers.
 //!
 //! Owns the table of running plugins, each with its own [`EventQueue`] and
-//! its own worker thread running a [`Sandbox`], and every source's key index
-//! (mirrored in the [`Store`]) so that a plugin loaded late starts from the
-//! current state (as puts) before it sees changes. [`Dispatcher::deliver`]
+//! its own worker thread running a [`Sandbox`] (or, for quick plugins once
+//! there are more plugins than cores, rounds on a shared [`pool`]), and
+//! every source's key index (mirrored in the [`Store`]) so that a plugin
+//! loaded late starts from the current state (as puts) before it sees
+//! changes. [`Dispatcher::deliver`]
 //! never blocks on a plugin: a slow, spinning or crashing plugin only ever
-//! fills its own queue. Plugin calls run on the workers' own OS threads,
-//! never on the tokio workers.
+//! fills its own queue. Plugin calls run on the workers' own OS threads or
+//! the pool's, never on the tokio workers.
 //!
 //! Delivery is at least once across restarts. Every delivery of a source
 //! gets a position (the revision for a source with history, a counter
@@ -18,6 +20,7 @@
 //! after its cursor (deletes included, from tombstones) flagged `resync`.
 //! This module must not parse files or compile code.
 
+pub mod pool;
 pub mod queue;
 
 use std::collections::BTreeMap;
@@ -191,6 +194,23 @@ const HEALTHY_TO_BATCH: u32 = 16;
 /// call's worth.
 const TAKE_AT_ONCE: usize = 64;
 
+/// The longest its calls may take on average for a plugin to be pooled: a
+/// pool thread is shared, so what it runs must be quick.
+const QUICK_CALL: Duration = Duration::from_micros(250);
+
+/// A pooled plugin whose calls in a round average more than this goes back
+/// to its own thread.
+const SLOW_CALL: Duration = Duration::from_millis(1);
+
+/// Most events in one round on a pool thread, so a round stays short.
+const POOLED_TAKE: usize = 32;
+
+/// Quick, successful events in a row on its own thread before a plugin is
+/// pooled; doubled each time it leaves the pool, up to [`TO_POOL_MOST`],
+/// so a plugin that is quick only now and then stops going back and forth.
+const TO_POOL_FIRST: u64 = 64;
+const TO_POOL_MOST: u64 = TO_POOL_FIRST << 12;
+
 /// How often (in batches) a source prunes tombstones every plugin handled.
 const PRUNE_EVERY: u64 = 64;
 
@@ -257,6 +277,37 @@ impl Handles {
     }
 }
 
+/// The call state of one worker, used by whichever thread runs its rounds:
+/// its own, or a pool thread while it is pooled.
+struct Runner {
+    sandbox: Sandbox,
+    labels: crate::telemetry::PluginLabels,
+    /// Failures are logged at most once a second per plugin; the rest are
+    /// counted in the outcome metric and summarized in the next line.
+    failures: FailureLog,
+    /// Consecutive successful calls; batches only for a healthy plugin, so
+    /// a failing or slow one is called (and limited) event by event.
+    healthy: u32,
+    /// Traps in a row, towards quarantine.
+    traps: u32,
+    /// Successful events in a row on the worker's own thread, in rounds
+    /// that waited for nothing, and the time their rounds took.
+    quick: u64,
+    quick_time: Duration,
+    /// How many of those pool the plugin.
+    to_pool: u64,
+    /// A failed first attempt the pool made on the event now at the front
+    /// of the queue: the worker's own thread goes on with its retries.
+    carried: Option<(EventId, CallReport)>,
+}
+
+/// Which event: source, position, key.
+type EventId = (Arc<str>, u64, String);
+
+fn event_id(e: &Event) -> EventId {
+    (e.source.clone(), e.seq, e.key.clone())
+}
+
 /// Failure lines of one worker, rate limited.
 struct FailureLog {
     limiter: DefaultDirectRateLimiter,
@@ -297,6 +348,38 @@ struct Worker {
     durable: Watermarks,
     /// Set while the plugin is quarantined after repeated traps.
     quarantine: Mutex<Option<Quarantine>>,
+    /// The call state, held by the thread running a round.
+    runner: Mutex<Runner>,
+    /// Rounds run on the shared pool, not on the worker's own thread.
+    pooled: AtomicBool,
+    /// On the pool's run queue or in a round there.
+    scheduled: AtomicBool,
+    pool: Arc<pool::Pool<Worker>>,
+}
+
+impl pool::Task for Worker {
+    fn run_round(self: Arc<Self>) {
+        // Held only by the worker's own thread when not here: a plugin
+        // taken back from the pool (a stale submission), or one just
+        // pooled, whose own thread schedules it again as it lets go.
+        if let Some(mut r) = self.runner.try_lock()
+            && self.pooled.load(Ordering::SeqCst)
+            && !self.pooled_round(&mut r)
+        {
+            self.pooled.store(false, Ordering::SeqCst);
+            r.quick = 0;
+            r.quick_time = Duration::ZERO;
+            r.to_pool = (r.to_pool * 2).min(TO_POOL_MOST);
+        }
+        // Read-modify-write, so a producer's `kick` that found it still
+        // scheduled is seen below (its events, queued before).
+        self.scheduled.swap(false, Ordering::SeqCst);
+        if self.pooled.load(Ordering::SeqCst) {
+            self.kick();
+        } else {
+            self.unpark();
+        }
+    }
 }
 
 /// A plugin set aside after `quarantine_after` traps in a row. Its events
@@ -386,6 +469,10 @@ pub struct PluginReport {
     pub parked: bool,
     /// `running`, `quarantined` or `parked`.
     pub state: &'static str,
+    /// Its calls run on the shared pool of threads (a quick, healthy
+    /// plugin when there are more plugins than cores), not on its own
+    /// thread.
+    pub pooled: bool,
     /// Set while quarantined.
     pub quarantine: Option<QuarantineReport>,
     /// What the plugin says about itself (its embedded manifest).
@@ -434,6 +521,20 @@ impl Worker {
         let (runtime, metrics, store) = (d.runtime.clone(), d.metrics.clone(), d.store.clone());
         let (observer, durable) = (d.observer.clone(), d.durable.clone());
         let name = spec.loaded.ctx.name.clone();
+        let runner = Runner {
+            sandbox: Sandbox::new(runtime),
+            labels: Metrics::plugin(&name),
+            failures: FailureLog {
+                limiter: RateLimiter::direct(Quota::per_second(NonZeroU32::MIN)),
+                unlogged: 0,
+            },
+            healthy: HEALTHY_TO_BATCH,
+            traps: 0,
+            quick: 0,
+            quick_time: Duration::ZERO,
+            to_pool: TO_POOL_FIRST,
+            carried: None,
+        };
         let stats = WorkerStats::default();
         stats
             .dead_letters
@@ -458,199 +559,358 @@ impl Worker {
             handles,
             durable,
             quarantine: Mutex::new(None),
+            runner: Mutex::new(runner),
+            pooled: AtomicBool::new(false),
+            scheduled: AtomicBool::new(false),
+            pool: d.pool.clone(),
         });
         let w = worker.clone();
         let handle = std::thread::Builder::new()
             .name(format!("plugin-{name}"))
-            .spawn(move || w.run(Sandbox::new(runtime)))?;
+            .spawn(move || w.run())?;
         *worker.thread.lock() = Some(handle);
+        worker.pool.count(true);
+        let weak = Arc::downgrade(&worker);
+        worker.queue.on_push(Box::new(move || {
+            if let Some(w) = weak.upgrade() {
+                w.kick();
+            }
+        }));
         worker
             .store
             .register(&name, worker.queue.clone() as Arc<dyn CursorProbe>);
         Ok(worker)
     }
 
-    /// The worker loop, in queue order. With a backlog several events go
-    /// to the plugin in one `handle-batch` call; a batch that fails falls
-    /// back to one call per remaining event. A failed call is retried with
-    /// backoff; after the last attempt the event becomes a dead letter.
-    /// Either way it is then complete and the cursor moves past it; an event
-    /// interrupted by a stop or a park stays pending.
-    fn run(self: Arc<Self>, mut sandbox: Sandbox) {
-        let labels = Metrics::plugin(&self.name);
-        let depth = self.handles.depth.clone();
-        // Failures are logged at most once a second per plugin; the rest are
-        // counted in the outcome metric and summarized in the next line.
-        let mut failures = FailureLog {
-            limiter: RateLimiter::direct(Quota::per_second(NonZeroU32::MIN)),
-            unlogged: 0,
-        };
-        // Consecutive successful calls; batches only for a healthy plugin,
-        // so a failing or slow one is called (and limited) event by event.
-        let mut healthy: u32 = HEALTHY_TO_BATCH;
-        // Traps in a row, towards quarantine.
-        let mut traps: u32 = 0;
+    /// The worker thread: rounds of the queue while the plugin is not
+    /// pooled; asleep while it is (a pool thread runs its rounds then).
+    fn run(self: Arc<Self>) {
         while !self.stop.load(Ordering::SeqCst) {
-            let probe_at = self.quarantine.lock().as_ref().map(|q| q.next_probe);
-            if let Some(at) = probe_at {
-                // Re-read each time round: a new version is probed at once.
-                let left = at.saturating_duration_since(std::time::Instant::now());
-                if !left.is_zero() {
-                    std::thread::sleep(left.min(Duration::from_millis(50)));
+            if self.pooled.load(Ordering::SeqCst) {
+                if !self.pool.is_closed() {
+                    std::thread::park_timeout(Duration::from_millis(200));
                     continue;
                 }
+                // The pool is gone (shutdown): take the plugin back.
+                self.pooled.store(false, Ordering::SeqCst);
             }
-            // A healthy plugin takes a backlog in one go, however many
-            // events each call gets: one lock and one completion for the
-            // lot. A failing one takes one event at a time, so what waits
-            // stays in the queue, where later changes can fold into it.
-            let per_call = self.spec.load().batch_max;
-            let max = if probe_at.is_some() || healthy < HEALTHY_TO_BATCH {
-                1
-            } else if per_call > 1 {
-                per_call
-            } else {
-                TAKE_AT_ONCE
-            };
-            let batch = self.queue.pop_many(max, Duration::from_millis(200));
-            depth.set(self.depth() as i64);
-            if batch.is_empty() {
+            let mut runner = self.runner.lock();
+            if self.pooled.load(Ordering::SeqCst) {
                 continue;
+            }
+            self.round(&mut runner);
+            let pooled = runner.quick >= runner.to_pool
+                && runner.quick_time < QUICK_CALL * u32::try_from(runner.quick).unwrap_or(u32::MAX)
+                && self.pool.worthwhile()
+                && !self.stop.load(Ordering::SeqCst)
+                && !self.parked.load(Ordering::SeqCst);
+            if pooled {
+                runner.quick = 0;
+                runner.quick_time = Duration::ZERO;
+                self.pooled.store(true, Ordering::SeqCst);
+            }
+            drop(runner);
+            if pooled {
+                self.kick();
+            }
+        }
+        self.handles.depth.set(0);
+    }
+
+    /// One round of the worker loop, in queue order. With a backlog several
+    /// events go to the plugin in one `handle-batch` call; a batch that
+    /// fails falls back to one call per remaining event. A failed call is
+    /// retried with backoff; after the last attempt the event becomes a
+    /// dead letter. Either way it is then complete and the cursor moves past
+    /// it; an event interrupted by a stop or a park stays pending.
+    fn round(&self, r: &mut Runner) {
+        let depth = &self.handles.depth;
+        let probe_at = self.quarantine.lock().as_ref().map(|q| q.next_probe);
+        if let Some(at) = probe_at {
+            // Re-read each time round: a new version is probed at once.
+            let left = at.saturating_duration_since(std::time::Instant::now());
+            if !left.is_zero() {
+                std::thread::sleep(left.min(Duration::from_millis(50)));
+                return;
+            }
+        }
+        // A healthy plugin takes a backlog in one go, however many events
+        // each call gets: one lock and one completion for the lot. A
+        // failing one takes one event at a time, so what waits stays in the
+        // queue, where later changes can fold into it.
+        let per_call = self.spec.load().batch_max;
+        let max = if probe_at.is_some() || r.healthy < HEALTHY_TO_BATCH {
+            1
+        } else {
+            Self::take_at_once(per_call)
+        };
+        let batch = self.queue.pop_many(max, Duration::from_millis(200));
+        depth.set(self.depth() as i64);
+        if batch.is_empty() {
+            return;
+        }
+        self.in_batch.store(batch.len(), Ordering::SeqCst);
+        depth.set(self.depth() as i64);
+        let calling = self.calling.lock();
+        if self.parked.load(Ordering::SeqCst) {
+            // Parked meanwhile: the events stay pending for the owner.
+            self.in_batch.store(0, Ordering::SeqCst);
+            return;
+        }
+        let batch = self.fenced(batch);
+        let waited = !self.committed(&batch);
+        if waited && !self.wait_durable(&batch) {
+            self.in_batch.store(0, Ordering::SeqCst);
+            return;
+        }
+        self.observe(&batch);
+        let started = std::time::Instant::now();
+        let mut batch = batch;
+        // A first attempt the pool made on this event before handing the
+        // plugin back.
+        let mut prior = r
+            .carried
+            .take()
+            .filter(|(id, _)| *id == event_id(&batch[0]))
+            .map(|(_, report)| report);
+        if probe_at.is_some() {
+            let event = &batch[0];
+            let spec = self.spec.load_full();
+            let report = r.sandbox.call(&spec.loaded, event);
+            if is_trap(report.outcome) {
+                self.record(
+                    event,
+                    report.outcome,
+                    report.elapsed.as_secs_f64(),
+                    Some(&report),
+                );
+                self.probe_failed(event, &report, &spec);
+                self.in_batch.store(0, Ordering::SeqCst);
+                return;
+            }
+            self.leave_quarantine();
+            r.traps = 0;
+            r.healthy = 0;
+            prior = Some(report);
+        }
+        let mut in_batch_call = 0;
+        if batch.len() > 1 && per_call > 1 && prior.is_none() {
+            let spec = self.spec.load_full();
+            let report = r.sandbox.call_batch(&spec.loaded, &batch);
+            in_batch_call = report.handled;
+            let each = report.elapsed.as_secs_f64() / batch.len() as f64;
+            for e in &batch[..report.handled] {
+                self.record(e, Outcome::ok, each, None);
+                self.succeeded(e);
+            }
+            self.queue.complete_all(&batch[..report.handled]);
+            let mut rest = batch.split_off(report.handled);
+            if report.failure.is_some() {
+                // One call per event until the plugin is healthy again.
+                r.healthy = 0;
+            }
+            if report.attributed && !rest.is_empty() {
+                // The handler's error on the first remaining event is its
+                // first attempt; the others go back to the queue.
+                prior = report.failure;
+                let others = rest.split_off(1);
+                self.queue.requeue_front(others);
+                batch = rest;
+            } else {
+                // All handled, or a trap or limit somewhere in the batch:
+                // what is left goes back, to be called one by one.
+                self.queue.requeue_front(rest);
+                batch = Vec::new();
             }
             self.in_batch.store(batch.len(), Ordering::SeqCst);
             depth.set(self.depth() as i64);
-            let calling = self.calling.lock();
-            if self.parked.load(Ordering::SeqCst) {
-                // Parked meanwhile: the events stay pending for the owner.
-                self.in_batch.store(0, Ordering::SeqCst);
-                continue;
+        }
+        let mut done = 0;
+        for (i, event) in batch.iter().enumerate() {
+            if self.stop.load(Ordering::Relaxed) || self.parked.load(Ordering::Relaxed) {
+                break;
             }
-            let token = self.fencing.load(Ordering::SeqCst);
-            let batch: Vec<Event> = if token > 0 {
-                batch
-                    .into_iter()
-                    .map(|mut e| {
-                        e.metadata
-                            .push(("fencing_token".to_owned(), token.to_string()));
-                        e
-                    })
-                    .collect()
-            } else {
-                batch
-            };
-            if !self.wait_durable(&batch) {
-                self.in_batch.store(0, Ordering::SeqCst);
-                continue;
+            let handled = self.handle_one(r, event, prior.take());
+            if matches!(handled, Handled::Done(_)) {
+                done = i + 1;
             }
-            if let Some(observe) = self.observer.load().as_ref() {
-                let now = std::time::Instant::now();
-                for e in &batch {
-                    if let Some(at) = e.delivered_at {
-                        observe(&self.name, now.saturating_duration_since(at));
-                    }
-                }
-            }
-            let mut batch = batch;
-            let mut prior = None;
-            if probe_at.is_some() {
-                let event = &batch[0];
-                let spec = self.spec.load_full();
-                let report = sandbox.call(&spec.loaded, event);
-                if is_trap(report.outcome) {
-                    self.record(
-                        event,
-                        report.outcome,
-                        report.elapsed.as_secs_f64(),
-                        Some(&report),
-                    );
-                    self.probe_failed(event, &report, &spec);
-                    self.in_batch.store(0, Ordering::SeqCst);
-                    continue;
-                }
-                self.leave_quarantine();
-                traps = 0;
-                healthy = 0;
-                prior = Some(report);
-            }
-            if batch.len() > 1 && per_call > 1 {
-                let spec = self.spec.load_full();
-                let report = sandbox.call_batch(&spec.loaded, &batch);
-                let each = report.elapsed.as_secs_f64() / batch.len() as f64;
-                for e in &batch[..report.handled] {
-                    self.record(e, Outcome::ok, each, None);
-                    self.succeeded(e);
-                }
-                self.queue.complete_all(&batch[..report.handled]);
-                let mut rest = batch.split_off(report.handled);
-                if report.failure.is_some() {
-                    // One call per event until the plugin is healthy again.
-                    healthy = 0;
-                }
-                if report.attributed && !rest.is_empty() {
-                    // The handler's error on the first remaining event is
-                    // its first attempt; the others go back to the queue.
-                    prior = report.failure;
-                    let others = rest.split_off(1);
-                    self.queue.requeue_front(others);
-                    batch = rest;
-                } else {
-                    // All handled, or a trap or limit somewhere in the
-                    // batch: what is left goes back, to be called one by
-                    // one.
-                    self.queue.requeue_front(rest);
-                    batch = Vec::new();
-                }
-                self.in_batch.store(batch.len(), Ordering::SeqCst);
-                depth.set(self.depth() as i64);
-            }
-            let mut done = 0;
-            for (i, event) in batch.iter().enumerate() {
-                if self.stop.load(Ordering::Relaxed) || self.parked.load(Ordering::Relaxed) {
+            match handled {
+                Handled::Done(true) => r.healthy = r.healthy.saturating_add(1),
+                Handled::Done(false) => r.healthy = 0,
+                Handled::Interrupted => break,
+                Handled::Quarantined => {
+                    // This event and the rest wait for the probes.
+                    self.queue.requeue_front(batch[i..].to_vec());
+                    r.healthy = 0;
                     break;
                 }
-                let handled = self.handle_one(
-                    &mut sandbox,
-                    event,
-                    prior.take(),
-                    &labels,
-                    &mut failures,
-                    &mut traps,
-                );
-                if matches!(handled, Handled::Done(_)) {
-                    done = i + 1;
+            }
+        }
+        self.queue.complete_all(&batch[..done]);
+        self.in_batch.store(0, Ordering::SeqCst);
+        drop(calling);
+        // Towards the pool: quick, successful rounds that waited for
+        // nothing.
+        if !waited && probe_at.is_none() && r.healthy >= HEALTHY_TO_BATCH {
+            r.quick = r.quick.saturating_add((in_batch_call + done) as u64);
+            r.quick_time += started.elapsed();
+        } else {
+            r.quick = 0;
+            r.quick_time = Duration::ZERO;
+        }
+    }
+
+    /// Most events to take from the queue in one round of a healthy
+    /// plugin.
+    fn take_at_once(per_call: usize) -> usize {
+        if per_call > 1 { per_call } else { TAKE_AT_ONCE }
+    }
+
+    /// Each event with the ownership's fencing token in its metadata (set,
+    /// or replaced when the event went round once already).
+    fn fenced(&self, batch: Vec<Event>) -> Vec<Event> {
+        let token = self.fencing.load(Ordering::SeqCst);
+        if token == 0 {
+            return batch;
+        }
+        batch
+            .into_iter()
+            .map(|mut e| {
+                let value = token.to_string();
+                match e.metadata.iter_mut().find(|(k, _)| k == "fencing_token") {
+                    Some(entry) => entry.1 = value,
+                    None => e.metadata.push(("fencing_token".to_owned(), value)),
                 }
-                match handled {
-                    Handled::Done(true) => healthy = healthy.saturating_add(1),
-                    Handled::Done(false) => healthy = 0,
-                    Handled::Interrupted => break,
-                    Handled::Quarantined => {
-                        // This event and the rest wait for the probes.
-                        self.queue.requeue_front(batch[i..].to_vec());
-                        healthy = 0;
-                        break;
-                    }
+                e
+            })
+            .collect()
+    }
+
+    /// Tell the observer (benchmarks) each event's queueing latency.
+    fn observe(&self, batch: &[Event]) {
+        if let Some(observe) = self.observer.load().as_ref() {
+            let now = std::time::Instant::now();
+            for e in batch {
+                if let Some(at) = e.delivered_at {
+                    observe(&self.name, now.saturating_duration_since(at));
                 }
             }
-            self.queue.complete_all(&batch[..done]);
-            self.in_batch.store(0, Ordering::SeqCst);
-            drop(calling);
         }
-        depth.set(0);
+    }
+
+    /// Put the plugin on the pool's run queue if it is pooled, has events
+    /// waiting, and is not there already.
+    fn kick(self: &Arc<Self>) {
+        if self.pooled.load(Ordering::SeqCst)
+            && !self.queue.is_empty()
+            && !self.scheduled.swap(true, Ordering::SeqCst)
+        {
+            self.pool.submit(self.clone());
+        }
+    }
+
+    /// Wake the worker's own thread (it has the plugin back, or stops).
+    fn unpark(&self) {
+        if let Some(t) = self.thread.lock().as_ref() {
+            t.thread().unpark();
+        }
+    }
+
+    /// One round on a pool thread: up to one batch's worth of events, each
+    /// called once. False when the plugin must go back to its own thread:
+    /// a call failed (its retries are waited for there, the failed attempt
+    /// carried over), the round was slow, or the plugin has to wait for
+    /// something (a commit, a quarantine, a park, a stop).
+    fn pooled_round(&self, r: &mut Runner) -> bool {
+        if self.stop.load(Ordering::SeqCst)
+            || self.parked.load(Ordering::SeqCst)
+            || r.healthy < HEALTHY_TO_BATCH
+            || self.quarantine.lock().is_some()
+        {
+            return false;
+        }
+        let spec = self.spec.load_full();
+        let per_call = spec.batch_max;
+        let batch = self
+            .queue
+            .take_many(Self::take_at_once(per_call).min(POOLED_TAKE));
+        if batch.is_empty() {
+            return true;
+        }
+        self.in_batch.store(batch.len(), Ordering::SeqCst);
+        let calling = self.calling.lock();
+        if self.parked.load(Ordering::SeqCst) {
+            // Parked meanwhile: the events stay pending for the owner.
+            self.in_batch.store(0, Ordering::SeqCst);
+            return false;
+        }
+        let mut batch = self.fenced(batch);
+        if !self.committed(&batch) {
+            self.queue.requeue_front(batch);
+            self.in_batch.store(0, Ordering::SeqCst);
+            return false;
+        }
+        self.observe(&batch);
+        let started = std::time::Instant::now();
+        let mut failed = false;
+        let done = if batch.len() > 1 && per_call > 1 {
+            let report = r.sandbox.call_batch(&spec.loaded, &batch);
+            let each = report.elapsed.as_secs_f64() / batch.len() as f64;
+            for e in &batch[..report.handled] {
+                self.record(e, Outcome::ok, each, None);
+                self.succeeded(e);
+            }
+            if let Some(failure) = report.failure {
+                failed = true;
+                if report.attributed && report.handled < batch.len() {
+                    r.carried = Some((event_id(&batch[report.handled]), failure));
+                }
+            }
+            report.handled
+        } else {
+            let mut done = batch.len();
+            for (i, e) in batch.iter().enumerate() {
+                let report = r.sandbox.call(&spec.loaded, e);
+                if report.outcome != Outcome::ok {
+                    // Its own thread records it as the first attempt.
+                    r.carried = Some((event_id(e), report));
+                    failed = true;
+                    done = i;
+                    break;
+                }
+                self.record(e, Outcome::ok, report.elapsed.as_secs_f64(), Some(&report));
+                self.succeeded(e);
+            }
+            done
+        };
+        let elapsed = started.elapsed();
+        self.queue.complete_all(&batch[..done]);
+        self.queue.requeue_front(batch.split_off(done));
+        self.in_batch.store(0, Ordering::SeqCst);
+        self.handles.depth.set(self.depth() as i64);
+        drop(calling);
+        if failed {
+            r.healthy = 0;
+            return false;
+        }
+        r.healthy = r
+            .healthy
+            .saturating_add(u32::try_from(done).unwrap_or(u32::MAX));
+        elapsed < SLOW_CALL * u32::try_from(done.max(1)).unwrap_or(u32::MAX)
     }
 
     /// One event with retries, then a dead letter. `prior` is a first
     /// attempt already made (in a batch, or as a probe). `traps` counts
     /// traps in a row; reaching the plugin's `quarantine_after` quarantines
     /// it and leaves the event to the caller.
-    fn handle_one(
-        &self,
-        sandbox: &mut Sandbox,
-        event: &Event,
-        prior: Option<CallReport>,
-        labels: &crate::telemetry::PluginLabels,
-        failures: &mut FailureLog,
-        traps: &mut u32,
-    ) -> Handled {
+    fn handle_one(&self, r: &mut Runner, event: &Event, prior: Option<CallReport>) -> Handled {
+        let Runner {
+            sandbox,
+            labels,
+            failures,
+            traps,
+            ..
+        } = r;
         let quarantines = |outcome: Outcome, traps: &mut u32| {
             if is_trap(outcome) {
                 *traps += 1;
@@ -811,6 +1071,16 @@ impl Worker {
         }
     }
 
+    /// Whether the index changes of `batch` are committed already (sources
+    /// without history; see [`SourceCache::committed`]).
+    fn committed(&self, batch: &[Event]) -> bool {
+        batch.iter().rev().filter(|e| e.seq > 0).all(|e| {
+            self.durable
+                .get(&*e.source)
+                .is_none_or(|m| m.value().load(Ordering::SeqCst) >= e.seq)
+        })
+    }
+
     /// Wait until the index changes of `batch` are committed (sources
     /// without history; see [`SourceCache::committed`]). False when
     /// stopped or parked meanwhile (the events stay pending).
@@ -936,9 +1206,12 @@ impl Worker {
                 "Plugin stopped with events queued; its cursor stays before them, so they are delivered after a restart."
             );
         }
-        if let Some(t) = self.thread.lock().take() {
+        let thread = self.thread.lock().take();
+        if let Some(t) = thread {
+            t.thread().unpark();
             let _ = t.join();
         }
+        self.pool.count(false);
         if self.quarantine.lock().take().is_some() {
             self.set_quarantined(false);
         }
@@ -1011,6 +1284,7 @@ impl Worker {
                 "running"
             },
             quarantine,
+            pooled: self.pooled.load(Ordering::Relaxed),
             manifest: spec.loaded.compiled.manifest.as_deref().cloned(),
             capabilities: crate::manifest::CapabilityReport::new(
                 spec.loaded.compiled.manifest.as_deref(),
@@ -1066,6 +1340,15 @@ pub struct Dispatcher {
     clustered: AtomicBool,
     observer: Arc<ArcSwapOption<Observer>>,
     durable: Watermarks,
+    /// Threads shared by quick plugins once there are more plugins than
+    /// cores.
+    pool: Arc<pool::Pool<Worker>>,
+}
+
+impl Drop for Dispatcher {
+    fn drop(&mut self) {
+        self.pool.close();
+    }
 }
 
 /// Per source without history: the highest position committed.
@@ -1227,6 +1510,9 @@ impl Dispatcher {
             clustered: AtomicBool::new(false),
             observer: Arc::default(),
             durable,
+            pool: pool::Pool::start(
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            ),
         })
     }
 

@@ -24,6 +24,7 @@ mod http_sink;
 mod lifecycle;
 mod nacos_source;
 mod platform;
+mod pool;
 mod runtime_limits;
 mod support;
 mod version;

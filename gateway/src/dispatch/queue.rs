@@ -98,12 +98,39 @@ pub struct EventQueue {
     /// The consumer found work without sleeping last time: events arrive
     /// faster than it sleeps and wakes, so it spins briefly before it does.
     hot: AtomicBool,
+    /// Called after a push that queued something (a pooled consumer is
+    /// scheduled by it rather than woken through `ready`).
+    on_push: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 /// How long a hot consumer spins for the next event before it sleeps. A
 /// sleep costs both sides a system call (the producer's wake-up), several
 /// times the cost of a no-op plugin call.
 const SPIN: Duration = Duration::from_micros(50);
+
+/// Spin (yielding between checks) while `waiting` holds, for up to
+/// [`SPIN`], unless enough other threads spin already: with many plugins
+/// busy at once (fan-out) spinning threads would only take the CPU from the
+/// ones with work. At most one thread per core but one spins.
+pub(crate) fn spin_while(waiting: impl Fn() -> bool) {
+    static SPINNING: AtomicUsize = AtomicUsize::new(0);
+    static MOST: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let most = *MOST.get_or_init(|| {
+        std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
+    });
+    if SPINNING.fetch_add(1, Ordering::AcqRel) >= most {
+        SPINNING.fetch_sub(1, Ordering::AcqRel);
+        return;
+    }
+    let until = Instant::now() + SPIN;
+    while waiting() && Instant::now() < until {
+        for _ in 0..32 {
+            std::hint::spin_loop();
+        }
+        std::thread::yield_now();
+    }
+    SPINNING.fetch_sub(1, Ordering::AcqRel);
+}
 
 /// Whether a queued event may absorb a later change of the same key.
 fn can_absorb(queued: &Event, later: &Event) -> bool {
@@ -121,6 +148,7 @@ impl EventQueue {
             ready: Condvar::new(),
             len: AtomicUsize::new(0),
             hot: AtomicBool::new(false),
+            on_push: std::sync::OnceLock::new(),
         }
     }
 
@@ -267,7 +295,18 @@ impl EventQueue {
         self.len.store(stats.len, Ordering::Release);
         drop(inner);
         self.ready.notify_one();
+        if stats.queued > 0
+            && let Some(kick) = self.on_push.get()
+        {
+            kick();
+        }
         stats
+    }
+
+    /// Call `kick` after every push that queues something (once set, it
+    /// stays).
+    pub fn on_push(&self, kick: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.on_push.set(kick);
     }
 
     fn take_front(&self, inner: &mut Inner) -> Option<Event> {
@@ -280,6 +319,11 @@ impl EventQueue {
             inner.last.remove(&id);
         }
         Some(event)
+    }
+
+    fn take_up_to(&self, inner: &mut Inner, max: usize) -> Vec<Event> {
+        let n = inner.entries.len().min(max.max(1));
+        (0..n).filter_map(|_| self.take_front(inner)).collect()
     }
 
     /// Take the next event, waiting up to `wait` for one. `None` when the
@@ -307,31 +351,22 @@ impl EventQueue {
         } else {
             self.hot.store(true, Ordering::Relaxed);
         }
-        let n = inner.entries.len().min(max.max(1));
-        (0..n).filter_map(|_| self.take_front(&mut inner)).collect()
+        self.take_up_to(&mut inner, max)
     }
 
-    /// Wait up to [`SPIN`] for an event without sleeping, unless enough
-    /// other consumers spin already: with many plugins busy at once (fan-out)
-    /// spinning threads would only take the CPU from the ones with work.
+    /// Take up to `max` events from the front without waiting (or
+    /// spinning).
+    pub fn take_many(&self, max: usize) -> Vec<Event> {
+        let mut inner = self.inner.lock();
+        if inner.closed {
+            return Vec::new();
+        }
+        self.take_up_to(&mut inner, max)
+    }
+
+    /// Wait up to [`SPIN`] for an event without sleeping.
     fn spin(&self) {
-        static SPINNING: AtomicUsize = AtomicUsize::new(0);
-        static MOST: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-        let most = *MOST.get_or_init(|| {
-            std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
-        });
-        if SPINNING.fetch_add(1, Ordering::AcqRel) >= most {
-            SPINNING.fetch_sub(1, Ordering::AcqRel);
-            return;
-        }
-        let until = Instant::now() + SPIN;
-        while self.len.load(Ordering::Acquire) == 0 && Instant::now() < until {
-            for _ in 0..32 {
-                std::hint::spin_loop();
-            }
-            std::thread::yield_now();
-        }
-        SPINNING.fetch_sub(1, Ordering::AcqRel);
+        spin_while(|| self.len.load(Ordering::Acquire) == 0);
     }
 
     /// Put events taken by [`pop_many`](Self::pop_many) back at the front,
