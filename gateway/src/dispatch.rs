@@ -724,6 +724,20 @@ impl Worker {
             }
             self.in_batch.store(batch.len(), Ordering::SeqCst);
             depth.set(self.depth() as i64);
+        } else if batch.len() > 1 && prior.is_none() && r.healthy >= HEALTHY_TO_BATCH {
+            // A healthy plugin, one call per event: straight calls while
+            // they succeed; the first failure goes on below as the first
+            // attempt of its event.
+            let spec = self.spec.load_full();
+            let (handled, failure) = self.call_each(r, &spec, &batch);
+            in_batch_call = handled;
+            r.healthy = r
+                .healthy
+                .saturating_add(u32::try_from(handled).unwrap_or(u32::MAX));
+            self.queue.complete_all(&batch[..handled]);
+            batch.drain(..handled);
+            prior = failure;
+            self.in_batch.store(batch.len(), Ordering::SeqCst);
         }
         let mut done = 0;
         for (i, event) in batch.iter().enumerate() {
@@ -798,6 +812,31 @@ impl Worker {
         }
     }
 
+    /// One call per event while they succeed (and the plugin is neither
+    /// stopped nor parked): the number that did, and the report of the call
+    /// that did not (not recorded: it is the first attempt of that event's
+    /// retries).
+    fn call_each(
+        &self,
+        r: &mut Runner,
+        spec: &PluginSpec,
+        batch: &[Event],
+    ) -> (usize, Option<CallReport>) {
+        for (i, e) in batch.iter().enumerate() {
+            if self.stop.load(Ordering::Relaxed) || self.parked.load(Ordering::Relaxed) {
+                // The rest stays pending.
+                return (i, None);
+            }
+            let report = r.sandbox.call(&spec.loaded, e);
+            if report.outcome != Outcome::ok {
+                return (i, Some(report));
+            }
+            self.record(e, Outcome::ok, report.elapsed.as_secs_f64(), Some(&report));
+            self.succeeded(e);
+        }
+        (batch.len(), None)
+    }
+
     /// Put the plugin on the pool's run queue if it is pooled, has events
     /// waiting, and is not there already.
     fn kick(self: &Arc<Self>) {
@@ -868,18 +907,11 @@ impl Worker {
             }
             report.handled
         } else {
-            let mut done = batch.len();
-            for (i, e) in batch.iter().enumerate() {
-                let report = r.sandbox.call(&spec.loaded, e);
-                if report.outcome != Outcome::ok {
-                    // Its own thread records it as the first attempt.
-                    r.carried = Some((event_id(e), report));
-                    failed = true;
-                    done = i;
-                    break;
-                }
-                self.record(e, Outcome::ok, report.elapsed.as_secs_f64(), Some(&report));
-                self.succeeded(e);
+            let (done, failure) = self.call_each(r, &spec, &batch);
+            if let Some(report) = failure {
+                // Its own thread records it as the first attempt.
+                r.carried = Some((event_id(&batch[done]), report));
+                failed = true;
             }
             done
         };
@@ -1074,11 +1106,32 @@ impl Worker {
     /// Whether the index changes of `batch` are committed already (sources
     /// without history; see [`SourceCache::committed`]).
     fn committed(&self, batch: &[Event]) -> bool {
-        batch.iter().rev().filter(|e| e.seq > 0).all(|e| {
+        if self.durable.is_empty() {
+            return true;
+        }
+        // One look-up per run of events of the same source, with the
+        // run's highest position (folding can move an earlier event's
+        // position past a later one's).
+        let done = |(source, seq): (&Arc<str>, u64)| {
             self.durable
-                .get(&*e.source)
-                .is_none_or(|m| m.value().load(Ordering::SeqCst) >= e.seq)
-        })
+                .get(&**source)
+                .is_none_or(|m| m.value().load(Ordering::SeqCst) >= seq)
+        };
+        let mut run: Option<(&Arc<str>, u64)> = None;
+        for e in batch.iter().filter(|e| e.seq > 0) {
+            match &mut run {
+                Some((source, most)) if Arc::ptr_eq(source, &e.source) => {
+                    *most = (*most).max(e.seq);
+                }
+                _ => {
+                    if run.take().is_some_and(|r| !done(r)) {
+                        return false;
+                    }
+                    run = Some((&e.source, e.seq));
+                }
+            }
+        }
+        run.is_none_or(done)
     }
 
     /// Wait until the index changes of `batch` are committed (sources

@@ -80,10 +80,28 @@ fn dispatcher(runtime: &Arc<Runtime>) -> Arc<Dispatcher> {
     )
 }
 
+/// `n` puts over `keys` keys.
 fn events(n: usize, keys: usize, value: &Bytes) -> Vec<Event> {
     let src: Arc<str> = Arc::from(SOURCE);
     (0..n)
         .map(|i| Event::put(&src, format!("k{}", i % keys), value.clone(), i as u64 + 1))
+        .collect()
+}
+
+/// One delivery of `chunk`, each event new, as a source makes them while
+/// it reads a response (so in the producer's share of the time). With
+/// `fresh`, each value gets its own buffer, as decoding makes them;
+/// otherwise all share one (no allocation per value).
+fn delivery(chunk: &[Event], fresh: bool) -> Vec<Event> {
+    chunk
+        .iter()
+        .map(|e| {
+            let mut e = e.clone();
+            if fresh {
+                e.value = e.value.as_deref().map(Bytes::copy_from_slice);
+            }
+            e
+        })
         .collect()
 }
 
@@ -121,17 +139,18 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
     let input = events(n, 10_000, &value());
     let mut s = Samples::default();
     for _ in 0..args.runs() {
-        for (figure, batch_max, per_delivery) in [
-            ("dispatch_events_per_s", 1, DELIVERY),
-            ("batched_events_per_s", 64, DELIVERY),
-            ("single_delivery_events_per_s", 1, 1),
+        for (figure, batch_max, per_delivery, fresh) in [
+            ("dispatch_events_per_s", 1, DELIVERY, false),
+            ("batched_events_per_s", 64, DELIVERY, false),
+            ("single_delivery_events_per_s", 1, 1, false),
+            ("fresh_values_events_per_s", 1, DELIVERY, true),
         ] {
             let d = dispatcher(&runtime);
             let l = loaded(&runtime, &wasm, "noop", default_limits())?;
             d.upsert(spec(l, batch_max, n + 1))?;
             let start = Instant::now();
             for chunk in input.chunks(per_delivery) {
-                d.deliver(SOURCE, chunk.to_vec());
+                d.deliver(SOURCE, delivery(chunk, fresh));
             }
             wait_handled(&d, "noop", n as u64, Duration::from_secs(600))?;
             s.add(figure, "events/s", n as f64 / start.elapsed().as_secs_f64());
@@ -141,7 +160,7 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
         let d = dispatcher(&runtime);
         let start = Instant::now();
         for chunk in input.chunks(DELIVERY) {
-            d.deliver(SOURCE, chunk.to_vec());
+            d.deliver(SOURCE, delivery(chunk, false));
         }
         s.add(
             "route_only_events_per_s",
@@ -176,23 +195,30 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
          revision it covers); `single_delivery` delivers them one at a time. The dispatcher keeps \
          its key index in an in-memory store (the gateway's is on disk, written by the same \
          background thread). `route_only` is the producer's share alone: delivery with no \
-         plugin subscribed."
+         plugin subscribed. The producer makes each delivery's events as it goes (as a source \
+         does while it reads a response), all sharing one value buffer; `fresh_values` gives \
+         every event its own (as decoding makes them): an allocation per event on the \
+         producer's side and a free on the worker's, which costs about 5 % here."
     ));
     s.note(
-        "Why the target is missed, from profiles (`perf record`) of this case: the pipeline runs \
-         three threads on two cores (producer, plugin worker, state writer), and the worker \
-         alone, draining a backlog, spends about 0.9 µs per event against the floor's 0.6 µs. \
-         The rest of the gap is the two threads sharing the queue: events cross cores, both \
-         take its lock, and each pending position is tracked in an ordered map so the cursor \
-         never passes an unfinished event. Done so far (each measured with this case): the \
-         producer no longer wakes the worker with a system call per event (a busy worker \
-         spins briefly before it sleeps), the worker takes \
-         a backlog in one queue round and completes it under one lock, the state writer keeps \
-         to about an eighth of a core, deliveries walk a cached worker list, and the last \
-         plugin takes the events instead of a copy. Tried and dropped: mimalloc (faster \
-         dispatch, but a fan-out p99 ten times worse with 100 plugin threads). Next: hand \
-         events to the worker through a lock-free ring and track pending positions as ranges, not one map \
-         entry per event.",
+        "Where the time goes, from profiles (`perf record`) of this case: the pipeline runs \
+         three threads on two cores (producer, plugin worker, state writer), so the worker \
+         rarely has a core to itself, and the run-to-run spread is wide. The worker, draining \
+         a backlog, spends most of its time in the Wasm call itself, as the floor does; the \
+         rest goes to taking events from the queue, completing them (so the cursor moves), \
+         recording each call's metrics and dropping the events. Done so far (each measured \
+         with this case): the producer no longer wakes the worker with a system call per event \
+         (a busy worker spins briefly before it sleeps); the worker takes a backlog in one \
+         queue round, calls a healthy plugin straight through it and completes it under one \
+         lock; pending positions are runs in a deque, not an ordered map, so completing from \
+         the front costs no tree operation; the index that folds changes of a key is kept \
+         only while a queue is full; the state writer keeps to about an eighth of a core; \
+         deliveries walk a cached worker list, and the last plugin takes the events instead \
+         of a copy. Tried and dropped: mimalloc (tried twice: a faster producer, but a \
+         fan-out p99 ten times worse with 100 plugin threads, still twice as bad with the \
+         pool, and nearly twice the memory per plugin); making the deliveries before the \
+         clock starts (slower: 200,000 events made ahead are cold in the cache, where a \
+         source's fresh events are not).",
     );
     Ok(s.finish(
         "dispatch",

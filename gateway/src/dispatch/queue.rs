@@ -17,7 +17,7 @@
 //! left: everything at or below it was handled. This module must not call
 //! plugins.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -39,6 +39,86 @@ pub struct PushStats {
     pub len: usize,
 }
 
+/// The positions of one source's events not yet completed, with
+/// multiplicity, in ascending order. Events are mostly tracked in ascending
+/// order and completed from the front, so runs of a deque do what an
+/// ordered map would without a tree operation per event. A position
+/// completed out of order keeps its slot with a count of zero until the
+/// front passes it (or a compaction drops it).
+#[derive(Default)]
+struct Positions {
+    /// (position, count), positions strictly ascending, the front's count
+    /// above zero.
+    runs: VecDeque<(u64, u32)>,
+    /// Slots with a count of zero.
+    zeros: usize,
+}
+
+impl Positions {
+    fn add(&mut self, seq: u64) {
+        match self.runs.back_mut() {
+            Some((last, n)) if *last == seq => {
+                if *n == 0 {
+                    self.zeros -= 1;
+                }
+                *n += 1;
+            }
+            Some((last, _)) if *last > seq => {
+                // Out of order (rare): find its place.
+                match self.runs.binary_search_by_key(&seq, |r| r.0) {
+                    Ok(i) => {
+                        if self.runs[i].1 == 0 {
+                            self.zeros -= 1;
+                        }
+                        self.runs[i].1 += 1;
+                    }
+                    Err(i) => self.runs.insert(i, (seq, 1)),
+                }
+            }
+            _ => self.runs.push_back((seq, 1)),
+        }
+    }
+
+    fn remove(&mut self, seq: u64) {
+        match self.runs.front_mut() {
+            Some((first, n)) if *first == seq => {
+                *n -= 1;
+                if *n > 0 {
+                    return;
+                }
+                self.runs.pop_front();
+                while let Some((_, 0)) = self.runs.front() {
+                    self.runs.pop_front();
+                    self.zeros -= 1;
+                }
+            }
+            Some(_) => {
+                if let Ok(i) = self.runs.binary_search_by_key(&seq, |r| r.0)
+                    && self.runs[i].1 > 0
+                {
+                    self.runs[i].1 -= 1;
+                    if self.runs[i].1 == 0 {
+                        self.zeros += 1;
+                        // Keep completed slots from piling up behind a
+                        // front that does not move (a quarantined plugin
+                        // folding a flood into its queue).
+                        if self.zeros > 64 && self.zeros * 2 > self.runs.len() {
+                            self.runs.retain(|r| r.1 > 0);
+                            self.zeros = 0;
+                        }
+                    }
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// The lowest position not completed.
+    fn lowest(&self) -> Option<u64> {
+        self.runs.front().map(|r| r.0)
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     /// Entries; `None` marks an entry whose event was taken by a fold.
@@ -46,14 +126,18 @@ struct Inner {
     /// Sequence number of `entries[0]`.
     head: u64,
     /// Hash of (source, key) → sequence number of its last queued entry
-    /// (checked against the entry: a collision only costs a fold).
+    /// (checked against the entry: a collision only costs a fold). Kept
+    /// only while `indexed`: it is needed for folding, which only a full
+    /// queue does, so it is built when the queue fills and dropped when it
+    /// has drained to half.
     last: HashMap<u64, u64, foldhash::fast::RandomState>,
+    indexed: bool,
     hasher: foldhash::fast::RandomState,
     closed: bool,
     /// Per source: the position delivered up to.
     enqueued: HashMap<Arc<str>, u64, foldhash::fast::RandomState>,
     /// Per source: positions of events not completed, with multiplicity.
-    pending: HashMap<Arc<str>, BTreeMap<u64, u32>, foldhash::fast::RandomState>,
+    pending: HashMap<Arc<str>, Positions, foldhash::fast::RandomState>,
 }
 
 impl Inner {
@@ -70,20 +154,50 @@ impl Inner {
             Some(p) => p,
             None => self.pending.entry(source.clone()).or_default(),
         };
-        *positions.entry(seq).or_default() += 1;
+        positions.add(seq);
     }
 
     fn untrack(&mut self, source: &Arc<str>, seq: u64) {
         if seq == 0 {
             return;
         }
-        if let Some(p) = self.pending.get_mut(source)
-            && let Some(n) = p.get_mut(&seq)
-        {
-            *n -= 1;
-            if *n == 0 {
-                p.remove(&seq);
+        if let Some(p) = self.pending.get_mut(source) {
+            p.remove(seq);
+        }
+    }
+
+    /// Complete several events: one look-up per run of the same source.
+    fn untrack_all(&mut self, events: &[Event]) {
+        let mut at: Option<(&Arc<str>, Option<&mut Positions>)> = None;
+        for e in events.iter().filter(|e| e.seq > 0) {
+            let same = at
+                .as_ref()
+                .is_some_and(|(source, _)| Arc::ptr_eq(source, &e.source));
+            if !same {
+                at = Some((&e.source, self.pending.get_mut(&e.source)));
             }
+            if let Some((_, Some(p))) = at.as_mut() {
+                p.remove(e.seq);
+            }
+        }
+    }
+
+    /// Build the fold index from the queued entries (the queue is full).
+    fn index(&mut self) {
+        self.last.clear();
+        for i in 0..self.entries.len() {
+            let id = self.id(&self.entries[i]);
+            self.last.insert(id, self.head + i as u64);
+        }
+        self.indexed = true;
+    }
+
+    /// Drop the fold index once the queue has drained to half its
+    /// capacity.
+    fn unindex(&mut self, capacity: usize) {
+        if self.indexed && self.entries.len() <= capacity / 2 {
+            self.last.clear();
+            self.indexed = false;
         }
     }
 }
@@ -197,6 +311,7 @@ impl EventQueue {
         inner.entries.clear();
         self.len.store(0, Ordering::Release);
         inner.last.clear();
+        inner.indexed = false;
     }
 
     /// Start `source` over at position `at` (a cursor handed over from
@@ -218,10 +333,7 @@ impl EventQueue {
         if events.is_empty() {
             return;
         }
-        let mut inner = self.inner.lock();
-        for e in events {
-            inner.untrack(&e.source, e.seq);
-        }
+        self.inner.lock().untrack_all(events);
     }
 
     /// (source, cursor) for every tracked source.
@@ -231,7 +343,7 @@ impl EventQueue {
             .enqueued
             .iter()
             .map(|(s, &upto)| {
-                let low = inner.pending.get(s).and_then(|p| p.keys().next().copied());
+                let low = inner.pending.get(s).and_then(Positions::lowest);
                 (s.clone(), low.map_or(upto, |l| (l - 1).min(upto)))
             })
             .collect()
@@ -263,7 +375,10 @@ impl EventQueue {
                 continue;
             }
             let full = inner.entries.len() >= capacity;
-            let id = inner.id(&event);
+            if full && !inner.indexed {
+                inner.index();
+            }
+            let id = if inner.indexed { inner.id(&event) } else { 0 };
             if full && let Some(&seq) = inner.last.get(&id) {
                 let idx = (seq - inner.head) as usize;
                 let queued = &mut inner.entries[idx];
@@ -286,8 +401,10 @@ impl EventQueue {
                 stats.overflow += 1;
             }
             inner.track(&event.source, event.seq);
-            let seq = inner.head + inner.entries.len() as u64;
-            inner.last.insert(id, seq);
+            if inner.indexed {
+                let seq = inner.head + inner.entries.len() as u64;
+                inner.last.insert(id, seq);
+            }
             inner.entries.push_back(event);
             stats.queued += 1;
         }
@@ -314,16 +431,25 @@ impl EventQueue {
         self.len.store(inner.entries.len(), Ordering::Release);
         let seq = inner.head;
         inner.head += 1;
-        let id = inner.id(&event);
-        if inner.last.get(&id) == Some(&seq) {
-            inner.last.remove(&id);
+        if inner.indexed {
+            let id = inner.id(&event);
+            if inner.last.get(&id) == Some(&seq) {
+                inner.last.remove(&id);
+            }
+            inner.unindex(self.capacity.load(Ordering::Relaxed));
         }
         Some(event)
     }
 
     fn take_up_to(&self, inner: &mut Inner, max: usize) -> Vec<Event> {
         let n = inner.entries.len().min(max.max(1));
-        (0..n).filter_map(|_| self.take_front(inner)).collect()
+        if inner.indexed {
+            return (0..n).filter_map(|_| self.take_front(inner)).collect();
+        }
+        let taken: Vec<Event> = inner.entries.drain(..n).collect();
+        inner.head += n as u64;
+        self.len.store(inner.entries.len(), Ordering::Release);
+        taken
     }
 
     /// Take the next event, waiting up to `wait` for one. `None` when the
@@ -384,8 +510,10 @@ impl EventQueue {
         inner.head -= n;
         let head = inner.head;
         for (i, e) in events.into_iter().enumerate().rev() {
-            let id = inner.id(&e);
-            inner.last.entry(id).or_insert(head + i as u64);
+            if inner.indexed {
+                let id = inner.id(&e);
+                inner.last.entry(id).or_insert(head + i as u64);
+            }
             inner.entries.push_front(e);
         }
         self.len.store(inner.entries.len(), Ordering::Release);
@@ -416,6 +544,7 @@ impl EventQueue {
         inner.entries.clear();
         self.len.store(0, Ordering::Release);
         inner.last.clear();
+        inner.indexed = false;
         drop(inner);
         self.ready.notify_all();
         n
@@ -694,6 +823,102 @@ mod tests {
                 got
             };
             assert_eq!(got.len(), 1, "round {round}: the pushed event arrives");
+        }
+    }
+
+    /// A small deterministic generator for the randomized tests.
+    fn next(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    #[test]
+    fn positions_agree_with_an_ordered_multiset() {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        for round in 0..200 {
+            let mut p = Positions::default();
+            let mut model: std::collections::BTreeMap<u64, u32> = Default::default();
+            let mut top = 1;
+            for step in 0..400 {
+                let r = next(&mut state);
+                match r % 10 {
+                    // Mostly ascending adds, some repeats and some out of
+                    // order.
+                    0..=3 => {
+                        top += r % 3;
+                        p.add(top);
+                        *model.entry(top).or_default() += 1;
+                    }
+                    4 => {
+                        let seq = 1 + (r >> 8) % top;
+                        p.add(seq);
+                        *model.entry(seq).or_default() += 1;
+                    }
+                    // Mostly from the front, some from anywhere, some not
+                    // tracked at all.
+                    5..=7 => {
+                        if let Some(&seq) = model.keys().next() {
+                            p.remove(seq);
+                            let n = model.get_mut(&seq).unwrap();
+                            *n -= 1;
+                            if *n == 0 {
+                                model.remove(&seq);
+                            }
+                        }
+                    }
+                    _ => {
+                        let seq = 1 + (r >> 8) % (top + 2);
+                        p.remove(seq);
+                        if let Some(n) = model.get_mut(&seq) {
+                            *n -= 1;
+                            if *n == 0 {
+                                model.remove(&seq);
+                            }
+                        }
+                    }
+                }
+                assert_eq!(
+                    p.lowest(),
+                    model.keys().next().copied(),
+                    "round {round}, step {step}"
+                );
+                let live = p.runs.iter().filter(|r| r.1 > 0).count();
+                assert_eq!(live, model.len(), "round {round}, step {step}");
+                assert_eq!(p.zeros, p.runs.len() - live, "round {round}, step {step}");
+            }
+        }
+    }
+
+    #[test]
+    fn folding_still_works_after_the_queue_drained_and_filled_again() {
+        let q = EventQueue::new(3);
+        for round in 0..3u64 {
+            let r = round * 10;
+            q.push([
+                put("a", "1", r + 1),
+                put("b", "1", r + 2),
+                put("c", "1", r + 3),
+            ]);
+            // Full: these fold.
+            let s = q.push([put("a", "2", r + 4), put("c", "2", r + 5)]);
+            assert_eq!(s.coalesced, 2, "round {round}");
+            // Taken and put back (a batch that failed part way): still
+            // folded into the right entries.
+            let taken = q.pop_many(2, Duration::ZERO);
+            q.requeue_front(taken);
+            let s = q.push([put("b", "3", r + 6)]);
+            assert_eq!(s.coalesced, 1, "round {round}");
+            assert_eq!(
+                drain(&q),
+                vec![
+                    ("a".into(), EventKind::Put, Some("2".into()), r + 4, 1),
+                    ("b".into(), EventKind::Put, Some("3".into()), r + 6, 1),
+                    ("c".into(), EventKind::Put, Some("2".into()), r + 5, 1),
+                ],
+                "round {round}"
+            );
         }
     }
 }

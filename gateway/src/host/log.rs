@@ -180,11 +180,14 @@ impl LineStream {
 
     /// Emit a trailing partial line, if any (called after each plugin call).
     pub fn flush_partial(&self) {
-        let line: Vec<u8> = std::mem::take(&mut *self.buf.lock());
-        if !line.is_empty() {
-            self.log
-                .line(self.level(), self.stream, &String::from_utf8_lossy(&line));
+        let mut buf = self.buf.lock();
+        if buf.is_empty() {
+            return;
         }
+        let line: Vec<u8> = std::mem::take(&mut *buf);
+        drop(buf);
+        self.log
+            .line(self.level(), self.stream, &String::from_utf8_lossy(&line));
     }
 }
 
