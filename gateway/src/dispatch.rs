@@ -380,6 +380,12 @@ impl pool::Task for Worker {
             self.unpark();
         }
     }
+
+    fn abandon(&self) {
+        self.pooled.store(false, Ordering::SeqCst);
+        self.scheduled.store(false, Ordering::SeqCst);
+        self.unpark();
+    }
 }
 
 /// A plugin set aside after `quarantine_after` traps in a row. Its events
@@ -822,12 +828,16 @@ impl Worker {
         spec: &PluginSpec,
         batch: &[Event],
     ) -> (usize, Option<CallReport>) {
+        // Each call is timed from the end of the one before (so with this
+        // loop's own bookkeeping): one clock read per call.
+        let mut start = std::time::Instant::now();
         for (i, e) in batch.iter().enumerate() {
             if self.stop.load(Ordering::Relaxed) || self.parked.load(Ordering::Relaxed) {
                 // The rest stays pending.
                 return (i, None);
             }
-            let report = r.sandbox.call(&spec.loaded, e);
+            let report = r.sandbox.call_since(&spec.loaded, e, start);
+            start += report.elapsed;
             if report.outcome != Outcome::ok {
                 return (i, Some(report));
             }

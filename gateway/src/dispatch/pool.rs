@@ -26,6 +26,10 @@ use parking_lot::{Condvar, Mutex};
 pub trait Task: Send + Sync + 'static {
     /// Handle one round of queued events.
     fn run_round(self: Arc<Self>);
+
+    /// A round panicked (a bug on the host's side): take the task off the
+    /// pool, so it is not left scheduled with nobody to run it.
+    fn abandon(&self);
 }
 
 /// Plugins with work, and the threads taking them.
@@ -124,7 +128,14 @@ impl<T: Task> Pool<T> {
                     self.ready.wait(&mut queue);
                 }
             };
-            task.run_round();
+            let round = task.clone();
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| round.run_round())).is_err()
+            {
+                // The thread stays for the other plugins; this one goes back
+                // to its own thread.
+                tracing::error!("A plugin round on the pool panicked; the plugin leaves the pool.");
+                task.abandon();
+            }
             // Plugins are submitted one by one as a delivery reaches them:
             // a thread that slept as soon as it ran dry would be woken for
             // each.
@@ -144,6 +155,27 @@ mod tests {
         rounds: AtomicU64,
         running: AtomicBool,
         overlapped: AtomicBool,
+        panics: bool,
+        abandoned: AtomicU64,
+    }
+
+    fn counter(panics: bool) -> Arc<Counter> {
+        Arc::new(Counter {
+            rounds: AtomicU64::new(0),
+            running: AtomicBool::new(false),
+            overlapped: AtomicBool::new(false),
+            panics,
+            abandoned: AtomicU64::new(0),
+        })
+    }
+
+    fn wait_round(c: &Arc<Counter>) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // One at a time, as the workers do: wait for the round.
+        while Arc::strong_count(c) > 1 {
+            assert!(Instant::now() < deadline, "round never ran");
+            std::thread::yield_now();
+        }
     }
 
     impl Task for Counter {
@@ -151,27 +183,23 @@ mod tests {
             if self.running.swap(true, Ordering::SeqCst) {
                 self.overlapped.store(true, Ordering::SeqCst);
             }
-            self.rounds.fetch_add(1, Ordering::SeqCst);
+            let round = self.rounds.fetch_add(1, Ordering::SeqCst);
             self.running.store(false, Ordering::SeqCst);
+            assert!(!self.panics || round != 0, "first round panics");
+        }
+
+        fn abandon(&self) {
+            self.abandoned.fetch_add(1, Ordering::SeqCst);
         }
     }
 
     #[test]
     fn submitted_tasks_run_and_close_stops_the_threads() {
         let pool: Arc<Pool<Counter>> = Pool::start(2);
-        let c = Arc::new(Counter {
-            rounds: AtomicU64::new(0),
-            running: AtomicBool::new(false),
-            overlapped: AtomicBool::new(false),
-        });
+        let c = counter(false);
         for _ in 0..100 {
             pool.submit(c.clone());
-            let deadline = Instant::now() + Duration::from_secs(10);
-            // One at a time, as the workers do: wait for the round.
-            while Arc::strong_count(&c) > 1 {
-                assert!(Instant::now() < deadline, "round never ran");
-                std::thread::yield_now();
-            }
+            wait_round(&c);
         }
         assert_eq!(c.rounds.load(Ordering::SeqCst), 100);
         assert!(!c.overlapped.load(Ordering::SeqCst));
@@ -181,6 +209,22 @@ mod tests {
             assert!(Instant::now() < deadline, "pool threads did not stop");
             std::thread::yield_now();
         }
+    }
+
+    #[test]
+    fn a_panicking_round_abandons_its_task_and_the_thread_goes_on() {
+        let pool: Arc<Pool<Counter>> = Pool::start(1);
+        let bad = counter(true);
+        pool.submit(bad.clone());
+        wait_round(&bad);
+        assert_eq!(bad.abandoned.load(Ordering::SeqCst), 1);
+        // The only thread survived: another task still runs.
+        let good = counter(false);
+        pool.submit(good.clone());
+        wait_round(&good);
+        assert_eq!(good.rounds.load(Ordering::SeqCst), 1);
+        assert_eq!(good.abandoned.load(Ordering::SeqCst), 0);
+        pool.close();
     }
 
     #[test]
