@@ -40,7 +40,7 @@ use serde::Serialize;
 use crate::config::{Limits, PluginMode, RetryPolicy, StartPosition, Subscription};
 use crate::event::{Event, EventKind};
 use crate::runtime::Runtime;
-use crate::runtime::instance::{CallReport, LoadedPlugin, Sandbox};
+use crate::runtime::instance::{BatchReport, CallReport, LoadedPlugin, Sandbox};
 use crate::source::EventSink;
 use crate::store::{CursorProbe, DeadLetter, IndexProbe, KeyEntry, SourceMeta, Store};
 use crate::telemetry::{Metrics, Outcome};
@@ -702,13 +702,8 @@ impl Worker {
         let mut in_batch_call = 0;
         if batch.len() > 1 && per_call > 1 && prior.is_none() {
             let spec = self.spec.load_full();
-            let report = r.sandbox.call_batch(&spec.loaded, &batch);
+            let report = self.call_batch(r, &spec, &batch);
             in_batch_call = report.handled;
-            let each = report.elapsed.as_secs_f64() / batch.len() as f64;
-            for e in &batch[..report.handled] {
-                self.record(e, Outcome::ok, each, None);
-                self.succeeded(e);
-            }
             self.queue.complete_all(&batch[..report.handled]);
             let mut rest = batch.split_off(report.handled);
             if report.failure.is_some() {
@@ -818,6 +813,18 @@ impl Worker {
         }
     }
 
+    /// One `handle-batch` call; the events it handled are recorded, each
+    /// with an equal share of its time (the caller completes them).
+    fn call_batch(&self, r: &mut Runner, spec: &PluginSpec, batch: &[Event]) -> BatchReport {
+        let report = r.sandbox.call_batch(&spec.loaded, batch);
+        let each = report.elapsed.as_secs_f64() / batch.len() as f64;
+        for e in &batch[..report.handled] {
+            self.record(e, Outcome::ok, each, None);
+            self.succeeded(e);
+        }
+        report
+    }
+
     /// One call per event while they succeed (and the plugin is neither
     /// stopped nor parked): the number that did, and the report of the call
     /// that did not (not recorded: it is the first attempt of that event's
@@ -903,12 +910,7 @@ impl Worker {
         let started = std::time::Instant::now();
         let mut failed = false;
         let done = if batch.len() > 1 && per_call > 1 {
-            let report = r.sandbox.call_batch(&spec.loaded, &batch);
-            let each = report.elapsed.as_secs_f64() / batch.len() as f64;
-            for e in &batch[..report.handled] {
-                self.record(e, Outcome::ok, each, None);
-                self.succeeded(e);
-            }
+            let report = self.call_batch(r, &spec, &batch);
             if let Some(failure) = report.failure {
                 failed = true;
                 if report.attributed && report.handled < batch.len() {
@@ -1116,49 +1118,24 @@ impl Worker {
     /// Whether the index changes of `batch` are committed already (sources
     /// without history; see [`SourceCache::committed`]).
     fn committed(&self, batch: &[Event]) -> bool {
-        if self.durable.is_empty() {
-            return true;
-        }
-        // One look-up per run of events of the same source, with the
-        // run's highest position (folding can move an earlier event's
-        // position past a later one's).
-        let done = |(source, seq): (&Arc<str>, u64)| {
-            self.durable
-                .get(&**source)
-                .is_none_or(|m| m.value().load(Ordering::SeqCst) >= seq)
-        };
-        let mut run: Option<(&Arc<str>, u64)> = None;
-        for e in batch.iter().filter(|e| e.seq > 0) {
-            match &mut run {
-                Some((source, most)) if Arc::ptr_eq(source, &e.source) => {
-                    *most = (*most).max(e.seq);
-                }
-                _ => {
-                    if run.take().is_some_and(|r| !done(r)) {
-                        return false;
-                    }
-                    run = Some((&e.source, e.seq));
-                }
-            }
-        }
-        run.is_none_or(done)
+        // No source without history: nothing to look up (the hot path of
+        // an etcd-only gateway).
+        self.durable.is_empty()
+            || batch.iter().filter(|e| e.seq > 0).all(|e| {
+                self.durable
+                    .get(&*e.source)
+                    .is_none_or(|m| m.value().load(Ordering::SeqCst) >= e.seq)
+            })
     }
 
-    /// Wait until the index changes of `batch` are committed (sources
-    /// without history; see [`SourceCache::committed`]). False when
+    /// Wait until the index changes of `batch` are committed. False when
     /// stopped or parked meanwhile (the events stay pending).
     fn wait_durable(&self, batch: &[Event]) -> bool {
-        // The last event of each source has the highest position.
-        for e in batch.iter().rev().filter(|e| e.seq > 0) {
-            let Some(mark) = self.durable.get(&*e.source).map(|m| m.value().clone()) else {
-                continue;
-            };
-            while mark.load(Ordering::SeqCst) < e.seq {
-                if self.stop.load(Ordering::SeqCst) || self.parked.load(Ordering::SeqCst) {
-                    return false;
-                }
-                std::thread::sleep(Duration::from_micros(250));
+        while !self.committed(batch) {
+            if self.stop.load(Ordering::SeqCst) || self.parked.load(Ordering::SeqCst) {
+                return false;
             }
+            std::thread::sleep(Duration::from_micros(250));
         }
         true
     }
