@@ -85,7 +85,7 @@ impl PluginSpec {
 /// Delivery bookkeeping of one source: the key index (with tombstones) and
 /// the position counter, mirrored into the store.
 struct SourceKeys {
-    map: BTreeMap<String, KeyEntry>,
+    map: BTreeMap<Arc<str>, KeyEntry>,
     meta: SourceMeta,
     /// Positions are the store's revisions (etcd), so a resumed watch can
     /// replay them; otherwise positions count deliveries.
@@ -97,7 +97,7 @@ struct SourceKeys {
     tombstones: usize,
     batches: u64,
     /// Keys changed since the store last took them.
-    dirty: FastSet<String>,
+    dirty: FastSet<Arc<str>>,
     meta_dirty: bool,
 }
 
@@ -170,7 +170,7 @@ impl IndexProbe for SourceCache {
         self.committed.fetch_max(last_seq, Ordering::SeqCst);
     }
 
-    fn unwritten(&self, again: Vec<String>) {
+    fn unwritten(&self, again: Vec<Arc<str>>) {
         let mut keys = self.keys.lock();
         keys.dirty.extend(again);
         keys.meta_dirty = true;
@@ -302,7 +302,7 @@ struct Runner {
 }
 
 /// Which event: source, position, key.
-type EventId = (Arc<str>, u64, String);
+type EventId = (Arc<str>, u64, Arc<str>);
 
 fn event_id(e: &Event) -> EventId {
     (e.source.clone(), e.seq, e.key.clone())
@@ -1203,7 +1203,7 @@ impl Worker {
         if outcome != Outcome::ok {
             *self.stats.last_failure.lock() = Some(LastFailure {
                 outcome,
-                key: event.key.clone(),
+                key: event.key.to_string(),
                 message: report.and_then(|r| r.message.clone()).unwrap_or_default(),
                 at: SystemTime::now()
                     .duration_since(SystemTime::UNIX_EPOCH)
@@ -1358,7 +1358,7 @@ impl crate::host::snapshot::SnapshotReader for Dispatcher {
                 ))
                 .take_while(|(k, _)| k.starts_with(prefix))
                 .filter(|(k, _)| keep(k))
-                .filter_map(|(k, e)| Some((k.clone(), e.value.clone()?)))
+                .filter_map(|(k, e)| Some((k.to_string(), e.value.clone()?)))
                 .take(limit)
                 .collect(),
         )
@@ -1434,7 +1434,11 @@ impl SourceKeys {
 
     /// Record delivered events in the index (the store takes them from
     /// there).
-    fn apply(&mut self, events: &[Event]) {
+    /// Record `events` in the index. Each event's key becomes the index's
+    /// own copy of it, so queueing copies no key, and the plugin worker
+    /// that drops the event frees nothing another thread allocated (a
+    /// cross-thread free takes the allocator's arena lock).
+    fn apply(&mut self, events: &mut [Event]) {
         for e in events {
             let entry = KeyEntry {
                 value: if e.kind == EventKind::Put {
@@ -1451,10 +1455,13 @@ impl SourceKeys {
                 },
             };
             let is_tombstone = entry.value.is_none();
-            let was_tombstone = match self.map.get_mut(e.key.as_str()) {
-                Some(slot) => Some(std::mem::replace(slot, entry).value.is_none()),
-                None => {
-                    self.map.insert(e.key.clone(), entry);
+            let was_tombstone = match self.map.entry(e.key.clone()) {
+                std::collections::btree_map::Entry::Occupied(mut slot) => {
+                    e.key = slot.key().clone();
+                    Some(slot.insert(entry).value.is_none())
+                }
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    slot.insert(entry);
                     None
                 }
             };
@@ -1463,7 +1470,7 @@ impl SourceKeys {
                 (Some(true), false) => self.tombstones -= 1,
                 _ => {}
             }
-            if !self.dirty.contains(e.key.as_str()) {
+            if !self.dirty.contains(&*e.key) {
                 self.dirty.insert(e.key.clone());
             }
         }
@@ -1914,7 +1921,7 @@ impl Dispatcher {
             })
             .min()
             .unwrap_or(keys.meta.last_seq);
-        let gone: Vec<String> = keys
+        let gone: Vec<Arc<str>> = keys
             .map
             .iter()
             .filter(|(_, e)| e.value.is_none() && e.seq <= floor)
@@ -2024,7 +2031,7 @@ impl EventSink for Dispatcher {
         }
         // Nothing of this scope known: a first sync, not a resync.
         let had_scope = keys.map.keys().any(|k| scope(k));
-        let fresh: std::collections::HashSet<String> =
+        let fresh: std::collections::HashSet<Arc<str>> =
             events.iter().map(|e| e.key.clone()).collect();
         let mut changes: Vec<Event> = Vec::new();
         for mut e in events {
@@ -2045,7 +2052,7 @@ impl EventSink for Dispatcher {
                 changes.push(e);
             }
         }
-        keys.apply(&changes);
+        keys.apply(&mut changes);
         cache.wake(&self.store);
         for w in self.workers.iter() {
             let spec = w.spec.load();
@@ -2077,7 +2084,7 @@ impl EventSink for Dispatcher {
         for e in &mut events {
             e.delivered_at = Some(now);
         }
-        keys.apply(&events);
+        keys.apply(&mut events);
         cache.wake(&self.store);
         let roster = self.roster.load();
         let takers: Vec<&Arc<Worker>> = roster
@@ -2103,5 +2110,54 @@ impl EventSink for Dispatcher {
             w.count(stats);
         }
         self.maybe_prune(&name, &mut keys);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> SourceKeys {
+        SourceKeys {
+            map: BTreeMap::new(),
+            meta: SourceMeta::default(),
+            revisioned: true,
+            live: false,
+            pending_identity: None,
+            tombstones: 0,
+            batches: 0,
+            dirty: FastSet::default(),
+            meta_dirty: false,
+        }
+    }
+
+    #[test]
+    fn applied_events_share_the_index_key_and_count_tombstones() {
+        let src: Arc<str> = Arc::from("s");
+        let mut k = keys();
+        let mut first = vec![Event::put(&src, "a", Bytes::from_static(b"1"), 1)];
+        k.apply(&mut first);
+        // Later events bring their own copies of the key, as a source
+        // decodes them; each leaves with the index's copy.
+        let mut later = vec![
+            Event::put(&src, String::from("a"), Bytes::from_static(b"2"), 2),
+            Event::delete(&src, String::from("a"), 3),
+            Event::put(&src, String::from("b"), Bytes::from_static(b"3"), 4),
+        ];
+        k.apply(&mut later);
+        let (a, entry) = k.map.get_key_value("a").unwrap();
+        assert!(Arc::ptr_eq(a, &first[0].key));
+        assert!(later[..2].iter().all(|e| Arc::ptr_eq(a, &e.key)));
+        assert_eq!(entry.value, None);
+        assert_eq!(entry.revision, 3);
+        let (b, _) = k.map.get_key_value("b").unwrap();
+        assert!(Arc::ptr_eq(b, &later[2].key));
+        assert_eq!(k.tombstones, 1);
+        let mut dirty: Vec<&str> = k.dirty.iter().map(|d| &**d).collect();
+        dirty.sort_unstable();
+        assert_eq!(dirty, ["a", "b"]);
+        // Put back, the tombstone is gone.
+        k.apply(&mut [Event::put(&src, "a", Bytes::from_static(b"4"), 5)]);
+        assert_eq!(k.tombstones, 0);
     }
 }

@@ -38,8 +38,10 @@ pub struct Event {
     pub source: Arc<str>,
     /// Put or delete.
     pub kind: EventKind,
-    /// The key, relative to the source.
-    pub key: String,
+    /// The key, relative to the source. Shared with the source's key
+    /// index, so queueing an event copies no key and the plugin worker
+    /// that drops it frees nothing another thread allocated.
+    pub key: Arc<str>,
     /// The new value; `None` on delete.
     pub value: Option<Bytes>,
     /// The value before this change, when the source knows it.
@@ -64,7 +66,7 @@ pub struct Event {
 
 impl Event {
     /// A put of `value` at `revision`.
-    pub fn put(source: &Arc<str>, key: impl Into<String>, value: Bytes, revision: u64) -> Self {
+    pub fn put(source: &Arc<str>, key: impl Into<Arc<str>>, value: Bytes, revision: u64) -> Self {
         Event {
             source: source.clone(),
             kind: EventKind::Put,
@@ -82,7 +84,7 @@ impl Event {
     }
 
     /// A delete at `revision`.
-    pub fn delete(source: &Arc<str>, key: impl Into<String>, revision: u64) -> Self {
+    pub fn delete(source: &Arc<str>, key: impl Into<Arc<str>>, revision: u64) -> Self {
         Event {
             source: source.clone(),
             kind: EventKind::Delete,
@@ -141,7 +143,7 @@ impl Event {
         EventLine {
             source: self.source.to_string(),
             kind: self.kind,
-            key: self.key.clone(),
+            key: self.key.to_string(),
             value,
             value_b64,
             prev_value,
@@ -246,7 +248,7 @@ impl TryFrom<EventLine> for Event {
         Ok(Event {
             source: Arc::from(line.source),
             kind: line.kind,
-            key: line.key,
+            key: Arc::from(line.key),
             value: join_utf8("value", line.value, line.value_b64)?,
             prev_value: join_utf8("prev_value", line.prev_value, line.prev_value_b64)?,
             revision: line.revision,

@@ -320,12 +320,15 @@ pub fn diff_snapshot(
     for (key, value) in new {
         let prev = old.get(key);
         if prev != Some(value) {
-            events.push(Event::put(source, key, value.clone(), revision).with_prev(prev.cloned()));
+            events.push(
+                Event::put(source, key.as_str(), value.clone(), revision).with_prev(prev.cloned()),
+            );
         }
     }
     for (key, prev) in old {
         if !new.contains_key(key) {
-            events.push(Event::delete(source, key, revision).with_prev(Some(prev.clone())));
+            events
+                .push(Event::delete(source, key.as_str(), revision).with_prev(Some(prev.clone())));
         }
     }
     events.sort_by(|a, b| a.key.cmp(&b.key));

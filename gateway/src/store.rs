@@ -136,7 +136,7 @@ pub trait CursorProbe: Send + Sync {
 
 /// Keys changed since the last write (`None`: removed) and the source's
 /// bookkeeping.
-pub type IndexChanges = (Vec<(String, Option<KeyEntry>)>, SourceMeta);
+pub type IndexChanges = (Vec<(Arc<str>, Option<KeyEntry>)>, SourceMeta);
 
 /// Something holding a source's key index, which changes far more often
 /// than it is written: the writer pulls what changed once per commit.
@@ -150,7 +150,7 @@ pub trait IndexProbe: Send + Sync {
     /// The changes taken last were committed, up to position `last_seq`.
     fn written(&self, last_seq: u64);
     /// The changes taken last could not be written: take these keys again.
-    fn unwritten(&self, keys: Vec<String>);
+    fn unwritten(&self, keys: Vec<Arc<str>>);
 }
 
 enum Op {
@@ -303,7 +303,7 @@ impl Store {
     }
 
     /// The stored key index of `source`.
-    pub fn load_keys(&self, source: &str) -> BTreeMap<String, KeyEntry> {
+    pub fn load_keys(&self, source: &str) -> BTreeMap<Arc<str>, KeyEntry> {
         self.read(|r| {
             let t = r.open_table(KEYS)?;
             let mut out = BTreeMap::new();
@@ -314,7 +314,7 @@ impl Store {
                     break;
                 }
                 if let Ok(entry) = postcard::from_bytes::<KeyEntry>(v.value()) {
-                    out.insert(key.to_owned(), entry);
+                    out.insert(Arc::from(key), entry);
                 }
             }
             Ok(out)
@@ -610,7 +610,7 @@ fn write_loop(db: &Database, rx: &mpsc::Receiver<Op>, probes: &Probes, indexes: 
 }
 
 type Written = Vec<(String, Arc<str>, u64)>;
-type SourceChanges = (Arc<str>, Vec<(String, Option<KeyEntry>)>, SourceMeta);
+type SourceChanges = (Arc<str>, Vec<(Arc<str>, Option<KeyEntry>)>, SourceMeta);
 
 fn commit(
     db: &Database,
@@ -631,10 +631,10 @@ fn commit(
             for (k, entry) in changed {
                 match entry {
                     Some(e) => {
-                        keys.insert((&**source, k.as_str()), encode(e).as_slice())?;
+                        keys.insert((&**source, &**k), encode(e).as_slice())?;
                     }
                     None => {
-                        keys.remove((&**source, k.as_str()))?;
+                        keys.remove((&**source, &**k))?;
                     }
                 }
             }
@@ -693,7 +693,7 @@ mod tests {
             self.1.lock().take()
         }
         fn written(&self, _: u64) {}
-        fn unwritten(&self, _: Vec<String>) {}
+        fn unwritten(&self, _: Vec<Arc<str>>) {}
     }
 
     fn entry(v: &str, seq: u64) -> KeyEntry {

@@ -75,7 +75,7 @@ pub fn to_wit(e: &Event) -> wit::Event {
             EventKind::Put => wit::EventKind::Put,
             EventKind::Delete => wit::EventKind::Delete,
         },
-        key: e.key.clone(),
+        key: String::from(&*e.key),
         value: e.value.as_ref().map(|v| v.to_vec()),
         prev_value: e.prev_value.as_ref().map(|v| v.to_vec()),
         revision: e.revision,

@@ -333,7 +333,7 @@ impl Watch {
                     // C2: a return is not a change; only differences are emitted.
                     let mut events = diff_snapshot(&self.ctx.name, &known, &new, revision, false);
                     for e in &mut events {
-                        if let Some((_, rev)) = f.keys.get(&e.key) {
+                        if let Some((_, rev)) = f.keys.get(&*e.key) {
                             e.revision = (*rev).max(1);
                         }
                     }

@@ -810,8 +810,8 @@ mod tests {
             let mut events = Vec::new();
             loop {
                 let batch = self.batch().await;
-                let seen = batch.iter().any(|e| e.key == name);
-                events.extend(batch.into_iter().filter(|e| e.key != name));
+                let seen = batch.iter().any(|e| *e.key == *name);
+                events.extend(batch.into_iter().filter(|e| *e.key != *name));
                 if seen {
                     return events;
                 }
@@ -859,10 +859,10 @@ mod tests {
     fn folded(events: Vec<Event>) -> Vec<Event> {
         let mut by_key: BTreeMap<String, Event> = BTreeMap::new();
         for event in events {
-            match by_key.get_mut(&event.key) {
+            match by_key.get_mut(&*event.key) {
                 Some(first) => first.absorb(event),
                 None => {
-                    by_key.insert(event.key.clone(), event);
+                    by_key.insert(event.key.to_string(), event);
                 }
             }
         }
@@ -1040,7 +1040,7 @@ mod tests {
         cfg.max_value_bytes = 8;
         let mut source = Running::start(cfg);
         let batch = source.batch().await;
-        let keys: Vec<&str> = batch.iter().map(|e| e.key.as_str()).collect();
+        let keys: Vec<&str> = batch.iter().map(|e| &*e.key).collect();
         assert_eq!(keys, ["bin", "small"]);
         assert_eq!(batch[0].value.as_deref(), Some(&[0xff, 0x00, 0xfe][..]));
 
