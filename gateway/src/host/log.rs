@@ -7,7 +7,7 @@
 use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -143,6 +143,10 @@ pub struct LineStream {
     log: Arc<PluginLog>,
     stream: Stream,
     buf: Arc<Mutex<Vec<u8>>>,
+    /// `buf` holds a partial line: the flush after every call reads this
+    /// flag instead of taking the lock (two locks a call showed in the
+    /// dispatch profile).
+    partial: Arc<AtomicBool>,
 }
 
 impl LineStream {
@@ -152,6 +156,7 @@ impl LineStream {
             log,
             stream,
             buf: Arc::default(),
+            partial: Arc::default(),
         }
     }
 
@@ -176,10 +181,14 @@ impl LineStream {
             self.log
                 .line(self.level(), self.stream, &String::from_utf8_lossy(&line));
         }
+        self.partial.store(!buf.is_empty(), Ordering::Release);
     }
 
     /// Emit a trailing partial line, if any (called after each plugin call).
     pub fn flush_partial(&self) {
+        if !self.partial.swap(false, Ordering::AcqRel) {
+            return;
+        }
         let mut buf = self.buf.lock();
         if buf.is_empty() {
             return;
