@@ -133,7 +133,11 @@ fn value() -> Bytes {
 /// into the no-op plugin, one call per event and batched; next to the bare
 /// wasmtime call of the same plugin (the floor) and a native closure.
 pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
-    let n = if args.quick { 5_000 } else { 200_000 };
+    // A million events: long enough that each run measures the steady
+    // state rather than the first milliseconds of the worker being woken
+    // and placed on a core (with 200,000, runs minutes apart ranged from
+    // 0.5 to 0.9 of the floor).
+    let n = if args.quick { 5_000 } else { 1_000_000 };
     let wasm = std::fs::read(args.plugin("noop")?)?;
     let runtime = runtime()?;
     let input = events(n, 10_000, &value());
@@ -167,18 +171,55 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
             for chunk in input.chunks(per_delivery) {
                 d.deliver(SOURCE, delivery(chunk, fresh));
             }
+            let produced = start.elapsed();
+            let during = d.handled("noop").unwrap_or(0);
             wait_handled(&d, "noop", n as u64, Duration::from_secs(600))?;
-            let rate = n as f64 / start.elapsed().as_secs_f64();
+            let took = start.elapsed();
+            let rate = n as f64 / took.as_secs_f64();
             out.add(figure, "events/s", rate);
             d.shutdown();
             if paired.is_none() {
                 let after = floor(out)?;
                 paired = Some(rate / ((before + after) / 2.0));
+                // The plugin worker's pace while the producer runs beside
+                // it, and alone once the producer is done.
+                let drain = took.saturating_sub(produced).as_secs_f64();
+                if during > 0 && drain > 0.0 {
+                    out.add(
+                        "dispatch_beside_producer_events_per_s",
+                        "events/s",
+                        during as f64 / produced.as_secs_f64(),
+                    );
+                    out.add(
+                        "dispatch_after_producer_events_per_s",
+                        "events/s",
+                        (n as u64).saturating_sub(during) as f64 / drain,
+                    );
+                }
             }
         }
         if let Some(ratio) = paired {
             out.add("dispatch_to_floor_paired", "×", ratio);
         }
+        // The floor with the gateway's per-call isolation (limits armed
+        // before each call, output flushed after): what the sandbox costs
+        // apart from the queue.
+        let l = loaded(&runtime, &wasm, "noop", default_limits())?;
+        let mut sandbox = Sandbox::new(runtime.clone());
+        let start = Instant::now();
+        for e in &input {
+            let r = sandbox.call(&l, e);
+            anyhow::ensure!(
+                r.outcome == crate::telemetry::Outcome::ok,
+                "{:?}",
+                r.message
+            );
+        }
+        out.add(
+            "sandboxed_loop_events_per_s",
+            "events/s",
+            n as f64 / start.elapsed().as_secs_f64(),
+        );
         // The producer's share alone: routing and indexing, no plugin.
         let d = dispatcher(&runtime);
         let start = Instant::now();
@@ -216,31 +257,36 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
          the median of per-run ratios, each run's `dispatch` figure over the mean of the \
          floor measured just before and just after it: on this shared machine the floor \
          alone drifts by tens of percent between seconds, so medians taken apart can pair a \
-         fast floor with a slow dispatch. The producer makes each \
-         delivery's events as it goes (as a source \
-         does while it reads a response), all sharing one value buffer; `fresh_values` gives \
-         every event its own (as decoding makes them): an allocation per event on the \
-         producer's side and a free on the worker's, which costs about 5 % here."
+         fast floor with a slow dispatch. The producer makes each delivery's events as it \
+         goes (as a source does while it reads a response), all sharing one value buffer; \
+         `fresh_values` gives every event its own (as decoding makes them)."
     ));
     s.note(
-        "Where the time goes, from profiles (`perf record`) of this case: the pipeline runs \
-         three threads on two cores (producer, plugin worker, state writer), so the worker \
-         rarely has a core to itself, and the run-to-run spread is wide. The worker, draining \
-         a backlog, spends most of its time in the Wasm call itself, as the floor does; the \
-         rest goes to taking events from the queue, completing them (so the cursor moves), \
-         recording each call's metrics and dropping the events. Done so far (each measured \
-         with this case): the producer no longer wakes the worker with a system call per event \
-         (a busy worker spins briefly before it sleeps); the worker takes a backlog in one \
-         queue round, calls a healthy plugin straight through it and completes it under one \
-         lock; pending positions are runs in a deque, not an ordered map, so completing from \
-         the front costs no tree operation; the index that folds changes of a key is kept \
-         only while a queue is full; the state writer keeps to about an eighth of a core; \
-         deliveries walk a cached worker list, and the last plugin takes the events instead \
-         of a copy. Tried and dropped: mimalloc (tried twice: a faster producer, but a \
-         fan-out p99 ten times worse with 100 plugin threads, still twice as bad with the \
-         pool, and nearly twice the memory per plugin); making the deliveries before the \
-         clock starts (slower: 200,000 events made ahead are cold in the cache, where a \
-         source's fresh events are not).",
+        "Where the time goes. `sandboxed_loop` is the floor with the gateway's per-call \
+         isolation (fuel and deadline armed before each call, guest output flushed after): \
+         it costs about 5 to 10 % of the floor. `dispatch_after_producer` is the plugin \
+         worker's pace once the producer has delivered everything: with the queue, the \
+         metrics and the cursor, it runs close to the sandboxed loop. \
+         `dispatch_beside_producer` is its pace while the producer runs on the other core, \
+         and this is where the rest of the gap is: with both threads busy, the worker runs \
+         20 to 40 % slower, and the producer takes twice as long as `route_only` alone. The \
+         two share no lock for longer than a queue round, so this is the cost of two busy \
+         threads on the two cores of this virtual machine (shared cache and memory \
+         traffic, and a third thread, the state writer, taking turns). Done so far, each \
+         measured with this case: the producer wakes a busy worker without a system call (it \
+         spins briefly before it sleeps); the worker takes a backlog in one queue round, calls \
+         a healthy plugin straight through it, completes the round under one lock and \
+         counts its successful calls at once; pending positions are runs in a deque; the \
+         index that folds changes of a key is kept only while a queue is full; event keys \
+         are shared with the key index, so the worker frees nothing the producer allocated; \
+         the state writer keeps to about an eighth of a core and runs at a lower priority; \
+         the flush after a call looks at a flag instead of two locks; deliveries walk a \
+         cached worker list, and the last plugin takes the events instead of a copy. Tried \
+         and dropped: mimalloc (a faster producer, but a fan-out p99 ten times worse with 100 \
+         plugin threads and nearly twice the memory per plugin); making the deliveries \
+         before the clock starts (slower: events made ahead are cold in the cache, where a \
+         source's fresh events are not); reserving each queue's full capacity up front (no \
+         change: the queue growing is not what slows the worker).",
     );
     Ok(s.finish(
         "dispatch",
@@ -258,6 +304,17 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
                 "batched to floor".to_owned(),
                 if floor > 0.0 { batched / floor } else { 0.0 },
             );
+            for (name, figure) in [
+                ("sandboxed loop to floor", "sandboxed_loop_events_per_s"),
+                (
+                    "worker after the producer to floor",
+                    "dispatch_after_producer_events_per_s",
+                ),
+            ] {
+                if let (Some(v), true) = (s.median(figure), floor > 0.0) {
+                    r.insert(name.to_owned(), v / floor);
+                }
+            }
             (Some(ratio), r, Some(ratio >= 0.8 && batched >= 1_000_000.0))
         },
     ))
