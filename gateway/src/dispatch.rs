@@ -704,8 +704,8 @@ impl Worker {
             let spec = self.spec.load_full();
             let report = self.call_batch(r, &spec, &batch);
             in_batch_call = report.handled;
-            self.queue.complete_all(&batch[..report.handled]);
             let mut rest = batch.split_off(report.handled);
+            self.queue.complete_and_retire(std::mem::take(&mut batch));
             if report.failure.is_some() {
                 // One call per event until the plugin is healthy again.
                 r.healthy = 0;
@@ -735,8 +735,9 @@ impl Worker {
             r.healthy = r
                 .healthy
                 .saturating_add(u32::try_from(handled).unwrap_or(u32::MAX));
-            self.queue.complete_all(&batch[..handled]);
-            batch.drain(..handled);
+            let rest = batch.split_off(handled);
+            self.queue
+                .complete_and_retire(std::mem::replace(&mut batch, rest));
             prior = failure;
             self.in_batch.store(batch.len(), Ordering::SeqCst);
         }
@@ -761,7 +762,10 @@ impl Worker {
                 }
             }
         }
-        self.queue.complete_all(&batch[..done]);
+        // The rest stays pending (stopped or parked) or went back to the
+        // queue (quarantined).
+        batch.truncate(done);
+        self.queue.complete_and_retire(batch);
         self.in_batch.store(0, Ordering::SeqCst);
         drop(calling);
         // Towards the pool: quick, successful rounds that waited for
@@ -944,8 +948,9 @@ impl Worker {
             done
         };
         let elapsed = started.elapsed();
-        self.queue.complete_all(&batch[..done]);
-        self.queue.requeue_front(batch.split_off(done));
+        let rest = batch.split_off(done);
+        self.queue.complete_and_retire(batch);
+        self.queue.requeue_front(rest);
         self.in_batch.store(0, Ordering::SeqCst);
         self.handles.depth.set(self.depth() as i64);
         drop(calling);

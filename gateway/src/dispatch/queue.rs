@@ -138,9 +138,19 @@ struct Inner {
     enqueued: HashMap<Arc<str>, u64, foldhash::fast::RandomState>,
     /// Per source: positions of events not completed, with multiplicity.
     pending: HashMap<Arc<str>, Positions, foldhash::fast::RandomState>,
+    /// Handled events left for the producer to drop (see
+    /// [`EventQueue::complete_and_retire`]), and how many.
+    spent: Vec<Vec<Event>>,
+    spent_len: usize,
 }
 
 impl Inner {
+    /// The retired events, to drop after the lock is released.
+    fn take_spent(&mut self) -> Vec<Vec<Event>> {
+        self.spent_len = 0;
+        std::mem::take(&mut self.spent)
+    }
+
     fn id(&self, e: &Event) -> u64 {
         use std::hash::BuildHasher;
         self.hasher.hash_one((&*e.source, &*e.key))
@@ -221,6 +231,10 @@ pub struct EventQueue {
 /// sleep costs both sides a system call (the producer's wake-up), several
 /// times the cost of a no-op plugin call.
 const SPIN: Duration = Duration::from_micros(50);
+
+/// Most handled events left for the producer to drop (see
+/// [`EventQueue::complete_and_retire`]).
+const SPENT_MAX: usize = 1024;
 
 /// Spin (yielding between checks) while `waiting` holds, for up to
 /// [`SPIN`], unless enough other threads spin already: with many plugins
@@ -336,6 +350,28 @@ impl EventQueue {
         self.inner.lock().untrack_all(events);
     }
 
+    /// [`complete_all`](Self::complete_all), leaving the events to be
+    /// dropped by the next push, on the producer's thread: their keys,
+    /// values and source names are reference counts the producer touches
+    /// anyway, so dropping them there keeps those cache lines on its core
+    /// instead of moving them to the worker's and back for every event. At
+    /// most [`SPENT_MAX`] wait; past that, or when the worker goes idle
+    /// with no push coming, the worker drops them itself.
+    pub fn complete_and_retire(&self, events: Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        let mut inner = self.inner.lock();
+        inner.untrack_all(&events);
+        if inner.closed || inner.spent_len + events.len() > SPENT_MAX {
+            drop(inner);
+            drop(events);
+            return;
+        }
+        inner.spent_len += events.len();
+        inner.spent.push(events);
+    }
+
     /// (source, cursor) for every tracked source.
     pub fn cursor_positions(&self) -> Vec<(Arc<str>, u64)> {
         let inner = self.inner.lock();
@@ -361,6 +397,7 @@ impl EventQueue {
         // it meanwhile.
         let events: Vec<Event> = events.into_iter().collect();
         let mut inner = self.inner.lock();
+        let spent = inner.take_spent();
         let mut given = 0;
         if let Some((source, upto)) = upto {
             let e = inner.enqueued.entry(source.clone()).or_default();
@@ -412,6 +449,7 @@ impl EventQueue {
         self.len.store(stats.len, Ordering::Release);
         drop(inner);
         self.ready.notify_one();
+        drop(spent);
         if stats.queued > 0
             && let Some(kick) = self.on_push.get()
         {
@@ -465,6 +503,7 @@ impl EventQueue {
             self.spin();
         }
         let mut inner = self.inner.lock();
+        Self::drop_spent_if_idle(&mut inner);
         if inner.closed {
             return Vec::new();
         }
@@ -484,10 +523,20 @@ impl EventQueue {
     /// spinning).
     pub fn take_many(&self, max: usize) -> Vec<Event> {
         let mut inner = self.inner.lock();
+        Self::drop_spent_if_idle(&mut inner);
         if inner.closed {
             return Vec::new();
         }
         self.take_up_to(&mut inner, max)
+    }
+
+    /// With nothing queued, no push may come to drop the retired events:
+    /// the consumer drops them, outside the lock.
+    fn drop_spent_if_idle(inner: &mut parking_lot::MutexGuard<'_, Inner>) {
+        if inner.entries.is_empty() && inner.spent_len > 0 {
+            let spent = inner.take_spent();
+            parking_lot::MutexGuard::unlocked(inner, || drop(spent));
+        }
     }
 
     /// Wait up to [`SPIN`] for an event without sleeping.
@@ -545,7 +594,9 @@ impl EventQueue {
         self.len.store(0, Ordering::Release);
         inner.last.clear();
         inner.indexed = false;
+        let spent = inner.take_spent();
         drop(inner);
+        drop(spent);
         self.ready.notify_all();
         n
     }
@@ -571,6 +622,42 @@ mod tests {
     fn del(k: &str, rev: u64) -> Event {
         Event::delete(&Arc::from("s"), k, rev)
     }
+    #[test]
+    fn retired_events_are_dropped_by_the_next_push_or_an_idle_consumer() {
+        let src: Arc<str> = Arc::from("s");
+        let key: Arc<str> = Arc::from("k");
+        let q = EventQueue::new(100);
+        let at = |seq| {
+            let mut e = Event::put(&src, key.clone(), Bytes::from_static(b"v"), seq);
+            e.seq = seq;
+            e
+        };
+        q.push_batch(&src, 2, [at(1), at(2)]);
+        let taken = q.take_many(1);
+        assert_eq!(Arc::strong_count(&key), 3);
+        q.complete_and_retire(taken);
+        // Completed (the cursor moves) but not dropped yet.
+        assert_eq!(q.cursor_positions(), vec![(src.clone(), 1)]);
+        assert_eq!(Arc::strong_count(&key), 3);
+        // The next push drops it.
+        q.push_batch(&src, 3, [at(3)]);
+        assert_eq!(Arc::strong_count(&key), 3);
+        // Retired with more still queued: kept; once the queue is empty
+        // the consumer drops what is left.
+        let taken = q.take_many(1);
+        q.complete_and_retire(taken);
+        assert_eq!(Arc::strong_count(&key), 3);
+        let taken = q.take_many(1);
+        q.complete_and_retire(taken);
+        assert_eq!(Arc::strong_count(&key), 3);
+        assert!(q.take_many(1).is_empty());
+        assert_eq!(Arc::strong_count(&key), 1);
+        // Past the bound, the consumer drops them at once.
+        let many: Vec<Event> = (1..=SPENT_MAX as u64 + 1).map(|i| at(10 + i)).collect();
+        q.complete_and_retire(many);
+        assert_eq!(Arc::strong_count(&key), 1);
+    }
+
     fn drain(q: &EventQueue) -> Vec<(String, EventKind, Option<String>, u64, u32)> {
         std::iter::from_fn(|| q.try_pop())
             .map(|e| {
