@@ -1453,11 +1453,9 @@ impl SourceKeys {
         upto
     }
 
-    /// Record delivered events in the index (the store takes them from
-    /// there).
-    /// Record `events` in the index. Each event's key becomes the index's
-    /// own copy of it, so queueing copies no key, and the plugin worker
-    /// that drops the event frees nothing another thread allocated (a
+    /// Record `events` in the index (the store takes them from there). Each
+    /// event's key becomes the index's own copy of it, so queueing copies
+    /// no key and no thread frees a key another thread allocated (a
     /// cross-thread free takes the allocator's arena lock).
     fn apply(&mut self, events: &mut [Event]) {
         for e in events {
