@@ -552,6 +552,29 @@ fn lower_priority() {
     }
 }
 
+/// Receive ops into `ops` until `until`, a flush, or [`MAX_BATCH`] ops.
+/// True when the channel closed.
+fn gather(rx: &mpsc::Receiver<Op>, ops: &mut Vec<Op>, until: Instant) -> bool {
+    while ops.len() < MAX_BATCH {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        match rx.recv_timeout(left) {
+            Ok(op) => {
+                let flush = matches!(op, Op::Flush(_));
+                ops.push(op);
+                if flush {
+                    return false;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => return false,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return true,
+        }
+    }
+    false
+}
+
 fn write_loop(db: &Database, rx: &mpsc::Receiver<Op>, probes: &Probes, indexes: &Indexes) {
     let mut written: HashMap<(String, Arc<str>), u64> = HashMap::new();
     let mut failures = 0u64;
@@ -559,20 +582,23 @@ fn write_loop(db: &Database, rx: &mpsc::Receiver<Op>, probes: &Probes, indexes: 
     let mut ended = Instant::now();
     let mut took = Duration::ZERO;
     loop {
-        let first = rx.recv_timeout(COMMIT_INTERVAL);
-        let closed = matches!(first, Err(mpsc::RecvTimeoutError::Disconnected));
-        match &first {
-            Ok(Op::Flush(_)) | Err(_) => {}
-            Ok(_) => {
+        let mut ops: Vec<Op> = Vec::new();
+        let closed = match rx.recv_timeout(COMMIT_INTERVAL) {
+            Err(mpsc::RecvTimeoutError::Disconnected) => true,
+            Err(mpsc::RecvTimeoutError::Timeout) => false,
+            Ok(op) => {
+                let flush = matches!(op, Op::Flush(_));
+                ops.push(op);
                 // Give concurrent writers a moment to join this transaction,
                 // and under a flood of changes keep the writer's share of a
                 // core near an eighth: a commit that took `t` is followed by
                 // at least `7t` of gathering. Fewer, larger commits fold
-                // more changes of the same key.
+                // more changes of the same key. A flush ends the gathering
+                // at once: someone waits for it.
                 let until = (Instant::now() + GATHER).max(ended + took * 7);
-                std::thread::sleep(until.saturating_duration_since(Instant::now()));
+                !flush && gather(rx, &mut ops, until)
             }
-        }
+        };
         let started = Instant::now();
         // Cursors first: every event they cover was recorded before now.
         let mut cursors: Vec<(String, Arc<str>, u64)> = Vec::new();
@@ -581,7 +607,6 @@ fn write_loop(db: &Database, rx: &mpsc::Receiver<Op>, probes: &Probes, indexes: 
                 cursors.push((plugin.clone(), source, seq));
             }
         }
-        let mut ops: Vec<Op> = first.into_iter().collect();
         while ops.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(op) => ops.push(op),
@@ -728,6 +753,63 @@ mod tests {
             seq,
             metadata: vec![],
         }
+    }
+
+    /// An index whose first change set takes `slow` to hand over (as a
+    /// commit on a slow disk would), and that tells when it was written.
+    struct SlowOnce {
+        slow: Duration,
+        taken: std::sync::atomic::AtomicBool,
+        written: std::sync::atomic::AtomicBool,
+    }
+    impl IndexProbe for SlowOnce {
+        fn source(&self) -> Arc<str> {
+            Arc::from("slow")
+        }
+        fn take_changes(&self) -> Option<Changes> {
+            if self.taken.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return None;
+            }
+            std::thread::sleep(self.slow);
+            Some((
+                vec![(Arc::from("k"), Some(entry("v", 1)))],
+                SourceMeta::default(),
+            ))
+        }
+        fn written(&self, _: u64) {
+            self.written
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        fn unwritten(&self, _: Vec<Arc<str>>) {}
+    }
+
+    #[test]
+    fn a_flush_does_not_wait_out_the_pause_after_a_slow_commit() {
+        let store = Store::in_memory();
+        let slow = Duration::from_millis(500);
+        let probe = Arc::new(SlowOnce {
+            slow,
+            taken: Default::default(),
+            written: Default::default(),
+        });
+        store.register_index(probe.clone());
+        store.wake();
+        let until = Instant::now() + Duration::from_secs(30);
+        while !probe.written.load(std::sync::atomic::Ordering::SeqCst) {
+            assert!(Instant::now() < until, "the slow commit never finished");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The writer now gathers for 7 × 500 ms before its next commit;
+        // a flush must not wait for that.
+        store.wake();
+        let asked = Instant::now();
+        store.flush();
+        let waited = asked.elapsed();
+        assert!(
+            waited < slow * 3,
+            "the flush waited {waited:?}, the pause after the slow commit"
+        );
+        assert_eq!(store.load_keys("slow").len(), 1);
     }
 
     #[test]
