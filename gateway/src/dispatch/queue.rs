@@ -355,14 +355,22 @@ impl EventQueue {
     /// values and source names are reference counts the producer touches
     /// anyway, so dropping them there keeps those cache lines on its core
     /// instead of moving them to the worker's and back for every event. At
-    /// most [`SPENT_MAX`] wait; past that, or when the worker goes idle
-    /// with no push coming, the worker drops them itself.
+    /// most [`SPENT_MAX`] wait; past that, or when nothing more is queued,
+    /// the consumer drops them itself.
     pub fn complete_and_retire(&self, events: Vec<Event>) {
         if events.is_empty() {
             return;
         }
         let mut inner = self.inner.lock();
         inner.untrack_all(&events);
+        if inner.entries.is_empty() {
+            // Nothing queued: the consumer goes idle, and no push may come
+            // soon (a pooled plugin is not polled again until one does).
+            let spent = inner.take_spent();
+            drop(inner);
+            drop((spent, events));
+            return;
+        }
         if inner.closed || inner.spent_len + events.len() > SPENT_MAX {
             drop(inner);
             drop(events);
@@ -642,20 +650,29 @@ mod tests {
         // The next push drops it.
         q.push_batch(&src, 3, [at(3)]);
         assert_eq!(Arc::strong_count(&key), 3);
-        // Retired with more still queued: kept; once the queue is empty
-        // the consumer drops what is left.
+        // Retired with more still queued: kept; retired with nothing left
+        // queued, dropped at once with what was kept.
         let taken = q.take_many(1);
         q.complete_and_retire(taken);
         assert_eq!(Arc::strong_count(&key), 3);
         let taken = q.take_many(1);
+        assert_eq!(Arc::strong_count(&key), 3);
+        q.complete_and_retire(taken);
+        assert_eq!(Arc::strong_count(&key), 1);
+        // Kept events are also dropped by a consumer that finds the queue
+        // empty (the producer pushed nothing more).
+        q.push_batch(&src, 5, [at(4), at(5)]);
+        let taken = q.take_many(1);
         q.complete_and_retire(taken);
         assert_eq!(Arc::strong_count(&key), 3);
+        q.clear_entries();
         assert!(q.take_many(1).is_empty());
         assert_eq!(Arc::strong_count(&key), 1);
         // Past the bound, the consumer drops them at once.
+        q.push_batch(&src, 6, [at(6)]);
         let many: Vec<Event> = (1..=SPENT_MAX as u64 + 1).map(|i| at(10 + i)).collect();
         q.complete_and_retire(many);
-        assert_eq!(Arc::strong_count(&key), 1);
+        assert_eq!(Arc::strong_count(&key), 2);
     }
 
     fn drain(q: &EventQueue) -> Vec<(String, EventKind, Option<String>, u64, u32)> {
