@@ -529,6 +529,7 @@ fn init_tables(db: &Database) -> Result<u64, redb::Error> {
     Ok(next)
 }
 
+/// The writer thread: gather, then commit cursors and changes together.
 /// How much nicer than the rest of the gateway the state writer runs.
 const WRITER_NICE: i32 = 10;
 
@@ -551,16 +552,22 @@ fn lower_priority() {
     }
 }
 
-/// Receive more ops into `ops` until `until`, [`MAX_BATCH`] ops, or a
-/// flush (someone waits for it). True when the channel closed.
+/// Receive ops into `ops` until `until`, a flush, or [`MAX_BATCH`] ops.
+/// True when the channel closed.
 fn gather(rx: &mpsc::Receiver<Op>, ops: &mut Vec<Op>, until: Instant) -> bool {
-    while ops.len() < MAX_BATCH && !matches!(ops.last(), Some(Op::Flush(_))) {
+    while ops.len() < MAX_BATCH {
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return false;
         }
         match rx.recv_timeout(left) {
-            Ok(op) => ops.push(op),
+            Ok(op) => {
+                let flush = matches!(op, Op::Flush(_));
+                ops.push(op);
+                if flush {
+                    return false;
+                }
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => return false,
             Err(mpsc::RecvTimeoutError::Disconnected) => return true,
         }
@@ -568,7 +575,6 @@ fn gather(rx: &mpsc::Receiver<Op>, ops: &mut Vec<Op>, until: Instant) -> bool {
     false
 }
 
-/// The writer thread: gather, then commit cursors and changes together.
 fn write_loop(db: &Database, rx: &mpsc::Receiver<Op>, probes: &Probes, indexes: &Indexes) {
     let mut written: HashMap<(String, Arc<str>), u64> = HashMap::new();
     let mut failures = 0u64;
@@ -581,15 +587,16 @@ fn write_loop(db: &Database, rx: &mpsc::Receiver<Op>, probes: &Probes, indexes: 
             Err(mpsc::RecvTimeoutError::Disconnected) => true,
             Err(mpsc::RecvTimeoutError::Timeout) => false,
             Ok(op) => {
+                let flush = matches!(op, Op::Flush(_));
                 ops.push(op);
                 // Give concurrent writers a moment to join this transaction,
                 // and under a flood of changes keep the writer's share of a
                 // core near an eighth: a commit that took `t` is followed by
                 // at least `7t` of gathering. Fewer, larger commits fold
                 // more changes of the same key. A flush ends the gathering
-                // at once.
+                // at once: someone waits for it.
                 let until = (Instant::now() + GATHER).max(ended + took * 7);
-                gather(rx, &mut ops, until)
+                !flush && gather(rx, &mut ops, until)
             }
         };
         let started = Instant::now();
