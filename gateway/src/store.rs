@@ -529,7 +529,6 @@ fn init_tables(db: &Database) -> Result<u64, redb::Error> {
     Ok(next)
 }
 
-/// The writer thread: gather, then commit cursors and changes together.
 /// How much nicer than the rest of the gateway the state writer runs.
 const WRITER_NICE: i32 = 10;
 
@@ -552,22 +551,16 @@ fn lower_priority() {
     }
 }
 
-/// Receive ops into `ops` until `until`, a flush, or [`MAX_BATCH`] ops.
-/// True when the channel closed.
+/// Receive more ops into `ops` until `until`, [`MAX_BATCH`] ops, or a
+/// flush (someone waits for it). True when the channel closed.
 fn gather(rx: &mpsc::Receiver<Op>, ops: &mut Vec<Op>, until: Instant) -> bool {
-    while ops.len() < MAX_BATCH {
+    while ops.len() < MAX_BATCH && !matches!(ops.last(), Some(Op::Flush(_))) {
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return false;
         }
         match rx.recv_timeout(left) {
-            Ok(op) => {
-                let flush = matches!(op, Op::Flush(_));
-                ops.push(op);
-                if flush {
-                    return false;
-                }
-            }
+            Ok(op) => ops.push(op),
             Err(mpsc::RecvTimeoutError::Timeout) => return false,
             Err(mpsc::RecvTimeoutError::Disconnected) => return true,
         }
@@ -575,10 +568,34 @@ fn gather(rx: &mpsc::Receiver<Op>, ops: &mut Vec<Op>, until: Instant) -> bool {
     false
 }
 
+/// CPU time this thread has used: the writer's pacing counts the work of
+/// a commit, not its waits for the disk or for a core. A commit that took
+/// long only because the disk was slow to sync, or because the writer's
+/// nice value let others run first, leaves little to make room for, and
+/// pausing for it would only delay the next change (sources without
+/// history deliver an event once its change is committed).
+fn cpu_time() -> Duration {
+    #[cfg(target_os = "linux")]
+    {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+        Duration::new(
+            u64::try_from(t.tv_sec).unwrap_or(0),
+            u32::try_from(t.tv_nsec).unwrap_or(0),
+        )
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        // Wall time elsewhere.
+        START.get_or_init(Instant::now).elapsed()
+    }
+}
+
+/// The writer thread: gather, then commit cursors and changes together.
 fn write_loop(db: &Database, rx: &mpsc::Receiver<Op>, probes: &Probes, indexes: &Indexes) {
     let mut written: HashMap<(String, Arc<str>), u64> = HashMap::new();
     let mut failures = 0u64;
-    // When the last commit ended and how long it took.
+    // When the last commit ended, and the CPU time it took.
     let mut ended = Instant::now();
     let mut took = Duration::ZERO;
     loop {
@@ -587,19 +604,18 @@ fn write_loop(db: &Database, rx: &mpsc::Receiver<Op>, probes: &Probes, indexes: 
             Err(mpsc::RecvTimeoutError::Disconnected) => true,
             Err(mpsc::RecvTimeoutError::Timeout) => false,
             Ok(op) => {
-                let flush = matches!(op, Op::Flush(_));
                 ops.push(op);
                 // Give concurrent writers a moment to join this transaction,
                 // and under a flood of changes keep the writer's share of a
-                // core near an eighth: a commit that took `t` is followed by
-                // at least `7t` of gathering. Fewer, larger commits fold
-                // more changes of the same key. A flush ends the gathering
-                // at once: someone waits for it.
+                // core near an eighth: a commit that used `t` of CPU is
+                // followed by at least `7t` of gathering. Fewer, larger
+                // commits fold more changes of the same key. A flush ends
+                // the gathering at once.
                 let until = (Instant::now() + GATHER).max(ended + took * 7);
-                !flush && gather(rx, &mut ops, until)
+                gather(rx, &mut ops, until)
             }
         };
-        let started = Instant::now();
+        let started = cpu_time();
         // Cursors first: every event they cover was recorded before now.
         let mut cursors: Vec<(String, Arc<str>, u64)> = Vec::new();
         for (plugin, probe) in probes.lock().iter() {
@@ -650,7 +666,7 @@ fn write_loop(db: &Database, rx: &mpsc::Receiver<Op>, probes: &Probes, indexes: 
             for a in acks {
                 let _ = a.send(());
             }
-            took = started.elapsed();
+            took = cpu_time().saturating_sub(started);
             ended = Instant::now();
         }
         if closed {
@@ -755,22 +771,61 @@ mod tests {
         }
     }
 
-    /// An index whose first change set takes `slow` to hand over (as a
-    /// commit on a slow disk would), and that tells when it was written.
-    struct SlowOnce {
+    /// An index whose first change set takes `slow` to hand over, busy
+    /// (`spin`: as a large commit would) or asleep (as a commit waiting
+    /// for a slow disk or for a core would), and that counts its commits.
+    struct SlowFirst {
         slow: Duration,
-        taken: std::sync::atomic::AtomicBool,
-        written: std::sync::atomic::AtomicBool,
+        spin: bool,
+        changed: std::sync::atomic::AtomicBool,
+        first: std::sync::atomic::AtomicBool,
+        written: std::sync::atomic::AtomicUsize,
     }
-    impl IndexProbe for SlowOnce {
+    impl SlowFirst {
+        fn new(slow: Duration, spin: bool) -> Arc<Self> {
+            Arc::new(SlowFirst {
+                slow,
+                spin,
+                changed: true.into(),
+                first: true.into(),
+                written: 0.into(),
+            })
+        }
+        fn written(&self) -> usize {
+            self.written.load(std::sync::atomic::Ordering::SeqCst)
+        }
+        /// Wait for `n` commits; how long it took.
+        fn wait_written(&self, n: usize) -> Duration {
+            let asked = Instant::now();
+            while self.written() < n {
+                assert!(
+                    asked.elapsed() < Duration::from_secs(30),
+                    "commit {n} never came"
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            asked.elapsed()
+        }
+    }
+    impl IndexProbe for SlowFirst {
         fn source(&self) -> Arc<str> {
             Arc::from("slow")
         }
         fn take_changes(&self) -> Option<Changes> {
-            if self.taken.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            use std::sync::atomic::Ordering::SeqCst;
+            if !self.changed.swap(false, SeqCst) {
                 return None;
             }
-            std::thread::sleep(self.slow);
+            if self.first.swap(false, SeqCst) {
+                let until = Instant::now() + self.slow;
+                if self.spin {
+                    while Instant::now() < until {
+                        std::hint::spin_loop();
+                    }
+                } else {
+                    std::thread::sleep(self.slow);
+                }
+            }
             Some((
                 vec![(Arc::from("k"), Some(entry("v", 1)))],
                 SourceMeta::default(),
@@ -778,7 +833,7 @@ mod tests {
         }
         fn written(&self, _: u64) {
             self.written
-                .store(true, std::sync::atomic::Ordering::SeqCst);
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
         fn unwritten(&self, _: Vec<Arc<str>>) {}
     }
@@ -786,21 +841,16 @@ mod tests {
     #[test]
     fn a_flush_does_not_wait_out_the_pause_after_a_slow_commit() {
         let store = Store::in_memory();
-        let slow = Duration::from_millis(500);
-        let probe = Arc::new(SlowOnce {
-            slow,
-            taken: Default::default(),
-            written: Default::default(),
-        });
+        let slow = Duration::from_millis(300);
+        let probe = SlowFirst::new(slow, true);
         store.register_index(probe.clone());
         store.wake();
-        let until = Instant::now() + Duration::from_secs(30);
-        while !probe.written.load(std::sync::atomic::Ordering::SeqCst) {
-            assert!(Instant::now() < until, "the slow commit never finished");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        // The writer now gathers for 7 × 500 ms before its next commit;
-        // a flush must not wait for that.
+        probe.wait_written(1);
+        // The writer now gathers for 7 × 300 ms of CPU before its next
+        // commit; a flush must not wait for that.
+        probe
+            .changed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         store.wake();
         let asked = Instant::now();
         store.flush();
@@ -809,7 +859,29 @@ mod tests {
             waited < slow * 3,
             "the flush waited {waited:?}, the pause after the slow commit"
         );
+        assert_eq!(probe.written(), 2);
         assert_eq!(store.load_keys("slow").len(), 1);
+    }
+
+    #[test]
+    fn a_commit_slow_only_in_waiting_does_not_delay_the_next() {
+        let store = Store::in_memory();
+        // 500 ms asleep: a sync on a loaded disk, or a core taken by
+        // others. Paced by wall time, the next change would wait 3.5 s.
+        let slow = Duration::from_millis(500);
+        let probe = SlowFirst::new(slow, false);
+        store.register_index(probe.clone());
+        store.wake();
+        probe.wait_written(1);
+        probe
+            .changed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        store.wake();
+        let waited = probe.wait_written(2);
+        assert!(
+            waited < slow * 2,
+            "the next change waited {waited:?} after a commit that only waited"
+        );
     }
 
     #[test]
