@@ -39,8 +39,7 @@ pub struct Event {
     /// Put or delete.
     pub kind: EventKind,
     /// The key, relative to the source. Shared with the source's key
-    /// index, so queueing an event copies no key and the plugin worker
-    /// that drops it frees nothing another thread allocated.
+    /// index, so queueing an event copies no key.
     pub key: Arc<str>,
     /// The new value; `None` on delete.
     pub value: Option<Bytes>,

@@ -142,9 +142,11 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
     let runtime = runtime()?;
     let input = events(n, 10_000, &value());
     let mut s = Samples::default();
+    // Compiled once for the floor and the sandboxed loop (each run gets
+    // a fresh instance).
+    let noop = loaded(&runtime, &wasm, "noop", default_limits())?;
     let floor = |out: &mut Samples| -> anyhow::Result<f64> {
-        let l = loaded(&runtime, &wasm, "noop", default_limits())?;
-        let rate = n as f64 / bare_calls(&runtime, &l, &input)?.as_secs_f64();
+        let rate = n as f64 / bare_calls(&runtime, &noop, &input)?.as_secs_f64();
         out.add("floor_bare_wasmtime_events_per_s", "events/s", rate);
         Ok(rate)
     };
@@ -204,11 +206,10 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
         // The floor with the gateway's per-call isolation (limits armed
         // before each call, output flushed after): what the sandbox costs
         // apart from the queue.
-        let l = loaded(&runtime, &wasm, "noop", default_limits())?;
         let mut sandbox = Sandbox::new(runtime.clone());
         let start = Instant::now();
         for e in &input {
-            let r = sandbox.call(&l, e);
+            let r = sandbox.call(&noop, e);
             anyhow::ensure!(
                 r.outcome == crate::telemetry::Outcome::ok,
                 "{:?}",

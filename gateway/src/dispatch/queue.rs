@@ -364,14 +364,15 @@ impl EventQueue {
         let mut inner = self.inner.lock();
         inner.untrack_all(&events);
         if inner.entries.is_empty() {
-            // Nothing queued: the consumer goes idle, and no push may come
-            // soon (a pooled plugin is not polled again until one does).
+            // Nothing queued (or closed): the consumer goes idle, and no
+            // push may come soon (a pooled plugin is not polled again until
+            // one does).
             let spent = inner.take_spent();
             drop(inner);
             drop((spent, events));
             return;
         }
-        if inner.closed || inner.spent_len + events.len() > SPENT_MAX {
+        if inner.spent_len + events.len() > SPENT_MAX {
             drop(inner);
             drop(events);
             return;
