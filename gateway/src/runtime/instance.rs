@@ -58,6 +58,9 @@ pub struct LoadedPlugin {
 pub struct Sandbox {
     runtime: Arc<Runtime>,
     live: Option<Live>,
+    /// The source of the last event lowered, and its name as the guest's
+    /// string (see [`Sandbox::lower`]).
+    source: Option<(Arc<str>, String)>,
 }
 
 /// Epochs to allow for a deadline of `timeout_ms`, rounded up, plus one for
@@ -69,8 +72,13 @@ fn deadline_ticks(timeout_ms: u64) -> u64 {
 
 /// The guest's view of an event.
 pub fn to_wit(e: &Event) -> wit::Event {
+    to_wit_from(e, String::from(&*e.source))
+}
+
+/// [`to_wit`] with the source name given.
+fn to_wit_from(e: &Event, source: String) -> wit::Event {
     wit::Event {
-        source: String::from(&*e.source),
+        source,
         kind: match e.kind {
             EventKind::Put => wit::EventKind::Put,
             EventKind::Delete => wit::EventKind::Delete,
@@ -134,7 +142,27 @@ impl Sandbox {
         Sandbox {
             runtime,
             live: None,
+            source: None,
         }
+    }
+
+    /// [`to_wit`], the source name copied from the last event's when the
+    /// source is the same. The producer changes the reference count of an
+    /// event's source for every event it queues, and the count shares a
+    /// cache line with the name: reading the name from there for every
+    /// call would pull that line from the producer's core each time (and
+    /// make the producer's next change pull it back). Comparing the
+    /// pointers reads nothing shared.
+    fn lower(&mut self, e: &Event) -> wit::Event {
+        let source = match &self.source {
+            Some((arc, name)) if Arc::ptr_eq(arc, &e.source) => name.clone(),
+            _ => {
+                let name = String::from(&*e.source);
+                self.source = Some((e.source.clone(), name.clone()));
+                name
+            }
+        };
+        to_wit_from(e, source)
     }
 
     /// Whether an instance is alive (false after a trap until the next
@@ -216,6 +244,7 @@ impl Sandbox {
             attributed: false,
             elapsed: start.elapsed(),
         };
+        let args: Vec<wit::Event> = events.iter().map(|e| self.lower(e)).collect();
         let live = match self.live_for(plugin) {
             Ok(l) => l,
             Err((e, hit)) => return failed(e, hit, "instantiation failed"),
@@ -230,7 +259,6 @@ impl Sandbox {
         if let Err(e) = Self::arm(&mut live.store, &limits) {
             return failed(e, false, "cannot set limits");
         }
-        let args: Vec<wit::Event> = events.iter().map(to_wit).collect();
         let result = live.bindings.call_handle_batch(&mut live.store, &args);
         live.store.data().flush_output();
         match result {
@@ -284,6 +312,7 @@ impl Sandbox {
             message: Some(format!("{what}: {e:#}")),
             elapsed: start.elapsed(),
         };
+        let arg = self.lower(event);
         let live = match self.live_for(plugin) {
             Ok(l) => l,
             Err((e, hit)) => return failed(e, hit, "instantiation failed"),
@@ -291,7 +320,6 @@ impl Sandbox {
         if let Err(e) = Self::arm(&mut live.store, limits) {
             return failed(e, false, "cannot set limits");
         }
-        let arg = to_wit(event);
         let result = live.bindings.call_handle(&mut live.store, &arg);
         live.store.data().flush_output();
         match result {
@@ -313,5 +341,37 @@ impl Sandbox {
                 failed(e, hit, "trapped")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::config::RuntimeConfig;
+
+    #[test]
+    fn each_lowered_event_is_named_by_its_own_source() {
+        let runtime = Runtime::new(&RuntimeConfig {
+            max_instances: 1,
+            ..RuntimeConfig::default()
+        })
+        .unwrap();
+        let mut sandbox = Sandbox::new(runtime);
+        let a: Arc<str> = Arc::from("a");
+        let b: Arc<str> = Arc::from("b");
+        // The same name in another allocation, and a longer one.
+        let a_again: Arc<str> = Arc::from("a");
+        let ab: Arc<str> = Arc::from("ab");
+        let names: Vec<String> = [&a, &b, &b, &a, &a_again, &ab, &a]
+            .into_iter()
+            .map(|source| {
+                sandbox
+                    .lower(&Event::put(source, "k", Bytes::from_static(b"v"), 1))
+                    .source
+            })
+            .collect();
+        assert_eq!(names, ["a", "b", "b", "a", "a", "ab", "a"]);
     }
 }
