@@ -206,9 +206,14 @@ const SLOW_CALL: Duration = Duration::from_millis(1);
 const POOLED_TAKE: usize = 32;
 
 /// Quick, successful events in a row on its own thread before a plugin is
-/// pooled; doubled each time it leaves the pool, up to [`TO_POOL_MOST`],
-/// so a plugin that is quick only now and then stops going back and forth.
-const TO_POOL_FIRST: u64 = 64;
+/// pooled (counted once it is healthy enough for batches); doubled each
+/// time it leaves the pool, up to [`TO_POOL_MOST`], so a plugin that is
+/// quick only now and then stops going back and forth. Kept low: until it
+/// is pooled, every event costs a plugin a thread wake-up, and with a
+/// hundred plugins starting at once those wake-ups were the worst
+/// latencies of the fan-out benchmark (64 here made each plugin's first
+/// 100 events wait two to three times longer than 16 does).
+const TO_POOL_FIRST: u64 = HEALTHY_TO_BATCH as u64;
 const TO_POOL_MOST: u64 = TO_POOL_FIRST << 12;
 
 /// How often (in batches) a source prunes tombstones every plugin handled.
