@@ -18,7 +18,7 @@ use super::{CompiledPlugin, EPOCH_TICK, Runtime};
 use crate::config::Limits;
 use crate::event::{Event, EventKind};
 use crate::host::{HostState, PluginContext};
-use crate::telemetry::{Metrics, Outcome};
+use crate::telemetry::{Outcome, PluginCounter};
 
 /// How one call went.
 #[derive(Debug, Clone)]
@@ -208,9 +208,7 @@ impl Sandbox {
         plugin
             .ctx
             .metrics
-            .plugin_instantiations
-            .get_or_create(&Metrics::plugin(&plugin.ctx.name))
-            .inc();
+            .count_plugin(PluginCounter::Instantiation, &plugin.ctx.name);
         match plugin.compiled.pre.instantiate(&mut store) {
             Ok(bindings) => {
                 self.live = Some(Live {
@@ -228,65 +226,80 @@ impl Sandbox {
         }
     }
 
+    /// The one way into the guest: the live instance of `plugin` (made if
+    /// needed) with its limits armed (`fuel` for this call), `enter` run
+    /// on it, and the guest's output flushed. A trap (or a failed
+    /// instantiation) drops the instance and becomes the call's report,
+    /// timed from `start`.
+    fn invoke<T>(
+        &mut self,
+        plugin: &LoadedPlugin,
+        fuel: u64,
+        start: Instant,
+        enter: impl FnOnce(&Plugin, &mut Store<HostState>) -> wasmtime::Result<T>,
+    ) -> Result<T, CallReport> {
+        let failed = |e: wasmtime::Error, hit: bool, what: &str| CallReport {
+            outcome: classify(&e, hit),
+            trap: trap_code(&e),
+            message: Some(format!("{what}: {e:#}")),
+            elapsed: start.elapsed(),
+        };
+        let live = match self.live_for(plugin) {
+            Ok(l) => l,
+            Err((e, hit)) => return Err(failed(e, hit, "instantiation failed")),
+        };
+        let limits = Limits {
+            fuel,
+            ..plugin.limits
+        };
+        if let Err(e) = Self::arm(&mut live.store, &limits) {
+            return Err(failed(e, false, "cannot set limits"));
+        }
+        let result = enter(&live.bindings, &mut live.store);
+        live.store.data().flush_output();
+        match result {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                let hit = live.store.data_mut().limiter.take_hit();
+                self.live = None;
+                Err(failed(e, hit, "trapped"))
+            }
+        }
+    }
+
     /// Run `handle-batch` on several events in one call: the fuel of one
     /// call per event, but the deadline of a single call, so a slow batch
     /// times out and the caller falls back to one call per event.
     pub fn call_batch(&mut self, plugin: &LoadedPlugin, events: &[Event]) -> BatchReport {
         let start = Instant::now();
-        let failed = |e: wasmtime::Error, hit: bool, what: &str| BatchReport {
-            handled: 0,
-            failure: Some(CallReport {
-                outcome: classify(&e, hit),
-                trap: trap_code(&e),
-                message: Some(format!("{what}: {e:#}")),
-                elapsed: start.elapsed(),
-            }),
-            attributed: false,
-            elapsed: start.elapsed(),
-        };
         let args: Vec<wit::Event> = events.iter().map(|e| self.lower(e)).collect();
-        let live = match self.live_for(plugin) {
-            Ok(l) => l,
-            Err((e, hit)) => return failed(e, hit, "instantiation failed"),
-        };
-        let limits = Limits {
-            fuel: plugin
-                .limits
-                .fuel
-                .saturating_mul(events.len().max(1) as u64),
-            ..plugin.limits
-        };
-        if let Err(e) = Self::arm(&mut live.store, &limits) {
-            return failed(e, false, "cannot set limits");
-        }
-        let result = live.bindings.call_handle_batch(&mut live.store, &args);
-        live.store.data().flush_output();
-        match result {
-            Ok(Ok(())) => BatchReport {
-                handled: events.len(),
-                failure: None,
-                attributed: false,
-                elapsed: start.elapsed(),
-            },
+        let fuel = plugin
+            .limits
+            .fuel
+            .saturating_mul(events.len().max(1) as u64);
+        let result = self.invoke(plugin, fuel, start, |b, store| {
+            b.call_handle_batch(store, &args)
+        });
+        let (handled, failure) = match result {
+            Ok(Ok(())) => (events.len(), None),
             Ok(Err(e)) => {
-                let handled = (e.index as usize).min(events.len());
-                BatchReport {
-                    handled,
-                    failure: Some(CallReport {
-                        outcome: Outcome::error,
-                        message: Some(e.message),
-                        trap: None,
-                        elapsed: start.elapsed(),
-                    }),
-                    attributed: handled < events.len(),
+                let report = CallReport {
+                    outcome: Outcome::error,
+                    message: Some(e.message),
+                    trap: None,
                     elapsed: start.elapsed(),
-                }
+                };
+                ((e.index as usize).min(events.len()), Some(report))
             }
-            Err(e) => {
-                let hit = live.store.data_mut().limiter.take_hit();
-                self.live = None;
-                failed(e, hit, "trapped")
-            }
+            Err(report) => (0, Some(report)),
+        };
+        BatchReport {
+            handled,
+            attributed: failure
+                .as_ref()
+                .is_some_and(|f| f.outcome == Outcome::error && handled < events.len()),
+            failure,
+            elapsed: start.elapsed(),
         }
     }
 
@@ -305,41 +318,20 @@ impl Sandbox {
         event: &Event,
         start: Instant,
     ) -> CallReport {
-        let limits = &plugin.limits;
-        let failed = |e: wasmtime::Error, hit: bool, what: &str| CallReport {
-            outcome: classify(&e, hit),
-            trap: trap_code(&e),
-            message: Some(format!("{what}: {e:#}")),
-            elapsed: start.elapsed(),
-        };
         let arg = self.lower(event);
-        let live = match self.live_for(plugin) {
-            Ok(l) => l,
-            Err((e, hit)) => return failed(e, hit, "instantiation failed"),
+        let result = self.invoke(plugin, plugin.limits.fuel, start, |b, store| {
+            b.call_handle(store, &arg)
+        });
+        let (outcome, message) = match result {
+            Ok(Ok(())) => (Outcome::ok, None),
+            Ok(Err(message)) => (Outcome::error, Some(message)),
+            Err(report) => return report,
         };
-        if let Err(e) = Self::arm(&mut live.store, limits) {
-            return failed(e, false, "cannot set limits");
-        }
-        let result = live.bindings.call_handle(&mut live.store, &arg);
-        live.store.data().flush_output();
-        match result {
-            Ok(Ok(())) => CallReport {
-                outcome: Outcome::ok,
-                message: None,
-                trap: None,
-                elapsed: start.elapsed(),
-            },
-            Ok(Err(message)) => CallReport {
-                outcome: Outcome::error,
-                message: Some(message),
-                trap: None,
-                elapsed: start.elapsed(),
-            },
-            Err(e) => {
-                let hit = live.store.data_mut().limiter.take_hit();
-                self.live = None;
-                failed(e, hit, "trapped")
-            }
+        CallReport {
+            outcome,
+            message,
+            trap: None,
+            elapsed: start.elapsed(),
         }
     }
 }
