@@ -23,13 +23,13 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminSettings, AdminState, ReloadRequest};
+use crate::backoff::Backoff;
 use crate::cluster::{Cluster, ClusterReport};
 use crate::config::{Config, SourceConfig, SourceEntry, StartupPolicy};
 use crate::dispatch::Dispatcher;
 use crate::host::log::TracingSink;
 use crate::plugin_dir::PluginLoader;
 use crate::runtime::Runtime;
-use crate::source::backoff::Backoff;
 use crate::source::consul::ConsulSource;
 use crate::source::etcd::EtcdSource;
 use crate::source::file::FileSource;

@@ -217,24 +217,6 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The wait after failed attempt number `attempt` (1-based).
-    pub fn delay(&self, attempt: u32) -> Duration {
-        let factor = 1u32 << attempt.saturating_sub(1).min(16);
-        self.backoff.saturating_mul(factor).min(self.max_backoff)
-    }
-
-    /// The longest wait between probes of a quarantined plugin.
-    pub const MAX_PROBE_BACKOFF: Duration = Duration::from_secs(300);
-
-    /// The wait before probe number `probe` (1-based) of a quarantined
-    /// plugin.
-    pub fn probe_delay(&self, probe: u32) -> Duration {
-        let factor = 1u32 << probe.saturating_sub(1).min(16);
-        self.probe_backoff
-            .saturating_mul(factor)
-            .min(Self::MAX_PROBE_BACKOFF)
-    }
-
     fn merged(self, over: PolicyOverrides) -> RetryPolicy {
         RetryPolicy {
             attempts: over.attempts.unwrap_or(self.attempts),
@@ -938,6 +920,24 @@ pub struct Subscription {
     /// Key prefix; empty matches every key.
     #[serde(default)]
     pub prefix: String,
+}
+
+impl Subscription {
+    /// Whether this subscription covers `key` of `source`.
+    pub fn matches(&self, source: &str, key: &str) -> bool {
+        self.source == source && key.starts_with(&self.prefix)
+    }
+
+    /// Whether a plugin with `subscriptions` receives `key` of `source`:
+    /// an empty list receives everything.
+    pub fn any_matches(subscriptions: &[Subscription], source: &str, key: &str) -> bool {
+        subscriptions.is_empty() || subscriptions.iter().any(|s| s.matches(source, key))
+    }
+
+    /// Whether a plugin with `subscriptions` receives anything of `source`.
+    pub fn any_covers(subscriptions: &[Subscription], source: &str) -> bool {
+        subscriptions.is_empty() || subscriptions.iter().any(|s| s.source == source)
+    }
 }
 
 /// `[grants]`: the only way a plugin gets a capability.

@@ -22,6 +22,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod backoff;
 pub mod bench;
 pub mod cli;
 pub mod cluster;

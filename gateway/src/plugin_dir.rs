@@ -34,7 +34,7 @@ use crate::runtime::instance::LoadedPlugin;
 use crate::runtime::{CompiledPlugin, LoadError, Runtime};
 use crate::source::file::FileSource;
 use crate::source::{EventSink, Source, SourceContext, SourceStatus};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, PluginCounter};
 
 /// Why a plugin could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -324,10 +324,7 @@ impl PluginLoader {
     }
 
     fn reject(&self, name: &str, error: String) {
-        self.metrics
-            .plugin_load_failures
-            .get_or_create(&Metrics::plugin(name))
-            .inc();
+        self.metrics.count_plugin(PluginCounter::LoadFailure, name);
         let running = self.dispatcher.plugin_names().iter().any(|n| n == name);
         tracing::error!(
             plugin = %name,
@@ -533,10 +530,7 @@ impl PluginLoader {
             return self.reject(name, format!("cannot start worker thread: {e}"));
         }
         self.status.rejected.lock().remove(name);
-        self.metrics
-            .plugin_loads
-            .get_or_create(&Metrics::plugin(name))
-            .inc();
+        self.metrics.count_plugin(PluginCounter::Load, name);
         tracing::info!(
             plugin = %name,
             version,

@@ -7,7 +7,6 @@
 //! know about plugins, queues or wasmtime; it must return from
 //! [`Source::run`] promptly once `shutdown` is cancelled.
 
-pub mod backoff;
 pub mod consul;
 pub mod etcd;
 pub mod file;

@@ -68,6 +68,34 @@ impl Outcome {
     }
 }
 
+/// Every outcome, in a fixed order: per-plugin counters are arrays indexed
+/// by it, with `ok` first.
+pub const OUTCOMES: [Outcome; 6] = [
+    Outcome::ok,
+    Outcome::error,
+    Outcome::trap,
+    Outcome::timeout,
+    Outcome::out_of_fuel,
+    Outcome::memory,
+];
+
+/// The per-plugin counters that count one occurrence at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PluginCounter {
+    /// A version loaded.
+    Load,
+    /// A file rejected.
+    LoadFailure,
+    /// A fresh instance made (first call, or after a trap).
+    Instantiation,
+    /// A call retried.
+    Retry,
+    /// An event kept as a dead letter.
+    DeadLetter,
+    /// A log line dropped by the plugin's log budget.
+    LogLineDropped,
+}
+
 /// Labels of a plugin call outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
@@ -354,6 +382,28 @@ impl Metrics {
             .observe(seconds);
     }
 
+    /// Count one event of `plugin` in a per-plugin counter (a load, a
+    /// failed load, an instantiation, a retry, a dead letter, a dropped
+    /// log line).
+    pub fn count_plugin(&self, counter: PluginCounter, plugin: &str) {
+        let family = match counter {
+            PluginCounter::Load => &self.plugin_loads,
+            PluginCounter::LoadFailure => &self.plugin_load_failures,
+            PluginCounter::Instantiation => &self.plugin_instantiations,
+            PluginCounter::Retry => &self.plugin_retries,
+            PluginCounter::DeadLetter => &self.dead_letters,
+            PluginCounter::LogLineDropped => &self.plugin_log_dropped,
+        };
+        family.get_or_create(&Self::plugin(plugin)).inc();
+    }
+
+    /// Show whether `plugin` is quarantined.
+    pub fn set_quarantined(&self, plugin: &str, on: bool) {
+        self.plugin_quarantined
+            .get_or_create(&Self::plugin(plugin))
+            .set(i64::from(on));
+    }
+
     /// Count a log line held back as a repeat.
     pub fn suppressed(&self, origin: &str) {
         self.log_suppressed
@@ -383,6 +433,46 @@ impl Metrics {
                 outcome: outcome.to_owned(),
             })
             .inc();
+    }
+}
+
+/// The metrics one plugin's worker updates on every event, looked up once
+/// when the worker starts so the hot path takes no label lookup.
+pub struct PluginHandles {
+    /// Calls by outcome, in the order of [`OUTCOMES`].
+    pub calls: Vec<Counter>,
+    /// Call durations.
+    pub seconds: Histogram,
+    /// Events waiting.
+    pub depth: Gauge,
+    /// Changes folded into queued events.
+    pub coalesced: Counter,
+    /// Events folded because the queue was full.
+    pub overflow: Counter,
+}
+
+impl PluginHandles {
+    /// The handles of `plugin` in `metrics`.
+    pub fn new(metrics: &Metrics, plugin: &str) -> PluginHandles {
+        let labels = Metrics::plugin(plugin);
+        PluginHandles {
+            calls: OUTCOMES
+                .iter()
+                .map(|o| {
+                    metrics
+                        .plugin_invocations
+                        .get_or_create(&OutcomeLabels {
+                            plugin: plugin.to_owned(),
+                            outcome: *o,
+                        })
+                        .clone()
+                })
+                .collect(),
+            seconds: metrics.plugin_call_seconds.get_or_create(&labels).clone(),
+            depth: metrics.plugin_queue_depth.get_or_create(&labels).clone(),
+            coalesced: metrics.plugin_coalesced.get_or_create(&labels).clone(),
+            overflow: metrics.plugin_queue_overflow.get_or_create(&labels).clone(),
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, PluginCounter};
 
 /// Severity of a plugin log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -109,9 +109,7 @@ impl PluginLog {
         if self.limiter.check().is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             self.metrics
-                .plugin_log_dropped
-                .get_or_create(&Metrics::plugin(&self.plugin))
-                .inc();
+                .count_plugin(PluginCounter::LogLineDropped, &self.plugin);
             return;
         }
         let dropped = self.dropped.swap(0, Ordering::Relaxed);
@@ -144,8 +142,8 @@ pub struct LineStream {
     stream: Stream,
     buf: Arc<Mutex<Vec<u8>>>,
     /// `buf` holds a partial line: the flush after every call reads this
-    /// flag instead of taking the lock (two locks a call showed in the
-    /// dispatch profile).
+    /// flag instead of taking the lock, which would otherwise be paid on
+    /// every call, output or not.
     partial: Arc<AtomicBool>,
 }
 

@@ -58,15 +58,11 @@ impl SnapshotGrant {
     }
 
     fn covers(&self, source: &str, key: &str) -> bool {
-        self.subscriptions.is_empty()
-            || self
-                .subscriptions
-                .iter()
-                .any(|s| s.source == source && key.starts_with(&s.prefix))
+        Subscription::any_matches(&self.subscriptions, source, key)
     }
 
     fn subscribed(&self, source: &str) -> Result<(), Denied> {
-        if self.subscriptions.is_empty() || self.subscriptions.iter().any(|s| s.source == source) {
+        if Subscription::any_covers(&self.subscriptions, source) {
             Ok(())
         } else {
             Err((

@@ -22,8 +22,8 @@ use governor::{Quota, RateLimiter};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
-use super::backoff::Backoff;
 use super::{Source, SourceContext, SourceFuture, WatchGroup, diff_snapshot};
+use crate::backoff::Backoff;
 use crate::telemetry::RepeatLog;
 
 /// `kind = "consul"`.

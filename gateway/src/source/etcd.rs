@@ -24,8 +24,8 @@ use etcd_client::{
 };
 use serde::Deserialize;
 
-use super::backoff::Backoff;
 use super::{Source, SourceContext, SourceFuture};
+use crate::backoff::Backoff;
 use crate::event::Event;
 use crate::telemetry::RepeatLog;
 

@@ -35,8 +35,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use walkdir::WalkDir;
 
-use super::backoff::Backoff;
 use super::{Source, SourceContext, SourceFuture};
+use crate::backoff::Backoff;
 use crate::config::FileSourceConfig;
 use crate::event::Event;
 

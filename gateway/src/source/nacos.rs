@@ -21,8 +21,8 @@ use md5::{Digest as _, Md5};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
-use super::backoff::Backoff;
 use super::{Source, SourceContext, SourceFuture, WatchGroup, diff_snapshot};
+use crate::backoff::Backoff;
 use crate::event::Event;
 use crate::telemetry::RepeatLog;
 

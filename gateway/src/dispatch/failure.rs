@@ -1,0 +1,366 @@
+//! What a failed call leads to: retries, dead letters, quarantine.
+//!
+//! A failed call is retried with a jittered [`Backoff`] up to the plugin's
+//! retry attempts; an event that failed on every attempt becomes a dead
+//! letter, so it completes and cannot hold the queue back. A plugin that
+//! traps on `quarantine_after` calls in a row is quarantined: its events
+//! stay queued and one at a time is tried as a probe, with a growing wait
+//! between probes; a probe that does not trap ends the quarantine. This is
+//! the one place that retries, dead-letters or quarantines. It runs only
+//! on the worker's own thread (a pooled round hands a failed plugin back
+//! first) and must not route events.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+
+use super::Dispatcher;
+use super::report::{LastFailure, QuarantineReport, unix_seconds};
+use super::route::PluginSpec;
+use super::worker::{Runner, Worker, WorkerState};
+use crate::backoff::Backoff;
+use crate::config::RetryPolicy;
+use crate::event::Event;
+use crate::runtime::instance::CallReport;
+use crate::store::DeadLetter;
+use crate::telemetry::{OUTCOMES, Outcome, PluginCounter};
+
+/// The longest wait between probes of a quarantined plugin.
+const MAX_PROBE_BACKOFF: Duration = Duration::from_secs(300);
+
+/// A plugin set aside after `quarantine_after` traps in a row. An event
+/// that traps on as many probes as the plugin's retry attempts becomes a
+/// dead letter, so one poisonous event cannot hold the rest back forever.
+#[derive(Debug)]
+pub(super) struct Quarantine {
+    since: SystemTime,
+    probes: u32,
+    next_probe: Instant,
+    backoff: Backoff,
+    /// The event probed last, and how often it trapped.
+    head: Option<(std::sync::Arc<str>, u64, String)>,
+    head_attempts: u32,
+}
+
+/// Failure lines of one worker, rate limited: at most one a second; the
+/// rest are counted in the outcome metric and summarized in the next line.
+pub(super) struct FailureLog {
+    limiter: DefaultDirectRateLimiter,
+    unlogged: u64,
+}
+
+impl Default for FailureLog {
+    fn default() -> Self {
+        FailureLog {
+            limiter: RateLimiter::direct(Quota::per_second(std::num::NonZeroU32::MIN)),
+            unlogged: 0,
+        }
+    }
+}
+
+/// Outcomes that mean the plugin itself broke (as opposed to a handler
+/// returning an error): these count towards quarantine.
+pub(super) fn is_trap(outcome: Outcome) -> bool {
+    matches!(
+        outcome,
+        Outcome::trap | Outcome::timeout | Outcome::out_of_fuel | Outcome::memory
+    )
+}
+
+/// How [`Worker::handle_one`] ended.
+pub(super) enum Handled {
+    /// Complete (handled or dead-lettered); whether the first attempt
+    /// succeeded.
+    Done(bool),
+    /// A stop or park interrupted it; the event stays pending.
+    Interrupted,
+    /// The plugin was quarantined; the event was not completed.
+    Quarantined,
+}
+
+/// The retry delays of one event.
+fn retry_backoff(policy: &RetryPolicy) -> Backoff {
+    Backoff::new(policy.backoff, policy.max_backoff)
+}
+
+impl Worker {
+    /// One event with retries, then a dead letter. `prior` is a first
+    /// attempt already made (in a batch, or as a probe). Traps in a row are
+    /// counted in the runner; reaching the plugin's `quarantine_after`
+    /// quarantines it and leaves the event to the caller.
+    pub(super) fn handle_one(
+        &self,
+        r: &mut Runner,
+        event: &Event,
+        prior: Option<CallReport>,
+    ) -> Handled {
+        let mut attempt = 1;
+        let mut report = prior.unwrap_or_else(|| {
+            let spec = self.spec.load_full();
+            r.sandbox.call(&spec.loaded, event)
+        });
+        self.record(event, &report);
+        let first_ok = report.outcome == Outcome::ok;
+        let mut backoff = retry_backoff(&self.spec.load().retry);
+        loop {
+            r.traps = if is_trap(report.outcome) {
+                r.traps + 1
+            } else {
+                0
+            };
+            let spec = self.spec.load_full();
+            let k = spec.retry.quarantine_after;
+            if k > 0 && r.traps >= k {
+                self.enter_quarantine(r.traps, &report);
+                return Handled::Quarantined;
+            }
+            if report.outcome == Outcome::ok || attempt >= spec.retry.attempts {
+                break;
+            }
+            if !self.pause(backoff.next_delay()) {
+                // Stopped or parked while waiting to retry: the event stays
+                // pending and is delivered again after a restart (or by the
+                // next owner).
+                return Handled::Interrupted;
+            }
+            self.metrics.count_plugin(PluginCounter::Retry, &self.name);
+            attempt += 1;
+            report = r.sandbox.call(&spec.loaded, event);
+            self.record(event, &report);
+        }
+        // The caller completes the event in the queue (with the others of
+        // its round).
+        if report.outcome == Outcome::ok {
+            self.succeeded(event);
+        } else {
+            let letter = self.dead_letter(event, &report, attempt);
+            let log = &mut r.failures;
+            if log.limiter.check().is_ok() {
+                tracing::warn!(
+                    plugin = %self.name,
+                    source = %event.source,
+                    key = %event.key,
+                    revision = event.revision,
+                    outcome = report.outcome.as_str(),
+                    attempts = attempt,
+                    dead_letter = letter,
+                    suppressed = log.unlogged,
+                    error = report.message.as_deref().unwrap_or(""),
+                    "Plugin call failed on every attempt; the event was kept as a dead letter."
+                );
+                log.unlogged = 0;
+            } else {
+                log.unlogged += 1;
+                self.metrics.suppressed(&format!("plugin/{}", self.name));
+            }
+        }
+        Handled::Done(first_ok)
+    }
+
+    /// When the next probe of a quarantined plugin is due.
+    pub(super) fn next_probe(&self) -> Option<Instant> {
+        self.quarantine.lock().as_ref().map(|q| q.next_probe)
+    }
+
+    fn set_quarantined_metric(&self, on: bool) {
+        self.metrics.set_quarantined(&self.name, on);
+    }
+
+    fn enter_quarantine(&self, traps: u32, report: &CallReport) {
+        let mut backoff = Backoff::new(self.spec.load().retry.probe_backoff, MAX_PROBE_BACKOFF);
+        let delay = backoff.next_delay();
+        *self.quarantine.lock() = Some(Quarantine {
+            since: SystemTime::now(),
+            probes: 0,
+            next_probe: Instant::now() + delay,
+            backoff,
+            head: None,
+            head_attempts: 0,
+        });
+        self.shift(WorkerState::Own, WorkerState::Quarantined);
+        self.set_quarantined_metric(true);
+        tracing::warn!(
+            plugin = %self.name,
+            traps,
+            outcome = report.outcome.as_str(),
+            error = report.message.as_deref().unwrap_or(""),
+            probe_in_ms = delay.as_millis() as u64,
+            "Plugin quarantined after trapping on every recent call; its events are kept and it will be probed again."
+        );
+    }
+
+    pub(super) fn leave_quarantine(&self) {
+        let probes = self.quarantine.lock().take().map_or(0, |q| q.probes);
+        self.shift(WorkerState::Quarantined, WorkerState::Own);
+        self.set_quarantined_metric(false);
+        tracing::info!(plugin = %self.name, probes, "Plugin left quarantine: a probe call did not trap.");
+    }
+
+    /// Forget the quarantine when the plugin stops.
+    pub(super) fn end_quarantine(&self) {
+        if self.quarantine.lock().take().is_some() {
+            self.set_quarantined_metric(false);
+        }
+    }
+
+    /// A probe trapped: wait longer for the next one; the event is probed
+    /// again, or dead-lettered once it trapped on as many probes as the
+    /// plugin's retry attempts.
+    pub(super) fn probe_failed(&self, event: &Event, report: &CallReport, spec: &PluginSpec) {
+        let id = (event.source.clone(), event.seq, event.key.to_string());
+        let (attempts, probes) = {
+            let mut q = self.quarantine.lock();
+            let Some(q) = q.as_mut() else {
+                return;
+            };
+            q.probes += 1;
+            q.next_probe = Instant::now() + q.backoff.next_delay();
+            if q.head.as_ref() == Some(&id) {
+                q.head_attempts += 1;
+            } else {
+                q.head = Some(id);
+                q.head_attempts = 1;
+            }
+            (q.head_attempts, q.probes)
+        };
+        if attempts >= spec.retry.attempts {
+            let letter = self.dead_letter(event, report, attempts);
+            tracing::warn!(
+                plugin = %self.name,
+                source = %event.source,
+                key = %event.key,
+                dead_letter = letter,
+                probes,
+                "Quarantined plugin trapped on this event at every probe; it was kept as a dead letter."
+            );
+            self.queue.complete(event);
+        } else {
+            self.queue.requeue_front(vec![event.clone()]);
+        }
+    }
+
+    /// A new version arrived: probe it at once.
+    pub(super) fn probe_now(&self) {
+        if let Some(q) = self.quarantine.lock().as_mut() {
+            q.next_probe = Instant::now();
+        }
+    }
+
+    /// The quarantine as `/v1/plugins` shows it.
+    pub(super) fn quarantine_report(&self) -> Option<QuarantineReport> {
+        self.quarantine.lock().as_ref().map(|q| QuarantineReport {
+            since: unix_seconds(q.since),
+            probes: q.probes,
+            next_probe_in_ms: q
+                .next_probe
+                .saturating_duration_since(Instant::now())
+                .as_millis() as u64,
+        })
+    }
+
+    /// A replayed dead letter succeeded: forget it.
+    pub(super) fn succeeded(&self, event: &Event) {
+        if let Some(id) = event.dead_letter {
+            self.store.remove_dead_letter(&self.name, id);
+            self.stats.dead_letters.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Wait `delay` unless stopped or parked meanwhile; false then.
+    fn pause(&self, delay: Duration) -> bool {
+        let until = Instant::now() + delay;
+        while !self.interrupted() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(50)));
+        }
+        false
+    }
+
+    /// Keep `event` as a dead letter (replacing the one it replayed);
+    /// returns its id.
+    fn dead_letter(&self, event: &Event, report: &CallReport, attempts: u32) -> u64 {
+        if let Some(old) = event.dead_letter {
+            self.store.remove_dead_letter(&self.name, old);
+        } else {
+            self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+        }
+        self.metrics
+            .count_plugin(PluginCounter::DeadLetter, &self.name);
+        let letter = self.store.add_dead_letter(
+            &self.name,
+            DeadLetter {
+                id: 0,
+                event: event.to_line(),
+                seq: event.seq,
+                outcome: report.outcome.as_str().to_owned(),
+                error: report.message.clone().unwrap_or_default(),
+                attempts,
+                at: 0,
+            },
+        );
+        letter.id
+    }
+
+    /// Count one call of `event` by its outcome, and keep a failure as the
+    /// plugin's last.
+    pub(super) fn record(&self, event: &Event, report: &CallReport) {
+        let outcome = report.outcome;
+        self.handles.seconds.observe(report.elapsed.as_secs_f64());
+        if let Some(i) = OUTCOMES.iter().position(|o| *o == outcome) {
+            self.handles.calls[i].inc();
+            self.stats.calls[i].fetch_add(1, Ordering::Relaxed);
+        }
+        if outcome != Outcome::ok {
+            *self.stats.last_failure.lock() = Some(LastFailure {
+                outcome,
+                key: event.key.to_string(),
+                message: report.message.clone().unwrap_or_default(),
+                at: unix_seconds(SystemTime::now()),
+            });
+        }
+    }
+}
+
+impl Dispatcher {
+    /// The dead letters of `plugin` (running or not), oldest first.
+    pub fn dead_letters(&self, plugin: &str) -> Vec<DeadLetter> {
+        self.store.dead_letters(plugin)
+    }
+
+    /// Queue every dead letter of a running `plugin` again, behind what is
+    /// queued. A replayed letter is removed once a call succeeds, and kept
+    /// (with its new failure) otherwise. `None` when the plugin does not run.
+    pub fn replay_dead_letters(&self, plugin: &str) -> Option<usize> {
+        let w = self.workers.get(plugin)?.clone();
+        let events: Vec<Event> = self
+            .store
+            .dead_letters(plugin)
+            .into_iter()
+            .filter_map(|d| {
+                let mut e = Event::try_from(d.event).ok()?;
+                e.dead_letter = Some(d.id);
+                Some(e)
+            })
+            .collect();
+        let n = events.len();
+        let stats = w.queue.push(events);
+        w.count(stats);
+        Some(n)
+    }
+
+    /// Forget every dead letter of `plugin`; returns how many.
+    pub fn delete_dead_letters(&self, plugin: &str) -> usize {
+        let letters = self.store.dead_letters(plugin);
+        for d in &letters {
+            self.store.remove_dead_letter(plugin, d.id);
+        }
+        if let Some(w) = self.workers.get(plugin) {
+            w.stats.dead_letters.store(0, Ordering::Relaxed);
+        }
+        letters.len()
+    }
+}

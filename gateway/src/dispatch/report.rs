@@ -1,0 +1,216 @@
+//! What the admin API shows of each running plugin (`/v1/plugins`).
+//!
+//! Owns the report types and the live per-plugin counters they are read
+//! from. It must not change any worker's state: every read here is a
+//! snapshot taken without waiting for a call in flight.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use super::Dispatcher;
+use super::worker::{Worker, WorkerState};
+use crate::config::{Limits, PluginMode};
+use crate::telemetry::{OUTCOMES, Outcome};
+
+/// The most recent failure of a plugin, for `/v1/plugins`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LastFailure {
+    /// Outcome class.
+    pub outcome: Outcome,
+    /// Key of the event.
+    pub key: String,
+    /// Message or trap description.
+    pub message: String,
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+}
+
+/// Live counters of one plugin, kept beside the metrics because the
+/// metrics of a replaced or removed plugin outlive it.
+#[derive(Default)]
+pub(super) struct WorkerStats {
+    /// Calls by outcome, in the order of [`OUTCOMES`].
+    pub(super) calls: [AtomicU64; OUTCOMES.len()],
+    pub(super) last_failure: Mutex<Option<LastFailure>>,
+    pub(super) dead_letters: AtomicU64,
+}
+
+/// The quarantine in `/v1/plugins`.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuarantineReport {
+    /// Seconds since the Unix epoch when it began.
+    pub since: u64,
+    /// Probes made so far.
+    pub probes: u32,
+    /// Milliseconds until the next probe (0: as soon as an event waits).
+    pub next_probe_in_ms: u64,
+}
+
+/// A plugin as `/v1/plugins` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginReport {
+    /// Plugin name.
+    pub name: String,
+    /// Load counter; increases on every replace.
+    pub version: u64,
+    /// SHA-256 of the running file.
+    pub digest: String,
+    /// Size of the running file in bytes.
+    pub size: usize,
+    /// What it receives (empty: everything).
+    pub subscriptions: Vec<SubscriptionReport>,
+    /// Per-call limits.
+    pub limits: LimitsReport,
+    /// Granted `files` directory.
+    pub files_grant: Option<String>,
+    /// Events waiting.
+    pub queue_depth: usize,
+    /// Queue capacity before folding.
+    pub queue_capacity: usize,
+    /// Calls by outcome.
+    pub invocations: BTreeMap<String, u64>,
+    /// The most recent failed call.
+    pub last_failure: Option<LastFailure>,
+    /// Calls per event before it is dead-lettered.
+    pub retry_attempts: u32,
+    /// Dead letters kept for this plugin.
+    pub dead_letters: u64,
+    /// Per source: every event at or below this position was handled.
+    pub cursors: BTreeMap<String, u64>,
+    /// In a cluster: `"single"` or `"every-replica"`.
+    pub mode: &'static str,
+    /// In a cluster: not run on this replica now.
+    pub parked: bool,
+    /// `running`, `quarantined` or `parked`.
+    pub state: &'static str,
+    /// Its calls run on the shared pool of threads (a quick, healthy
+    /// plugin when there are more plugins than cores), not on its own
+    /// thread.
+    pub pooled: bool,
+    /// Set while quarantined.
+    pub quarantine: Option<QuarantineReport>,
+    /// What the plugin says about itself (its embedded manifest).
+    pub manifest: Option<crate::manifest::Manifest>,
+    /// Capabilities requested by the manifest against those granted.
+    pub capabilities: crate::manifest::CapabilityReport,
+}
+
+/// A subscription in a report.
+#[derive(Debug, Clone, Serialize)]
+pub struct SubscriptionReport {
+    /// Source name.
+    pub source: String,
+    /// Key prefix.
+    pub prefix: String,
+}
+
+/// Limits in a report.
+#[derive(Debug, Clone, Serialize)]
+pub struct LimitsReport {
+    /// Fuel per call.
+    pub fuel: u64,
+    /// Deadline per call, ms.
+    pub timeout_ms: u64,
+    /// Memory cap, MiB.
+    pub memory_mb: u64,
+}
+
+impl From<Limits> for LimitsReport {
+    fn from(l: Limits) -> Self {
+        LimitsReport {
+            fuel: l.fuel,
+            timeout_ms: l.timeout_ms,
+            memory_mb: l.memory_mb,
+        }
+    }
+}
+
+/// Seconds since the Unix epoch (0 before it).
+pub(super) fn unix_seconds(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Worker {
+    /// This plugin as `/v1/plugins` shows it.
+    pub(super) fn report(&self) -> PluginReport {
+        let spec = self.spec.load();
+        let state = self.state();
+        let quarantine = self.quarantine_report();
+        PluginReport {
+            name: self.name.clone(),
+            version: spec.loaded.version,
+            digest: spec.loaded.compiled.digest.clone(),
+            size: spec.loaded.compiled.size,
+            subscriptions: spec
+                .subscriptions
+                .iter()
+                .map(|s| SubscriptionReport {
+                    source: s.source.clone(),
+                    prefix: s.prefix.clone(),
+                })
+                .collect(),
+            limits: spec.loaded.limits.into(),
+            files_grant: spec
+                .loaded
+                .ctx
+                .files
+                .as_ref()
+                .map(|g| g.root().display().to_string()),
+            queue_depth: self.depth(),
+            queue_capacity: spec.queue_capacity,
+            invocations: OUTCOMES
+                .iter()
+                .zip(&self.stats.calls)
+                .map(|(o, c)| (o.as_str().to_owned(), c.load(Ordering::Relaxed)))
+                .collect(),
+            last_failure: self.stats.last_failure.lock().clone(),
+            retry_attempts: spec.retry.attempts,
+            dead_letters: self.stats.dead_letters.load(Ordering::Relaxed),
+            cursors: self
+                .queue
+                .cursor_positions()
+                .into_iter()
+                .map(|(s, c)| (s.to_string(), c))
+                .collect(),
+            mode: match spec.mode {
+                PluginMode::Single => "single",
+                PluginMode::EveryReplica => "every-replica",
+            },
+            parked: state == WorkerState::Parked,
+            state: state.as_str(),
+            quarantine,
+            pooled: state == WorkerState::Pooled,
+            manifest: spec.loaded.compiled.manifest.as_deref().cloned(),
+            capabilities: crate::manifest::CapabilityReport::new(
+                spec.loaded.compiled.manifest.as_deref(),
+                spec.loaded.ctx.granted(),
+            ),
+        }
+    }
+}
+
+impl Dispatcher {
+    /// Reports of the running plugins, by name.
+    pub fn reports(&self) -> Vec<PluginReport> {
+        let mut v: Vec<PluginReport> = self.workers.iter().map(|w| w.report()).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Successful calls of `plugin` (events handled), if it runs.
+    pub fn handled(&self, plugin: &str) -> Option<u64> {
+        self.workers
+            .get(plugin)
+            .map(|w| w.stats.calls[0].load(Ordering::Relaxed))
+    }
+
+    /// Events waiting for `plugin`, if it runs.
+    pub fn queue_depth(&self, plugin: &str) -> Option<usize> {
+        self.workers.get(plugin).map(|w| w.depth())
+    }
+}
