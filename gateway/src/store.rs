@@ -27,7 +27,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
-use redb::{Database, ReadableDatabase};
+use redb::{Database, Key, ReadableDatabase, TableDefinition, Value};
 
 use schema::{
     CURSORS, DEAD_LETTERS, KEYS, META, PLUGIN_STATE, SCHEMA, SOURCES, decode, decode_dead_letter,
@@ -224,18 +224,12 @@ impl Store {
     /// The stored key index of `source`.
     pub fn load_keys(&self, source: &str) -> BTreeMap<Arc<str>, KeyEntry> {
         self.read(|r| {
-            let t = r.open_table(KEYS)?;
             let mut out = BTreeMap::new();
-            for item in t.range((source, "")..)? {
-                let (k, v) = item?;
-                let (s, key) = k.value();
-                if s != source {
-                    break;
-                }
-                if let Some(entry) = decode::<KeyEntry>(v.value()) {
+            each_under(r, KEYS, source, "", |key: &str, v: &[u8]| {
+                if let Some(entry) = decode::<KeyEntry>(v) {
                     out.insert(Arc::from(key), entry);
                 }
-            }
+            })?;
             Ok(out)
         })
         .unwrap_or_default()
@@ -254,16 +248,10 @@ impl Store {
     /// Every stored cursor of `plugin`, by source.
     pub fn cursors(&self, plugin: &str) -> BTreeMap<String, u64> {
         self.read(|r| {
-            let t = r.open_table(CURSORS)?;
             let mut out = BTreeMap::new();
-            for item in t.range((plugin, "")..)? {
-                let (k, v) = item?;
-                let (p, source) = k.value();
-                if p != plugin {
-                    break;
-                }
-                out.insert(source.to_owned(), v.value());
-            }
+            each_under(r, CURSORS, plugin, "", |source: &str, seq: u64| {
+                out.insert(source.to_owned(), seq);
+            })?;
             Ok(out)
         })
         .unwrap_or_default()
@@ -272,16 +260,10 @@ impl Store {
     /// The stored `state` of `plugin`.
     pub fn plugin_state(&self, plugin: &str) -> Vec<(String, Vec<u8>)> {
         self.read(|r| {
-            let t = r.open_table(PLUGIN_STATE)?;
             let mut out = Vec::new();
-            for item in t.range((plugin, "")..)? {
-                let (k, v) = item?;
-                let (p, key) = k.value();
-                if p != plugin {
-                    break;
-                }
-                out.push((key.to_owned(), v.value().to_vec()));
-            }
+            each_under(r, PLUGIN_STATE, plugin, "", |key: &str, v: &[u8]| {
+                out.push((key.to_owned(), v.to_vec()));
+            })?;
             Ok(out)
         })
         .unwrap_or_default()
@@ -290,17 +272,12 @@ impl Store {
     /// The dead letters of `plugin`, oldest first.
     pub fn dead_letters(&self, plugin: &str) -> Vec<DeadLetter> {
         self.read(|r| {
-            let t = r.open_table(DEAD_LETTERS)?;
             let mut out = Vec::new();
-            for item in t.range((plugin, 0)..)? {
-                let (k, v) = item?;
-                if k.value().0 != plugin {
-                    break;
-                }
-                if let Some(d) = decode_dead_letter(v.value()) {
+            each_under(r, DEAD_LETTERS, plugin, 0, |_: u64, v: &[u8]| {
+                if let Some(d) = decode_dead_letter(v) {
                     out.push(d);
                 }
-            }
+            })?;
             Ok(out)
         })
         .unwrap_or_default()
@@ -401,6 +378,27 @@ impl Drop for Store {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// Hand `row` the rest of the key and the value of every row of `table`
+/// whose key begins with `first`, in key order from `(first, from)`.
+fn each_under<'a, S: Key + 'static, V: Value + 'static>(
+    r: &redb::ReadTransaction,
+    table: TableDefinition<(&'static str, S), V>,
+    first: &'a str,
+    from: S::SelfType<'a>,
+    mut row: impl FnMut(S::SelfType<'_>, V::SelfType<'_>),
+) -> Result<(), redb::Error> {
+    let t = r.open_table(table)?;
+    for item in t.range((first, from)..)? {
+        let (k, v) = item?;
+        let (f, rest) = k.value();
+        if f != first {
+            break;
+        }
+        row(rest, v.value());
+    }
+    Ok(())
 }
 
 /// Map an open error to what the operator must know.
