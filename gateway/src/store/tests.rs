@@ -105,20 +105,27 @@ impl IndexProbe for SlowFirst {
     fn unwritten(&self, _: Vec<Arc<str>>) {}
 }
 
-#[test]
-fn a_flush_does_not_wait_out_the_pause_after_a_slow_commit() {
+/// A store whose [`SlowFirst`] index has made its slow first commit and
+/// has just changed again, with the writer woken for it.
+fn changed_after_a_slow_commit(slow: Duration, spin: bool) -> (Store, Arc<SlowFirst>) {
     let store = Store::in_memory();
-    let slow = Duration::from_millis(300);
-    let probe = SlowFirst::new(slow, true);
+    let probe = SlowFirst::new(slow, spin);
     store.register_index(probe.clone());
     store.wake();
     probe.wait_written(1);
-    // The writer now gathers for 7 × 300 ms of CPU before its next
-    // commit; a flush must not wait for that.
     probe
         .changed
         .store(true, std::sync::atomic::Ordering::SeqCst);
     store.wake();
+    (store, probe)
+}
+
+#[test]
+fn a_flush_does_not_wait_out_the_pause_after_a_slow_commit() {
+    let slow = Duration::from_millis(300);
+    // After the slow commit the writer gathers for 7 × 300 ms of CPU
+    // before its next one; a flush must not wait for that.
+    let (store, probe) = changed_after_a_slow_commit(slow, true);
     let asked = Instant::now();
     store.flush();
     let waited = asked.elapsed();
@@ -132,18 +139,10 @@ fn a_flush_does_not_wait_out_the_pause_after_a_slow_commit() {
 
 #[test]
 fn a_commit_slow_only_in_waiting_does_not_delay_the_next() {
-    let store = Store::in_memory();
     // 500 ms asleep: a sync on a loaded disk, or a core taken by
     // others. Paced by wall time, the next change would wait 3.5 s.
     let slow = Duration::from_millis(500);
-    let probe = SlowFirst::new(slow, false);
-    store.register_index(probe.clone());
-    store.wake();
-    probe.wait_written(1);
-    probe
-        .changed
-        .store(true, std::sync::atomic::Ordering::SeqCst);
-    store.wake();
+    let (_store, probe) = changed_after_a_slow_commit(slow, false);
     let waited = probe.wait_written(2);
     assert!(
         waited < slow * 2,
