@@ -178,11 +178,18 @@ impl EventQueue {
     /// Drop every queued event but keep them pending: the cursor stays
     /// before them (a plugin parked on this replica).
     pub fn clear_entries(&self) {
-        let mut inner = self.inner.lock();
+        self.drop_entries(&mut self.inner.lock());
+    }
+
+    /// Drop every queued entry and the fold index; the entries stay
+    /// pending. Returns how many there were.
+    fn drop_entries(&self, inner: &mut Inner) -> usize {
+        let n = inner.entries.len();
         inner.entries.clear();
         self.len.store(0, Ordering::Release);
         inner.last.clear();
         inner.indexed = false;
+        n
     }
 
     /// Start `source` over at position `at` (a cursor handed over from
@@ -443,11 +450,7 @@ impl EventQueue {
     pub fn close(&self) -> usize {
         let mut inner = self.inner.lock();
         inner.closed = true;
-        let n = inner.entries.len();
-        inner.entries.clear();
-        self.len.store(0, Ordering::Release);
-        inner.last.clear();
-        inner.indexed = false;
+        let n = self.drop_entries(&mut inner);
         let spent = inner.take_spent();
         drop(inner);
         drop(spent);
