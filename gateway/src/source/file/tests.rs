@@ -105,6 +105,17 @@ impl Running {
     }
 }
 
+/// A source started on a new temporary directory holding `files` (name,
+/// contents); the directory lives as long as the returned guard.
+fn start_in_new_dir(files: &[(&str, &str)]) -> (tempfile::TempDir, Running) {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, contents) in files {
+        fs::write(dir.path().join(name), contents).unwrap();
+    }
+    let source = Running::start(config(dir.path()));
+    (dir, source)
+}
+
 /// One line per event, for readable assertions.
 fn brief(events: &[Event]) -> Vec<String> {
     let text = |b: &Option<Bytes>| b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
@@ -178,8 +189,7 @@ async fn initial_snapshot_is_one_batch_of_puts_at_revision_1() {
 
 #[tokio::test]
 async fn an_empty_directory_syncs_with_an_empty_snapshot_at_revision_1() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut source = Running::start(config(dir.path()));
+    let (dir, mut source) = start_in_new_dir(&[]);
     source
         .wait_for("synced", |ctx| ctx.status.is_synced())
         .await;
@@ -199,10 +209,8 @@ async fn an_empty_directory_syncs_with_an_empty_snapshot_at_revision_1() {
 
 #[tokio::test]
 async fn create_modify_and_delete_carry_previous_values() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, mut source) = start_in_new_dir(&[("a", "1")]);
     let root = dir.path();
-    fs::write(root.join("a"), "1").unwrap();
-    let mut source = Running::start(config(root));
     assert_eq!(brief(&source.batch().await), [r#"put a="1" prev=None"#]);
 
     // Create, in place (a rescan may see it half-written: fold).
@@ -227,10 +235,8 @@ async fn create_modify_and_delete_carry_previous_values() {
 
 #[tokio::test]
 async fn an_atomic_rename_is_one_put_of_the_target() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, mut source) = start_in_new_dir(&[("app.conf", "v1")]);
     let root = dir.path();
-    fs::write(root.join("app.conf"), "v1").unwrap();
-    let mut source = Running::start(config(root));
     source.batch().await;
 
     fs::write(root.join(".app.conf.tmp"), "v2").unwrap();
