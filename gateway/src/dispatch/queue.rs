@@ -11,8 +11,8 @@
 //! always preserved.
 //!
 //! The queue also reports the plugin's cursors, counted by `positions` as
-//! events are queued, folded and completed; a consumer with nothing to take
-//! waits in `spin` before it sleeps. This module must not call plugins.
+//! events are queued, folded and completed; a hot consumer with nothing to
+//! take spins (`spin`) before it sleeps. This module must not call plugins.
 
 mod positions;
 mod spin;

@@ -1,5 +1,6 @@
-//! The spinner every consumer shares: a consumer that expects work soon
-//! spins briefly instead of sleeping, while a global count keeps the
+//! The spinner shared by every thread that waits for events (a queue's
+//! consumer, the worker pool): a thread that expects work soon spins
+//! briefly instead of sleeping, while one process-wide count keeps the
 //! spinning threads below the number of cores.
 //!
 //! It must not know what is waited for (the caller's condition says), and
