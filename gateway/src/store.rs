@@ -8,45 +8,36 @@
 //! the dead letters. Writes go through one writer thread that commits in
 //! small batches: key-index changes in the order the dispatcher made them,
 //! and, in the same transaction, the cursors the running plugins report.
-//! Cursors are read *before* the pending writes are drained, so a committed
-//! cursor never covers an event whose key-index change is not committed.
 //!
-//! This module owns the file format (tables and their encodings) and the
-//! writer; it must not decide what a cursor means (the dispatcher does).
+//! This module is the store's face: opening and resetting it, reading it,
+//! and queueing writes. The file layout lives in `schema`, the writer thread
+//! in `writer`. It must not decide what a cursor means (the dispatcher does).
 
-use std::collections::{BTreeMap, HashMap};
+mod schema;
+#[cfg(test)]
+mod tests;
+mod writer;
+
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use parking_lot::Mutex;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
+use redb::{Database, Key, ReadableDatabase, TableDefinition, Value};
 
-use crate::event::EventLine;
+use schema::{
+    CURSORS, DEAD_LETTERS, KEYS, META, PLUGIN_STATE, SCHEMA, SOURCES, decode, decode_dead_letter,
+    encode_dead_letter, init_tables,
+};
+pub use schema::{DeadLetter, KeyEntry, SourceMeta};
+use writer::{Indexes, Op, Probes};
 
 /// The store's file name inside the state directory.
 pub const FILE_NAME: &str = "state.redb";
-/// The layout version written into the store.
-const SCHEMA: u64 = 1;
-
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const SOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("sources");
-const KEYS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("keys");
-const CURSORS: TableDefinition<(&str, &str), u64> = TableDefinition::new("cursors");
-const PLUGIN_STATE: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("plugin_state");
-const DEAD_LETTERS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dead_letters");
-
-/// How long the writer gathers changes before it commits.
-const COMMIT_INTERVAL: Duration = Duration::from_millis(20);
-/// How long a woken writer waits for more changes before it commits.
-const GATHER: Duration = Duration::from_millis(2);
-/// Most queued writes one transaction takes.
-const MAX_BATCH: usize = 20_000;
 
 /// A problem with the state store.
 #[derive(Debug, thiserror::Error)]
@@ -79,55 +70,6 @@ pub enum StoreError {
     },
 }
 
-/// One key of a source as the dispatcher last saw it: the current value, or
-/// a tombstone (`value: None`) for a delete.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KeyEntry {
-    /// Current value; `None` once deleted.
-    pub value: Option<Bytes>,
-    /// The source's revision of the last change.
-    pub revision: u64,
-    /// Position of the last change.
-    pub seq: u64,
-    /// Source-specific extras of the last put.
-    pub metadata: Vec<(String, String)>,
-}
-
-/// Per-source bookkeeping.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SourceMeta {
-    /// The highest position assigned.
-    pub last_seq: u64,
-    /// For sources with a revision history: position = revision + offset.
-    /// Raised when the store's revisions go back (a replaced cluster).
-    pub offset: u64,
-    /// Tombstones at or below this position were pruned: a plugin whose
-    /// cursor is older restarts from a snapshot.
-    pub floor: u64,
-    /// What the positions of a source with history refer to (its prefix);
-    /// a watch resumes only while it is unchanged.
-    pub identity: String,
-}
-
-/// An event a plugin failed on after every attempt.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeadLetter {
-    /// Identifier, unique in the store.
-    pub id: u64,
-    /// The event.
-    pub event: EventLine,
-    /// Its position.
-    pub seq: u64,
-    /// Outcome class of the last attempt.
-    pub outcome: String,
-    /// Message of the last attempt.
-    pub error: String,
-    /// Attempts made.
-    pub attempts: u32,
-    /// Seconds since the Unix epoch of the last attempt.
-    pub at: u64,
-}
-
 /// Something that knows a running plugin's cursors (its queue).
 pub trait CursorProbe: Send + Sync {
     /// (source, cursor) for every source the plugin tracks.
@@ -153,17 +95,6 @@ pub trait IndexProbe: Send + Sync {
     fn unwritten(&self, keys: Vec<Arc<str>>);
 }
 
-enum Op {
-    Wake,
-    Cursor(String, Arc<str>, u64),
-    State(String, String, Option<Vec<u8>>),
-    DeadLetter(String, u64, Option<Vec<u8>>),
-    Flush(mpsc::SyncSender<()>),
-}
-
-type Probes = Arc<Mutex<HashMap<String, Arc<dyn CursorProbe>>>>;
-type Indexes = Arc<Mutex<Vec<Arc<dyn IndexProbe>>>>;
-
 /// The open store and its writer thread.
 pub struct Store {
     db: Arc<Database>,
@@ -173,10 +104,6 @@ pub struct Store {
     indexes: Indexes,
     writer: Mutex<Option<JoinHandle<()>>>,
     next_dead_letter: AtomicU64,
-}
-
-fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    postcard::to_stdvec(v).expect("in-memory encoding cannot fail")
 }
 
 fn now_secs() -> u64 {
@@ -231,18 +158,7 @@ impl Store {
         let (tx, rx) = mpsc::channel();
         let probes: Probes = Arc::default();
         let indexes: Indexes = Arc::default();
-        let writer = {
-            let db = db.clone();
-            let probes = probes.clone();
-            let indexes = indexes.clone();
-            std::thread::Builder::new()
-                .name("state-writer".into())
-                .spawn(move || {
-                    lower_priority();
-                    write_loop(&db, &rx, &probes, &indexes);
-                })
-                .expect("spawning the state writer")
-        };
+        let writer = writer::spawn(db.clone(), rx, probes.clone(), indexes.clone());
         Ok(Store {
             db,
             path,
@@ -299,7 +215,7 @@ impl Store {
         self.read(|r| {
             let t = r.open_table(SOURCES)?;
             Ok(t.get(source)?
-                .and_then(|v| postcard::from_bytes(v.value()).ok())
+                .and_then(|v| decode(v.value()))
                 .unwrap_or_default())
         })
         .unwrap_or_default()
@@ -308,18 +224,12 @@ impl Store {
     /// The stored key index of `source`.
     pub fn load_keys(&self, source: &str) -> BTreeMap<Arc<str>, KeyEntry> {
         self.read(|r| {
-            let t = r.open_table(KEYS)?;
             let mut out = BTreeMap::new();
-            for item in t.range((source, "")..)? {
-                let (k, v) = item?;
-                let (s, key) = k.value();
-                if s != source {
-                    break;
-                }
-                if let Ok(entry) = postcard::from_bytes::<KeyEntry>(v.value()) {
+            each_under(r, KEYS, source, "", |key: &str, v: &[u8]| {
+                if let Some(entry) = decode::<KeyEntry>(v) {
                     out.insert(Arc::from(key), entry);
                 }
-            }
+            })?;
             Ok(out)
         })
         .unwrap_or_default()
@@ -338,16 +248,10 @@ impl Store {
     /// Every stored cursor of `plugin`, by source.
     pub fn cursors(&self, plugin: &str) -> BTreeMap<String, u64> {
         self.read(|r| {
-            let t = r.open_table(CURSORS)?;
             let mut out = BTreeMap::new();
-            for item in t.range((plugin, "")..)? {
-                let (k, v) = item?;
-                let (p, source) = k.value();
-                if p != plugin {
-                    break;
-                }
-                out.insert(source.to_owned(), v.value());
-            }
+            each_under(r, CURSORS, plugin, "", |source: &str, seq: u64| {
+                out.insert(source.to_owned(), seq);
+            })?;
             Ok(out)
         })
         .unwrap_or_default()
@@ -356,16 +260,10 @@ impl Store {
     /// The stored `state` of `plugin`.
     pub fn plugin_state(&self, plugin: &str) -> Vec<(String, Vec<u8>)> {
         self.read(|r| {
-            let t = r.open_table(PLUGIN_STATE)?;
             let mut out = Vec::new();
-            for item in t.range((plugin, "")..)? {
-                let (k, v) = item?;
-                let (p, key) = k.value();
-                if p != plugin {
-                    break;
-                }
-                out.push((key.to_owned(), v.value().to_vec()));
-            }
+            each_under(r, PLUGIN_STATE, plugin, "", |key: &str, v: &[u8]| {
+                out.push((key.to_owned(), v.to_vec()));
+            })?;
             Ok(out)
         })
         .unwrap_or_default()
@@ -374,17 +272,12 @@ impl Store {
     /// The dead letters of `plugin`, oldest first.
     pub fn dead_letters(&self, plugin: &str) -> Vec<DeadLetter> {
         self.read(|r| {
-            let t = r.open_table(DEAD_LETTERS)?;
             let mut out = Vec::new();
-            for item in t.range((plugin, 0)..)? {
-                let (k, v) = item?;
-                if k.value().0 != plugin {
-                    break;
-                }
-                if let Ok(d) = serde_json::from_slice::<DeadLetter>(v.value()) {
+            each_under(r, DEAD_LETTERS, plugin, 0, |_: u64, v: &[u8]| {
+                if let Some(d) = decode_dead_letter(v) {
                     out.push(d);
                 }
-            }
+            })?;
             Ok(out)
         })
         .unwrap_or_default()
@@ -435,7 +328,7 @@ impl Store {
     pub fn add_dead_letter(&self, plugin: &str, mut letter: DeadLetter) -> DeadLetter {
         letter.id = self.next_dead_letter.fetch_add(1, Ordering::SeqCst);
         letter.at = now_secs();
-        let bytes = serde_json::to_vec(&letter).expect("a dead letter encodes");
+        let bytes = encode_dead_letter(&letter);
         self.send(Op::DeadLetter(plugin.to_owned(), letter.id, Some(bytes)));
         letter
     }
@@ -487,6 +380,27 @@ impl Drop for Store {
     }
 }
 
+/// Hand `row` the rest of the key and the value of every row of `table`
+/// whose key begins with `first`, in key order from `(first, from)`.
+fn each_under<'a, S: Key + 'static, V: Value + 'static>(
+    r: &redb::ReadTransaction,
+    table: TableDefinition<(&'static str, S), V>,
+    first: &'a str,
+    from: S::SelfType<'a>,
+    mut row: impl FnMut(S::SelfType<'_>, V::SelfType<'_>),
+) -> Result<(), redb::Error> {
+    let t = r.open_table(table)?;
+    for item in t.range((first, from)..)? {
+        let (k, v) = item?;
+        let (f, rest) = k.value();
+        if f != first {
+            break;
+        }
+        row(rest, v.value());
+    }
+    Ok(())
+}
+
 /// Map an open error to what the operator must know.
 fn classify(path: &Path, e: redb::DatabaseError) -> StoreError {
     match e {
@@ -497,490 +411,5 @@ fn classify(path: &Path, e: redb::DatabaseError) -> StoreError {
             path: path.to_owned(),
             message: other.to_string(),
         },
-    }
-}
-
-/// Create missing tables and the layout version; returns the next free dead
-/// letter id.
-fn init_tables(db: &Database) -> Result<u64, redb::Error> {
-    let w = db.begin_write()?;
-    let next;
-    {
-        let mut meta = w.open_table(META)?;
-        if meta.get("schema")?.is_none() {
-            let empty = w.list_tables()?.count() <= 1;
-            if empty {
-                meta.insert("schema", SCHEMA)?;
-            }
-        }
-        w.open_table(SOURCES)?;
-        w.open_table(KEYS)?;
-        w.open_table(CURSORS)?;
-        w.open_table(PLUGIN_STATE)?;
-        let dl = w.open_table(DEAD_LETTERS)?;
-        let mut max = 0;
-        for item in dl.iter()? {
-            let (k, _) = item?;
-            max = max.max(k.value().1);
-        }
-        next = max + 1;
-    }
-    w.commit()?;
-    Ok(next)
-}
-
-/// How much nicer than the rest of the gateway the state writer runs.
-const WRITER_NICE: i32 = 10;
-
-/// The writer is background work: under a flood of changes it must not
-/// take a core from the threads that deliver events and call plugins. With
-/// a nice 10 above theirs it gets about a tenth of their share of a
-/// contended core, and all of an idle one. (On Linux, the nice value of a
-/// thread ID applies to that thread alone.) Its own pacing still keeps its
-/// commits to about an eighth of a core.
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    {
-        use rustix::process::{getpriority_process, setpriority_process};
-        let me = Some(rustix::thread::gettid());
-        let result = getpriority_process(me)
-            .and_then(|now| setpriority_process(me, (now + WRITER_NICE).min(19)));
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "Could not lower the state writer's priority.");
-        }
-    }
-}
-
-/// Receive more ops into `ops` until `until`, [`MAX_BATCH`] ops, or a
-/// flush (someone waits for it). True when the channel closed.
-fn gather(rx: &mpsc::Receiver<Op>, ops: &mut Vec<Op>, until: Instant) -> bool {
-    while ops.len() < MAX_BATCH && !matches!(ops.last(), Some(Op::Flush(_))) {
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        match rx.recv_timeout(left) {
-            Ok(op) => ops.push(op),
-            Err(mpsc::RecvTimeoutError::Timeout) => return false,
-            Err(mpsc::RecvTimeoutError::Disconnected) => return true,
-        }
-    }
-    false
-}
-
-/// CPU time this thread has used: the writer's pacing counts the work of
-/// a commit, not its waits for the disk or for a core. A commit that took
-/// long only because the disk was slow to sync, or because the writer's
-/// nice value let others run first, leaves little to make room for, and
-/// pausing for it would only delay the next change (sources without
-/// history deliver an event once its change is committed).
-fn cpu_time() -> Duration {
-    #[cfg(target_os = "linux")]
-    {
-        let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
-        Duration::new(
-            u64::try_from(t.tv_sec).unwrap_or(0),
-            u32::try_from(t.tv_nsec).unwrap_or(0),
-        )
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-        // Wall time elsewhere.
-        START.get_or_init(Instant::now).elapsed()
-    }
-}
-
-/// The writer thread: gather, then commit cursors and changes together.
-fn write_loop(db: &Database, rx: &mpsc::Receiver<Op>, probes: &Probes, indexes: &Indexes) {
-    let mut written: HashMap<(String, Arc<str>), u64> = HashMap::new();
-    let mut failures = 0u64;
-    // When the last commit ended, and the CPU time it took.
-    let mut ended = Instant::now();
-    let mut took = Duration::ZERO;
-    loop {
-        let mut ops: Vec<Op> = Vec::new();
-        let closed = match rx.recv_timeout(COMMIT_INTERVAL) {
-            Err(mpsc::RecvTimeoutError::Disconnected) => true,
-            Err(mpsc::RecvTimeoutError::Timeout) => false,
-            Ok(op) => {
-                ops.push(op);
-                // Give concurrent writers a moment to join this transaction,
-                // and under a flood of changes keep the writer's share of a
-                // core near an eighth: a commit that used `t` of CPU is
-                // followed by at least `7t` of gathering. Fewer, larger
-                // commits fold more changes of the same key. A flush ends
-                // the gathering at once.
-                let until = (Instant::now() + GATHER).max(ended + took * 7);
-                gather(rx, &mut ops, until)
-            }
-        };
-        let started = cpu_time();
-        // Cursors first: every event they cover was recorded before now.
-        let mut cursors: Vec<(String, Arc<str>, u64)> = Vec::new();
-        for (plugin, probe) in probes.lock().iter() {
-            for (source, seq) in probe.cursors() {
-                cursors.push((plugin.clone(), source, seq));
-            }
-        }
-        while ops.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => ops.push(op),
-                Err(_) => break,
-            }
-        }
-        cursors.retain(|(p, s, seq)| written.get(&(p.clone(), s.clone())) != Some(seq));
-        // Key changes last: they include everything the cursors cover, and
-        // everything recorded before a flush request.
-        let probes_now: Vec<Arc<dyn IndexProbe>> = indexes.lock().clone();
-        let mut taken: Vec<(Arc<dyn IndexProbe>, u64)> = Vec::new();
-        let changes: Vec<SourceChanges> = probes_now
-            .iter()
-            .filter_map(|p| {
-                let (keys, meta) = p.take_changes()?;
-                taken.push((p.clone(), meta.last_seq));
-                Some((p.source(), keys, meta))
-            })
-            .collect();
-        if !ops.is_empty() || !cursors.is_empty() || !changes.is_empty() {
-            let mut acks = Vec::new();
-            match commit(db, ops, &cursors, &changes, &mut acks) {
-                Ok(explicit) => {
-                    for (p, s, seq) in cursors.into_iter().chain(explicit) {
-                        written.insert((p, s), seq);
-                    }
-                    for (p, last) in &taken {
-                        p.written(*last);
-                    }
-                }
-                Err(e) => {
-                    for ((p, _), (_, keys, _)) in taken.iter().zip(changes) {
-                        p.unwritten(keys.into_iter().map(|(k, _)| k).collect());
-                    }
-                    failures += 1;
-                    if failures.is_power_of_two() {
-                        tracing::error!(error = %e, failures, "Writing the state store failed; cursors stay where they were.");
-                    }
-                }
-            }
-            for a in acks {
-                let _ = a.send(());
-            }
-            took = cpu_time().saturating_sub(started);
-            ended = Instant::now();
-        }
-        if closed {
-            return;
-        }
-    }
-}
-
-type Written = Vec<(String, Arc<str>, u64)>;
-type SourceChanges = (Arc<str>, Vec<(Arc<str>, Option<KeyEntry>)>, SourceMeta);
-
-fn commit(
-    db: &Database,
-    ops: Vec<Op>,
-    cursors: &[(String, Arc<str>, u64)],
-    changes: &[SourceChanges],
-    acks: &mut Vec<mpsc::SyncSender<()>>,
-) -> Result<Written, redb::Error> {
-    let w = db.begin_write()?;
-    let mut explicit = Vec::new();
-    {
-        let mut keys = w.open_table(KEYS)?;
-        let mut sources = w.open_table(SOURCES)?;
-        let mut cur = w.open_table(CURSORS)?;
-        let mut state = w.open_table(PLUGIN_STATE)?;
-        let mut dead = w.open_table(DEAD_LETTERS)?;
-        for (source, changed, meta) in changes {
-            for (k, entry) in changed {
-                match entry {
-                    Some(e) => {
-                        keys.insert((&**source, &**k), encode(e).as_slice())?;
-                    }
-                    None => {
-                        keys.remove((&**source, &**k))?;
-                    }
-                }
-            }
-            sources.insert(&**source, encode(meta).as_slice())?;
-        }
-        for op in ops {
-            match op {
-                Op::Cursor(p, s, seq) => {
-                    cur.insert((p.as_str(), &*s), seq)?;
-                    explicit.push((p, s, seq));
-                }
-                Op::State(p, k, Some(v)) => {
-                    state.insert((p.as_str(), k.as_str()), v.as_slice())?;
-                }
-                Op::State(p, k, None) => {
-                    state.remove((p.as_str(), k.as_str()))?;
-                }
-                Op::DeadLetter(p, id, Some(v)) => {
-                    dead.insert((p.as_str(), id), v.as_slice())?;
-                }
-                Op::DeadLetter(p, id, None) => {
-                    dead.remove((p.as_str(), id))?;
-                }
-                Op::Flush(a) => acks.push(a),
-                Op::Wake => {}
-            }
-        }
-        for (p, s, seq) in cursors {
-            cur.insert((p.as_str(), &**s), *seq)?;
-        }
-    }
-    w.commit()?;
-    Ok(explicit)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    struct Fixed(Vec<(Arc<str>, u64)>);
-    impl CursorProbe for Fixed {
-        fn cursors(&self) -> Vec<(Arc<str>, u64)> {
-            self.0.clone()
-        }
-    }
-
-    type Changes = IndexChanges;
-
-    /// Changes handed over once.
-    struct Index(Arc<str>, Mutex<Option<Changes>>);
-    impl IndexProbe for Index {
-        fn source(&self) -> Arc<str> {
-            self.0.clone()
-        }
-        fn take_changes(&self) -> Option<Changes> {
-            self.1.lock().take()
-        }
-        fn written(&self, _: u64) {}
-        fn unwritten(&self, _: Vec<Arc<str>>) {}
-    }
-
-    fn entry(v: &str, seq: u64) -> KeyEntry {
-        KeyEntry {
-            value: Some(Bytes::from(v.to_owned())),
-            revision: seq,
-            seq,
-            metadata: vec![],
-        }
-    }
-
-    /// An index whose first change set takes `slow` to hand over, busy
-    /// (`spin`: as a large commit would) or asleep (as a commit waiting
-    /// for a slow disk or for a core would), and that counts its commits.
-    struct SlowFirst {
-        slow: Duration,
-        spin: bool,
-        changed: std::sync::atomic::AtomicBool,
-        first: std::sync::atomic::AtomicBool,
-        written: std::sync::atomic::AtomicUsize,
-    }
-    impl SlowFirst {
-        fn new(slow: Duration, spin: bool) -> Arc<Self> {
-            Arc::new(SlowFirst {
-                slow,
-                spin,
-                changed: true.into(),
-                first: true.into(),
-                written: 0.into(),
-            })
-        }
-        fn written(&self) -> usize {
-            self.written.load(std::sync::atomic::Ordering::SeqCst)
-        }
-        /// Wait for `n` commits; how long it took.
-        fn wait_written(&self, n: usize) -> Duration {
-            let asked = Instant::now();
-            while self.written() < n {
-                assert!(
-                    asked.elapsed() < Duration::from_secs(30),
-                    "commit {n} never came"
-                );
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            asked.elapsed()
-        }
-    }
-    impl IndexProbe for SlowFirst {
-        fn source(&self) -> Arc<str> {
-            Arc::from("slow")
-        }
-        fn take_changes(&self) -> Option<Changes> {
-            use std::sync::atomic::Ordering::SeqCst;
-            if !self.changed.swap(false, SeqCst) {
-                return None;
-            }
-            if self.first.swap(false, SeqCst) {
-                let until = Instant::now() + self.slow;
-                if self.spin {
-                    while Instant::now() < until {
-                        std::hint::spin_loop();
-                    }
-                } else {
-                    std::thread::sleep(self.slow);
-                }
-            }
-            Some((
-                vec![(Arc::from("k"), Some(entry("v", 1)))],
-                SourceMeta::default(),
-            ))
-        }
-        fn written(&self, _: u64) {
-            self.written
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
-        fn unwritten(&self, _: Vec<Arc<str>>) {}
-    }
-
-    #[test]
-    fn a_flush_does_not_wait_out_the_pause_after_a_slow_commit() {
-        let store = Store::in_memory();
-        let slow = Duration::from_millis(300);
-        let probe = SlowFirst::new(slow, true);
-        store.register_index(probe.clone());
-        store.wake();
-        probe.wait_written(1);
-        // The writer now gathers for 7 × 300 ms of CPU before its next
-        // commit; a flush must not wait for that.
-        probe
-            .changed
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        store.wake();
-        let asked = Instant::now();
-        store.flush();
-        let waited = asked.elapsed();
-        assert!(
-            waited < slow * 3,
-            "the flush waited {waited:?}, the pause after the slow commit"
-        );
-        assert_eq!(probe.written(), 2);
-        assert_eq!(store.load_keys("slow").len(), 1);
-    }
-
-    #[test]
-    fn a_commit_slow_only_in_waiting_does_not_delay_the_next() {
-        let store = Store::in_memory();
-        // 500 ms asleep: a sync on a loaded disk, or a core taken by
-        // others. Paced by wall time, the next change would wait 3.5 s.
-        let slow = Duration::from_millis(500);
-        let probe = SlowFirst::new(slow, false);
-        store.register_index(probe.clone());
-        store.wake();
-        probe.wait_written(1);
-        probe
-            .changed
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        store.wake();
-        let waited = probe.wait_written(2);
-        assert!(
-            waited < slow * 2,
-            "the next change waited {waited:?} after a commit that only waited"
-        );
-    }
-
-    #[test]
-    fn everything_survives_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let s: Arc<str> = Arc::from("etcd");
-        {
-            let store = Store::open(dir.path()).unwrap();
-            store.register_index(Arc::new(Index(
-                s.clone(),
-                Mutex::new(Some((
-                    vec![
-                        ("a".into(), Some(entry("1", 3))),
-                        ("b".into(), Some(entry("2", 4))),
-                        ("gone".into(), None),
-                    ],
-                    SourceMeta {
-                        last_seq: 4,
-                        ..SourceMeta::default()
-                    },
-                ))),
-            )));
-            store.register_index(Arc::new(Index(
-                Arc::from("other"),
-                Mutex::new(Some((
-                    vec![("a".into(), Some(entry("x", 1)))],
-                    SourceMeta::default(),
-                ))),
-            )));
-            store.register("p", Arc::new(Fixed(vec![(s.clone(), 3)])));
-            store.set_plugin_state("p", "k", Some(b"v"));
-            let line = crate::event::Event::put(&s, "a", Bytes::from_static(b"1"), 3).to_line();
-            let d = store.add_dead_letter(
-                "p",
-                DeadLetter {
-                    id: 0,
-                    event: line,
-                    seq: 3,
-                    outcome: "trap".into(),
-                    error: "boom".into(),
-                    attempts: 3,
-                    at: 0,
-                },
-            );
-            assert_eq!(d.id, 1);
-            store.flush();
-            store.close();
-        }
-        let store = Store::open(dir.path()).unwrap();
-        let keys = store.load_keys("etcd");
-        assert_eq!(keys.len(), 2);
-        assert_eq!(keys["b"], entry("2", 4));
-        assert_eq!(store.source_meta("etcd").last_seq, 4);
-        assert_eq!(store.cursor("p", "etcd"), Some(3));
-        assert_eq!(store.plugin_state("p"), vec![("k".into(), b"v".to_vec())]);
-        let dl = store.dead_letters("p");
-        assert_eq!(dl.len(), 1);
-        assert_eq!(dl[0].error, "boom");
-        // New ids never reuse old ones.
-        let line = dl[0].event.clone();
-        let d = store.add_dead_letter(
-            "p",
-            DeadLetter {
-                id: 0,
-                ..dl[0].clone()
-            },
-        );
-        assert_eq!(d.id, 2);
-        assert_eq!(d.event, line);
-    }
-
-    #[test]
-    fn a_second_open_is_refused_and_garbage_is_reported_not_discarded() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        assert!(matches!(
-            Store::open(dir.path()),
-            Err(StoreError::InUse { .. })
-        ));
-        assert!(
-            Store::reset(dir.path()).is_err(),
-            "reset refuses a store in use"
-        );
-        store.close();
-        drop(store);
-
-        let bad = tempfile::tempdir().unwrap();
-        std::fs::write(bad.path().join(FILE_NAME), vec![7u8; 8192]).unwrap();
-        let Err(err) = Store::open(bad.path()) else {
-            panic!("garbage must not open")
-        };
-        assert!(matches!(err, StoreError::Unreadable { .. }), "{err}");
-        assert!(err.to_string().contains("watchgate state reset"), "{err}");
-        assert_eq!(
-            std::fs::read(bad.path().join(FILE_NAME)).unwrap(),
-            vec![7u8; 8192]
-        );
-        let moved = Store::reset(bad.path()).unwrap().unwrap();
-        assert_eq!(std::fs::read(&moved).unwrap(), vec![7u8; 8192]);
-        Store::open(bad.path()).expect("starts empty after a reset");
     }
 }

@@ -10,21 +10,25 @@
 //! so its length stays below capacity + 2 × distinct keys. Order per key is
 //! always preserved.
 //!
-//! The queue also knows the plugin's cursors. Per source it tracks the
-//! position delivered up to (`enqueued`) and the positions of events not yet
-//! completed (queued or in flight, folding moves a position). The cursor of a
-//! source is one below the lowest such position, or `enqueued` when none is
-//! left: everything at or below it was handled. This module must not call
-//! plugins.
+//! The queue also reports the plugin's cursors, counted by `positions` as
+//! events are queued, folded and completed; a hot consumer with nothing to
+//! take spins (`spin`) before it sleeps. This module must not call plugins.
+
+mod positions;
+mod spin;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
 use crate::event::{Event, EventKind};
+use positions::Cursors;
+pub(crate) use spin::spin_while;
 
 /// What a push did, for metrics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -37,86 +41,6 @@ pub struct PushStats {
     pub overflow: usize,
     /// Events queued after the push.
     pub len: usize,
-}
-
-/// The positions of one source's events not yet completed, with
-/// multiplicity, in ascending order. Events are mostly tracked in ascending
-/// order and completed from the front, so runs of a deque do what an
-/// ordered map would without a tree operation per event. A position
-/// completed out of order keeps its slot with a count of zero until the
-/// front passes it (or a compaction drops it).
-#[derive(Default)]
-struct Positions {
-    /// (position, count), positions strictly ascending, the front's count
-    /// above zero.
-    runs: VecDeque<(u64, u32)>,
-    /// Slots with a count of zero.
-    zeros: usize,
-}
-
-impl Positions {
-    fn add(&mut self, seq: u64) {
-        match self.runs.back_mut() {
-            Some((last, n)) if *last == seq => {
-                if *n == 0 {
-                    self.zeros -= 1;
-                }
-                *n += 1;
-            }
-            Some((last, _)) if *last > seq => {
-                // Out of order (rare): find its place.
-                match self.runs.binary_search_by_key(&seq, |r| r.0) {
-                    Ok(i) => {
-                        if self.runs[i].1 == 0 {
-                            self.zeros -= 1;
-                        }
-                        self.runs[i].1 += 1;
-                    }
-                    Err(i) => self.runs.insert(i, (seq, 1)),
-                }
-            }
-            _ => self.runs.push_back((seq, 1)),
-        }
-    }
-
-    fn remove(&mut self, seq: u64) {
-        match self.runs.front_mut() {
-            Some((first, n)) if *first == seq => {
-                *n -= 1;
-                if *n > 0 {
-                    return;
-                }
-                self.runs.pop_front();
-                while let Some((_, 0)) = self.runs.front() {
-                    self.runs.pop_front();
-                    self.zeros -= 1;
-                }
-            }
-            Some(_) => {
-                if let Ok(i) = self.runs.binary_search_by_key(&seq, |r| r.0)
-                    && self.runs[i].1 > 0
-                {
-                    self.runs[i].1 -= 1;
-                    if self.runs[i].1 == 0 {
-                        self.zeros += 1;
-                        // Keep completed slots from piling up behind a
-                        // front that does not move (a quarantined plugin
-                        // folding a flood into its queue).
-                        if self.zeros > 64 && self.zeros * 2 > self.runs.len() {
-                            self.runs.retain(|r| r.1 > 0);
-                            self.zeros = 0;
-                        }
-                    }
-                }
-            }
-            None => {}
-        }
-    }
-
-    /// The lowest position not completed.
-    fn lowest(&self) -> Option<u64> {
-        self.runs.front().map(|r| r.0)
-    }
 }
 
 #[derive(Default)]
@@ -134,10 +58,8 @@ struct Inner {
     indexed: bool,
     hasher: foldhash::fast::RandomState,
     closed: bool,
-    /// Per source: the position delivered up to.
-    enqueued: HashMap<Arc<str>, u64, foldhash::fast::RandomState>,
-    /// Per source: positions of events not completed, with multiplicity.
-    pending: HashMap<Arc<str>, Positions, foldhash::fast::RandomState>,
+    /// The plugin's cursors.
+    cursors: Cursors,
     /// Handled events left for the producer to drop (see
     /// [`EventQueue::complete_and_retire`]), and how many.
     spent: Vec<Vec<Event>>,
@@ -154,42 +76,6 @@ impl Inner {
     fn id(&self, e: &Event) -> u64 {
         use std::hash::BuildHasher;
         self.hasher.hash_one((&*e.source, &*e.key))
-    }
-
-    fn track(&mut self, source: &Arc<str>, seq: u64) {
-        if seq == 0 {
-            return;
-        }
-        let positions = match self.pending.get_mut(source) {
-            Some(p) => p,
-            None => self.pending.entry(source.clone()).or_default(),
-        };
-        positions.add(seq);
-    }
-
-    fn untrack(&mut self, source: &Arc<str>, seq: u64) {
-        if seq == 0 {
-            return;
-        }
-        if let Some(p) = self.pending.get_mut(source) {
-            p.remove(seq);
-        }
-    }
-
-    /// Complete several events: one look-up per run of the same source.
-    fn untrack_all(&mut self, events: &[Event]) {
-        let mut at: Option<(&Arc<str>, Option<&mut Positions>)> = None;
-        for e in events.iter().filter(|e| e.seq > 0) {
-            let same = at
-                .as_ref()
-                .is_some_and(|(source, _)| Arc::ptr_eq(source, &e.source));
-            if !same {
-                at = Some((&e.source, self.pending.get_mut(&e.source)));
-            }
-            if let Some((_, Some(p))) = at.as_mut() {
-                p.remove(e.seq);
-            }
-        }
     }
 
     /// Build the fold index from the queued entries (the queue is full).
@@ -227,38 +113,9 @@ pub struct EventQueue {
     on_push: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
-/// How long a hot consumer spins for the next event before it sleeps. A
-/// sleep costs both sides a system call (the producer's wake-up), several
-/// times the cost of a no-op plugin call.
-const SPIN: Duration = Duration::from_micros(50);
-
 /// Most handled events left for the producer to drop (see
 /// [`EventQueue::complete_and_retire`]).
 const SPENT_MAX: usize = 1024;
-
-/// Spin (yielding between checks) while `waiting` holds, for up to
-/// [`SPIN`], unless enough other threads spin already: with many plugins
-/// busy at once (fan-out) spinning threads would only take the CPU from the
-/// ones with work. At most one thread per core but one spins.
-pub(crate) fn spin_while(waiting: impl Fn() -> bool) {
-    static SPINNING: AtomicUsize = AtomicUsize::new(0);
-    static MOST: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let most = *MOST.get_or_init(|| {
-        std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
-    });
-    if SPINNING.fetch_add(1, Ordering::AcqRel) >= most {
-        SPINNING.fetch_sub(1, Ordering::AcqRel);
-        return;
-    }
-    let until = Instant::now() + SPIN;
-    while waiting() && Instant::now() < until {
-        for _ in 0..32 {
-            std::hint::spin_loop();
-        }
-        std::thread::yield_now();
-    }
-    SPINNING.fetch_sub(1, Ordering::AcqRel);
-}
 
 /// Whether a queued event may absorb a later change of the same key.
 fn can_absorb(queued: &Event, later: &Event) -> bool {
@@ -315,30 +172,35 @@ impl EventQueue {
 
     /// The position of `source` delivered up to, if the queue tracks it.
     pub fn enqueued(&self, source: &str) -> Option<u64> {
-        self.inner.lock().enqueued.get(source).copied()
+        self.inner.lock().cursors.enqueued(source)
     }
 
     /// Drop every queued event but keep them pending: the cursor stays
     /// before them (a plugin parked on this replica).
     pub fn clear_entries(&self) {
-        let mut inner = self.inner.lock();
+        self.drop_entries(&mut self.inner.lock());
+    }
+
+    /// Drop every queued entry and the fold index; the entries stay
+    /// pending. Returns how many there were.
+    fn drop_entries(&self, inner: &mut Inner) -> usize {
+        let n = inner.entries.len();
         inner.entries.clear();
         self.len.store(0, Ordering::Release);
         inner.last.clear();
         inner.indexed = false;
+        n
     }
 
     /// Start `source` over at position `at` (a cursor handed over from
     /// another replica), forgetting what was pending.
     pub fn reset_source(&self, source: &Arc<str>, at: u64) {
-        let mut inner = self.inner.lock();
-        inner.enqueued.insert(source.clone(), at);
-        inner.pending.remove(source);
+        self.inner.lock().cursors.reset(source, at);
     }
 
     /// The event taken by [`pop`](Self::pop) was handled (or dead-lettered).
     pub fn complete(&self, event: &Event) {
-        self.inner.lock().untrack(&event.source, event.seq);
+        self.inner.lock().cursors.untrack(&event.source, event.seq);
     }
 
     /// Several taken events were handled: [`complete`](Self::complete)
@@ -347,7 +209,7 @@ impl EventQueue {
         if events.is_empty() {
             return;
         }
-        self.inner.lock().untrack_all(events);
+        self.inner.lock().cursors.untrack_all(events);
     }
 
     /// [`complete_all`](Self::complete_all), leaving the events to be
@@ -362,7 +224,7 @@ impl EventQueue {
             return;
         }
         let mut inner = self.inner.lock();
-        inner.untrack_all(&events);
+        inner.cursors.untrack_all(&events);
         if inner.entries.is_empty() {
             // Nothing queued (or closed): the consumer goes idle, and no
             // push may come soon (a pooled plugin is not polled again until
@@ -383,15 +245,7 @@ impl EventQueue {
 
     /// (source, cursor) for every tracked source.
     pub fn cursor_positions(&self) -> Vec<(Arc<str>, u64)> {
-        let inner = self.inner.lock();
-        inner
-            .enqueued
-            .iter()
-            .map(|(s, &upto)| {
-                let low = inner.pending.get(s).and_then(Positions::lowest);
-                (s.clone(), low.map_or(upto, |l| (l - 1).min(upto)))
-            })
-            .collect()
+        self.inner.lock().cursors.positions()
     }
 
     fn push_upto(
@@ -407,12 +261,10 @@ impl EventQueue {
         let events: Vec<Event> = events.into_iter().collect();
         let mut inner = self.inner.lock();
         let spent = inner.take_spent();
-        let mut given = 0;
-        if let Some((source, upto)) = upto {
-            let e = inner.enqueued.entry(source.clone()).or_default();
-            given = *e;
-            *e = (*e).max(upto);
-        }
+        let given = match upto {
+            Some((source, upto)) => inner.cursors.deliver(source, upto),
+            None => 0,
+        };
         if inner.closed {
             return stats;
         }
@@ -436,8 +288,8 @@ impl EventQueue {
                     queued.absorb(event);
                     let after = queued.seq;
                     if after != before {
-                        inner.untrack(&source, before);
-                        inner.track(&source, after);
+                        inner.cursors.untrack(&source, before);
+                        inner.cursors.track(&source, after);
                     }
                     stats.coalesced += 1;
                     continue;
@@ -446,7 +298,7 @@ impl EventQueue {
             if full {
                 stats.overflow += 1;
             }
-            inner.track(&event.source, event.seq);
+            inner.cursors.track(&event.source, event.seq);
             if inner.indexed {
                 let seq = inner.head + inner.entries.len() as u64;
                 inner.last.insert(id, seq);
@@ -548,7 +400,7 @@ impl EventQueue {
         }
     }
 
-    /// Wait up to [`SPIN`] for an event without sleeping.
+    /// Wait briefly for an event without sleeping (see [`spin_while`]).
     fn spin(&self) {
         spin_while(|| self.len.load(Ordering::Acquire) == 0);
     }
@@ -598,11 +450,7 @@ impl EventQueue {
     pub fn close(&self) -> usize {
         let mut inner = self.inner.lock();
         inner.closed = true;
-        let n = inner.entries.len();
-        inner.entries.clear();
-        self.len.store(0, Ordering::Release);
-        inner.last.clear();
-        inner.indexed = false;
+        let n = self.drop_entries(&mut inner);
         let spent = inner.take_spent();
         drop(inner);
         drop(spent);
@@ -614,416 +462,5 @@ impl EventQueue {
 impl crate::store::CursorProbe for EventQueue {
     fn cursors(&self) -> Vec<(Arc<str>, u64)> {
         self.cursor_positions()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-
-    use bytes::Bytes;
-
-    use super::*;
-
-    fn put(k: &str, v: &str, rev: u64) -> Event {
-        Event::put(&Arc::from("s"), k, Bytes::from(v.to_owned()), rev)
-    }
-    fn del(k: &str, rev: u64) -> Event {
-        Event::delete(&Arc::from("s"), k, rev)
-    }
-    #[test]
-    fn retired_events_are_dropped_by_the_next_push_or_an_idle_consumer() {
-        let src: Arc<str> = Arc::from("s");
-        let key: Arc<str> = Arc::from("k");
-        let q = EventQueue::new(100);
-        let at = |seq| {
-            let mut e = Event::put(&src, key.clone(), Bytes::from_static(b"v"), seq);
-            e.seq = seq;
-            e
-        };
-        q.push_batch(&src, 2, [at(1), at(2)]);
-        let taken = q.take_many(1);
-        assert_eq!(Arc::strong_count(&key), 3);
-        q.complete_and_retire(taken);
-        // Completed (the cursor moves) but not dropped yet.
-        assert_eq!(q.cursor_positions(), vec![(src.clone(), 1)]);
-        assert_eq!(Arc::strong_count(&key), 3);
-        // The next push drops it.
-        q.push_batch(&src, 3, [at(3)]);
-        assert_eq!(Arc::strong_count(&key), 3);
-        // Retired with more still queued: kept; retired with nothing left
-        // queued, dropped at once with what was kept.
-        let taken = q.take_many(1);
-        q.complete_and_retire(taken);
-        assert_eq!(Arc::strong_count(&key), 3);
-        let taken = q.take_many(1);
-        assert_eq!(Arc::strong_count(&key), 3);
-        q.complete_and_retire(taken);
-        assert_eq!(Arc::strong_count(&key), 1);
-        // Kept events are also dropped by a consumer that finds the queue
-        // empty (the producer pushed nothing more).
-        q.push_batch(&src, 5, [at(4), at(5)]);
-        let taken = q.take_many(1);
-        q.complete_and_retire(taken);
-        assert_eq!(Arc::strong_count(&key), 3);
-        q.clear_entries();
-        assert!(q.take_many(1).is_empty());
-        assert_eq!(Arc::strong_count(&key), 1);
-        // Past the bound, the consumer drops them at once.
-        q.push_batch(&src, 6, [at(6)]);
-        let many: Vec<Event> = (1..=SPENT_MAX as u64 + 1).map(|i| at(10 + i)).collect();
-        q.complete_and_retire(many);
-        assert_eq!(Arc::strong_count(&key), 2);
-    }
-
-    fn drain(q: &EventQueue) -> Vec<(String, EventKind, Option<String>, u64, u32)> {
-        std::iter::from_fn(|| q.try_pop())
-            .map(|e| {
-                (
-                    e.key.to_string(),
-                    e.kind,
-                    e.value.map(|v| String::from_utf8(v.to_vec()).unwrap()),
-                    e.revision,
-                    e.coalesced,
-                )
-            })
-            .collect()
-    }
-
-    #[test]
-    fn below_capacity_everything_is_queued_in_order() {
-        let q = EventQueue::new(10);
-        let s = q.push([put("a", "1", 1), put("a", "2", 2), del("a", 3)]);
-        assert_eq!(
-            s,
-            PushStats {
-                queued: 3,
-                coalesced: 0,
-                overflow: 0,
-                len: 3,
-            }
-        );
-        let got = drain(&q);
-        assert_eq!(got.len(), 3);
-        assert_eq!(got[2].1, EventKind::Delete);
-    }
-
-    #[test]
-    fn full_queue_folds_latest_value_and_counts() {
-        let q = EventQueue::new(2);
-        q.push([put("a", "1", 1), put("b", "1", 2)]);
-        let s = q.push([put("a", "2", 3), put("a", "3", 4), put("b", "2", 5)]);
-        assert_eq!(s.coalesced, 3);
-        assert_eq!(
-            drain(&q),
-            vec![
-                ("a".into(), EventKind::Put, Some("3".into()), 4, 2),
-                ("b".into(), EventKind::Put, Some("2".into()), 5, 1),
-            ]
-        );
-    }
-
-    #[test]
-    fn a_delete_is_never_lost() {
-        let q = EventQueue::new(1);
-        q.push([put("a", "1", 1)]);
-        // put then delete folds into the delete
-        q.push([del("a", 2)]);
-        // a put after a queued delete is queued behind it, not folded in
-        let s = q.push([put("a", "2", 3), put("a", "3", 4)]);
-        assert_eq!(
-            s,
-            PushStats {
-                queued: 1,
-                coalesced: 1,
-                overflow: 1,
-                len: 2,
-            }
-        );
-        assert_eq!(
-            drain(&q),
-            vec![
-                ("a".into(), EventKind::Delete, None, 2, 1),
-                ("a".into(), EventKind::Put, Some("3".into()), 4, 1),
-            ]
-        );
-    }
-
-    #[test]
-    fn distinct_keys_overflow_instead_of_dropping() {
-        let q = EventQueue::new(2);
-        let s = q.push((0..5).map(|i| put(&format!("k{i}"), "v", i)));
-        assert_eq!(
-            s,
-            PushStats {
-                queued: 5,
-                coalesced: 0,
-                overflow: 3,
-                len: 5,
-            }
-        );
-        assert_eq!(drain(&q).len(), 5);
-    }
-
-    #[test]
-    fn folding_targets_the_keys_last_entry_after_pops() {
-        let q = EventQueue::new(2);
-        q.push([put("a", "1", 1), put("b", "1", 2)]);
-        assert_eq!(&*q.try_pop().unwrap().key, "a");
-        q.push([put("a", "2", 3)]); // room: queued
-        q.push([put("a", "3", 4)]); // full: folds into a@3
-        assert_eq!(
-            drain(&q),
-            vec![
-                ("b".into(), EventKind::Put, Some("1".into()), 2, 0),
-                ("a".into(), EventKind::Put, Some("3".into()), 4, 1),
-            ]
-        );
-    }
-
-    fn seq(mut e: Event, seq: u64) -> Event {
-        e.seq = seq;
-        e
-    }
-
-    #[test]
-    fn the_cursor_stays_below_every_event_not_completed() {
-        let q = EventQueue::new(2);
-        let s: Arc<str> = Arc::from("s");
-        q.reset_source(&s, 4);
-        assert_eq!(q.cursor_positions(), vec![(s.clone(), 4)]);
-        q.push_batch(&s, 5, [seq(put("a", "1", 5), 5)]);
-        q.push_batch(&s, 6, [seq(put("b", "1", 6), 6)]);
-        // Full: a@7 folds into a@5, which moves to position 7; b@6 is now
-        // the lowest pending position.
-        q.push_batch(&s, 7, [seq(put("a", "2", 7), 7)]);
-        assert_eq!(q.cursor_positions(), vec![(s.clone(), 5)]);
-        let a = q.try_pop().unwrap();
-        assert_eq!((&*a.key, a.seq), ("a", 7));
-        q.complete(&a);
-        assert_eq!(
-            q.cursor_positions(),
-            vec![(s.clone(), 5)],
-            "b@6 is still queued"
-        );
-        let b = q.try_pop().unwrap();
-        assert_eq!(
-            q.cursor_positions(),
-            vec![(s.clone(), 5)],
-            "b@6 is in flight"
-        );
-        q.complete(&b);
-        assert_eq!(q.cursor_positions(), vec![(s.clone(), 7)]);
-        // A batch that matched nothing still moves the cursor.
-        q.push_batch(&s, 9, []);
-        assert_eq!(q.cursor_positions(), vec![(s.clone(), 9)]);
-        // Closing keeps undelivered events pending.
-        q.push_batch(&s, 10, [seq(put("c", "1", 10), 10)]);
-        assert_eq!(q.close(), 1);
-        assert_eq!(q.cursor_positions(), vec![(s, 9)]);
-    }
-
-    #[test]
-    fn the_same_key_of_two_sources_is_never_folded() {
-        let q = EventQueue::new(1);
-        q.push([put("a", "1", 1)]);
-        let mut other = put("a", "2", 2);
-        other.source = Arc::from("t");
-        let s = q.push([other]);
-        assert_eq!(s.coalesced, 0);
-        assert_eq!(drain(&q).len(), 2);
-    }
-
-    #[test]
-    fn requeued_events_come_first_and_still_fold_into_the_right_entry() {
-        let q = EventQueue::new(3);
-        q.push([put("a", "1", 1), put("b", "1", 2), put("c", "1", 3)]);
-        let taken = q.pop_many(2, Duration::ZERO);
-        assert_eq!(taken.len(), 2);
-        q.requeue_front(taken);
-        // Full: a later change of b folds into the requeued b.
-        let s = q.push([put("b", "2", 4)]);
-        assert_eq!(s.coalesced, 1);
-        assert_eq!(
-            drain(&q),
-            vec![
-                ("a".into(), EventKind::Put, Some("1".into()), 1, 0),
-                ("b".into(), EventKind::Put, Some("2".into()), 4, 1),
-                ("c".into(), EventKind::Put, Some("1".into()), 3, 0),
-            ]
-        );
-    }
-
-    #[test]
-    fn close_wakes_a_waiting_consumer() {
-        let q = Arc::new(EventQueue::new(4));
-        let q2 = q.clone();
-        let t = std::thread::spawn(move || q2.pop(Duration::from_secs(30)));
-        while q.inner.lock().entries.is_empty() && !t.is_finished() {
-            q.close();
-            std::thread::yield_now();
-        }
-        assert!(t.join().unwrap().is_none());
-    }
-
-    #[test]
-    fn len_follows_every_change_without_the_lock() {
-        let q = EventQueue::new(8);
-        q.push([put("a", "1", 1), put("b", "1", 2), put("c", "1", 3)]);
-        assert_eq!(q.len(), 3);
-        let taken = q.pop_many(2, Duration::ZERO);
-        assert_eq!(q.len(), 1);
-        q.requeue_front(taken);
-        assert_eq!(q.len(), 3);
-        assert!(q.try_pop().is_some());
-        assert_eq!(q.len(), 2);
-        q.clear_entries();
-        assert!(q.is_empty());
-        q.push([put("d", "1", 4)]);
-        assert_eq!(q.close(), 1);
-        assert!(q.is_empty());
-    }
-
-    #[test]
-    fn completing_a_batch_at_once_moves_the_cursor_like_one_by_one() {
-        let s: Arc<str> = Arc::from("s");
-        let events = |q: &EventQueue| {
-            q.reset_source(&s, 0);
-            q.push_batch(
-                &s,
-                4,
-                (1..=4).map(|i| seq(put(&format!("k{i}"), "v", i), i)),
-            );
-            q.pop_many(4, Duration::ZERO)
-        };
-        let (one, all) = (EventQueue::new(8), EventQueue::new(8));
-        let (a, b) = (events(&one), events(&all));
-        for e in &a[..3] {
-            one.complete(e);
-        }
-        all.complete_all(&b[..3]);
-        assert_eq!(one.cursor_positions(), vec![(s.clone(), 3)]);
-        assert_eq!(all.cursor_positions(), one.cursor_positions());
-        all.complete_all(&b[3..]);
-        assert_eq!(all.cursor_positions(), vec![(s, 4)]);
-    }
-
-    #[test]
-    fn a_hot_consumer_still_gets_an_event_pushed_while_it_spins_or_sleeps() {
-        let q = Arc::new(EventQueue::new(8));
-        // Work found without waiting: the consumer is hot and spins first.
-        q.push([put("a", "1", 1)]);
-        assert_eq!(q.pop_many(8, Duration::ZERO).len(), 1);
-        assert!(q.hot.load(Ordering::Relaxed));
-        for round in 0..50u64 {
-            let q2 = q.clone();
-            let producer = std::thread::spawn(move || {
-                q2.push([put("b", "1", round + 2)]);
-            });
-            let got = q.pop_many(8, Duration::from_secs(30));
-            producer.join().unwrap();
-            let got = if got.is_empty() {
-                q.pop_many(8, Duration::from_secs(30))
-            } else {
-                got
-            };
-            assert_eq!(got.len(), 1, "round {round}: the pushed event arrives");
-        }
-    }
-
-    /// A small deterministic generator for the randomized tests.
-    fn next(state: &mut u64) -> u64 {
-        *state ^= *state << 13;
-        *state ^= *state >> 7;
-        *state ^= *state << 17;
-        *state
-    }
-
-    #[test]
-    fn positions_agree_with_an_ordered_multiset() {
-        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-        for round in 0..200 {
-            let mut p = Positions::default();
-            let mut model: std::collections::BTreeMap<u64, u32> = Default::default();
-            let mut top = 1;
-            for step in 0..400 {
-                let r = next(&mut state);
-                match r % 10 {
-                    // Mostly ascending adds, some repeats and some out of
-                    // order.
-                    0..=3 => {
-                        top += r % 3;
-                        p.add(top);
-                        *model.entry(top).or_default() += 1;
-                    }
-                    4 => {
-                        let seq = 1 + (r >> 8) % top;
-                        p.add(seq);
-                        *model.entry(seq).or_default() += 1;
-                    }
-                    // Mostly from the front, some from anywhere, some not
-                    // tracked at all.
-                    5..=7 => {
-                        if let Some(&seq) = model.keys().next() {
-                            p.remove(seq);
-                            let n = model.get_mut(&seq).unwrap();
-                            *n -= 1;
-                            if *n == 0 {
-                                model.remove(&seq);
-                            }
-                        }
-                    }
-                    _ => {
-                        let seq = 1 + (r >> 8) % (top + 2);
-                        p.remove(seq);
-                        if let Some(n) = model.get_mut(&seq) {
-                            *n -= 1;
-                            if *n == 0 {
-                                model.remove(&seq);
-                            }
-                        }
-                    }
-                }
-                assert_eq!(
-                    p.lowest(),
-                    model.keys().next().copied(),
-                    "round {round}, step {step}"
-                );
-                let live = p.runs.iter().filter(|r| r.1 > 0).count();
-                assert_eq!(live, model.len(), "round {round}, step {step}");
-                assert_eq!(p.zeros, p.runs.len() - live, "round {round}, step {step}");
-            }
-        }
-    }
-
-    #[test]
-    fn folding_still_works_after_the_queue_drained_and_filled_again() {
-        let q = EventQueue::new(3);
-        for round in 0..3u64 {
-            let r = round * 10;
-            q.push([
-                put("a", "1", r + 1),
-                put("b", "1", r + 2),
-                put("c", "1", r + 3),
-            ]);
-            // Full: these fold.
-            let s = q.push([put("a", "2", r + 4), put("c", "2", r + 5)]);
-            assert_eq!(s.coalesced, 2, "round {round}");
-            // Taken and put back (a batch that failed part way): still
-            // folded into the right entries.
-            let taken = q.pop_many(2, Duration::ZERO);
-            q.requeue_front(taken);
-            let s = q.push([put("b", "3", r + 6)]);
-            assert_eq!(s.coalesced, 1, "round {round}");
-            assert_eq!(
-                drain(&q),
-                vec![
-                    ("a".into(), EventKind::Put, Some("2".into()), r + 4, 1),
-                    ("b".into(), EventKind::Put, Some("3".into()), r + 6, 1),
-                    ("c".into(), EventKind::Put, Some("2".into()), r + 5, 1),
-                ],
-                "round {round}"
-            );
-        }
     }
 }

@@ -722,46 +722,4 @@ async fn cancel(stream: &mut WatchStream, watch_id: Option<i64>) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prefix_ranges() {
-        assert_eq!(prefix_range(""), (vec![0], vec![0]));
-        assert_eq!(prefix_range("/a"), (b"/a".to_vec(), b"/b".to_vec()));
-        assert_eq!(
-            prefix_range("a\u{7f}"),
-            (b"a\x7f".to_vec(), b"a\x80".to_vec())
-        );
-    }
-
-    #[test]
-    fn validation_names_the_problem() {
-        let mut c = EtcdSourceConfig::new("e", vec![]);
-        assert!(
-            c.validate(std::path::Path::new("/"))
-                .unwrap_err()
-                .contains("endpoints")
-        );
-        let mut c = EtcdSourceConfig::new("e", vec!["127.0.0.1:2379".into()]);
-        assert!(
-            c.validate(std::path::Path::new("/"))
-                .unwrap_err()
-                .contains("URL")
-        );
-        let mut c = EtcdSourceConfig::new("e", vec!["http://127.0.0.1:2379".into()]);
-        c.keepalive_interval_s = 1;
-        assert!(
-            c.validate(std::path::Path::new("/"))
-                .unwrap_err()
-                .contains("too many pings")
-        );
-        let mut c = EtcdSourceConfig::new("e", vec!["http://127.0.0.1:2379".into()]);
-        c.username = Some("u".into());
-        assert!(
-            c.validate(std::path::Path::new("/"))
-                .unwrap_err()
-                .contains("password")
-        );
-    }
-}
+mod tests;

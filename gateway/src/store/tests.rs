@@ -1,0 +1,251 @@
+//! Tests of the store: what survives a reopen, how an unusable file is
+//! reported, and that the writer's pacing never delays a flush or a change.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::*;
+
+struct Fixed(Vec<(Arc<str>, u64)>);
+impl CursorProbe for Fixed {
+    fn cursors(&self) -> Vec<(Arc<str>, u64)> {
+        self.0.clone()
+    }
+}
+
+type Changes = IndexChanges;
+
+/// Changes handed over once.
+struct Index(Arc<str>, Mutex<Option<Changes>>);
+impl IndexProbe for Index {
+    fn source(&self) -> Arc<str> {
+        self.0.clone()
+    }
+    fn take_changes(&self) -> Option<Changes> {
+        self.1.lock().take()
+    }
+    fn written(&self, _: u64) {}
+    fn unwritten(&self, _: Vec<Arc<str>>) {}
+}
+
+fn entry(v: &str, seq: u64) -> KeyEntry {
+    KeyEntry {
+        value: Some(Bytes::from(v.to_owned())),
+        revision: seq,
+        seq,
+        metadata: vec![],
+    }
+}
+
+/// An index whose first change set takes `slow` to hand over, busy
+/// (`spin`: as a large commit would) or asleep (as a commit waiting
+/// for a slow disk or for a core would), and that counts its commits.
+struct SlowFirst {
+    slow: Duration,
+    spin: bool,
+    changed: std::sync::atomic::AtomicBool,
+    first: std::sync::atomic::AtomicBool,
+    written: std::sync::atomic::AtomicUsize,
+}
+impl SlowFirst {
+    fn new(slow: Duration, spin: bool) -> Arc<Self> {
+        Arc::new(SlowFirst {
+            slow,
+            spin,
+            changed: true.into(),
+            first: true.into(),
+            written: 0.into(),
+        })
+    }
+    fn written(&self) -> usize {
+        self.written.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    /// Wait for `n` commits; how long it took.
+    fn wait_written(&self, n: usize) -> Duration {
+        let asked = Instant::now();
+        while self.written() < n {
+            assert!(
+                asked.elapsed() < Duration::from_secs(30),
+                "commit {n} never came"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        asked.elapsed()
+    }
+}
+impl IndexProbe for SlowFirst {
+    fn source(&self) -> Arc<str> {
+        Arc::from("slow")
+    }
+    fn take_changes(&self) -> Option<Changes> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if !self.changed.swap(false, SeqCst) {
+            return None;
+        }
+        if self.first.swap(false, SeqCst) {
+            let until = Instant::now() + self.slow;
+            if self.spin {
+                while Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+            } else {
+                std::thread::sleep(self.slow);
+            }
+        }
+        Some((
+            vec![(Arc::from("k"), Some(entry("v", 1)))],
+            SourceMeta::default(),
+        ))
+    }
+    fn written(&self, _: u64) {
+        self.written
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn unwritten(&self, _: Vec<Arc<str>>) {}
+}
+
+/// A store whose [`SlowFirst`] index has made its slow first commit and
+/// has just changed again, with the writer woken for it.
+fn changed_after_a_slow_commit(slow: Duration, spin: bool) -> (Store, Arc<SlowFirst>) {
+    let store = Store::in_memory();
+    let probe = SlowFirst::new(slow, spin);
+    store.register_index(probe.clone());
+    store.wake();
+    probe.wait_written(1);
+    probe
+        .changed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    store.wake();
+    (store, probe)
+}
+
+#[test]
+fn a_flush_does_not_wait_out_the_pause_after_a_slow_commit() {
+    let slow = Duration::from_millis(300);
+    // After the slow commit the writer gathers for 7 × 300 ms of CPU
+    // before its next one; a flush must not wait for that.
+    let (store, probe) = changed_after_a_slow_commit(slow, true);
+    let asked = Instant::now();
+    store.flush();
+    let waited = asked.elapsed();
+    assert!(
+        waited < slow * 3,
+        "the flush waited {waited:?}, the pause after the slow commit"
+    );
+    assert_eq!(probe.written(), 2);
+    assert_eq!(store.load_keys("slow").len(), 1);
+}
+
+#[test]
+fn a_commit_slow_only_in_waiting_does_not_delay_the_next() {
+    // 500 ms asleep: a sync on a loaded disk, or a core taken by
+    // others. Paced by wall time, the next change would wait 3.5 s.
+    let slow = Duration::from_millis(500);
+    let (_store, probe) = changed_after_a_slow_commit(slow, false);
+    let waited = probe.wait_written(2);
+    assert!(
+        waited < slow * 2,
+        "the next change waited {waited:?} after a commit that only waited"
+    );
+}
+
+#[test]
+fn everything_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let s: Arc<str> = Arc::from("etcd");
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store.register_index(Arc::new(Index(
+            s.clone(),
+            Mutex::new(Some((
+                vec![
+                    ("a".into(), Some(entry("1", 3))),
+                    ("b".into(), Some(entry("2", 4))),
+                    ("gone".into(), None),
+                ],
+                SourceMeta {
+                    last_seq: 4,
+                    ..SourceMeta::default()
+                },
+            ))),
+        )));
+        store.register_index(Arc::new(Index(
+            Arc::from("other"),
+            Mutex::new(Some((
+                vec![("a".into(), Some(entry("x", 1)))],
+                SourceMeta::default(),
+            ))),
+        )));
+        store.register("p", Arc::new(Fixed(vec![(s.clone(), 3)])));
+        store.set_plugin_state("p", "k", Some(b"v"));
+        let line = crate::event::Event::put(&s, "a", Bytes::from_static(b"1"), 3).to_line();
+        let d = store.add_dead_letter(
+            "p",
+            DeadLetter {
+                id: 0,
+                event: line,
+                seq: 3,
+                outcome: "trap".into(),
+                error: "boom".into(),
+                attempts: 3,
+                at: 0,
+            },
+        );
+        assert_eq!(d.id, 1);
+        store.flush();
+        store.close();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let keys = store.load_keys("etcd");
+    assert_eq!(keys.len(), 2);
+    assert_eq!(keys["b"], entry("2", 4));
+    assert_eq!(store.source_meta("etcd").last_seq, 4);
+    assert_eq!(store.cursor("p", "etcd"), Some(3));
+    assert_eq!(store.plugin_state("p"), vec![("k".into(), b"v".to_vec())]);
+    let dl = store.dead_letters("p");
+    assert_eq!(dl.len(), 1);
+    assert_eq!(dl[0].error, "boom");
+    // New ids never reuse old ones.
+    let line = dl[0].event.clone();
+    let d = store.add_dead_letter(
+        "p",
+        DeadLetter {
+            id: 0,
+            ..dl[0].clone()
+        },
+    );
+    assert_eq!(d.id, 2);
+    assert_eq!(d.event, line);
+}
+
+#[test]
+fn a_second_open_is_refused_and_garbage_is_reported_not_discarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    assert!(matches!(
+        Store::open(dir.path()),
+        Err(StoreError::InUse { .. })
+    ));
+    assert!(
+        Store::reset(dir.path()).is_err(),
+        "reset refuses a store in use"
+    );
+    store.close();
+    drop(store);
+
+    let bad = tempfile::tempdir().unwrap();
+    std::fs::write(bad.path().join(FILE_NAME), vec![7u8; 8192]).unwrap();
+    let Err(err) = Store::open(bad.path()) else {
+        panic!("garbage must not open")
+    };
+    assert!(matches!(err, StoreError::Unreadable { .. }), "{err}");
+    assert!(err.to_string().contains("watchgate state reset"), "{err}");
+    assert_eq!(
+        std::fs::read(bad.path().join(FILE_NAME)).unwrap(),
+        vec![7u8; 8192]
+    );
+    let moved = Store::reset(bad.path()).unwrap().unwrap();
+    assert_eq!(std::fs::read(&moved).unwrap(), vec![7u8; 8192]);
+    Store::open(bad.path()).expect("starts empty after a reset");
+}
