@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::event::Subscription;
+
 /// A configuration file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -927,17 +929,6 @@ impl Sidecar {
             })
             .collect()
     }
-}
-
-/// One `[[subscribe]]`: events of `source` whose key starts with `prefix`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Subscription {
-    /// A source name from the gateway config.
-    pub source: String,
-    /// Key prefix; empty matches every key.
-    #[serde(default)]
-    pub prefix: String,
 }
 
 /// `[grants]`: the only way a plugin gets a capability.

@@ -37,11 +37,10 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use crate::config::{Limits, PluginMode, RetryPolicy, StartPosition, Subscription};
-use crate::event::{Event, EventKind};
+use crate::config::{Limits, PluginMode, RetryPolicy, StartPosition};
+use crate::event::{Event, EventKind, EventSink, Subscription};
 use crate::runtime::Runtime;
 use crate::runtime::instance::{BatchReport, CallReport, LoadedPlugin, Sandbox};
-use crate::source::EventSink;
 use crate::store::{CursorProbe, DeadLetter, IndexProbe, KeyEntry, SourceMeta, Store};
 use crate::telemetry::{Metrics, Outcome};
 use queue::EventQueue;

@@ -1,8 +1,12 @@
 //! The one event record every source produces and every plugin receives.
 //!
 //! Owns the host-side [`Event`] and its conversions to and from JSON lines
-//! (the `event-log` format, also accepted by `watchgate plugin test`). It
-//! must not know about any particular source or about wasmtime.
+//! (the `event-log` format, also accepted by `watchgate plugin test`), the
+//! [`EventSink`] through which sources hand events on, and the
+//! [`Subscription`] that says which events a plugin receives. Sources,
+//! dispatch and the host capabilities all meet here, so it sits below them
+//! all: it must not know about any particular source, about plugins'
+//! queues or about wasmtime.
 
 use std::sync::Arc;
 
@@ -10,6 +14,50 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+
+/// Where a source delivers its events. Implemented by the dispatcher; tests
+/// use `SourceContext::for_test`.
+pub trait EventSink: Send + Sync + 'static {
+    /// Deliver a batch of events of one source. The events of one batch are
+    /// one atomic step of the source (one revision, one rescan). Must not
+    /// block.
+    fn deliver(&self, source: &str, events: Vec<Event>);
+
+    /// Deliver the complete current state of the keys for which `scope` is
+    /// true, as puts, read at the source's `revision` (a source's initial
+    /// snapshot, or one watch's share of it). A sink that remembers an
+    /// earlier run of the same source passes on only the difference:
+    /// changed keys, and deletes for keys in scope that are gone. The
+    /// default treats it as an ordinary batch.
+    fn deliver_snapshot(
+        &self,
+        source: &str,
+        scope: &dyn Fn(&str) -> bool,
+        revision: u64,
+        events: Vec<Event>,
+    ) {
+        let _ = (scope, revision);
+        self.deliver(source, events);
+    }
+}
+
+/// One `[[subscribe]]`: events of `source` whose key starts with `prefix`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subscription {
+    /// A source name from the gateway config.
+    pub source: String,
+    /// Key prefix; empty matches every key.
+    #[serde(default)]
+    pub prefix: String,
+}
+
+impl Subscription {
+    /// Whether the key `key` of `source` falls under this subscription.
+    pub fn matches(&self, source: &str, key: &str) -> bool {
+        self.source == source && key.starts_with(&self.prefix)
+    }
+}
 
 /// What happened to a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -20,9 +20,9 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConfigError, FileSourceConfig, Sidecar, Subscription};
+use crate::config::{Config, ConfigError, FileSourceConfig, Sidecar};
 use crate::dispatch::{Dispatcher, PluginSpec};
-use crate::event::{Event, EventKind};
+use crate::event::{Event, EventKind, EventSink, Subscription};
 use crate::host::PluginContext;
 use crate::host::files::FilesGrant;
 use crate::host::http::HttpGrant;
@@ -33,7 +33,7 @@ use crate::host::state::PluginState;
 use crate::runtime::instance::LoadedPlugin;
 use crate::runtime::{CompiledPlugin, LoadError, Runtime};
 use crate::source::file::FileSource;
-use crate::source::{EventSink, Source, SourceContext, SourceStatus};
+use crate::source::{Source, SourceContext, SourceStatus};
 use crate::telemetry::Metrics;
 
 /// Why a plugin could not be loaded.

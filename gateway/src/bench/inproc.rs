@@ -8,12 +8,11 @@ use bytes::Bytes;
 use super::{BenchArgs, CaseResult, Samples, percentile, us};
 use crate::config::{Limits, PluginMode, RetryPolicy, RuntimeConfig, StartPosition};
 use crate::dispatch::{Dispatcher, PluginSpec};
-use crate::event::Event;
+use crate::event::{Event, EventSink};
 use crate::host::PluginContext;
 use crate::host::log::{LogSink, PluginLog};
 use crate::runtime::Runtime;
 use crate::runtime::instance::{LoadedPlugin, Sandbox, bare_calls};
-use crate::source::EventSink;
 use crate::store::Store;
 use crate::telemetry::Metrics;
 

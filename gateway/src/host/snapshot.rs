@@ -10,7 +10,7 @@ use std::sync::Weak;
 
 use bytes::Bytes;
 
-use crate::config::Subscription;
+use crate::event::Subscription;
 
 /// Most keys one `scan` returns.
 pub const SCAN_LIMIT: usize = 10_000;
@@ -58,11 +58,7 @@ impl SnapshotGrant {
     }
 
     fn covers(&self, source: &str, key: &str) -> bool {
-        self.subscriptions.is_empty()
-            || self
-                .subscriptions
-                .iter()
-                .any(|s| s.source == source && key.starts_with(&s.prefix))
+        self.subscriptions.is_empty() || self.subscriptions.iter().any(|s| s.matches(source, key))
     }
 
     fn subscribed(&self, source: &str) -> Result<(), Denied> {
