@@ -6,15 +6,24 @@
 //! other module ever sees a relative path. This module must not start
 //! anything.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
+use crate::client::etcd::{EtcdClientConfig, EtcdTlsConfig};
+use crate::dispatch::{PluginMode, RetryPolicy, StartPosition};
 use crate::event::Subscription;
+use crate::host::Grants;
+use crate::host::kv::KvGrant;
+use crate::runtime::{PartialLimits, RuntimeConfig};
+use crate::source::consul::ConsulSourceConfig;
+use crate::source::etcd::EtcdSourceConfig;
+use crate::source::file::FileSourceConfig;
+use crate::source::nacos::NacosSourceConfig;
 
 /// A configuration file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +124,22 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
 }
 
+impl Config {
+    /// How to connect to each etcd source that `grants` name, by source
+    /// name: what the `kv` capability writes through.
+    pub fn kv_targets(&self, grants: &[KvGrant]) -> HashMap<String, EtcdClientConfig> {
+        self.sources
+            .iter()
+            .filter_map(|s| match &s.spec {
+                SourceConfig::Etcd(c) if grants.iter().any(|g| g.source == c.name) => {
+                    Some((c.name.clone(), c.client()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 /// `[cluster]`: replicas coordinated through etcd leases and transactions,
 /// each plugin run by exactly one live replica.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -153,17 +178,6 @@ fn default_cluster_prefix() -> String {
     "/watchgate/cluster/".to_owned()
 }
 
-/// Where a plugin runs in a cluster.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PluginMode {
-    /// On exactly one live replica at a time (default).
-    #[default]
-    Single,
-    /// On every replica (per-host work, such as rendering a local file).
-    EveryReplica,
-}
-
 /// `[state]`: the state directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateConfig {
@@ -178,76 +192,6 @@ struct RawStateConfig {
     dir: Option<PathBuf>,
 }
 
-/// Where a plugin without a cursor starts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StartPosition {
-    /// The current keys as puts, then every change (default).
-    #[default]
-    Snapshot,
-    /// Only changes from now on.
-    Now,
-}
-
-/// What happens when a plugin call fails (an error, a trap, a limit).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryPolicy {
-    /// Calls per event, the first included, before it is dead-lettered.
-    pub attempts: u32,
-    /// Wait before the second attempt; doubled for each further one.
-    pub backoff: Duration,
-    /// The longest wait between attempts.
-    pub max_backoff: Duration,
-    /// Traps (including limit hits) in a row that quarantine the plugin; 0
-    /// never quarantines.
-    pub quarantine_after: u32,
-    /// First wait before a quarantined plugin is probed again; doubles per
-    /// failed probe, up to [`RetryPolicy::MAX_PROBE_BACKOFF`].
-    pub probe_backoff: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            attempts: 3,
-            backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(5),
-            quarantine_after: 5,
-            probe_backoff: Duration::from_secs(1),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// The wait after failed attempt number `attempt` (1-based).
-    pub fn delay(&self, attempt: u32) -> Duration {
-        let factor = 1u32 << attempt.saturating_sub(1).min(16);
-        self.backoff.saturating_mul(factor).min(self.max_backoff)
-    }
-
-    /// The longest wait between probes of a quarantined plugin.
-    pub const MAX_PROBE_BACKOFF: Duration = Duration::from_secs(300);
-
-    /// The wait before probe number `probe` (1-based) of a quarantined
-    /// plugin.
-    pub fn probe_delay(&self, probe: u32) -> Duration {
-        let factor = 1u32 << probe.saturating_sub(1).min(16);
-        self.probe_backoff
-            .saturating_mul(factor)
-            .min(Self::MAX_PROBE_BACKOFF)
-    }
-
-    fn merged(self, over: PolicyOverrides) -> RetryPolicy {
-        RetryPolicy {
-            attempts: over.attempts.unwrap_or(self.attempts),
-            backoff: over.backoff.unwrap_or(self.backoff),
-            max_backoff: self.max_backoff,
-            quarantine_after: over.quarantine_after.unwrap_or(self.quarantine_after),
-            probe_backoff: over.probe_backoff.unwrap_or(self.probe_backoff),
-        }
-    }
-}
-
 /// The failure-policy settings a config section may set.
 #[derive(Debug, Clone, Copy, Default)]
 struct PolicyOverrides {
@@ -255,6 +199,19 @@ struct PolicyOverrides {
     backoff: Option<Duration>,
     quarantine_after: Option<u32>,
     probe_backoff: Option<Duration>,
+}
+
+impl PolicyOverrides {
+    /// `base` with the settings this section gives replaced.
+    fn over(self, base: RetryPolicy) -> RetryPolicy {
+        RetryPolicy {
+            attempts: self.attempts.unwrap_or(base.attempts),
+            backoff: self.backoff.unwrap_or(base.backoff),
+            max_backoff: base.max_backoff,
+            quarantine_after: self.quarantine_after.unwrap_or(base.quarantine_after),
+            probe_backoff: self.probe_backoff.unwrap_or(base.probe_backoff),
+        }
+    }
 }
 
 /// `[gateway]`: process-wide behaviour.
@@ -429,128 +386,17 @@ pub struct PluginsConfig {
     pub batch_max: usize,
 }
 
-/// Per-call limits of a plugin.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Limits {
-    /// Fuel (roughly, wasm instructions) per call.
-    pub fuel: u64,
-    /// Wall-clock deadline per call, in milliseconds.
-    pub timeout_ms: u64,
-    /// Linear memory cap per instance, in MiB.
-    pub memory_mb: u64,
-}
-
-/// Limits where every field is optional (a sidecar's `[limits]`).
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PartialLimits {
-    /// Fuel per call.
-    pub fuel: Option<u64>,
-    /// Deadline per call, ms.
-    pub timeout_ms: Option<u64>,
-    /// Memory cap, MiB.
-    pub memory_mb: Option<u64>,
-}
-
-impl Limits {
-    /// `self` with the fields `over` sets replaced.
-    pub fn merged(self, over: PartialLimits) -> Limits {
-        Limits {
-            fuel: over.fuel.unwrap_or(self.fuel),
-            timeout_ms: over.timeout_ms.unwrap_or(self.timeout_ms),
-            memory_mb: over.memory_mb.unwrap_or(self.memory_mb),
-        }
-    }
-}
-
-/// `[runtime]`: defaults for every plugin and the ceilings no sidecar may
-/// exceed.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuntimeConfig {
-    /// Limits for plugins whose sidecar sets none.
-    #[serde(default = "default_limits")]
-    pub defaults: Limits,
-    /// Highest `memory_mb` a sidecar may ask for; also the size of each slot
-    /// in the pooling allocator. Default 256.
-    #[serde(default = "default_max_memory_mb")]
-    pub max_memory_mb: u64,
-    /// Highest `timeout_ms` a sidecar may ask for. Default 30 000.
-    #[serde(default = "default_max_timeout_ms")]
-    pub max_timeout_ms: u64,
-    /// Maximum wasm stack per call, in KiB. Default 512.
-    #[serde(default = "default_max_wasm_stack_kb")]
-    pub max_wasm_stack_kb: usize,
-    /// Plugin log lines allowed per second per plugin (stdout, stderr and
-    /// the `log` import together); the rest are counted and dropped.
-    /// Default 50.
-    #[serde(default = "default_log_lines_per_second")]
-    pub log_lines_per_second: u32,
-    /// Plugin instances that can be alive at once (one per loaded plugin,
-    /// plus short-lived ones during a swap); sizes the pooling allocator.
-    /// Default 128.
-    #[serde(default = "default_max_instances")]
-    pub max_instances: u32,
-    /// Keep compiled plugins in `compiled/` in the state directory, so a
-    /// restart does not compile them again. Default true.
-    #[serde(default = "default_true")]
-    pub compile_cache: bool,
-}
-
-fn default_true() -> bool {
-    true
-}
-
-fn default_max_instances() -> u32 {
-    128
-}
-
-fn default_limits() -> Limits {
-    Limits {
-        fuel: 100_000_000,
-        timeout_ms: 1_000,
-        memory_mb: 64,
-    }
-}
-fn default_max_memory_mb() -> u64 {
-    256
-}
-fn default_max_timeout_ms() -> u64 {
-    30_000
-}
-fn default_max_wasm_stack_kb() -> usize {
-    512
-}
-fn default_log_lines_per_second() -> u32 {
-    50
-}
-
-impl Default for RuntimeConfig {
-    fn default() -> Self {
-        RuntimeConfig {
-            defaults: default_limits(),
-            max_memory_mb: default_max_memory_mb(),
-            max_timeout_ms: default_max_timeout_ms(),
-            max_wasm_stack_kb: default_max_wasm_stack_kb(),
-            log_lines_per_second: default_log_lines_per_second(),
-            max_instances: default_max_instances(),
-            compile_cache: true,
-        }
-    }
-}
-
 /// One `[[source]]`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceConfig {
     /// `kind = "file"`.
     File(FileSourceConfig),
     /// `kind = "etcd"`.
-    Etcd(crate::source::etcd::EtcdSourceConfig),
+    Etcd(EtcdSourceConfig),
     /// `kind = "consul"`.
-    Consul(crate::source::consul::ConsulSourceConfig),
+    Consul(ConsulSourceConfig),
     /// `kind = "nacos"`.
-    Nacos(crate::source::nacos::NacosSourceConfig),
+    Nacos(NacosSourceConfig),
 }
 
 impl SourceConfig {
@@ -577,62 +423,6 @@ impl SourceConfig {
         match self {
             SourceConfig::Etcd(c) => Some(format!("etcd prefix={:?}", c.prefix)),
             _ => None,
-        }
-    }
-}
-
-/// `kind = "file"`: a directory watched recursively.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileSourceConfig {
-    /// Unique source name.
-    pub name: String,
-    /// Always `"file"`.
-    #[serde(default)]
-    kind: Option<String>,
-    /// The directory to watch; relative paths are relative to the config
-    /// file. Keys are paths relative to it, with `/` separators.
-    pub path: PathBuf,
-    /// Also report files whose name (or a parent directory's name) starts
-    /// with `.`. Default false, which also hides Kubernetes ConfigMap
-    /// internals (`..data`, `..2024_…`).
-    #[serde(default)]
-    pub include_hidden: bool,
-    /// How long to let a burst of file-system notifications settle before
-    /// rescanning, in milliseconds. Default 50.
-    #[serde(default = "default_debounce_ms")]
-    pub debounce_ms: u64,
-    /// Files larger than this many bytes are skipped with a warning. Default
-    /// 4 MiB.
-    #[serde(default = "default_max_value_bytes")]
-    pub max_value_bytes: u64,
-    /// A full rescan every this many seconds, as a safety net against lost
-    /// notifications. 0 turns it off. Default 60.
-    #[serde(default = "default_rescan_interval_s")]
-    pub rescan_interval_s: u64,
-}
-
-fn default_debounce_ms() -> u64 {
-    50
-}
-fn default_max_value_bytes() -> u64 {
-    4 * 1024 * 1024
-}
-fn default_rescan_interval_s() -> u64 {
-    60
-}
-
-impl FileSourceConfig {
-    /// A config with defaults, for tests and examples.
-    pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
-        FileSourceConfig {
-            name: name.into(),
-            kind: None,
-            path: path.into(),
-            include_hidden: false,
-            debounce_ms: default_debounce_ms(),
-            max_value_bytes: default_max_value_bytes(),
-            rescan_interval_s: default_rescan_interval_s(),
         }
     }
 }
@@ -727,21 +517,24 @@ impl Config {
                     SourceConfig::File(c)
                 }
                 "etcd" => {
-                    let mut c: crate::source::etcd::EtcdSourceConfig = table
+                    let mut c: EtcdSourceConfig = table
                         .try_into()
                         .map_err(|e: toml::de::Error| err(e.message().trim().to_owned()))?;
-                    c.validate(&base).map_err(err)?;
+                    c.validate().map_err(err)?;
+                    for p in c.tls.iter_mut().flat_map(EtcdTlsConfig::files_mut) {
+                        *p = resolve(&base, p);
+                    }
                     SourceConfig::Etcd(c)
                 }
                 "consul" => {
-                    let mut c: crate::source::consul::ConsulSourceConfig = table
+                    let mut c: ConsulSourceConfig = table
                         .try_into()
                         .map_err(|e: toml::de::Error| err(e.message().trim().to_owned()))?;
                     c.validate().map_err(err)?;
                     SourceConfig::Consul(c)
                 }
                 "nacos" => {
-                    let mut c: crate::source::nacos::NacosSourceConfig = table
+                    let mut c: NacosSourceConfig = table
                         .try_into()
                         .map_err(|e: toml::de::Error| err(e.message().trim().to_owned()))?;
                     c.validate().map_err(err)?;
@@ -774,12 +567,13 @@ impl Config {
                 raw.plugins.dir.as_deref().unwrap_or(Path::new("plugins.d")),
             ),
             queue_capacity: raw.plugins.queue_capacity.unwrap_or(1024),
-            retry: RetryPolicy::default().merged(PolicyOverrides {
+            retry: PolicyOverrides {
                 attempts: raw.plugins.retry_attempts,
                 backoff: raw.plugins.retry_backoff,
                 quarantine_after: raw.plugins.quarantine_after,
                 probe_backoff: raw.plugins.quarantine_probe,
-            }),
+            }
+            .over(RetryPolicy::default()),
             batch_max: raw.plugins.batch_max.unwrap_or(64),
         };
         let state = StateConfig {
@@ -908,12 +702,13 @@ pub struct Sidecar {
 impl Sidecar {
     /// The effective failure policy over the gateway's.
     pub fn retry(&self, config: &Config) -> RetryPolicy {
-        config.plugins.retry.merged(PolicyOverrides {
+        PolicyOverrides {
             attempts: self.retry_attempts,
             backoff: self.retry_backoff,
             quarantine_after: self.quarantine_after,
             probe_backoff: None,
-        })
+        }
+        .over(config.plugins.retry)
     }
 
     /// The `[settings]` table as text values.
@@ -928,56 +723,6 @@ impl Sidecar {
                 (k.clone(), text)
             })
             .collect()
-    }
-}
-
-/// `[grants]`: the only way a plugin gets a capability.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Grants {
-    /// Directory the plugin may write into (created if missing); relative
-    /// paths are relative to the sidecar file.
-    pub files: Option<PathBuf>,
-    /// `HOST:PORT` pairs the plugin may send HTTP requests to, for example
-    /// `["hooks.example.com:443", "127.0.0.1:8080", "[::1]:8080"]`.
-    #[serde(default)]
-    pub http: Vec<String>,
-    /// Prefixes the plugin may write under, per source (etcd sources only).
-    #[serde(default)]
-    pub kv: Vec<KvGrant>,
-    /// Read the current values of subscribed keys.
-    #[serde(default)]
-    pub snapshot: bool,
-}
-
-/// One `[[grants.kv]]` entry: `source` may be written under `prefix`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct KvGrant {
-    /// An etcd source of the gateway config.
-    pub source: String,
-    /// Key prefix; must not be empty (grant a whole store explicitly with
-    /// `"/"` when keys start with `/`).
-    pub prefix: String,
-}
-
-impl Grants {
-    /// The capabilities these grants give, by name, in WIT order.
-    pub fn names(&self) -> Vec<&'static str> {
-        let mut v = Vec::new();
-        if self.files.is_some() {
-            v.push("files");
-        }
-        if !self.http.is_empty() {
-            v.push("http");
-        }
-        if !self.kv.is_empty() {
-            v.push("kv");
-        }
-        if self.snapshot {
-            v.push("snapshot");
-        }
-        v
     }
 }
 

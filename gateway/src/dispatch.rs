@@ -20,6 +20,7 @@
 //! after its cursor (deletes included, from tombstones) flagged `resync`.
 //! This module must not parse files or compile code.
 
+pub mod policy;
 pub mod pool;
 pub mod queue;
 
@@ -37,12 +38,12 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use crate::config::{Limits, PluginMode, RetryPolicy, StartPosition};
 use crate::event::{Event, EventKind, EventSink, Subscription};
-use crate::runtime::Runtime;
 use crate::runtime::instance::{BatchReport, CallReport, LoadedPlugin, Sandbox};
+use crate::runtime::{Limits, Runtime};
 use crate::store::{CursorProbe, DeadLetter, IndexProbe, KeyEntry, SourceMeta, Store};
 use crate::telemetry::{Metrics, Outcome};
+pub use policy::{PluginMode, RetryPolicy, StartPosition};
 use queue::EventQueue;
 
 /// One version of a plugin with its routing and queue settings.
@@ -53,7 +54,7 @@ pub struct PluginSpec {
     /// What it receives; empty means every source, every key.
     pub subscriptions: Vec<Subscription>,
     /// The operator's grants, as configured (the context holds them live).
-    pub grants: crate::config::Grants,
+    pub grants: crate::host::Grants,
     /// Queue capacity before folding.
     pub queue_capacity: usize,
     /// What a failed call leads to.

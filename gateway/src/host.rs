@@ -7,9 +7,12 @@
 //! nothing ambient: no preopened directories, environment, arguments,
 //! network or inherited stdio. This module must not call into guests.
 
+pub mod bindings;
 pub mod files;
+pub mod grants;
 pub mod http;
 pub mod kv;
+pub mod limiter;
 pub mod log;
 pub mod snapshot;
 pub mod state;
@@ -20,12 +23,13 @@ use std::sync::Arc;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use crate::runtime::bindings::watchgate::plugin as wit;
-use crate::runtime::limits::MemoryLimiter;
 use crate::telemetry::Metrics;
+use bindings::watchgate::plugin as wit;
 use files::FilesGrant;
+pub use grants::Grants;
 use http::HttpGrant;
 use kv::KvWriter;
+use limiter::MemoryLimiter;
 use log::{Level, LineStream, PluginLog, Stream};
 use snapshot::SnapshotGrant;
 use state::PluginState;

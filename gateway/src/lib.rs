@@ -24,6 +24,7 @@ pub mod admin;
 pub mod app;
 pub mod bench;
 pub mod cli;
+pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod dispatch;

@@ -20,7 +20,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConfigError, FileSourceConfig, Sidecar};
+use crate::config::{Config, ConfigError, Sidecar};
 use crate::dispatch::{Dispatcher, PluginSpec};
 use crate::event::{Event, EventKind, EventSink, Subscription};
 use crate::host::PluginContext;
@@ -32,7 +32,7 @@ use crate::host::snapshot::{SnapshotGrant, SnapshotReader};
 use crate::host::state::PluginState;
 use crate::runtime::instance::LoadedPlugin;
 use crate::runtime::{CompiledPlugin, LoadError, Runtime};
-use crate::source::file::FileSource;
+use crate::source::file::{FileSource, FileSourceConfig};
 use crate::source::{Source, SourceContext, SourceStatus};
 use crate::telemetry::Metrics;
 
@@ -491,7 +491,7 @@ impl PluginLoader {
                     kv: (!sidecar.grants.kv.is_empty()).then(|| {
                         KvWriter::new(
                             sidecar.grants.kv.clone(),
-                            &self.config,
+                            self.config.kv_targets(&sidecar.grants.kv),
                             Some(&tokio::runtime::Handle::current()),
                             name,
                             &self.metrics,

@@ -7,7 +7,7 @@
 //! to instantiate). [`instance::Sandbox`] runs calls. This module must not
 //! know about queues, routing or where plugin files come from.
 
-pub mod bindings;
+pub mod config;
 pub mod instance;
 pub mod limits;
 
@@ -20,9 +20,11 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use crate::config::RuntimeConfig;
+pub use config::RuntimeConfig;
+pub use limits::{Limits, PartialLimits};
+
 use crate::host::HostState;
-use bindings::{Plugin, PluginPre};
+use crate::host::bindings::{Plugin, PluginPre};
 
 /// How often the epoch advances; deadlines are accurate to about this.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);

@@ -11,6 +11,7 @@ pub mod backoff;
 pub mod consul;
 pub mod etcd;
 pub mod file;
+mod file_config;
 pub mod nacos;
 
 use std::collections::BTreeMap;

@@ -36,8 +36,8 @@ use tracing::{debug, info, warn};
 use walkdir::WalkDir;
 
 use super::backoff::Backoff;
+pub use super::file_config::FileSourceConfig;
 use super::{Source, SourceContext, SourceFuture};
-use crate::config::FileSourceConfig;
 use crate::event::Event;
 
 /// First retry delay after the directory vanished.
