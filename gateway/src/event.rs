@@ -314,6 +314,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_subscription_matches_its_source_under_its_prefix() {
+        let s = Subscription {
+            source: "main".into(),
+            prefix: "/app/".into(),
+        };
+        assert!(s.matches("main", "/app/x"));
+        assert!(!s.matches("main", "/other/x"));
+        assert!(!s.matches("side", "/app/x"));
+        let every_key = Subscription {
+            source: "main".into(),
+            prefix: String::new(),
+        };
+        assert!(every_key.matches("main", ""));
+    }
+
+    #[test]
     fn json_line_round_trips_binary_and_text_values() {
         let src: Arc<str> = Arc::from("local");
         let e = Event::put(&src, "a/b", Bytes::from_static(&[0xff, 0x00]), 7)

@@ -4,8 +4,11 @@
 //! wasm stack), the one epoch ticker thread that turns wall-clock time into
 //! deadlines, the [`Linker`] with the host imports, and compilation of a
 //! plugin file into a [`CompiledPlugin`] (validated against the world, ready
-//! to instantiate). [`instance::Sandbox`] runs calls. This module must not
-//! know about queues, routing or where plugin files come from.
+//! to instantiate). [`instance::Sandbox`] runs calls. Its settings are its
+//! own: [`RuntimeConfig`] for the engine and [`Limits`] per call. This
+//! module must not know about queues, routing or where plugin files come
+//! from; it uses `host` for the store data and the WIT bindings, never the
+//! reverse.
 
 pub mod config;
 pub mod instance;

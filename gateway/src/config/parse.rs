@@ -2,8 +2,10 @@
 //!
 //! Owns the TOML parsing (unknown keys rejected), the private raw tables
 //! that give every setting its default, the resolution of relative paths,
-//! and the mapping of a parse error to its file, line and column. It hands
-//! the assembled values to `validate` and must not decide what is valid.
+//! and the mapping of a parse error to its file, line and column. A
+//! `[[source]]` is checked as it is read (by its own source's rules, and for
+//! a unique name), so its errors can point at its line; every other check
+//! is `validate`'s.
 
 use std::collections::HashSet;
 use std::ops::Range;
@@ -13,13 +15,16 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{
-    AdminConfig, ClusterConfig, Config, ConfigError, ConsulSourceConfig, EtcdSourceConfig,
-    FileSourceConfig, GatewayConfig, NacosSourceConfig, PluginsConfig, SourceCommon, SourceConfig,
-    SourceEntry, StateConfig, validate,
+    AdminConfig, ClusterConfig, Config, ConfigError, GatewayConfig, PluginsConfig, SourceCommon,
+    SourceConfig, SourceEntry, StateConfig, validate,
 };
 use crate::client::etcd::EtcdTlsConfig;
 use crate::dispatch::RetryPolicy;
 use crate::runtime::RuntimeConfig;
+use crate::source::consul::ConsulSourceConfig;
+use crate::source::etcd::EtcdSourceConfig;
+use crate::source::file::FileSourceConfig;
+use crate::source::nacos::NacosSourceConfig;
 
 impl ConfigError {
     /// A problem with the file as a whole, or one without a position.
