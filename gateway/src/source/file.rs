@@ -36,6 +36,7 @@ use tracing::{debug, info, warn};
 use walkdir::WalkDir;
 
 use super::backoff::Backoff;
+// MERGE: re-export while file.rs is split; move FileSourceConfig here after merge
 pub use super::file_config::FileSourceConfig;
 use super::{Source, SourceContext, SourceFuture};
 use crate::event::Event;
