@@ -30,8 +30,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper,
-    PutOptions, Txn, TxnOp, TxnOpResponse,
+    Client, Compare, CompareOp, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn,
+    TxnOp, TxnOpResponse,
 };
 use parking_lot::RwLock;
 use serde::Serialize;
@@ -39,6 +39,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::client::etcd::{EtcdClientConfig, connect_client};
 use crate::config::ClusterConfig;
 use crate::dispatch::Dispatcher;
 use crate::telemetry::{Metrics, RepeatLog};
@@ -270,12 +271,13 @@ impl Cluster {
 
     /// Connect, take a lease and register as a member.
     async fn open(&self) -> anyhow::Result<Session> {
-        let options = ConnectOptions::new()
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(2))
-            .with_keep_alive_while_idle(true)
-            .with_connect_timeout(self.call_timeout())
-            .with_require_leader(true);
-        let mut client = Client::connect(&self.config.etcd, Some(options)).await?;
+        let mut client = connect_client(&EtcdClientConfig {
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(2),
+            dial_timeout: self.call_timeout(),
+            ..EtcdClientConfig::new(self.config.etcd.clone())
+        })
+        .await?;
         let ttl = self.config.lease_ttl.as_secs().max(1) as i64;
         let sent = Instant::now();
         let grant = client.lease_grant(ttl, None).await?;

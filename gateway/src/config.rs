@@ -1,18 +1,43 @@
 //! The gateway configuration file and the per-plugin sidecar files.
 //!
-//! Owns parsing (TOML, unknown keys rejected), defaults and validation.
-//! Every error names the file, the key and the line. Relative paths are
-//! resolved here, against the directory of the file that names them, so no
-//! other module ever sees a relative path. This module must not start
-//! anything.
+//! Owns the file format only: the top-level [`Config`] with its `[admin]`,
+//! `[plugins]`, `[gateway]`, `[state]` and `[cluster]` tables, the
+//! `[[source]]` list, and the [`Sidecar`]. The settings each layer acts on
+//! are that layer's own types (a source's settings in its source file,
+//! `[runtime]` and `[limits]` in `runtime`, `[grants]` in `host`, the
+//! delivery policy in `dispatch`); this module imports them, fills them in
+//! and checks them against each other. Every error names the file, the key
+//! and the line. Relative paths are resolved here, against the directory of
+//! the file that names them, so no other module ever sees a relative path.
+//! This module must not start anything.
+//!
+//! Reading and assembling live in `parse`, the checks in `validate`, the
+//! sidecar in `sidecar`.
 
-use std::collections::{BTreeMap, HashSet};
+mod parse;
+mod sidecar;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+
+use crate::client::etcd::EtcdClientConfig;
+use crate::dispatch::RetryPolicy;
+use crate::host::kv::KvGrant;
+use crate::runtime::RuntimeConfig;
+use crate::source::consul::ConsulSourceConfig;
+use crate::source::etcd::EtcdSourceConfig;
+use crate::source::file::FileSourceConfig;
+use crate::source::nacos::NacosSourceConfig;
+
+pub use parse::resolve;
+pub use sidecar::Sidecar;
 
 /// A configuration file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -39,58 +64,6 @@ pub enum ConfigError {
     },
 }
 
-impl ConfigError {
-    fn parse(path: &Path, text: &str, span: Option<Range<usize>>, message: String) -> Self {
-        let (line, column) = span.map_or((0, 0), |s| line_col(text, s.start));
-        ConfigError::Parse {
-            path: path.to_owned(),
-            line,
-            column,
-            message,
-        }
-    }
-}
-
-/// The key an "unknown field `x`" or "missing field `x`" message names.
-fn offending_key(message: &str) -> Option<&str> {
-    let rest = message
-        .strip_prefix("unknown field `")
-        .or_else(|| message.strip_prefix("invalid type"))?;
-    rest.split('`')
-        .next()
-        .filter(|k| !k.is_empty() && !k.contains(' '))
-}
-
-/// Byte offset of `key = ` in the table starting at `span` (up to the next
-/// table header).
-fn key_offset(text: &str, span: Range<usize>, key: &str) -> Option<usize> {
-    let rest = text.get(span.start..)?;
-    let body_start = rest.find('\n').map_or(rest.len(), |i| i + 1);
-    let end = rest[body_start..]
-        .find("\n[")
-        .map_or(rest.len(), |i| body_start + i + 1);
-    let region = &rest[..end];
-    let mut offset = 0;
-    for line in region.split_inclusive('\n') {
-        let trimmed = line.trim_start();
-        if let Some(rest) = trimmed.strip_prefix(key)
-            && rest.trim_start().starts_with('=')
-        {
-            return Some(span.start + offset + (line.len() - trimmed.len()));
-        }
-        offset += line.len();
-    }
-    None
-}
-
-/// 1-based line and column of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, column)
-}
-
 /// The gateway configuration (`watchgate.toml`).
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -111,6 +84,22 @@ pub struct Config {
     /// Several replicas sharing the plugins; `None`: this gateway runs
     /// alone.
     pub cluster: Option<ClusterConfig>,
+}
+
+impl Config {
+    /// How to connect to each etcd source that `grants` name, by source
+    /// name: what the `kv` capability writes through.
+    pub fn kv_targets(&self, grants: &[KvGrant]) -> HashMap<String, EtcdClientConfig> {
+        self.sources
+            .iter()
+            .filter_map(|s| match &s.spec {
+                SourceConfig::Etcd(c) if grants.iter().any(|g| g.source == c.name) => {
+                    Some((c.name.clone(), c.client()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 /// `[cluster]`: replicas coordinated through etcd leases and transactions,
@@ -151,90 +140,12 @@ fn default_cluster_prefix() -> String {
     "/watchgate/cluster/".to_owned()
 }
 
-/// Where a plugin runs in a cluster.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PluginMode {
-    /// On exactly one live replica at a time (default).
-    #[default]
-    Single,
-    /// On every replica (per-host work, such as rendering a local file).
-    EveryReplica,
-}
-
 /// `[state]`: the state directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateConfig {
     /// Directory of the state store (`state.redb`). Default `data` beside
     /// the config file. Created if missing.
     pub dir: PathBuf,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawStateConfig {
-    dir: Option<PathBuf>,
-}
-
-/// Where a plugin without a cursor starts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StartPosition {
-    /// The current keys as puts, then every change (default).
-    #[default]
-    Snapshot,
-    /// Only changes from now on.
-    Now,
-}
-
-/// What happens when a plugin call fails (an error, a trap, a limit).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryPolicy {
-    /// Calls per event, the first included, before it is dead-lettered.
-    pub attempts: u32,
-    /// Wait before the second attempt; doubled for each further one.
-    pub backoff: Duration,
-    /// The longest wait between attempts.
-    pub max_backoff: Duration,
-    /// Traps (including limit hits) in a row that quarantine the plugin; 0
-    /// never quarantines.
-    pub quarantine_after: u32,
-    /// First wait before a quarantined plugin is probed again; doubles per
-    /// failed probe, up to [`RetryPolicy::MAX_PROBE_BACKOFF`].
-    pub probe_backoff: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            attempts: 3,
-            backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(5),
-            quarantine_after: 5,
-            probe_backoff: Duration::from_secs(1),
-        }
-    }
-}
-
-impl RetryPolicy {
-    fn merged(self, over: PolicyOverrides) -> RetryPolicy {
-        RetryPolicy {
-            attempts: over.attempts.unwrap_or(self.attempts),
-            backoff: over.backoff.unwrap_or(self.backoff),
-            max_backoff: self.max_backoff,
-            quarantine_after: over.quarantine_after.unwrap_or(self.quarantine_after),
-            probe_backoff: over.probe_backoff.unwrap_or(self.probe_backoff),
-        }
-    }
-}
-
-/// The failure-policy settings a config section may set.
-#[derive(Debug, Clone, Copy, Default)]
-struct PolicyOverrides {
-    attempts: Option<u32>,
-    backoff: Option<Duration>,
-    quarantine_after: Option<u32>,
-    probe_backoff: Option<Duration>,
 }
 
 /// `[gateway]`: process-wide behaviour.
@@ -320,24 +231,6 @@ impl SourceEntry {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    #[serde(default)]
-    admin: AdminConfig,
-    #[serde(default)]
-    plugins: RawPluginsConfig,
-    #[serde(default)]
-    runtime: RuntimeConfig,
-    #[serde(default)]
-    gateway: GatewayConfig,
-    #[serde(default)]
-    state: RawStateConfig,
-    cluster: Option<ClusterConfig>,
-    #[serde(default)]
-    source: Vec<toml::Spanned<toml::Table>>,
-}
-
 /// `[admin]`: the HTTP server for health, metrics and the JSON API.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -375,20 +268,6 @@ impl Default for AdminConfig {
     }
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawPluginsConfig {
-    dir: Option<PathBuf>,
-    queue_capacity: Option<usize>,
-    retry_attempts: Option<u32>,
-    #[serde(default, with = "humantime_serde")]
-    retry_backoff: Option<Duration>,
-    batch_max: Option<usize>,
-    quarantine_after: Option<u32>,
-    #[serde(default, with = "humantime_serde")]
-    quarantine_probe: Option<Duration>,
-}
-
 /// `[plugins]`: where plugins come from and how much may queue for each.
 #[derive(Debug, Clone)]
 pub struct PluginsConfig {
@@ -409,128 +288,17 @@ pub struct PluginsConfig {
     pub batch_max: usize,
 }
 
-/// Per-call limits of a plugin.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Limits {
-    /// Fuel (roughly, wasm instructions) per call.
-    pub fuel: u64,
-    /// Wall-clock deadline per call, in milliseconds.
-    pub timeout_ms: u64,
-    /// Linear memory cap per instance, in MiB.
-    pub memory_mb: u64,
-}
-
-/// Limits where every field is optional (a sidecar's `[limits]`).
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PartialLimits {
-    /// Fuel per call.
-    pub fuel: Option<u64>,
-    /// Deadline per call, ms.
-    pub timeout_ms: Option<u64>,
-    /// Memory cap, MiB.
-    pub memory_mb: Option<u64>,
-}
-
-impl Limits {
-    /// `self` with the fields `over` sets replaced.
-    pub fn merged(self, over: PartialLimits) -> Limits {
-        Limits {
-            fuel: over.fuel.unwrap_or(self.fuel),
-            timeout_ms: over.timeout_ms.unwrap_or(self.timeout_ms),
-            memory_mb: over.memory_mb.unwrap_or(self.memory_mb),
-        }
-    }
-}
-
-/// `[runtime]`: defaults for every plugin and the ceilings no sidecar may
-/// exceed.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuntimeConfig {
-    /// Limits for plugins whose sidecar sets none.
-    #[serde(default = "default_limits")]
-    pub defaults: Limits,
-    /// Highest `memory_mb` a sidecar may ask for; also the size of each slot
-    /// in the pooling allocator. Default 256.
-    #[serde(default = "default_max_memory_mb")]
-    pub max_memory_mb: u64,
-    /// Highest `timeout_ms` a sidecar may ask for. Default 30 000.
-    #[serde(default = "default_max_timeout_ms")]
-    pub max_timeout_ms: u64,
-    /// Maximum wasm stack per call, in KiB. Default 512.
-    #[serde(default = "default_max_wasm_stack_kb")]
-    pub max_wasm_stack_kb: usize,
-    /// Plugin log lines allowed per second per plugin (stdout, stderr and
-    /// the `log` import together); the rest are counted and dropped.
-    /// Default 50.
-    #[serde(default = "default_log_lines_per_second")]
-    pub log_lines_per_second: u32,
-    /// Plugin instances that can be alive at once (one per loaded plugin,
-    /// plus short-lived ones during a swap); sizes the pooling allocator.
-    /// Default 128.
-    #[serde(default = "default_max_instances")]
-    pub max_instances: u32,
-    /// Keep compiled plugins in `compiled/` in the state directory, so a
-    /// restart does not compile them again. Default true.
-    #[serde(default = "default_true")]
-    pub compile_cache: bool,
-}
-
-fn default_true() -> bool {
-    true
-}
-
-fn default_max_instances() -> u32 {
-    128
-}
-
-fn default_limits() -> Limits {
-    Limits {
-        fuel: 100_000_000,
-        timeout_ms: 1_000,
-        memory_mb: 64,
-    }
-}
-fn default_max_memory_mb() -> u64 {
-    256
-}
-fn default_max_timeout_ms() -> u64 {
-    30_000
-}
-fn default_max_wasm_stack_kb() -> usize {
-    512
-}
-fn default_log_lines_per_second() -> u32 {
-    50
-}
-
-impl Default for RuntimeConfig {
-    fn default() -> Self {
-        RuntimeConfig {
-            defaults: default_limits(),
-            max_memory_mb: default_max_memory_mb(),
-            max_timeout_ms: default_max_timeout_ms(),
-            max_wasm_stack_kb: default_max_wasm_stack_kb(),
-            log_lines_per_second: default_log_lines_per_second(),
-            max_instances: default_max_instances(),
-            compile_cache: true,
-        }
-    }
-}
-
 /// One `[[source]]`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceConfig {
     /// `kind = "file"`.
     File(FileSourceConfig),
     /// `kind = "etcd"`.
-    Etcd(crate::source::etcd::EtcdSourceConfig),
+    Etcd(EtcdSourceConfig),
     /// `kind = "consul"`.
-    Consul(crate::source::consul::ConsulSourceConfig),
+    Consul(ConsulSourceConfig),
     /// `kind = "nacos"`.
-    Nacos(crate::source::nacos::NacosSourceConfig),
+    Nacos(NacosSourceConfig),
 }
 
 impl SourceConfig {
@@ -558,636 +326,5 @@ impl SourceConfig {
             SourceConfig::Etcd(c) => Some(format!("etcd prefix={:?}", c.prefix)),
             _ => None,
         }
-    }
-}
-
-/// `kind = "file"`: a directory watched recursively.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileSourceConfig {
-    /// Unique source name.
-    pub name: String,
-    /// Always `"file"`.
-    #[serde(default)]
-    kind: Option<String>,
-    /// The directory to watch; relative paths are relative to the config
-    /// file. Keys are paths relative to it, with `/` separators.
-    pub path: PathBuf,
-    /// Also report files whose name (or a parent directory's name) starts
-    /// with `.`. Default false, which also hides Kubernetes ConfigMap
-    /// internals (`..data`, `..2024_…`).
-    #[serde(default)]
-    pub include_hidden: bool,
-    /// How long to let a burst of file-system notifications settle before
-    /// rescanning, in milliseconds. Default 50.
-    #[serde(default = "default_debounce_ms")]
-    pub debounce_ms: u64,
-    /// Files larger than this many bytes are skipped with a warning. Default
-    /// 4 MiB.
-    #[serde(default = "default_max_value_bytes")]
-    pub max_value_bytes: u64,
-    /// A full rescan every this many seconds, as a safety net against lost
-    /// notifications. 0 turns it off. Default 60.
-    #[serde(default = "default_rescan_interval_s")]
-    pub rescan_interval_s: u64,
-}
-
-fn default_debounce_ms() -> u64 {
-    50
-}
-fn default_max_value_bytes() -> u64 {
-    4 * 1024 * 1024
-}
-fn default_rescan_interval_s() -> u64 {
-    60
-}
-
-impl FileSourceConfig {
-    /// A config with defaults, for tests and examples.
-    pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
-        FileSourceConfig {
-            name: name.into(),
-            kind: None,
-            path: path.into(),
-            include_hidden: false,
-            debounce_ms: default_debounce_ms(),
-            max_value_bytes: default_max_value_bytes(),
-            rescan_interval_s: default_rescan_interval_s(),
-        }
-    }
-}
-
-fn parse_toml<T: for<'de> Deserialize<'de>>(path: &Path, text: &str) -> Result<T, ConfigError> {
-    toml::from_str(text)
-        .map_err(|e| ConfigError::parse(path, text, e.span(), e.message().trim().to_owned()))
-}
-
-fn base_dir(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    }
-}
-
-/// `p` made absolute against `base` (and `base` against the working
-/// directory), with `.` and `..` folded lexically so logs show plain paths.
-pub fn resolve(base: &Path, p: &Path) -> PathBuf {
-    let joined = if p.is_absolute() {
-        p.to_owned()
-    } else {
-        base.join(p)
-    };
-    let absolute = std::path::absolute(&joined).unwrap_or(joined);
-    let mut clean = PathBuf::new();
-    for c in absolute.components() {
-        match c {
-            std::path::Component::ParentDir => {
-                clean.pop();
-            }
-            std::path::Component::CurDir => {}
-            other => clean.push(other),
-        }
-    }
-    clean
-}
-
-impl Config {
-    /// Read and validate a gateway config file.
-    ///
-    /// # Errors
-    /// [`ConfigError`] naming the file, line and key of the first problem.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(path, &text)
-    }
-
-    /// Validate config text as if read from `path`.
-    ///
-    /// # Errors
-    /// [`ConfigError`] naming the file, line and key of the first problem.
-    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = parse_toml(path, text)?;
-        let base = base_dir(path);
-        let mut names = HashSet::new();
-        let mut sources = Vec::new();
-        for (i, spanned) in raw.source.iter().enumerate() {
-            let span = spanned.span();
-            let mut table = spanned.get_ref().clone();
-            let mut common_table = toml::Table::new();
-            for key in ["startup", "startup_timeout"] {
-                if let Some(v) = table.remove(key) {
-                    common_table.insert(key.to_owned(), v);
-                }
-            }
-            let err = |msg: String| {
-                let at = offending_key(&msg)
-                    .and_then(|k| key_offset(text, span.clone(), k))
-                    .map_or(span.clone(), |o| o..o);
-                ConfigError::parse(path, text, Some(at), format!("source[{i}]: {msg}"))
-            };
-            let kind = match table.get("kind") {
-                Some(toml::Value::String(k)) => k.as_str(),
-                Some(_) => return Err(err("`kind` must be a string".into())),
-                None => {
-                    return Err(err(
-                        "missing key `kind` (one of: \"file\", \"etcd\", \"consul\", \"nacos\")"
-                            .into(),
-                    ));
-                }
-            };
-            let source = match kind {
-                "file" => {
-                    let mut c: FileSourceConfig = table
-                        .try_into()
-                        .map_err(|e: toml::de::Error| err(e.message().trim().to_owned()))?;
-                    c.path = resolve(&base, &c.path);
-                    SourceConfig::File(c)
-                }
-                "etcd" => {
-                    let mut c: crate::source::etcd::EtcdSourceConfig = table
-                        .try_into()
-                        .map_err(|e: toml::de::Error| err(e.message().trim().to_owned()))?;
-                    c.validate(&base).map_err(err)?;
-                    SourceConfig::Etcd(c)
-                }
-                "consul" => {
-                    let mut c: crate::source::consul::ConsulSourceConfig = table
-                        .try_into()
-                        .map_err(|e: toml::de::Error| err(e.message().trim().to_owned()))?;
-                    c.validate().map_err(err)?;
-                    SourceConfig::Consul(c)
-                }
-                "nacos" => {
-                    let mut c: crate::source::nacos::NacosSourceConfig = table
-                        .try_into()
-                        .map_err(|e: toml::de::Error| err(e.message().trim().to_owned()))?;
-                    c.validate().map_err(err)?;
-                    SourceConfig::Nacos(c)
-                }
-                other => {
-                    return Err(err(format!(
-                        "unknown source kind {other:?} (known: \"file\", \"etcd\", \"consul\", \"nacos\")"
-                    )));
-                }
-            };
-            let common: SourceCommon = common_table
-                .try_into()
-                .map_err(|e: toml::de::Error| err(e.message().trim().to_owned()))?;
-            let source = SourceEntry {
-                common,
-                spec: source,
-            };
-            if source.name().is_empty() {
-                return Err(err("`name` must not be empty".into()));
-            }
-            if !names.insert(source.name().to_owned()) {
-                return Err(err(format!("duplicate source name {:?}", source.name())));
-            }
-            sources.push(source);
-        }
-        let plugins = PluginsConfig {
-            dir: resolve(
-                &base,
-                raw.plugins.dir.as_deref().unwrap_or(Path::new("plugins.d")),
-            ),
-            queue_capacity: raw.plugins.queue_capacity.unwrap_or(1024),
-            retry: RetryPolicy::default().merged(PolicyOverrides {
-                attempts: raw.plugins.retry_attempts,
-                backoff: raw.plugins.retry_backoff,
-                quarantine_after: raw.plugins.quarantine_after,
-                probe_backoff: raw.plugins.quarantine_probe,
-            }),
-            batch_max: raw.plugins.batch_max.unwrap_or(64),
-        };
-        let state = StateConfig {
-            dir: resolve(&base, raw.state.dir.as_deref().unwrap_or(Path::new("data"))),
-        };
-        let cluster = raw.cluster;
-        if let Some(c) = &cluster {
-            let bad = |m: String| ConfigError::Parse {
-                path: path.to_owned(),
-                line: 0,
-                column: 0,
-                message: m,
-            };
-            if c.etcd.is_empty()
-                || c.etcd
-                    .iter()
-                    .any(|e| !(e.starts_with("http://") || e.starts_with("https://")))
-            {
-                return Err(bad(format!(
-                    "cluster.etcd: give one or more http:// or https:// URLs, not {:?}",
-                    c.etcd
-                )));
-            }
-            if c.name.is_empty() || c.name.contains('/') {
-                return Err(bad(format!(
-                    "cluster.name: {:?} must be non-empty and contain no '/'",
-                    c.name
-                )));
-            }
-            if c.lease_ttl < Duration::from_secs(2) {
-                return Err(bad("cluster.lease_ttl must be at least 2s".into()));
-            }
-            if !c.prefix.ends_with('/') {
-                return Err(bad(format!(
-                    "cluster.prefix: {:?} must end with '/'",
-                    c.prefix
-                )));
-            }
-        }
-        let whole = |msg: String| ConfigError::Parse {
-            path: path.to_owned(),
-            line: 0,
-            column: 0,
-            message: msg,
-        };
-        if plugins.queue_capacity == 0 {
-            return Err(whole("plugins.queue_capacity must be at least 1".into()));
-        }
-        if plugins.batch_max == 0 {
-            return Err(whole("plugins.batch_max must be at least 1".into()));
-        }
-        if plugins.retry.probe_backoff.is_zero() {
-            return Err(whole("plugins.quarantine_probe must be more than 0".into()));
-        }
-        if plugins.retry.attempts == 0 {
-            return Err(whole(
-                "plugins.retry_attempts must be at least 1 (the first call counts)".into(),
-            ));
-        }
-        let rt = &raw.runtime;
-        if rt.defaults.memory_mb > rt.max_memory_mb {
-            return Err(whole(format!(
-                "runtime.defaults.memory_mb ({}) exceeds runtime.max_memory_mb ({})",
-                rt.defaults.memory_mb, rt.max_memory_mb
-            )));
-        }
-        if rt.defaults.timeout_ms > rt.max_timeout_ms || rt.defaults.timeout_ms == 0 {
-            return Err(whole(format!(
-                "runtime.defaults.timeout_ms ({}) must be between 1 and runtime.max_timeout_ms ({})",
-                rt.defaults.timeout_ms, rt.max_timeout_ms
-            )));
-        }
-        Ok(Config {
-            path: path.to_owned(),
-            admin: raw.admin,
-            plugins,
-            runtime: raw.runtime,
-            gateway: raw.gateway,
-            sources,
-            state,
-            cluster,
-        })
-    }
-}
-
-/// The operator's sidecar `NAME.toml` beside `NAME.wasm`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Sidecar {
-    /// What the plugin receives. Empty: every event of every source.
-    #[serde(default)]
-    pub subscribe: Vec<Subscription>,
-    /// Per-call limits, over `[runtime.defaults]`.
-    #[serde(default)]
-    pub limits: PartialLimits,
-    /// Capabilities granted by the operator.
-    #[serde(default)]
-    pub grants: Grants,
-    /// Overrides `[plugins] queue_capacity` for this plugin.
-    pub queue_capacity: Option<usize>,
-    /// Overrides `[plugins] retry_attempts` for this plugin.
-    pub retry_attempts: Option<u32>,
-    /// Overrides `[plugins] batch_max` for this plugin.
-    pub batch_max: Option<usize>,
-    /// Overrides `[plugins] retry_backoff` for this plugin.
-    #[serde(default, with = "humantime_serde")]
-    pub retry_backoff: Option<Duration>,
-    /// Overrides `[plugins] quarantine_after` for this plugin.
-    pub quarantine_after: Option<u32>,
-    /// Free-form settings the plugin reads with `settings.get` (a webhook
-    /// URL, a prefix). Strings are passed as written, other values in their
-    /// TOML form.
-    #[serde(default)]
-    pub settings: BTreeMap<String, toml::Value>,
-    /// Where the plugin starts the first time it runs (it has no cursor
-    /// yet): `"snapshot"` (default) or `"now"`. Later starts resume from its
-    /// cursor.
-    #[serde(default)]
-    pub start: StartPosition,
-    /// In a cluster: `"single"` (default: on one replica at a time) or
-    /// `"every-replica"`.
-    #[serde(default)]
-    pub mode: PluginMode,
-}
-
-impl Sidecar {
-    /// The effective failure policy over the gateway's.
-    pub fn retry(&self, config: &Config) -> RetryPolicy {
-        config.plugins.retry.merged(PolicyOverrides {
-            attempts: self.retry_attempts,
-            backoff: self.retry_backoff,
-            quarantine_after: self.quarantine_after,
-            probe_backoff: None,
-        })
-    }
-
-    /// The `[settings]` table as text values.
-    pub fn settings_text(&self) -> BTreeMap<String, String> {
-        self.settings
-            .iter()
-            .map(|(k, v)| {
-                let text = match v {
-                    toml::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                (k.clone(), text)
-            })
-            .collect()
-    }
-}
-
-/// One `[[subscribe]]`: events of `source` whose key starts with `prefix`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Subscription {
-    /// A source name from the gateway config.
-    pub source: String,
-    /// Key prefix; empty matches every key.
-    #[serde(default)]
-    pub prefix: String,
-}
-
-impl Subscription {
-    /// Whether this subscription covers `key` of `source`.
-    pub fn matches(&self, source: &str, key: &str) -> bool {
-        self.source == source && key.starts_with(&self.prefix)
-    }
-
-    /// Whether a plugin with `subscriptions` receives `key` of `source`:
-    /// an empty list receives everything.
-    pub fn any_matches(subscriptions: &[Subscription], source: &str, key: &str) -> bool {
-        subscriptions.is_empty() || subscriptions.iter().any(|s| s.matches(source, key))
-    }
-
-    /// Whether a plugin with `subscriptions` receives anything of `source`.
-    pub fn any_covers(subscriptions: &[Subscription], source: &str) -> bool {
-        subscriptions.is_empty() || subscriptions.iter().any(|s| s.source == source)
-    }
-}
-
-/// `[grants]`: the only way a plugin gets a capability.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Grants {
-    /// Directory the plugin may write into (created if missing); relative
-    /// paths are relative to the sidecar file.
-    pub files: Option<PathBuf>,
-    /// `HOST:PORT` pairs the plugin may send HTTP requests to, for example
-    /// `["hooks.example.com:443", "127.0.0.1:8080", "[::1]:8080"]`.
-    #[serde(default)]
-    pub http: Vec<String>,
-    /// Prefixes the plugin may write under, per source (etcd sources only).
-    #[serde(default)]
-    pub kv: Vec<KvGrant>,
-    /// Read the current values of subscribed keys.
-    #[serde(default)]
-    pub snapshot: bool,
-}
-
-/// One `[[grants.kv]]` entry: `source` may be written under `prefix`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct KvGrant {
-    /// An etcd source of the gateway config.
-    pub source: String,
-    /// Key prefix; must not be empty (grant a whole store explicitly with
-    /// `"/"` when keys start with `/`).
-    pub prefix: String,
-}
-
-impl Grants {
-    /// The capabilities these grants give, by name, in WIT order.
-    pub fn names(&self) -> Vec<&'static str> {
-        let mut v = Vec::new();
-        if self.files.is_some() {
-            v.push("files");
-        }
-        if !self.http.is_empty() {
-            v.push("http");
-        }
-        if !self.kv.is_empty() {
-            v.push("kv");
-        }
-        if self.snapshot {
-            v.push("snapshot");
-        }
-        v
-    }
-}
-
-impl Sidecar {
-    /// Read and validate a sidecar against the gateway config.
-    ///
-    /// # Errors
-    /// [`ConfigError`] naming the file, line and key of the first problem.
-    pub fn load(path: &Path, config: &Config) -> Result<Sidecar, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(path, &text, config)
-    }
-
-    /// Validate sidecar text as if read from `path`.
-    ///
-    /// # Errors
-    /// [`ConfigError`] naming the file, line and key of the first problem.
-    pub fn parse(path: &Path, text: &str, config: &Config) -> Result<Sidecar, ConfigError> {
-        let mut sidecar: Sidecar = parse_toml(path, text)?;
-        let whole = |message: String| ConfigError::Parse {
-            path: path.to_owned(),
-            line: 0,
-            column: 0,
-            message,
-        };
-        for (i, sub) in sidecar.subscribe.iter().enumerate() {
-            if !config.sources.iter().any(|s| s.name() == sub.source) {
-                let known: Vec<&str> = config.sources.iter().map(SourceEntry::name).collect();
-                return Err(whole(format!(
-                    "subscribe[{i}].source: no source named {:?} in {} (known: {known:?})",
-                    sub.source,
-                    config.path.display()
-                )));
-            }
-        }
-        let l = sidecar.limits;
-        if let Some(m) = l.memory_mb
-            && (m == 0 || m > config.runtime.max_memory_mb)
-        {
-            return Err(whole(format!(
-                "limits.memory_mb: {m} is outside 1..={} (runtime.max_memory_mb)",
-                config.runtime.max_memory_mb
-            )));
-        }
-        if let Some(t) = l.timeout_ms
-            && (t == 0 || t > config.runtime.max_timeout_ms)
-        {
-            return Err(whole(format!(
-                "limits.timeout_ms: {t} is outside 1..={} (runtime.max_timeout_ms)",
-                config.runtime.max_timeout_ms
-            )));
-        }
-        if l.fuel == Some(0) {
-            return Err(whole("limits.fuel must be at least 1".into()));
-        }
-        if sidecar.queue_capacity == Some(0) {
-            return Err(whole("queue_capacity must be at least 1".into()));
-        }
-        if sidecar.batch_max == Some(0) {
-            return Err(whole("batch_max must be at least 1".into()));
-        }
-        if sidecar.retry_attempts == Some(0) {
-            return Err(whole(
-                "retry_attempts must be at least 1 (the first call counts)".into(),
-            ));
-        }
-        if let Some(dir) = &sidecar.grants.files {
-            sidecar.grants.files = Some(resolve(&base_dir(path), dir));
-        }
-        for (i, entry) in sidecar.grants.http.iter().enumerate() {
-            if let Err(e) = crate::host::http::HostPort::parse(entry) {
-                return Err(whole(format!("grants.http[{i}]: {e}")));
-            }
-        }
-        for (i, g) in sidecar.grants.kv.iter().enumerate() {
-            match config.sources.iter().find(|s| s.name() == g.source) {
-                Some(s) if matches!(s.spec, SourceConfig::Etcd(_)) => {}
-                Some(_) => {
-                    return Err(whole(format!(
-                        "grants.kv[{i}].source: {:?} is not an etcd source; only etcd sources take writes",
-                        g.source
-                    )));
-                }
-                None => {
-                    return Err(whole(format!(
-                        "grants.kv[{i}].source: no source named {:?}",
-                        g.source
-                    )));
-                }
-            }
-            if g.prefix.is_empty() {
-                return Err(whole(format!("grants.kv[{i}].prefix must not be empty")));
-            }
-        }
-        Ok(sidecar)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::parse(Path::new("/etc/wg/watchgate.toml"), text)
-    }
-
-    #[test]
-    fn resolves_relative_paths_against_the_config_file() {
-        let c = parse(
-            "[plugins]\ndir = \"p\"\n[[source]]\nname = \"local\"\nkind = \"file\"\npath = \"watched\"\n",
-        )
-        .unwrap();
-        assert_eq!(c.plugins.dir, PathBuf::from("/etc/wg/p"));
-        let SourceConfig::File(f) = &c.sources[0].spec else {
-            panic!("not a file source")
-        };
-        assert_eq!(f.path, PathBuf::from("/etc/wg/watched"));
-        assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9464");
-    }
-
-    #[test]
-    fn unknown_top_level_key_names_file_key_and_line() {
-        let err = parse("[admin]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.starts_with("/etc/wg/watchgate.toml:3:"), "{err}");
-        assert!(err.contains("lisen"), "{err}");
-    }
-
-    #[test]
-    fn unknown_source_key_names_the_source_and_line() {
-        let err = parse(
-            "[admin]\n\n[[source]]\nname = \"local\"\nkind = \"file\"\npath = \"w\"\npth = 1\n",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("watchgate.toml:7:1:"), "{err}");
-        assert!(err.contains("source[0]") && err.contains("pth"), "{err}");
-    }
-
-    #[test]
-    fn rejects_unknown_kind_and_duplicate_names() {
-        let err = parse("[[source]]\nname = \"a\"\nkind = \"zookeeper\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("unknown source kind \"zookeeper\""), "{err}");
-        let err = parse(
-            "[[source]]\nname = \"a\"\nkind = \"file\"\npath = \"x\"\n[[source]]\nname = \"a\"\nkind = \"file\"\npath = \"y\"\n",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.contains(":5:") && err.contains("duplicate source name"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn sidecar_checks_sources_and_limits() {
-        let c = parse("[[source]]\nname = \"local\"\nkind = \"file\"\npath = \"w\"\n").unwrap();
-        let p = Path::new("/srv/plugins/x.toml");
-        let ok = Sidecar::parse(
-            p,
-            "[[subscribe]]\nsource = \"local\"\nprefix = \"a/\"\n[limits]\nfuel = 5\n[grants]\nfiles = \"../out\"\n",
-            &c,
-        )
-        .unwrap();
-        assert_eq!(ok.grants.files, Some(PathBuf::from("/srv/out")));
-        assert_eq!(ok.limits.fuel, Some(5));
-        let err = Sidecar::parse(p, "[[subscribe]]\nsource = \"nope\"\n", &c)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("no source named \"nope\""), "{err}");
-        let err = Sidecar::parse(p, "[limits]\nmemory_mb = 100000\n", &c)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("limits.memory_mb"), "{err}");
-        let err = Sidecar::parse(p, "[grants]\nnetwork = true\n", &c)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("x.toml:2:") && err.contains("network"),
-            "{err}"
-        );
-        let err = Sidecar::parse(p, "[grants]\nhttp = [\"hooks.example.com\"]\n", &c)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("grants.http[0]") && err.contains("port"),
-            "{err}"
-        );
-        let err = Sidecar::parse(
-            p,
-            "[grants]\nkv = [{ source = \"nope\", prefix = \"/a/\" }]\n",
-            &c,
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("grants.kv[0].source"), "{err}");
     }
 }

@@ -5,7 +5,7 @@
 //! there are more plugins than cores, rounds on a shared [`pool`]), and
 //! every source's key index (mirrored in the [`Store`]) so that a plugin
 //! loaded late starts from the current state (as puts) before it sees
-//! changes. [`EventSink::deliver`](crate::source::EventSink::deliver)
+//! changes. [`EventSink::deliver`](crate::event::EventSink::deliver)
 //! never blocks on a plugin: a slow, spinning or crashing plugin only ever
 //! fills its own queue. Plugin calls run on the workers' own OS threads or
 //! the pool's, never on the tokio workers.
@@ -37,6 +37,7 @@
 mod failure;
 mod index;
 mod ownership;
+pub mod policy;
 pub mod pool;
 pub mod queue;
 mod report;
@@ -51,7 +52,6 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use dashmap::DashMap;
 use parking_lot::Mutex;
 
-use crate::config::PluginMode;
 use crate::runtime::Runtime;
 use crate::store::Store;
 use crate::telemetry::Metrics;
@@ -59,12 +59,13 @@ use index::SourceCache;
 use queue::EventQueue;
 use worker::{Watermarks, Worker};
 
+pub use policy::{PluginMode, RetryPolicy, StartPosition};
 pub use report::{LastFailure, LimitsReport, PluginReport, QuarantineReport, SubscriptionReport};
 pub use route::PluginSpec;
 pub use worker::Observer;
 
 /// Routes source events to plugin queues. Shared by every source (as their
-/// [`EventSink`](crate::source::EventSink)) and the plugin loader.
+/// [`EventSink`](crate::event::EventSink)) and the plugin loader.
 pub struct Dispatcher {
     runtime: Arc<Runtime>,
     metrics: Arc<Metrics>,

@@ -1,8 +1,12 @@
 //! The one event record every source produces and every plugin receives.
 //!
 //! Owns the host-side [`Event`] and its conversions to and from JSON lines
-//! (the `event-log` format, also accepted by `watchgate plugin test`). It
-//! must not know about any particular source or about wasmtime.
+//! (the `event-log` format, also accepted by `watchgate plugin test`), the
+//! [`EventSink`] through which sources hand events on, and the
+//! [`Subscription`] that says which events a plugin receives. Sources,
+//! dispatch and the host capabilities all meet here, so it sits below them
+//! all: it must not know about any particular source, about plugins'
+//! queues or about wasmtime.
 
 use std::sync::Arc;
 
@@ -10,6 +14,61 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+
+/// Where a source delivers its events. Implemented by the dispatcher; tests
+/// use `SourceContext::for_test`.
+pub trait EventSink: Send + Sync + 'static {
+    /// Deliver a batch of events of one source. The events of one batch are
+    /// one atomic step of the source (one revision, one rescan). Must not
+    /// block.
+    fn deliver(&self, source: &str, events: Vec<Event>);
+
+    /// Deliver the complete current state of the keys for which `scope` is
+    /// true, as puts, read at the source's `revision` (a source's initial
+    /// snapshot, or one watch's share of it). A sink that remembers an
+    /// earlier run of the same source passes on only the difference:
+    /// changed keys, and deletes for keys in scope that are gone. The
+    /// default treats it as an ordinary batch.
+    fn deliver_snapshot(
+        &self,
+        source: &str,
+        scope: &dyn Fn(&str) -> bool,
+        revision: u64,
+        events: Vec<Event>,
+    ) {
+        let _ = (scope, revision);
+        self.deliver(source, events);
+    }
+}
+
+/// One `[[subscribe]]`: events of `source` whose key starts with `prefix`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subscription {
+    /// A source name from the gateway config.
+    pub source: String,
+    /// Key prefix; empty matches every key.
+    #[serde(default)]
+    pub prefix: String,
+}
+
+impl Subscription {
+    /// Whether the key `key` of `source` falls under this subscription.
+    pub fn matches(&self, source: &str, key: &str) -> bool {
+        self.source == source && key.starts_with(&self.prefix)
+    }
+
+    /// Whether a plugin with `subscriptions` receives `key` of `source`:
+    /// an empty list receives everything.
+    pub fn any_matches(subscriptions: &[Subscription], source: &str, key: &str) -> bool {
+        subscriptions.is_empty() || subscriptions.iter().any(|s| s.matches(source, key))
+    }
+
+    /// Whether a plugin with `subscriptions` receives anything of `source`.
+    pub fn any_covers(subscriptions: &[Subscription], source: &str) -> bool {
+        subscriptions.is_empty() || subscriptions.iter().any(|s| s.source == source)
+    }
+}
 
 /// What happened to a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -264,6 +323,22 @@ impl TryFrom<EventLine> for Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_subscription_matches_its_source_under_its_prefix() {
+        let s = Subscription {
+            source: "main".into(),
+            prefix: "/app/".into(),
+        };
+        assert!(s.matches("main", "/app/x"));
+        assert!(!s.matches("main", "/other/x"));
+        assert!(!s.matches("side", "/app/x"));
+        let every_key = Subscription {
+            source: "main".into(),
+            prefix: String::new(),
+        };
+        assert!(every_key.matches("main", ""));
+    }
 
     #[test]
     fn json_line_round_trips_binary_and_text_values() {

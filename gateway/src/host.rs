@@ -1,15 +1,24 @@
 //! What a plugin may call back into.
 //!
 //! Owns the per-plugin [`PluginContext`] (name, grants, state, log), the
-//! per-instance [`HostState`] stored in each wasmtime `Store`, and the
-//! implementations of the WIT imports. Each capability lives in its own file
-//! behind its grant check and is counted on every call. WASI is linked with
-//! nothing ambient: no preopened directories, environment, arguments,
-//! network or inherited stdio. This module must not call into guests.
+//! per-instance [`HostState`] stored in each wasmtime `Store` with its
+//! memory limiter, the operator's [`Grants`], the bindings generated from
+//! the WIT world and the implementations of its imports. Each capability
+//! lives in its own file behind its grant check and is counted on every
+//! call. WASI is linked with nothing ambient: no preopened directories,
+//! environment, arguments, network or inherited stdio. This module sits
+//! below `runtime`: it must not call into guests, and must not reach up to
+//! the runtime, the dispatcher, the sources or the config file; what a
+//! capability needs from them (the etcd client settings behind a `kv`
+//! grant, the reader behind `snapshot`) is handed in when the context is
+//! built.
 
+pub mod bindings;
 pub mod files;
+pub mod grants;
 pub mod http;
 pub mod kv;
+pub mod limiter;
 pub mod log;
 pub mod snapshot;
 pub mod state;
@@ -20,12 +29,13 @@ use std::sync::Arc;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use crate::runtime::bindings::watchgate::plugin as wit;
-use crate::runtime::limits::MemoryLimiter;
 use crate::telemetry::Metrics;
+use bindings::watchgate::plugin as wit;
 use files::FilesGrant;
+pub use grants::Grants;
 use http::HttpGrant;
 use kv::KvWriter;
+use limiter::MemoryLimiter;
 use log::{Level, LineStream, PluginLog, Stream};
 use snapshot::SnapshotGrant;
 use state::PluginState;

@@ -19,12 +19,21 @@
 //!
 //! [`app`] wires these together and owns every task; [`config`] reads the
 //! files that describe them.
+//!
+//! Modules use only modules below them, top to bottom: `main` and [`cli`];
+//! [`app`], [`admin`], [`cluster`], [`plugin_dir`]; [`config`]; [`source`];
+//! [`dispatch`]; [`runtime`]; [`host`]; and the leaves [`event`],
+//! [`store`], [`telemetry`], [`manifest`] and [`client`] (connections to
+//! stores that several layers talk to). Each layer owns the settings it
+//! acts on; [`config`] only assembles them from the file and checks them
+//! against each other. A type two layers share lives in the lower one.
 
 pub mod admin;
 pub mod app;
 pub mod backoff;
 pub mod bench;
 pub mod cli;
+pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod dispatch;

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Subscription;
+use crate::event::Subscription;
 
 /// The custom section's name.
 pub const SECTION: &str = "watchgate-manifest";

@@ -20,9 +20,9 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConfigError, FileSourceConfig, Sidecar, Subscription};
+use crate::config::{Config, ConfigError, Sidecar};
 use crate::dispatch::{Dispatcher, PluginSpec};
-use crate::event::{Event, EventKind};
+use crate::event::{Event, EventKind, EventSink, Subscription};
 use crate::host::PluginContext;
 use crate::host::files::FilesGrant;
 use crate::host::http::HttpGrant;
@@ -32,8 +32,8 @@ use crate::host::snapshot::{SnapshotGrant, SnapshotReader};
 use crate::host::state::PluginState;
 use crate::runtime::instance::LoadedPlugin;
 use crate::runtime::{CompiledPlugin, LoadError, Runtime};
-use crate::source::file::FileSource;
-use crate::source::{EventSink, Source, SourceContext, SourceStatus};
+use crate::source::file::{FileSource, FileSourceConfig};
+use crate::source::{Source, SourceContext, SourceStatus};
 use crate::telemetry::{Metrics, PluginCounter};
 
 /// Why a plugin could not be loaded.
@@ -488,7 +488,7 @@ impl PluginLoader {
                     kv: (!sidecar.grants.kv.is_empty()).then(|| {
                         KvWriter::new(
                             sidecar.grants.kv.clone(),
-                            &self.config,
+                            self.config.kv_targets(&sidecar.grants.kv),
                             Some(&tokio::runtime::Handle::current()),
                             name,
                             &self.metrics,

@@ -4,10 +4,13 @@
 //! wasm stack), the one epoch ticker thread that turns wall-clock time into
 //! deadlines, the [`Linker`] with the host imports, and compilation of a
 //! plugin file into a [`CompiledPlugin`] (validated against the world, ready
-//! to instantiate). [`instance::Sandbox`] runs calls. This module must not
-//! know about queues, routing or where plugin files come from.
+//! to instantiate). [`instance::Sandbox`] runs calls. Its settings are its
+//! own: [`RuntimeConfig`] for the engine and [`Limits`] per call. This
+//! module must not know about queues, routing or where plugin files come
+//! from; it uses `host` for the store data and the WIT bindings, never the
+//! reverse.
 
-pub mod bindings;
+pub mod config;
 pub mod instance;
 pub mod limits;
 
@@ -20,9 +23,11 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use crate::config::RuntimeConfig;
+pub use config::RuntimeConfig;
+pub use limits::{Limits, PartialLimits};
+
 use crate::host::HostState;
-use bindings::{Plugin, PluginPre};
+use crate::host::bindings::{Plugin, PluginPre};
 
 /// How often the epoch advances; deadlines are accurate to about this.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);

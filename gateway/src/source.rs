@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::Event;
+use crate::event::{Event, EventSink};
 use crate::telemetry::Metrics;
 
 /// What a source's run future resolves to.
@@ -36,32 +36,6 @@ pub trait Source: Send + 'static {
     /// `ctx.status`); an `Err` means the source cannot work at all (bad
     /// configuration discovered late, for example).
     fn run(self: Box<Self>, ctx: SourceContext) -> SourceFuture;
-}
-
-/// Where a source delivers its events. Implemented by the dispatcher; tests
-/// use [`SourceContext::for_test`].
-pub trait EventSink: Send + Sync + 'static {
-    /// Deliver a batch of events of one source. The events of one batch are
-    /// one atomic step of the source (one revision, one rescan). Must not
-    /// block.
-    fn deliver(&self, source: &str, events: Vec<Event>);
-
-    /// Deliver the complete current state of the keys for which `scope` is
-    /// true, as puts, read at the source's `revision` (a source's initial
-    /// snapshot, or one watch's share of it). A sink that remembers an
-    /// earlier run of the same source passes on only the difference:
-    /// changed keys, and deletes for keys in scope that are gone. The
-    /// default treats it as an ordinary batch.
-    fn deliver_snapshot(
-        &self,
-        source: &str,
-        scope: &dyn Fn(&str) -> bool,
-        revision: u64,
-        events: Vec<Event>,
-    ) {
-        let _ = (scope, revision);
-        self.deliver(source, events);
-    }
 }
 
 /// Everything a running source gets.

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use wasmtime::Trap;
-use watchgate::config::{Limits, RuntimeConfig};
 use watchgate::event::Event;
 use watchgate::host::PluginContext;
 use watchgate::host::log::{Level, LogSink, PluginLog, Stream};
 use watchgate::runtime::Runtime;
 use watchgate::runtime::instance::{LoadedPlugin, Sandbox};
+use watchgate::runtime::{Limits, RuntimeConfig};
 use watchgate::telemetry::{Metrics, Outcome};
 
 use crate::support::plugin;

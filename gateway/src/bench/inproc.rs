@@ -6,14 +6,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{BenchArgs, CaseResult, Samples, percentile, us};
-use crate::config::{Limits, PluginMode, RetryPolicy, RuntimeConfig, StartPosition};
-use crate::dispatch::{Dispatcher, PluginSpec};
-use crate::event::Event;
+use crate::dispatch::{Dispatcher, PluginMode, PluginSpec, RetryPolicy, StartPosition};
+use crate::event::{Event, EventSink};
 use crate::host::PluginContext;
 use crate::host::log::{LogSink, PluginLog};
-use crate::runtime::Runtime;
 use crate::runtime::instance::{LoadedPlugin, Sandbox, bare_calls};
-use crate::source::EventSink;
+use crate::runtime::{Limits, Runtime, RuntimeConfig};
 use crate::store::Store;
 use crate::telemetry::Metrics;
 
@@ -54,7 +52,7 @@ fn spec(loaded: LoadedPlugin, batch_max: usize, capacity: usize) -> PluginSpec {
     PluginSpec {
         loaded,
         subscriptions: Vec::new(),
-        grants: crate::config::Grants::default(),
+        grants: crate::host::Grants::default(),
         queue_capacity: capacity,
         retry: RetryPolicy {
             attempts: 1,

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use crate::config::{Config, Limits, PartialLimits, RuntimeConfig, Sidecar};
+use crate::config::{Config, Sidecar};
 use crate::event::{Event, EventKind, EventLine};
 use crate::host::files::FilesGrant;
 use crate::host::http::HttpGrant;
@@ -25,8 +25,8 @@ use crate::host::log::{Level, LogSink, PluginLog, Stream};
 use crate::host::snapshot::{SnapshotGrant, SnapshotReader};
 use crate::host::{Effects, PluginContext};
 use crate::manifest::CapabilityReport;
-use crate::runtime::Runtime;
 use crate::runtime::instance::{LoadedPlugin, Sandbox};
+use crate::runtime::{Limits, PartialLimits, Runtime, RuntimeConfig};
 use crate::telemetry::Metrics;
 
 /// Arguments of `watchgate plugin test`.
@@ -259,7 +259,7 @@ pub fn plugin_test(args: &TestArgs) -> i32 {
         kv: (!sidecar.grants.kv.is_empty()).then(|| {
             KvWriter::new(
                 sidecar.grants.kv.clone(),
-                &config,
+                config.kv_targets(&sidecar.grants.kv),
                 handle.as_ref(),
                 &name,
                 &metrics,

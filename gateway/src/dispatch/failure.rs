@@ -16,18 +16,15 @@ use std::time::{Duration, Instant, SystemTime};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use super::Dispatcher;
+use super::policy::RetryPolicy;
 use super::report::{LastFailure, QuarantineReport, unix_seconds};
 use super::route::PluginSpec;
 use super::worker::{Runner, Worker, WorkerState};
 use crate::backoff::Backoff;
-use crate::config::RetryPolicy;
 use crate::event::Event;
 use crate::runtime::instance::CallReport;
 use crate::store::DeadLetter;
 use crate::telemetry::{OUTCOMES, Outcome, PluginCounter};
-
-/// The longest wait between probes of a quarantined plugin.
-const MAX_PROBE_BACKOFF: Duration = Duration::from_secs(300);
 
 /// A plugin set aside after `quarantine_after` traps in a row. An event
 /// that traps on as many probes as the plugin's retry attempts becomes a
@@ -168,7 +165,10 @@ impl Worker {
     }
 
     fn enter_quarantine(&self, traps: u32, report: &CallReport) {
-        let mut backoff = Backoff::new(self.spec.load().retry.probe_backoff, MAX_PROBE_BACKOFF);
+        let mut backoff = Backoff::new(
+            self.spec.load().retry.probe_backoff,
+            RetryPolicy::MAX_PROBE_BACKOFF,
+        );
         let delay = backoff.next_delay();
         *self.quarantine.lock() = Some(Quarantine {
             since: SystemTime::now(),

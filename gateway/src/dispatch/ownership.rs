@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::Mutex;
 
 use super::Dispatcher;
+use super::policy::PluginMode;
 use super::worker::{Worker, WorkerState};
-use crate::config::PluginMode;
 use crate::event::Event;
 
 /// Sources a plugin takes nothing from until they restart and replay from

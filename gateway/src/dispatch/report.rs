@@ -12,8 +12,9 @@ use parking_lot::Mutex;
 use serde::Serialize;
 
 use super::Dispatcher;
+use super::policy::PluginMode;
 use super::worker::{Worker, WorkerState};
-use crate::config::{Limits, PluginMode};
+use crate::runtime::Limits;
 use crate::telemetry::{OUTCOMES, Outcome};
 
 /// The most recent failure of a plugin, for `/v1/plugins`.

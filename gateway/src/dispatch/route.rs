@@ -10,10 +10,10 @@
 
 use std::sync::Arc;
 
-use crate::config::{Grants, PluginMode, RetryPolicy, StartPosition, Subscription};
-use crate::event::Event;
+use super::policy::{PluginMode, RetryPolicy, StartPosition};
+use crate::event::{Event, EventSink, Subscription};
+use crate::host::Grants;
 use crate::runtime::instance::LoadedPlugin;
-use crate::source::EventSink;
 
 use super::Dispatcher;
 use super::index::SourceKeys;

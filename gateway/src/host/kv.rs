@@ -11,10 +11,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::config::{Config, KvGrant, SourceConfig};
-use crate::source::etcd::EtcdSourceConfig;
+use crate::client::etcd::{EtcdClientConfig, connect_client};
 use crate::telemetry::Metrics;
 
 /// Writes one plugin may have queued.
@@ -23,6 +23,17 @@ pub const QUEUE: usize = 256;
 const ATTEMPTS: u32 = 3;
 /// Wait before the second attempt; doubled after each further one.
 const BACKOFF: Duration = Duration::from_millis(200);
+
+/// One `[[grants.kv]]` entry: `source` may be written under `prefix`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvGrant {
+    /// An etcd source of the gateway config.
+    pub source: String,
+    /// Key prefix; must not be empty (grant a whole store explicitly with
+    /// `"/"` when keys start with `/`).
+    pub prefix: String,
+}
 
 /// One write: a put, or a delete when `value` is `None`.
 #[derive(Debug, Clone)]
@@ -55,26 +66,17 @@ pub struct KvWriter {
 }
 
 impl KvWriter {
-    /// Grants `grants` (validated against `config` by the sidecar parser).
-    /// With a runtime, starts the plugin's writer task on it; without one
-    /// (a dry run) writes can only be checked.
+    /// Grants `grants` (validated by the sidecar parser), writing to each
+    /// granted source through its entry in `targets` (source name → how to
+    /// connect). With a runtime, starts the plugin's writer task on it;
+    /// without one (a dry run) writes can only be checked.
     pub fn new(
         grants: Vec<KvGrant>,
-        config: &Config,
+        targets: HashMap<String, EtcdClientConfig>,
         runtime: Option<&tokio::runtime::Handle>,
         plugin: &str,
         metrics: &Arc<Metrics>,
     ) -> KvWriter {
-        let targets: HashMap<String, Arc<EtcdSourceConfig>> = config
-            .sources
-            .iter()
-            .filter_map(|s| match &s.spec {
-                SourceConfig::Etcd(c) if grants.iter().any(|g| g.source == c.name) => {
-                    Some((c.name.clone(), Arc::new(c.clone())))
-                }
-                _ => None,
-            })
-            .collect();
         let tx = runtime.map(|rt| {
             let (tx, rx) = mpsc::channel(QUEUE);
             rt.spawn(writer(rx, targets, plugin.to_owned(), metrics.clone()));
@@ -123,7 +125,7 @@ impl KvWriter {
 
 async fn writer(
     mut rx: mpsc::Receiver<Write>,
-    targets: HashMap<String, Arc<EtcdSourceConfig>>,
+    targets: HashMap<String, EtcdClientConfig>,
     plugin: String,
     metrics: Arc<Metrics>,
 ) {
@@ -132,7 +134,7 @@ async fn writer(
         let Some(target) = targets.get(&w.source) else {
             continue;
         };
-        let dial = Duration::from_secs(target.dial_timeout_s);
+        let dial = target.dial_timeout;
         let mut result = Err(String::new());
         for attempt in 1..=ATTEMPTS {
             if attempt > 1 {
@@ -140,24 +142,20 @@ async fn writer(
             }
             let mut client = match clients.get(&w.source) {
                 Some(c) => c.clone(),
-                None => {
-                    match tokio::time::timeout(dial, crate::source::etcd::connect_client(target))
-                        .await
-                    {
-                        Ok(Ok(c)) => {
-                            clients.insert(w.source.clone(), c.clone());
-                            c
-                        }
-                        Ok(Err(e)) => {
-                            result = Err(format!("{e:#}"));
-                            continue;
-                        }
-                        Err(_) => {
-                            result = Err(format!("no connection within {dial:?}"));
-                            continue;
-                        }
+                None => match tokio::time::timeout(dial, connect_client(target)).await {
+                    Ok(Ok(c)) => {
+                        clients.insert(w.source.clone(), c.clone());
+                        c
                     }
-                }
+                    Ok(Err(e)) => {
+                        result = Err(format!("{e:#}"));
+                        continue;
+                    }
+                    Err(_) => {
+                        result = Err(format!("no connection within {dial:?}"));
+                        continue;
+                    }
+                },
             };
             let op = async {
                 match &w.value {

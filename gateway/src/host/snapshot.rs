@@ -10,7 +10,7 @@ use std::sync::Weak;
 
 use bytes::Bytes;
 
-use crate::config::Subscription;
+use crate::event::Subscription;
 
 /// Most keys one `scan` returns.
 pub const SCAN_LIMIT: usize = 10_000;

@@ -11,12 +11,11 @@ use std::time::{Duration, Instant};
 
 use wasmtime::{Store, Trap};
 
-use super::bindings::Plugin;
-use super::bindings::watchgate::plugin::types as wit;
-use super::limits::{classify, trap_code};
+use super::limits::{Limits, classify, trap_code};
 use super::{CompiledPlugin, EPOCH_TICK, Runtime};
-use crate::config::Limits;
 use crate::event::{Event, EventKind};
+use crate::host::bindings::Plugin;
+use crate::host::bindings::watchgate::plugin::types as wit;
 use crate::host::{HostState, PluginContext};
 use crate::telemetry::{Outcome, PluginCounter};
 
@@ -341,7 +340,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::config::RuntimeConfig;
+    use crate::runtime::RuntimeConfig;
 
     #[test]
     fn each_lowered_event_is_named_by_its_own_source() {

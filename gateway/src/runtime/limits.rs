@@ -1,64 +1,48 @@
-//! Per-instance resource caps and the classification of how a call ended.
+//! Per-call limits and the classification of how a call ended.
 //!
-//! Owns the memory/table limiter attached to every store and the mapping
-//! from a wasmtime error to an [`Outcome`]. It must not decide what happens
-//! after a trap; the instance owner does.
+//! Owns [`Limits`] (fuel, deadline and memory of one call, as the operator
+//! sets them in `[runtime.defaults]` and a sidecar's `[limits]`) and the
+//! mapping from a wasmtime error to an [`Outcome`]. The memory cap itself
+//! is enforced by the host's limiter in each store. It must not decide what
+//! happens after a trap; the instance owner does.
 
-use wasmtime::{ResourceLimiter, Trap};
+use serde::Deserialize;
+use wasmtime::Trap;
 
 use crate::telemetry::Outcome;
 
-/// Caps linear memory and tables of one instance; remembers a refused
-/// growth so the call's outcome can say `memory`.
-#[derive(Debug)]
-pub struct MemoryLimiter {
-    memory_bytes: usize,
-    table_elements: usize,
-    /// A growth was refused since the last [`MemoryLimiter::take_hit`].
-    hit: bool,
+/// Per-call limits of a plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Fuel (roughly, wasm instructions) per call.
+    pub fuel: u64,
+    /// Wall-clock deadline per call, in milliseconds.
+    pub timeout_ms: u64,
+    /// Linear memory cap per instance, in MiB.
+    pub memory_mb: u64,
 }
 
-impl MemoryLimiter {
-    /// A limiter allowing `memory_bytes` per memory.
-    pub fn new(memory_bytes: usize) -> Self {
-        MemoryLimiter {
-            memory_bytes,
-            table_elements: 100_000,
-            hit: false,
-        }
-    }
-
-    /// Whether a growth was refused, resetting the flag.
-    pub fn take_hit(&mut self) -> bool {
-        std::mem::take(&mut self.hit)
-    }
+/// Limits where every field is optional (a sidecar's `[limits]`).
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialLimits {
+    /// Fuel per call.
+    pub fuel: Option<u64>,
+    /// Deadline per call, ms.
+    pub timeout_ms: Option<u64>,
+    /// Memory cap, MiB.
+    pub memory_mb: Option<u64>,
 }
 
-impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        if desired > self.memory_bytes {
-            self.hit = true;
-            return Ok(false);
+impl Limits {
+    /// `self` with the fields `over` sets replaced.
+    pub fn merged(self, over: PartialLimits) -> Limits {
+        Limits {
+            fuel: over.fuel.unwrap_or(self.fuel),
+            timeout_ms: over.timeout_ms.unwrap_or(self.timeout_ms),
+            memory_mb: over.memory_mb.unwrap_or(self.memory_mb),
         }
-        Ok(true)
-    }
-
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        if desired > self.table_elements {
-            self.hit = true;
-            return Ok(false);
-        }
-        Ok(true)
     }
 }
 

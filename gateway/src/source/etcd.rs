@@ -19,13 +19,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use etcd_client::{
-    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, KeyValue, TlsOptions,
-    WatchOptions, WatchStream,
+    Client, ConnectOptions, EventType, GetOptions, KeyValue, WatchOptions, WatchStream,
 };
 use serde::Deserialize;
 
 use super::{Source, SourceContext, SourceFuture};
 use crate::backoff::Backoff;
+use crate::client::etcd::{EtcdClientConfig, EtcdTlsConfig, connect_options};
 use crate::event::Event;
 use crate::telemetry::RepeatLog;
 
@@ -78,20 +78,6 @@ pub struct EtcdSourceConfig {
     pub reconnect_max_ms: u64,
 }
 
-/// `[source.tls]` for etcd.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EtcdTlsConfig {
-    /// CA certificate (PEM) to verify the server with.
-    pub ca_file: Option<std::path::PathBuf>,
-    /// Client certificate (PEM), with `key_file`, for mutual TLS.
-    pub cert_file: Option<std::path::PathBuf>,
-    /// Client key (PEM).
-    pub key_file: Option<std::path::PathBuf>,
-    /// Server name to verify, when it differs from the endpoint host.
-    pub domain: Option<String>,
-}
-
 fn default_keepalive_interval_s() -> u64 {
     10
 }
@@ -135,12 +121,25 @@ impl EtcdSourceConfig {
         }
     }
 
-    /// Check values serde cannot; relative TLS paths are resolved against
-    /// `base`.
+    /// The settings to connect with.
+    pub fn client(&self) -> EtcdClientConfig {
+        EtcdClientConfig {
+            endpoints: self.endpoints.clone(),
+            username: self.username.clone(),
+            password: self.password.clone(),
+            tls: self.tls.clone(),
+            keepalive_interval: Duration::from_secs(self.keepalive_interval_s),
+            keepalive_timeout: Duration::from_secs(self.keepalive_timeout_s),
+            dial_timeout: Duration::from_secs(self.dial_timeout_s),
+        }
+    }
+
+    /// Check values serde cannot. Relative TLS paths are left for the
+    /// config loader, which knows what they are relative to.
     ///
     /// # Errors
     /// A message naming the offending key.
-    pub fn validate(&mut self, base: &std::path::Path) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), String> {
         if self.endpoints.is_empty() {
             return Err("`endpoints` must list at least one client URL".into());
         }
@@ -169,16 +168,10 @@ impl EtcdSourceConfig {
         if self.reconnect_initial_ms == 0 || self.reconnect_max_ms < self.reconnect_initial_ms {
             return Err("need 0 < reconnect_initial_ms <= reconnect_max_ms".into());
         }
-        if let Some(tls) = &mut self.tls {
-            for p in [&mut tls.ca_file, &mut tls.cert_file, &mut tls.key_file]
-                .into_iter()
-                .flatten()
-            {
-                *p = crate::config::resolve(base, p);
-            }
-            if tls.cert_file.is_some() != tls.key_file.is_some() {
-                return Err("tls: `cert_file` and `key_file` go together".into());
-            }
+        if let Some(tls) = &self.tls
+            && tls.cert_file.is_some() != tls.key_file.is_some()
+        {
+            return Err("tls: `cert_file` and `key_file` go together".into());
         }
         Ok(())
     }
@@ -199,7 +192,7 @@ impl EtcdSource {
 impl Source for EtcdSource {
     fn run(self: Box<Self>, ctx: SourceContext) -> SourceFuture {
         Box::pin(async move {
-            let options = connect_options(&self.config).await?;
+            let options = connect_options(&self.config.client()).await?;
             let resume = ctx.resume;
             let mut watcher = Watcher {
                 config: self.config,
@@ -218,53 +211,6 @@ impl Source for EtcdSource {
             Ok(())
         })
     }
-}
-
-/// A client for `c`'s endpoints with its authentication, TLS and
-/// keepalive settings (the `kv` capability writes through one).
-///
-/// # Errors
-/// Unreadable TLS files, or no connection.
-pub async fn connect_client(c: &EtcdSourceConfig) -> anyhow::Result<Client> {
-    let options = connect_options(c).await?;
-    Ok(Client::connect(&c.endpoints, Some(options)).await?)
-}
-
-async fn connect_options(c: &EtcdSourceConfig) -> anyhow::Result<ConnectOptions> {
-    let mut o = ConnectOptions::new()
-        .with_keep_alive(
-            Duration::from_secs(c.keepalive_interval_s),
-            Duration::from_secs(c.keepalive_timeout_s),
-        )
-        .with_keep_alive_while_idle(true)
-        .with_connect_timeout(Duration::from_secs(c.dial_timeout_s))
-        .with_require_leader(true);
-    if let (Some(u), Some(p)) = (&c.username, &c.password) {
-        o = o.with_user(u.clone(), p.clone());
-    }
-    if let Some(tls) = &c.tls {
-        let mut t = TlsOptions::new();
-        if let Some(ca) = &tls.ca_file {
-            let pem = tokio::fs::read(ca)
-                .await
-                .map_err(|e| anyhow::anyhow!("tls.ca_file {}: {e}", ca.display()))?;
-            t = t.ca_certificate(Certificate::from_pem(pem));
-        }
-        if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
-            let cert_pem = tokio::fs::read(cert)
-                .await
-                .map_err(|e| anyhow::anyhow!("tls.cert_file {}: {e}", cert.display()))?;
-            let key_pem = tokio::fs::read(key)
-                .await
-                .map_err(|e| anyhow::anyhow!("tls.key_file {}: {e}", key.display()))?;
-            t = t.identity(Identity::from_pem(cert_pem, key_pem));
-        }
-        if let Some(d) = &tls.domain {
-            t = t.domain_name(d.clone());
-        }
-        o = o.with_tls(t);
-    }
-    Ok(o)
 }
 
 /// The key range `[start, end)` covering `prefix` (every key when empty).

@@ -19,6 +19,7 @@
 //! callback (it only flags the tree dirty), must not interpret file
 //! contents, and must not know about plugins or dispatch.
 
+mod config;
 mod scan;
 #[cfg(test)]
 mod tests;
@@ -36,8 +37,8 @@ use tracing::{debug, info, warn};
 use super::diff_snapshot as diff;
 use super::{Source, SourceContext, SourceFuture};
 use crate::backoff::Backoff;
-use crate::config::FileSourceConfig;
 use crate::event::Event;
+pub use config::FileSourceConfig;
 use scan::{Scan, ScanConfig, Skip, Snapshot, scan_tree};
 use watch::{RootId, Signals, Watch};
 

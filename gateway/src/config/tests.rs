@@ -1,0 +1,104 @@
+//! Tests of the gateway config file and the sidecar: defaults, path
+//! resolution, and errors naming the file, line and key.
+
+use std::path::{Path, PathBuf};
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(Path::new("/etc/wg/watchgate.toml"), text)
+}
+
+#[test]
+fn resolves_relative_paths_against_the_config_file() {
+    let c = parse(
+        "[plugins]\ndir = \"p\"\n[[source]]\nname = \"local\"\nkind = \"file\"\npath = \"watched\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.plugins.dir, PathBuf::from("/etc/wg/p"));
+    let SourceConfig::File(f) = &c.sources[0].spec else {
+        panic!("not a file source")
+    };
+    assert_eq!(f.path, PathBuf::from("/etc/wg/watched"));
+    assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9464");
+}
+
+#[test]
+fn unknown_top_level_key_names_file_key_and_line() {
+    let err = parse("[admin]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("/etc/wg/watchgate.toml:3:"), "{err}");
+    assert!(err.contains("lisen"), "{err}");
+}
+
+#[test]
+fn unknown_source_key_names_the_source_and_line() {
+    let err =
+        parse("[admin]\n\n[[source]]\nname = \"local\"\nkind = \"file\"\npath = \"w\"\npth = 1\n")
+            .unwrap_err()
+            .to_string();
+    assert!(err.contains("watchgate.toml:7:1:"), "{err}");
+    assert!(err.contains("source[0]") && err.contains("pth"), "{err}");
+}
+
+#[test]
+fn rejects_unknown_kind_and_duplicate_names() {
+    let err = parse("[[source]]\nname = \"a\"\nkind = \"zookeeper\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown source kind \"zookeeper\""), "{err}");
+    let err = parse(
+        "[[source]]\nname = \"a\"\nkind = \"file\"\npath = \"x\"\n[[source]]\nname = \"a\"\nkind = \"file\"\npath = \"y\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains(":5:") && err.contains("duplicate source name"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sidecar_checks_sources_and_limits() {
+    let c = parse("[[source]]\nname = \"local\"\nkind = \"file\"\npath = \"w\"\n").unwrap();
+    let p = Path::new("/srv/plugins/x.toml");
+    let ok = Sidecar::parse(
+        p,
+        "[[subscribe]]\nsource = \"local\"\nprefix = \"a/\"\n[limits]\nfuel = 5\n[grants]\nfiles = \"../out\"\n",
+        &c,
+    )
+    .unwrap();
+    assert_eq!(ok.grants.files, Some(PathBuf::from("/srv/out")));
+    assert_eq!(ok.limits.fuel, Some(5));
+    let err = Sidecar::parse(p, "[[subscribe]]\nsource = \"nope\"\n", &c)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no source named \"nope\""), "{err}");
+    let err = Sidecar::parse(p, "[limits]\nmemory_mb = 100000\n", &c)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("limits.memory_mb"), "{err}");
+    let err = Sidecar::parse(p, "[grants]\nnetwork = true\n", &c)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("x.toml:2:") && err.contains("network"),
+        "{err}"
+    );
+    let err = Sidecar::parse(p, "[grants]\nhttp = [\"hooks.example.com\"]\n", &c)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("grants.http[0]") && err.contains("port"),
+        "{err}"
+    );
+    let err = Sidecar::parse(
+        p,
+        "[grants]\nkv = [{ source = \"nope\", prefix = \"/a/\" }]\n",
+        &c,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("grants.kv[0].source"), "{err}");
+}

@@ -1,0 +1,86 @@
+//! The `[runtime]` table: engine-wide settings and the ceilings no plugin
+//! may exceed.
+//!
+//! Owns [`RuntimeConfig`] and its defaults. The gateway config file embeds
+//! it as is; the checks that relate it to other tables live with the file
+//! format. It must not build an engine; [`super::Runtime`] does.
+
+use serde::Deserialize;
+
+use super::limits::Limits;
+
+/// `[runtime]`: defaults for every plugin and the ceilings no sidecar may
+/// exceed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Limits for plugins whose sidecar sets none.
+    #[serde(default = "default_limits")]
+    pub defaults: Limits,
+    /// Highest `memory_mb` a sidecar may ask for; also the size of each slot
+    /// in the pooling allocator. Default 256.
+    #[serde(default = "default_max_memory_mb")]
+    pub max_memory_mb: u64,
+    /// Highest `timeout_ms` a sidecar may ask for. Default 30 000.
+    #[serde(default = "default_max_timeout_ms")]
+    pub max_timeout_ms: u64,
+    /// Maximum wasm stack per call, in KiB. Default 512.
+    #[serde(default = "default_max_wasm_stack_kb")]
+    pub max_wasm_stack_kb: usize,
+    /// Plugin log lines allowed per second per plugin (stdout, stderr and
+    /// the `log` import together); the rest are counted and dropped.
+    /// Default 50.
+    #[serde(default = "default_log_lines_per_second")]
+    pub log_lines_per_second: u32,
+    /// Plugin instances that can be alive at once (one per loaded plugin,
+    /// plus short-lived ones during a swap); sizes the pooling allocator.
+    /// Default 128.
+    #[serde(default = "default_max_instances")]
+    pub max_instances: u32,
+    /// Keep compiled plugins in `compiled/` in the state directory, so a
+    /// restart does not compile them again. Default true.
+    #[serde(default = "default_true")]
+    pub compile_cache: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_max_instances() -> u32 {
+    128
+}
+
+fn default_limits() -> Limits {
+    Limits {
+        fuel: 100_000_000,
+        timeout_ms: 1_000,
+        memory_mb: 64,
+    }
+}
+fn default_max_memory_mb() -> u64 {
+    256
+}
+fn default_max_timeout_ms() -> u64 {
+    30_000
+}
+fn default_max_wasm_stack_kb() -> usize {
+    512
+}
+fn default_log_lines_per_second() -> u32 {
+    50
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            defaults: default_limits(),
+            max_memory_mb: default_max_memory_mb(),
+            max_timeout_ms: default_max_timeout_ms(),
+            max_wasm_stack_kb: default_max_wasm_stack_kb(),
+            log_lines_per_second: default_log_lines_per_second(),
+            max_instances: default_max_instances(),
+            compile_cache: true,
+        }
+    }
+}
