@@ -22,7 +22,6 @@
 
 pub mod admin;
 pub mod app;
-pub mod bench;
 pub mod cli;
 pub mod cluster;
 pub mod config;

@@ -4,18 +4,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use watchgate::config::{Limits, PluginMode, RetryPolicy, RuntimeConfig, StartPosition};
+use watchgate::dispatch::{Dispatcher, PluginSpec};
+use watchgate::event::Event;
+use watchgate::host::PluginContext;
+use watchgate::host::log::{Level, LogSink, PluginLog, Stream};
+use watchgate::runtime::Runtime;
+use watchgate::runtime::instance::{LoadedPlugin, Sandbox, bare_calls};
+use watchgate::source::EventSink;
+use watchgate::store::Store;
+use watchgate::telemetry::Metrics;
 
 use super::{BenchArgs, CaseResult, Samples, percentile, us};
-use crate::config::{Limits, PluginMode, RetryPolicy, RuntimeConfig, StartPosition};
-use crate::dispatch::{Dispatcher, PluginSpec};
-use crate::event::Event;
-use crate::host::PluginContext;
-use crate::host::log::{LogSink, PluginLog};
-use crate::runtime::Runtime;
-use crate::runtime::instance::{LoadedPlugin, Sandbox, bare_calls};
-use crate::source::EventSink;
-use crate::store::Store;
-use crate::telemetry::Metrics;
 
 const SOURCE: &str = "bench";
 
@@ -27,7 +27,7 @@ const DELIVERY: usize = 64;
 /// A sink that drops plugin log lines.
 struct Quiet;
 impl LogSink for Quiet {
-    fn line(&self, _: &str, _: crate::host::log::Level, _: crate::host::log::Stream, _: &str) {}
+    fn line(&self, _: &str, _: Level, _: Stream, _: &str) {}
 }
 
 fn loaded(
@@ -54,7 +54,7 @@ fn spec(loaded: LoadedPlugin, batch_max: usize, capacity: usize) -> PluginSpec {
     PluginSpec {
         loaded,
         subscriptions: Vec::new(),
-        grants: crate::config::Grants::default(),
+        grants: watchgate::config::Grants::default(),
         queue_capacity: capacity,
         retry: RetryPolicy {
             attempts: 1,
@@ -211,7 +211,7 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
         for e in &input {
             let r = sandbox.call(&noop, e);
             anyhow::ensure!(
-                r.outcome == crate::telemetry::Outcome::ok,
+                r.outcome == watchgate::telemetry::Outcome::ok,
                 "{:?}",
                 r.message
             );
@@ -346,7 +346,7 @@ pub(super) fn trap_recovery(args: &BenchArgs) -> anyhow::Result<CaseResult> {
             let started = Instant::now();
             let r = sandbox.call(&plugin, &ok);
             anyhow::ensure!(
-                r.outcome == crate::telemetry::Outcome::ok,
+                r.outcome == watchgate::telemetry::Outcome::ok,
                 "no recovery: {:?}",
                 r.message
             );
