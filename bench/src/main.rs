@@ -367,7 +367,8 @@ fn markdown(date: &str, args: &BenchArgs, m: &Machine, cases: &[CaseResult]) -> 
     let mut s = String::new();
     s.push_str("# Benchmarks\n\n");
     s.push_str(
-        "Written by `watchgate-bench` (see the README). Every case runs several times in one \
+        "Written by `watchgate-bench` (`cargo build --release -p watchgate && cargo run \
+         --release -p watchgate-bench`; see the README). Every case runs several times in one \
          process run; each figure gives the median and the p99 over those runs, and each ratio \
          compares with a reference measured in the same run, side by side, because the machine \
          is shared and noisy.\n\n",
