@@ -79,22 +79,6 @@ pub enum Command {
         #[command(subcommand)]
         command: StateCommand,
     },
-    /// Run the benchmark suite; writes bench/results.json and
-    /// BENCHMARKS.md. Measure with a release build.
-    Bench {
-        /// Small sizes and few runs: checks that every case works.
-        #[arg(long)]
-        quick: bool,
-        /// Directory of the compiled plugins (scripts/build-plugins).
-        #[arg(long, default_value = "dist/plugins")]
-        plugins: PathBuf,
-        /// Where bench/results.json and BENCHMARKS.md are written.
-        #[arg(long, default_value = ".")]
-        out: PathBuf,
-        /// Only the cases whose names contain this (repeatable).
-        #[arg(long)]
-        only: Vec<String>,
-    },
     /// Events plugins failed on after every attempt.
     DeadLetters {
         /// What to do with them.

@@ -31,7 +31,6 @@
 pub mod admin;
 pub mod app;
 pub mod backoff;
-pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod cluster;

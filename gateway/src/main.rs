@@ -12,12 +12,8 @@ use watchgate::cli::{Cli, Command, LogFormat, PluginCommand, StateCommand};
 use watchgate::config::Config;
 
 fn init_logging(format: LogFormat) {
-    init_logging_with(format, "info,wasmtime=warn,cranelift=warn");
-}
-
-fn init_logging_with(format: LogFormat, default: &str) {
-    let filter =
-        EnvFilter::try_from_env("WATCHGATE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let filter = EnvFilter::try_from_env("WATCHGATE_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,wasmtime=warn,cranelift=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -29,12 +25,7 @@ fn init_logging_with(format: LogFormat, default: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Bench { .. }) && std::env::var_os("WATCHGATE_LOG").is_none() {
-        // The benchmarks provoke failures on purpose; only errors matter.
-        init_logging_with(cli.log_format, "error");
-    } else {
-        init_logging(cli.log_format);
-    }
+    init_logging(cli.log_format);
     let code = match cli.command {
         Command::Run { config } => run(&config),
         Command::Check { config } => watchgate::cli::check(&config),
@@ -42,17 +33,6 @@ fn main() -> ExitCode {
             command: StateCommand::Reset { config },
         } => watchgate::cli::state_reset(&config),
         Command::DeadLetters { command } => watchgate::cli::dead_letters(command),
-        Command::Bench {
-            quick,
-            plugins,
-            out,
-            only,
-        } => watchgate::bench::run(&watchgate::bench::BenchArgs {
-            quick,
-            plugins,
-            out,
-            only,
-        }),
         Command::Plugin {
             command: PluginCommand::Test(args),
         } => watchgate::cli::plugin_test(&args),

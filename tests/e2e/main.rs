@@ -6,7 +6,6 @@
 //! directory.
 
 mod adversarial;
-mod bench_smoke;
 mod cli;
 mod cluster;
 mod conn_registry;

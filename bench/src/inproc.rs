@@ -4,16 +4,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use watchgate::dispatch::{Dispatcher, PluginMode, PluginSpec, RetryPolicy, StartPosition};
+use watchgate::event::{Event, EventSink};
+use watchgate::host::PluginContext;
+use watchgate::host::log::{Level, LogSink, PluginLog, Stream};
+use watchgate::runtime::instance::{LoadedPlugin, Sandbox, bare_calls};
+use watchgate::runtime::{Limits, Runtime, RuntimeConfig};
+use watchgate::store::Store;
+use watchgate::telemetry::Metrics;
 
 use super::{BenchArgs, CaseResult, Samples, percentile, us};
-use crate::dispatch::{Dispatcher, PluginMode, PluginSpec, RetryPolicy, StartPosition};
-use crate::event::{Event, EventSink};
-use crate::host::PluginContext;
-use crate::host::log::{LogSink, PluginLog};
-use crate::runtime::instance::{LoadedPlugin, Sandbox, bare_calls};
-use crate::runtime::{Limits, Runtime, RuntimeConfig};
-use crate::store::Store;
-use crate::telemetry::Metrics;
 
 const SOURCE: &str = "bench";
 
@@ -25,7 +25,7 @@ const DELIVERY: usize = 64;
 /// A sink that drops plugin log lines.
 struct Quiet;
 impl LogSink for Quiet {
-    fn line(&self, _: &str, _: crate::host::log::Level, _: crate::host::log::Stream, _: &str) {}
+    fn line(&self, _: &str, _: Level, _: Stream, _: &str) {}
 }
 
 fn loaded(
@@ -52,7 +52,7 @@ fn spec(loaded: LoadedPlugin, batch_max: usize, capacity: usize) -> PluginSpec {
     PluginSpec {
         loaded,
         subscriptions: Vec::new(),
-        grants: crate::host::Grants::default(),
+        grants: watchgate::host::Grants::default(),
         queue_capacity: capacity,
         retry: RetryPolicy {
             attempts: 1,
@@ -209,7 +209,7 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
         for e in &input {
             let r = sandbox.call(&noop, e);
             anyhow::ensure!(
-                r.outcome == crate::telemetry::Outcome::ok,
+                r.outcome == watchgate::telemetry::Outcome::ok,
                 "{:?}",
                 r.message
             );
@@ -344,7 +344,7 @@ pub(super) fn trap_recovery(args: &BenchArgs) -> anyhow::Result<CaseResult> {
             let started = Instant::now();
             let r = sandbox.call(&plugin, &ok);
             anyhow::ensure!(
-                r.outcome == crate::telemetry::Outcome::ok,
+                r.outcome == watchgate::telemetry::Outcome::ok,
                 "no recovery: {:?}",
                 r.message
             );

@@ -10,6 +10,7 @@ use super::{BenchArgs, CaseResult, Samples, free_port, variant, write_atomic};
 /// A gateway process in its own directory.
 pub(super) struct Proc {
     pub(super) dir: tempfile::TempDir,
+    gateway: PathBuf,
     port: u16,
     child: Option<Child>,
     rt: tokio::runtime::Runtime,
@@ -17,8 +18,10 @@ pub(super) struct Proc {
 
 impl Proc {
     /// A directory with `watched/` (one file), `plugins.d/`, `out/` and a
-    /// config with `sources` (default: a file source over `watched/`).
-    pub(super) fn new(sources: Option<&str>) -> anyhow::Result<Proc> {
+    /// config with `sources` (default: a file source over `watched/`), to
+    /// be run by the `watchgate` binary `args` name.
+    pub(super) fn new(args: &BenchArgs, sources: Option<&str>) -> anyhow::Result<Proc> {
+        let gateway = args.gateway()?;
         let dir = tempfile::tempdir()?;
         for d in ["watched", "plugins.d", "out"] {
             std::fs::create_dir_all(dir.path().join(d))?;
@@ -38,6 +41,7 @@ impl Proc {
         )?;
         Ok(Proc {
             dir,
+            gateway,
             port,
             child: None,
             rt: tokio::runtime::Builder::new_current_thread()
@@ -66,7 +70,7 @@ impl Proc {
     pub(super) fn start(&mut self) -> anyhow::Result<Duration> {
         let log = std::fs::File::create(self.path("gateway.log"))?;
         let started = Instant::now();
-        let child = Command::new(std::env::current_exe()?)
+        let child = Command::new(&self.gateway)
             .args(["run", "--config"])
             .arg(self.path("watchgate.toml"))
             .env("WATCHGATE_LOG", "warn")
@@ -183,7 +187,7 @@ pub(super) fn memory(args: &BenchArgs) -> anyhow::Result<CaseResult> {
     for _ in 0..runs {
         let mut idle = 0.0;
         for &n in counts {
-            let mut p = Proc::new(None)?;
+            let mut p = Proc::new(args, None)?;
             for i in 0..n {
                 // Subscribed to nothing that exists: loaded, never called.
                 p.install(
@@ -230,7 +234,7 @@ pub(super) fn memory(args: &BenchArgs) -> anyhow::Result<CaseResult> {
 /// Hot reload: a new `.wasm` dropped in → its first event served.
 pub(super) fn hot_reload(args: &BenchArgs) -> anyhow::Result<CaseResult> {
     let probe = std::fs::read(args.plugin("bench-probe")?)?;
-    let mut p = Proc::new(None)?;
+    let mut p = Proc::new(args, None)?;
     p.start()?;
     let mut s = Samples::default();
     let n = if args.quick { 2 } else { 10 };
@@ -275,7 +279,7 @@ pub(super) fn cold_start(args: &BenchArgs) -> anyhow::Result<CaseResult> {
     let noop = std::fs::read(args.plugin("noop")?)?;
     let mut s = Samples::default();
     for _ in 0..args.runs() {
-        let mut p = Proc::new(None)?;
+        let mut p = Proc::new(args, None)?;
         for i in 0..n {
             p.install(&format!("noop{i}"), &variant(&noop, i), "")?;
         }

@@ -130,7 +130,7 @@ pub(super) fn e2e_latency(args: &BenchArgs) -> anyhow::Result<CaseResult> {
     let mut s = Samples::default();
     for _ in 0..args.runs() {
         let etcd = Etcd::start()?;
-        let mut gw = Proc::new(Some(&etcd_source(&etcd.url, "/bench/")))?;
+        let mut gw = Proc::new(args, Some(&etcd_source(&etcd.url, "/bench/")))?;
         gw.install("probe", &probe, "[grants]\nfiles = \"../out/probe\"\n")?;
         gw.start()?;
         // etcdctl watch: the time each change is printed.
@@ -304,7 +304,7 @@ pub(super) fn scale_sync(args: &BenchArgs) -> anyhow::Result<CaseResult> {
     fill(&rt, &mut client, "/scale/", n)?;
     let mut s = Samples::default();
     for _ in 0..args.runs().min(3) {
-        let mut gw = Proc::new(Some(&etcd_source(&etcd.url, "/scale/")))?;
+        let mut gw = Proc::new(args, Some(&etcd_source(&etcd.url, "/scale/")))?;
         gw.install("noop", &noop, "queue_capacity = 1_000_000\n")?;
         let started = Instant::now();
         let ready = gw.start()?;
@@ -344,7 +344,7 @@ pub(super) fn scale_churn(args: &BenchArgs) -> anyhow::Result<CaseResult> {
     let probe = std::fs::read(args.plugin("bench-probe")?)?;
     let etcd = Etcd::start()?;
     let mut s = Samples::default();
-    let mut gw = Proc::new(Some(&etcd_source(&etcd.url, "/churn/")))?;
+    let mut gw = Proc::new(args, Some(&etcd_source(&etcd.url, "/churn/")))?;
     gw.install(
         "probe",
         &probe,

@@ -1,15 +1,18 @@
-//! `watchgate bench`: the benchmark suite.
+//! `watchgate-bench`: the benchmark suite of the `watchgate` gateway.
 //!
 //! Owns the runner and the report: each case runs several times, every
 //! figure keeps its value per run, and the report gives the median and the
 //! p99 over the runs next to the case's reference measured in the same run
 //! (the physical floor, or the tool users would pick instead) and its
 //! target. It writes `bench/results.json` and `BENCHMARKS.md`. The cases
-//! live in `bench/`: in-process ones (dispatch, fan-out, isolation, trap
-//! recovery), ones that run the gateway binary (memory, hot reload, cold
-//! start) and ones against a real etcd (end-to-end latency, scale). Timing
-//! here is measurement, never a test verdict; `--quick` only checks that
-//! every case still runs.
+//! live in the modules below: in-process ones (dispatch, fan-out,
+//! isolation, trap recovery) through the `watchgate` library, ones that run
+//! the `watchgate` binary (memory, hot reload, cold start) and ones against
+//! a real etcd (end-to-end latency, scale). Timing here is measurement,
+//! never a test verdict; `--quick` only checks that every case still runs.
+//!
+//! It is a crate of its own so that the gateway library and binary carry
+//! none of it.
 
 mod etcd;
 mod inproc;
@@ -17,26 +20,70 @@ mod process;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
+use clap::Parser;
 use serde::Serialize;
+use tracing_subscriber::EnvFilter;
 
-/// What `watchgate bench` was asked to do.
-#[derive(Debug, Clone)]
+/// Run the watchgate benchmark suite; writes bench/results.json and
+/// BENCHMARKS.md. Measure with a release build.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "watchgate-bench", version, about)]
 pub struct BenchArgs {
-    /// Small sizes and few runs: a smoke check, not a measurement.
+    /// Small sizes and few runs: checks that every case works, measures
+    /// nothing.
+    #[arg(long)]
     pub quick: bool,
-    /// Directory of the compiled plugins (`scripts/build-plugins`).
+    /// Directory of the compiled plugins (scripts/build-plugins).
+    #[arg(long, default_value = "dist/plugins")]
     pub plugins: PathBuf,
-    /// Where `bench/results.json` and `BENCHMARKS.md` go.
+    /// The `watchgate` binary the memory, hot reload, cold start and etcd
+    /// cases run [default: `watchgate` next to this binary, as cargo builds
+    /// both into one target directory].
+    #[arg(long)]
+    pub gateway: Option<PathBuf>,
+    /// Where bench/results.json and BENCHMARKS.md are written.
+    #[arg(long, default_value = ".")]
     pub out: PathBuf,
-    /// Only the cases whose names contain one of these (all when empty).
+    /// Only the cases whose names contain this (repeatable).
+    #[arg(long)]
     pub only: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let args = BenchArgs::parse();
+    // The benchmarks provoke failures on purpose; only errors matter.
+    let filter =
+        EnvFilter::try_from_env("WATCHGATE_LOG").unwrap_or_else(|_| EnvFilter::new("error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    ExitCode::from(u8::try_from(run(&args)).unwrap_or(1))
 }
 
 impl BenchArgs {
     fn runs(&self) -> usize {
         if self.quick { 2 } else { 5 }
+    }
+
+    /// The `watchgate` binary the process cases start.
+    fn gateway(&self) -> anyhow::Result<PathBuf> {
+        let path = match &self.gateway {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()?
+                .parent()
+                .ok_or_else(|| anyhow::anyhow!("this binary has no directory"))?
+                .join(format!("watchgate{}", std::env::consts::EXE_SUFFIX)),
+        };
+        anyhow::ensure!(
+            path.is_file(),
+            "{} is missing: build it first (`cargo build --release -p watchgate`), or pass --gateway",
+            path.display()
+        );
+        Ok(path)
     }
 
     fn plugin(&self, name: &str) -> anyhow::Result<PathBuf> {
@@ -202,6 +249,7 @@ fn machine() -> Machine {
         cpu,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         memory_gib,
+        // The gateway's version too: every crate takes the workspace's.
         watchgate: env!("CARGO_PKG_VERSION"),
         wasmtime: "48",
         etcd: etcd::version(),
@@ -218,11 +266,11 @@ struct Report<'a> {
 }
 
 /// Run the suite and write the report; returns the exit code.
-pub fn run(args: &BenchArgs) -> i32 {
+fn run(args: &BenchArgs) -> i32 {
     let machine = machine();
     if !machine.optimized && !args.quick {
         eprintln!(
-            "warning: this watchgate is a debug build; measure with `cargo run --release -p watchgate -- bench`"
+            "warning: this is a debug build; measure with `cargo build --release -p watchgate && cargo run --release -p watchgate-bench`"
         );
     }
     type CaseFn = fn(&BenchArgs) -> anyhow::Result<CaseResult>;
@@ -319,7 +367,8 @@ fn markdown(date: &str, args: &BenchArgs, m: &Machine, cases: &[CaseResult]) -> 
     let mut s = String::new();
     s.push_str("# Benchmarks\n\n");
     s.push_str(
-        "Written by `watchgate bench` (see the README). Every case runs several times in one \
+        "Written by `watchgate-bench` (`cargo build --release -p watchgate && cargo run \
+         --release -p watchgate-bench`; see the README). Every case runs several times in one \
          process run; each figure gives the median and the p99 over those runs, and each ratio \
          compares with a reference measured in the same run, side by side, because the machine \
          is shared and noisy.\n\n",
