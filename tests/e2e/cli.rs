@@ -1,22 +1,9 @@
 //! The command line: `check`, `plugin test`, and start-up errors that exit
 //! promptly with a clear message.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::{Gateway, plugin, write_atomic};
-
-fn watchgate(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_watchgate"))
-        .args(args)
-        .output()
-        .expect("run watchgate");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::support::{Gateway, plugin, watchgate, write_atomic};
 
 #[test]
 fn check_accepts_good_plugins_and_names_bad_ones() {

@@ -104,6 +104,7 @@ impl Store {
                 Ok(v) => return v,
                 Err(e) => {
                     assert!(start.elapsed() < DEADLINE, "etcd kept failing: {e}");
+                    // The pace of the retries, not a wait for an outcome.
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }

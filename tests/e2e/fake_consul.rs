@@ -2,10 +2,10 @@
 //! public Consul HTTP API that watchgate's Consul source uses, with switches
 //! for the faults that source must survive.
 //!
-//! The fake owns one thread with its own single-threaded tokio runtime; the
-//! test drives it from synchronous code ([`FakeConsul::register`],
-//! [`FakeConsul::kv_put`], …). It binds `127.0.0.1` only. Dropping it stops
-//! the thread and closes every connection.
+//! The fake is a [`LoopbackServer`], so the test drives it from synchronous
+//! code ([`FakeConsul::register`], [`FakeConsul::kv_put`], …). It binds
+//! `127.0.0.1` only. Dropping it stops the server and closes every
+//! connection.
 //!
 //! # Modelled
 //!
@@ -26,7 +26,7 @@
 //!   `index` or `wait` is a 400, as in Consul.
 //! - **Idempotent writes wake blocked queries** ([`FakeConsul::touch`], and
 //!   a [`FakeConsul::kv_put`] of the same value): the index rises while the
-//!   content stays the same (C2: a return is not a change).
+//!   content stays the same (a return is not a change).
 //! - **`GET /v1/health/service/<name>`** with `passing` (present, or a Go
 //!   boolean such as `true`/`1`; `passing=false` shows everything): only
 //!   instances whose every check is passing, so `warning` hides an instance
@@ -79,30 +79,22 @@
 //! change the answer's shape and are rejected with a 400 that names them,
 //! rather than silently ignored.
 
-// Not every method is used by a test yet (the Consul source tests come
-// later).
-#![allow(dead_code)]
-
-use std::collections::{BTreeMap, HashSet};
-use std::convert::Infallible;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::HeaderValue;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinSet;
+use tokio::sync::watch;
 use tokio::time::Instant;
+
+use crate::loopback::{HttpResponse, LoopbackServer, http_response};
 
 /// Consul's default blocking wait.
 const DEFAULT_WAIT: Duration = Duration::from_secs(5 * 60);
@@ -110,8 +102,6 @@ const DEFAULT_WAIT: Duration = Duration::from_secs(5 * 60);
 const MAX_WAIT: Duration = Duration::from_secs(10 * 60);
 /// Jitter is up to `wait / JITTER_FRACTION`.
 const JITTER_FRACTION: u32 = 16;
-/// How long [`FakeConsul::restart`] waits for the connections to close.
-const ABORT_DEADLINE: Duration = Duration::from_secs(10);
 /// The one node every instance lives on.
 const NODE: &str = "node1";
 /// Its ID (Consul node IDs are UUIDs).
@@ -121,63 +111,35 @@ const DATACENTER: &str = "dc1";
 
 /// A running fake Consul. See the module docs for what it models.
 pub struct FakeConsul {
-    addr: SocketAddr,
+    server: LoopbackServer,
     shared: Arc<Shared>,
-    shutdown: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl FakeConsul {
     /// Listen on `127.0.0.1:0` with an empty catalog and KV store (index 1).
     pub fn start() -> FakeConsul {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the fake Consul");
-        listener
-            .set_nonblocking(true)
-            .expect("non-blocking listener");
-        let addr = listener.local_addr().expect("fake Consul address");
         let shared = Arc::new(Shared {
             state: Mutex::new(State::new()),
             changed: watch::Sender::new(0),
-            abort: watch::Sender::new(0),
-            down: AtomicBool::new(false),
-            accepted: AtomicU64::new(0),
-            conns: Mutex::new(Conns::default()),
-            closed: Condvar::new(),
         });
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("fake Consul runtime");
-        let (shutdown, stop) = oneshot::channel();
-        let thread = std::thread::Builder::new()
-            .name(format!("fake-consul-{}", addr.port()))
-            .spawn({
+        let server = LoopbackServer::start_http("fake Consul", {
+            let shared = shared.clone();
+            move |req| {
                 let shared = shared.clone();
-                move || {
-                    runtime.block_on(async move {
-                        let listener =
-                            TcpListener::from_std(listener).expect("register the listener");
-                        accept_loop(listener, shared, stop).await;
-                    });
-                }
-            })
-            .expect("spawn the fake Consul thread");
-        FakeConsul {
-            addr,
-            shared,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
-        }
+                async move { handle_request(&shared, req).await }
+            }
+        });
+        FakeConsul { server, shared }
     }
 
     /// `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.url()
     }
 
     /// The listening address (to put a `FaultProxy` in front).
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// The current global index (the last write's).
@@ -281,17 +243,14 @@ impl FakeConsul {
     /// would; in-flight blocking queries fail mid-poll. State and port stay
     /// and new connections are served. Returns once the resets went out.
     pub fn restart(&self) {
-        self.shared.abort_open_connections();
+        self.server.reset_all();
     }
 
     /// While down, reset every new connection right after the accept (the
     /// nearest a listening socket gets to "connection refused"); going down
     /// also resets every open connection. State is kept.
     pub fn set_down(&self, down: bool) {
-        self.shared.down.store(down, Ordering::SeqCst);
-        if down {
-            self.shared.abort_open_connections();
-        }
+        self.server.set_down(down);
     }
 
     /// Requests whose path (as sent, before percent-decoding) starts with
@@ -310,29 +269,18 @@ impl FakeConsul {
     /// (closes its connection) frees it at once, so a leak of watches shows
     /// here.
     pub fn open_connections(&self) -> usize {
-        self.shared.conns().open.len()
+        self.server.open_connections()
     }
 
     /// TCP connections accepted so far, reset ones (while down) included.
     pub fn accepted(&self) -> u64 {
-        self.shared.accepted.load(Ordering::SeqCst)
+        self.server.accepted()
     }
 
     /// The largest `wait` any request asked for (before clamping to 10
     /// minutes; a negative one counts as zero), if any did.
     pub fn max_wait_seen(&self) -> Option<Duration> {
         self.shared.state().max_wait
-    }
-}
-
-impl Drop for FakeConsul {
-    fn drop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 
@@ -343,24 +291,12 @@ struct Shared {
     /// Bumped after every write (and fault switch) so blocked queries look
     /// again.
     changed: watch::Sender<u64>,
-    /// Bumped to abort every open connection.
-    abort: watch::Sender<u64>,
-    down: AtomicBool,
-    accepted: AtomicU64,
-    /// Open connections. Taken before `state` when both are needed.
-    conns: Mutex<Conns>,
-    /// Notified whenever a connection leaves `conns`.
-    closed: Condvar,
 }
 
 impl Shared {
     fn state(&self) -> MutexGuard<'_, State> {
         // A panicking test thread must not wedge the server for the others.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn conns(&self) -> MutexGuard<'_, Conns> {
-        self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// One write: bump the global index, apply `f` with it, wake blocked
@@ -373,26 +309,6 @@ impl Shared {
             f(&mut st, index);
         }
         self.changed.send_modify(|g| *g += 1);
-    }
-
-    /// Reset every connection open now and wait until they are closed.
-    fn abort_open_connections(&self) {
-        let conns = self.conns();
-        let ids: Vec<u64> = conns.open.iter().copied().collect();
-        // Under the lock, so a connection is either registered before the
-        // bump (and sees it) or after it (and is not waited for).
-        self.abort.send_modify(|g| *g += 1);
-        let (conns, timeout) = self
-            .closed
-            .wait_timeout_while(conns, ABORT_DEADLINE, |c| {
-                ids.iter().any(|id| c.open.contains(id))
-            })
-            .unwrap_or_else(|e| e.into_inner());
-        drop(conns);
-        assert!(
-            !timeout.timed_out(),
-            "fake Consul: connections still open {ABORT_DEADLINE:?} after the abort"
-        );
     }
 }
 
@@ -465,111 +381,6 @@ struct KvEntry {
     value: Vec<u8>,
 }
 
-/// Open connections by id.
-#[derive(Default)]
-struct Conns {
-    next_id: u64,
-    open: HashSet<u64>,
-}
-
-/// A connection's place in [`Conns`]; dropping it (after the socket is
-/// closed) removes the entry and wakes [`Shared::abort_open_connections`].
-struct Registered {
-    shared: Arc<Shared>,
-    id: u64,
-}
-
-impl Drop for Registered {
-    fn drop(&mut self) {
-        self.shared.conns().open.remove(&self.id);
-        self.shared.closed.notify_all();
-    }
-}
-
-/// Accept until `stop` fires; every connection task belongs to `tasks` and
-/// is aborted when the loop ends.
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
-    let mut tasks = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else {
-                    // Out of descriptors or similar: let connections close.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                shared.accepted.fetch_add(1, Ordering::SeqCst);
-                let registered = {
-                    let mut conns = shared.conns();
-                    if shared.down.load(Ordering::SeqCst) {
-                        None
-                    } else {
-                        let id = conns.next_id;
-                        conns.next_id += 1;
-                        conns.open.insert(id);
-                        // Subscribed under the lock: see Shared::abort_open_connections.
-                        Some((Registered { shared: shared.clone(), id }, shared.abort.subscribe()))
-                    }
-                };
-                match registered {
-                    None => reset(stream),
-                    Some((registered, abort)) => {
-                        let shared = shared.clone();
-                        tasks.spawn(async move {
-                            serve(shared, stream, abort).await;
-                            // After the socket is closed, so an abort returns
-                            // only once the reset went out.
-                            drop(registered);
-                        });
-                    }
-                }
-            }
-        }
-    }
-    tasks.shutdown().await;
-}
-
-/// Serve HTTP/1.1 on `stream` until the client leaves or an abort is asked
-/// for; an abort resets the connection.
-async fn serve(shared: Arc<Shared>, stream: TcpStream, mut abort: watch::Receiver<u64>) {
-    let _ = stream.set_nodelay(true);
-    // A second descriptor on the same socket, to reset it while hyper owns
-    // the stream.
-    let Some((stream, handle)) = stream
-        .into_std()
-        .and_then(|s| Ok((s.try_clone()?, s)))
-        .and_then(|(handle, s)| Ok((TcpStream::from_std(s)?, handle)))
-        .ok()
-    else {
-        return;
-    };
-    let service = hyper::service::service_fn(move |req| {
-        let shared = shared.clone();
-        async move { Ok::<_, Infallible>(handle_request(&shared, req).await) }
-    });
-    let conn =
-        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = abort.changed() => {
-            // SO_LINGER 0 is a property of the socket, so closing its last
-            // descriptor (hyper's, when `conn` drops below) sends a reset.
-            if let Ok(handle) = TcpStream::from_std(handle) {
-                let _ = handle.set_zero_linger();
-            }
-        }
-    }
-}
-
-/// Close `stream` with a TCP RST instead of a FIN.
-fn reset(stream: TcpStream) {
-    let _ = stream.set_zero_linger();
-    drop(stream);
-}
-
 /// What a read asks for.
 enum Query {
     Health {
@@ -592,7 +403,7 @@ struct Answer {
 }
 
 /// Route, validate and answer one request.
-async fn handle_request(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle_request(shared: &Shared, req: Request<Incoming>) -> HttpResponse {
     let raw_path = req.uri().path().to_owned();
     *shared.state().requests.entry(raw_path.clone()).or_default() += 1;
     let params = parse_query(req.uri().query().unwrap_or(""));
@@ -672,15 +483,13 @@ async fn handle_request(shared: &Shared, req: Request<Incoming>) -> Response<Ful
 
     let (answer, forced) = blocking_read(shared, &query, min_index, wait + jitter).await;
     let mut resp = match answer.body {
-        Some(body) => {
-            let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-            r.headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        Some(body) => http_response(answer.status, "application/json", body.to_string()),
+        None => {
+            let mut r = Response::new(Full::new(Bytes::new()));
+            *r.status_mut() = answer.status;
             r
         }
-        None => Response::new(Full::new(Bytes::new())),
     };
-    *resp.status_mut() = answer.status;
     let headers = resp.headers_mut();
     headers.insert("X-Consul-Index", forced.unwrap_or(answer.index).into());
     headers.insert("X-Consul-KnownLeader", HeaderValue::from_static("true"));
@@ -826,14 +635,8 @@ fn health_entry(service: &str, id: &str, i: &Instance) -> Value {
 }
 
 /// A plain-text answer without Consul's index headers (errors).
-fn plain(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
+fn plain(status: StatusCode, body: &str) -> HttpResponse {
+    http_response(status, "text/plain; charset=utf-8", format!("{body}\n"))
 }
 
 /// Query parameters in order, decoded like Go's `url.ParseQuery` (`+` is a
@@ -1044,16 +847,27 @@ mod tests {
             .collect()
     }
 
-    /// Run `f` on a thread; the handle yields its result and how long it
-    /// took.
-    fn in_background<T: Send + 'static>(
-        f: impl FnOnce() -> T + Send + 'static,
+    /// Run `query` on a thread and return once its request reached the
+    /// fake (counted under `path_prefix`), so a test can then change what
+    /// it waits for. The handle yields its result and how long it took.
+    fn in_flight<T: Send + 'static>(
+        consul: &Arc<FakeConsul>,
+        path_prefix: &'static str,
+        query: impl FnOnce(&FakeConsul) -> T + Send + 'static,
     ) -> std::thread::JoinHandle<(T, Duration)> {
-        std::thread::spawn(move || {
-            let started = StdInstant::now();
-            let out = f();
-            (out, started.elapsed())
-        })
+        let before = consul.requests(path_prefix);
+        let handle = std::thread::spawn({
+            let consul = consul.clone();
+            move || {
+                let started = StdInstant::now();
+                let out = query(&consul);
+                (out, started.elapsed())
+            }
+        });
+        wait_for("the query to arrive", Duration::from_secs(10), || {
+            (consul.requests(path_prefix) > before).then_some(())
+        });
+        handle
     }
 
     #[test]
@@ -1175,19 +989,11 @@ mod tests {
         let before = get(&consul, "/v1/health/service/web?passing");
         let wait = Duration::from_secs(20);
 
-        let blocked = in_background({
-            let consul = consul.clone();
-            let q = format!(
-                "/v1/health/service/web?passing&index={}&wait=20s",
-                before.index()
-            );
-            move || get(&consul, &q)
-        });
-        wait_for(
-            "the blocking query to arrive",
-            Duration::from_secs(10),
-            || (consul.requests("/v1/health/service/web") == 2).then_some(()),
+        let q = format!(
+            "/v1/health/service/web?passing&index={}&wait=20s",
+            before.index()
         );
+        let blocked = in_flight(&consul, "/v1/health/service/web", move |c| get(c, &q));
         consul.set_check("web", "web-1", "critical");
         let (after, took) = blocked.join().expect("the client thread");
         assert!(took < wait, "answered after {took:?}");
@@ -1239,16 +1045,8 @@ mod tests {
         consul.register("web", "web-1", "10.0.0.1", 80, &["a"]);
         let before = get(&consul, "/v1/health/service/web");
 
-        let blocked = in_background({
-            let consul = consul.clone();
-            let q = format!("/v1/health/service/web?index={}&wait=1m", before.index());
-            move || get(&consul, &q)
-        });
-        wait_for(
-            "the blocking query to arrive",
-            Duration::from_secs(10),
-            || (consul.requests("/v1/health/service/web") == 2).then_some(()),
-        );
+        let q = format!("/v1/health/service/web?index={}&wait=1m", before.index());
+        let blocked = in_flight(&consul, "/v1/health/service/web", move |c| get(c, &q));
         consul.touch("web");
         let (after, took) = blocked.join().expect("the client thread");
         assert!(took < Duration::from_secs(60));
@@ -1306,16 +1104,9 @@ mod tests {
 
         // A delete wakes a blocked query and shows in the list and index.
         let at = get(&consul, "/v1/kv/app/?recurse").index();
-        let blocked = in_background({
-            let consul = consul.clone();
-            move || get(&consul, &format!("/v1/kv/app/?recurse&index={at}&wait=1m"))
+        let blocked = in_flight(&consul, "/v1/kv/app/", move |c| {
+            get(c, &format!("/v1/kv/app/?recurse&index={at}&wait=1m"))
         });
-        // Four requests under the prefix so far, the blocked one is the fifth.
-        wait_for(
-            "the blocking query to arrive",
-            Duration::from_secs(10),
-            || (consul.requests("/v1/kv/app/") == 5).then_some(()),
-        );
         consul.kv_delete("app/b");
         let (deleted, _) = blocked.join().expect("the client thread");
         assert!(deleted.index() > at, "the tombstone's index");
@@ -1364,20 +1155,9 @@ mod tests {
         let consul = Arc::new(FakeConsul::start());
         consul.register("web", "web-1", "10.0.0.1", 80, &[]);
         let at = get(&consul, "/v1/health/service/web").index();
-        let blocked = in_background({
-            let consul = consul.clone();
-            move || {
-                get(
-                    &consul,
-                    &format!("/v1/health/service/web?index={at}&wait=1m"),
-                )
-            }
+        let blocked = in_flight(&consul, "/v1/health/service/web", move |c| {
+            get(c, &format!("/v1/health/service/web?index={at}&wait=1m"))
         });
-        wait_for(
-            "the blocking query to arrive",
-            Duration::from_secs(10),
-            || (consul.requests("/v1/health/service/web") == 2).then_some(()),
-        );
         consul.force_index(Some(0));
         let (reply, took) = blocked.join().expect("the client thread");
         assert!(took < Duration::from_secs(60));
@@ -1389,21 +1169,13 @@ mod tests {
         let consul = Arc::new(FakeConsul::start());
         consul.register("web", "web-1", "10.0.0.1", 80, &[]);
         let at = get(&consul, "/v1/health/service/web").index();
-        let blocked = in_background({
-            let consul = consul.clone();
-            move || {
-                get_with(
-                    &agent(),
-                    &consul,
-                    &format!("/v1/health/service/web?index={at}&wait=1m"),
-                )
-            }
+        let blocked = in_flight(&consul, "/v1/health/service/web", move |c| {
+            get_with(
+                &agent(),
+                c,
+                &format!("/v1/health/service/web?index={at}&wait=1m"),
+            )
         });
-        wait_for(
-            "the blocking query to arrive",
-            Duration::from_secs(10),
-            || (consul.requests("/v1/health/service/web") == 2).then_some(()),
-        );
         assert_eq!(consul.open_connections(), 1);
         consul.restart();
         assert_eq!(consul.open_connections(), 0, "restart returns once reset");

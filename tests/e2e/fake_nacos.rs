@@ -1,9 +1,8 @@
 //! A fake Nacos server on loopback, speaking the v1 HTTP open API for
-//! configs and naming, for tests of watchgate's Nacos source (RELIABILITY.md
-//! N1–N5) without a JVM.
+//! configs and naming, for tests of watchgate's Nacos source without a JVM.
 //!
-//! It owns one thread with its own single-threaded tokio runtime and binds
-//! `127.0.0.1` only; the test drives it from synchronous code. It models the
+//! It is a [`LoopbackServer`] (it binds `127.0.0.1` only), so the test
+//! drives it from synchronous code. It models the
 //! endpoints of the Nacos 2.x Open API guide (the v1 HTTP API that 2.x
 //! servers still serve) and, where the guide is silent, what the 2.x
 //! server's v1 handlers (`ConfigController`, `LongPollingService`,
@@ -37,7 +36,7 @@
 //!   malformed field is a `400`.
 //! - A config "changes" when its MD5 changes: publishing the same content
 //!   again wakes nobody (Nacos fires `LocalDataChangeEvent` only on a new
-//!   MD5); a delete does, and its MD5 becomes empty (N2).
+//!   MD5); a delete does, and its MD5 becomes empty.
 //! - `GET /nacos/v1/ns/instance/list?serviceName[&groupName][&namespaceId]
 //!   [&clusters][&healthyOnly]`: the 2.x JSON shape (`name` is
 //!   `group@@service`, `hosts` with `instanceId` `ip#port#DEFAULT#group@@service`);
@@ -63,31 +62,22 @@
 //! registration over HTTP, heartbeats and ephemeral expiry, the protection
 //! threshold, and namespaces for naming other than `public`.
 
-// Not every helper is used by a test yet (the Nacos source tests come later).
-#![allow(dead_code)]
-
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
-use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::{Method, Request, StatusCode};
 use md5::{Digest, Md5};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
-use tokio::task::JoinSet;
 
-use crate::conn_registry::ConnRegistry;
+use crate::loopback::{HttpResponse, LoopbackServer, http_response};
 
 /// Separates the words of a `Listening-Configs` entry (`%02`).
 const WORD_SEPARATOR: char = '\u{2}';
@@ -113,60 +103,35 @@ pub fn md5_hex(content: &str) -> String {
 
 /// A running fake Nacos. See the module docs for what it models.
 pub struct FakeNacos {
-    addr: SocketAddr,
+    server: LoopbackServer,
     shared: Arc<Shared>,
-    shutdown: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl FakeNacos {
     /// Listen on `127.0.0.1:0` and serve until dropped.
     pub fn start() -> FakeNacos {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the fake Nacos");
-        listener
-            .set_nonblocking(true)
-            .expect("non-blocking listener");
-        let addr = listener.local_addr().expect("fake Nacos address");
         let shared = Arc::new(Shared {
             store: Mutex::new(Store::default()),
-            down: AtomicBool::new(false),
             listen_requests: AtomicU64::new(0),
-            conns: ConnRegistry::new(),
         });
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("fake Nacos runtime");
-        let (shutdown, stop) = oneshot::channel();
-        let thread = std::thread::Builder::new()
-            .name(format!("fake-nacos-{}", addr.port()))
-            .spawn({
+        let server = LoopbackServer::start_http("fake Nacos", {
+            let shared = shared.clone();
+            move |req| {
                 let shared = shared.clone();
-                move || {
-                    runtime.block_on(async move {
-                        let listener =
-                            TcpListener::from_std(listener).expect("register the listener");
-                        accept_loop(listener, shared, stop).await;
-                    });
-                }
-            })
-            .expect("spawn the fake Nacos thread");
-        FakeNacos {
-            addr,
-            shared,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
-        }
+                async move { route(&shared, req).await }
+            }
+        });
+        FakeNacos { server, shared }
     }
 
     /// `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.url()
     }
 
     /// The listening address.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// Create or update a config; wakes the parked listeners holding it if
@@ -231,17 +196,14 @@ impl FakeNacos {
     /// are closed. The state and the port are kept; new connections are
     /// served as before.
     pub fn restart(&self) {
-        self.shared.abort_all();
+        self.server.reset_all();
     }
 
     /// While down, every new connection is accepted and reset at once (the
     /// nearest a listening socket gets to "connection refused"); going down
     /// also aborts the open connections, as [`FakeNacos::restart`] does.
     pub fn set_down(&self, down: bool) {
-        self.shared.down.store(down, Ordering::SeqCst);
-        if down {
-            self.shared.abort_all();
-        }
+        self.server.set_down(down);
     }
 
     /// Long-poll listener requests parked right now.
@@ -273,34 +235,16 @@ impl FakeNacos {
     }
 }
 
-impl Drop for FakeNacos {
-    fn drop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 /// State shared by the test thread and the server's runtime.
 struct Shared {
     /// Never held across an `.await`.
     store: Mutex<Store>,
-    down: AtomicBool,
     listen_requests: AtomicU64,
-    conns: Arc<ConnRegistry>,
 }
 
 impl Shared {
     fn store(&self) -> MutexGuard<'_, Store> {
         self.store.lock().expect("fake Nacos store lock")
-    }
-
-    /// Reset every open connection and wait until they are closed.
-    fn abort_all(&self) {
-        self.conns.reset_all("fake Nacos");
     }
 }
 
@@ -433,76 +377,11 @@ impl Drop for ParkGuard {
     }
 }
 
-/// Accept until `stop` fires; every connection task belongs to `tasks` and
-/// is aborted when the loop ends.
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
-    let mut tasks = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else {
-                    // Out of descriptors or similar: let connections close.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                if shared.down.load(Ordering::SeqCst) {
-                    abort(stream);
-                    continue;
-                }
-                let (reset_tx, reset) = oneshot::channel();
-                let registered = shared.conns.register(reset_tx);
-                let shared = shared.clone();
-                tasks.spawn(async move {
-                    serve(shared, stream, reset).await;
-                    // After the socket is closed, so abort_all returns only
-                    // once the resets went out.
-                    drop(registered);
-                });
-            }
-        }
-    }
-    tasks.shutdown().await;
-}
-
-/// Serve HTTP/1.1 on `stream` until the client leaves or a reset is asked
-/// for; a reset drops the request in flight (and so its parked poll) and
-/// closes the socket with an RST.
-async fn serve(shared: Arc<Shared>, stream: TcpStream, mut reset: oneshot::Receiver<()>) {
-    let service = service_fn(move |req: Request<Incoming>| {
-        let shared = shared.clone();
-        async move { Ok::<_, Infallible>(route(&shared, req).await) }
-    });
-    let mut conn =
-        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-    tokio::select! {
-        _ = &mut conn => {}
-        _ = &mut reset => abort(conn.into_parts().io.into_inner()),
-    }
-}
-
-/// Close `stream` with a TCP RST instead of a FIN.
-fn abort(stream: TcpStream) {
-    let _ = stream.set_zero_linger();
-    drop(stream);
-}
-
 /// A response under construction.
-type Reply = Response<Full<Bytes>>;
-
-fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Reply {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_str(content_type).expect("a valid content type"),
-    );
-    r
-}
+type Reply = HttpResponse;
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Reply {
-    reply(status, "text/plain;charset=UTF-8", body)
+    http_response(status, "text/plain;charset=UTF-8", body)
 }
 
 /// Set a header, leaving it out if the value is not a valid header value.
@@ -916,7 +795,7 @@ fn instance_list(shared: &Shared, req: &Request<Incoming>) -> Reply {
         "reachProtectionThreshold": false,
         "valid": true,
     });
-    reply(StatusCode::OK, "application/json", body.to_string())
+    http_response(StatusCode::OK, "application/json", body.to_string())
 }
 
 #[cfg(test)]
@@ -994,6 +873,32 @@ mod tests {
             .unwrap_or_else(|e| panic!("listener request failed: {e}"));
         assert_eq!(r.status(), 200);
         r
+    }
+
+    /// POST a 30 s long poll for `configs` on a thread and return once the
+    /// fake parked it. The handle yields how long the poll took and its
+    /// body, or the kind of error it ended with.
+    fn parked_poll(
+        nacos: &FakeNacos,
+        configs: &str,
+    ) -> thread::JoinHandle<(Duration, Result<String, ureq::ErrorKind>)> {
+        let url = format!("{}/nacos/v1/cs/configs/listener", nacos.url());
+        let configs = configs.to_owned();
+        let before = nacos.parked_listeners();
+        let poll = thread::spawn(move || {
+            let started = Instant::now();
+            let body = new_agent()
+                .post(&url)
+                .set("Long-Pulling-Timeout", "30000")
+                .send_form(&[("Listening-Configs", &configs)])
+                .map(|r| r.into_string().expect("a readable body"))
+                .map_err(|e| e.kind());
+            (started.elapsed(), body)
+        });
+        wait_for("the listener to park", PROMPT, || {
+            (nacos.parked_listeners() > before).then_some(())
+        });
+        poll
     }
 
     /// Decode a listener answer into its `dataId^2group[^2tenant]` entries.
@@ -1125,26 +1030,13 @@ mod tests {
         let nacos = FakeNacos::start();
         nacos.publish_config("a", "G", "", "one");
         let configs = entry("a", "G", &md5_hex("one"), "") + &entry("b", "G", "", "t1");
-        let poll = {
-            let url = nacos.url();
-            thread::spawn(move || {
-                let started = Instant::now();
-                let r = new_agent()
-                    .post(&format!("{url}/nacos/v1/cs/configs/listener"))
-                    .set("Long-Pulling-Timeout", "30000")
-                    .send_form(&[("Listening-Configs", &configs)])
-                    .expect("200");
-                (started.elapsed(), r.into_string().unwrap())
-            })
-        };
-        wait_for("the listener to park", PROMPT, || {
-            (nacos.parked_listeners() == 1).then_some(())
-        });
+        let poll = parked_poll(&nacos, &configs);
         assert_eq!(nacos.listen_requests(), 1);
         assert_eq!(nacos.listened_keys_last(), ["a\u{2}G", "b\u{2}G\u{2}t1"]);
 
         nacos.publish_config("b", "G", "t1", "new");
         let (elapsed, body) = poll.join().expect("poll thread");
+        let body = body.expect("200");
         assert!(
             elapsed < Duration::from_secs(25),
             "returned early: {elapsed:?}"
@@ -1224,23 +1116,10 @@ mod tests {
 
         // Deleted during a poll: the parked poll is woken.
         nacos.publish_config("a", "G", "", "one");
-        let poll = {
-            let url = nacos.url();
-            thread::spawn(move || {
-                new_agent()
-                    .post(&format!("{url}/nacos/v1/cs/configs/listener"))
-                    .set("Long-Pulling-Timeout", "30000")
-                    .send_form(&[("Listening-Configs", &old)])
-                    .expect("200")
-                    .into_string()
-                    .unwrap()
-            })
-        };
-        wait_for("the listener to park", PROMPT, || {
-            (nacos.parked_listeners() == 1).then_some(())
-        });
+        let poll = parked_poll(&nacos, &old);
         nacos.delete_config("a", "G", "");
-        assert_eq!(changed_keys(&poll.join().unwrap()), ["a\u{2}G"]);
+        let body = poll.join().unwrap().1.expect("200");
+        assert_eq!(changed_keys(&body), ["a\u{2}G"]);
     }
 
     #[test]
@@ -1279,25 +1158,11 @@ mod tests {
         let nacos = FakeNacos::start();
         nacos.publish_config("a", "G", "", "one");
         let configs = entry("a", "G", &md5_hex("one"), "");
-        let poll = {
-            let url = nacos.url();
-            let configs = configs.clone();
-            thread::spawn(move || {
-                new_agent()
-                    .post(&format!("{url}/nacos/v1/cs/configs/listener"))
-                    .set("Long-Pulling-Timeout", "30000")
-                    .send_form(&[("Listening-Configs", &configs)])
-                    .map(|r| r.status())
-                    .map_err(|e| e.kind())
-            })
-        };
-        wait_for("the listener to park", PROMPT, || {
-            (nacos.parked_listeners() == 1).then_some(())
-        });
+        let poll = parked_poll(&nacos, &configs);
         let port = nacos.addr().port();
         nacos.restart();
         assert_eq!(nacos.parked_listeners(), 0);
-        match poll.join().unwrap() {
+        match poll.join().unwrap().1 {
             Err(kind) if kind != ureq::ErrorKind::HTTP => {}
             other => panic!("the parked poll should fail mid-poll, got {other:?}"),
         }

@@ -2,8 +2,8 @@
 //! server (etcd, Consul, …) and switch it between passing, blackholing,
 //! refusing, delaying and idle-dropping, or reset every connection at once.
 //!
-//! The proxy owns one thread with its own single-threaded tokio runtime; the
-//! test drives it from synchronous code. It only ever connects to the one
+//! The proxy is a [`LoopbackServer`], so the test drives it from
+//! synchronous code. It only ever connects to the one
 //! upstream address it was given, which must be on loopback. It does not
 //! parse what it forwards.
 //!
@@ -24,23 +24,18 @@
 //!   orderly close on both sides closes both sides.
 //! - Dropping the proxy closes the listener and every connection (FIN).
 
-// Not every helper is used by a test yet (the etcd source tests come later).
-#![allow(dead_code)]
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::conn_registry::ConnRegistry;
+use crate::loopback::{LoopbackServer, Reset, abort};
 
 /// Bytes read at once from one side.
 const CHUNK: usize = 32 * 1024;
@@ -74,10 +69,8 @@ pub enum Mode {
 
 /// A running fault proxy. See the module docs for its exact semantics.
 pub struct FaultProxy {
-    addr: SocketAddr,
+    server: LoopbackServer,
     shared: Arc<Shared>,
-    shutdown: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl FaultProxy {
@@ -89,94 +82,51 @@ impl FaultProxy {
             upstream.ip().is_loopback(),
             "the fault proxy only forwards to loopback, not {upstream}"
         );
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the fault proxy");
-        listener
-            .set_nonblocking(true)
-            .expect("non-blocking listener");
-        let addr = listener.local_addr().expect("proxy address");
         let shared = Arc::new(Shared {
             upstream,
             mode: watch::Sender::new(Mode::Pass),
-            accepted: AtomicU64::new(0),
-            conns: ConnRegistry::new(),
         });
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("fault proxy runtime");
-        let (shutdown, stop) = oneshot::channel();
-        let thread = std::thread::Builder::new()
-            .name(format!("fault-proxy-{}", addr.port()))
-            .spawn({
+        let server = LoopbackServer::start("fault proxy", {
+            let shared = shared.clone();
+            move |client, reset| {
                 let shared = shared.clone();
-                move || {
-                    runtime.block_on(async move {
-                        let listener =
-                            TcpListener::from_std(listener).expect("register the listener");
-                        accept_loop(listener, shared, stop).await;
-                    });
-                }
-            })
-            .expect("spawn the fault proxy thread");
-        FaultProxy {
-            addr,
-            shared,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
-        }
+                async move { serve(&shared, client, reset).await }
+            }
+        });
+        FaultProxy { server, shared }
     }
 
     /// The address clients connect to.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// `http://127.0.0.1:PORT`, for clients that want a URL.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// The upstream address.
-    pub fn upstream(&self) -> SocketAddr {
-        self.shared.upstream
+        self.server.url()
     }
 
     /// Switch the mode; open connections follow at once.
     pub fn set_mode(&self, mode: Mode) {
+        self.server.set_refusing(mode == Mode::Refuse);
         self.shared.mode.send_replace(mode);
-    }
-
-    /// The current mode.
-    pub fn mode(&self) -> Mode {
-        self.shared.mode()
     }
 
     /// Abort every open connection with a TCP RST (`SO_LINGER` 0) on both
     /// sides; returns once they are closed. New connections are not
     /// affected.
     pub fn reset_all(&self) {
-        self.shared.conns.reset_all("fault proxy");
+        self.server.reset_all();
     }
 
     /// Connections currently relayed (refused ones never count).
     pub fn open_connections(&self) -> usize {
-        self.shared.conns.open()
+        self.server.open_connections()
     }
 
     /// Connections accepted so far, refused ones included.
     pub fn accepted(&self) -> u64 {
-        self.shared.accepted.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.server.accepted()
     }
 }
 
@@ -184,48 +134,12 @@ impl Drop for FaultProxy {
 struct Shared {
     upstream: SocketAddr,
     mode: watch::Sender<Mode>,
-    accepted: AtomicU64,
-    conns: Arc<ConnRegistry>,
 }
 
 impl Shared {
     fn mode(&self) -> Mode {
         *self.mode.borrow()
     }
-}
-
-/// Accept until `stop` fires; every connection task belongs to `tasks` and
-/// is aborted when the loop ends.
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
-    let mut tasks = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            accepted = listener.accept() => {
-                let Ok((client, _)) = accepted else {
-                    // Out of descriptors or similar: let connections close.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                shared.accepted.fetch_add(1, Ordering::SeqCst);
-                if shared.mode() == Mode::Refuse {
-                    abort(client);
-                    continue;
-                }
-                let (reset_tx, reset) = oneshot::channel();
-                let registered = shared.conns.register(reset_tx);
-                let shared = shared.clone();
-                tasks.spawn(async move {
-                    serve(&shared, client, reset).await;
-                    // After the sockets are closed, so reset_all returns
-                    // only once the resets went out.
-                    drop(registered);
-                });
-            }
-        }
-    }
-    tasks.shutdown().await;
 }
 
 /// How a relayed connection ended.
@@ -237,7 +151,7 @@ enum End {
 }
 
 /// Connect the upstream for `client` and relay until the connection ends.
-async fn serve(shared: &Shared, mut client: TcpStream, mut reset: oneshot::Receiver<()>) {
+async fn serve(shared: &Shared, mut client: TcpStream, mut reset: Reset) {
     let connected = tokio::select! {
         _ = &mut reset => None,
         upstream = TcpStream::connect(shared.upstream) => upstream.ok(),
@@ -263,7 +177,7 @@ async fn relay(
     shared: &Shared,
     client: &mut TcpStream,
     upstream: &mut TcpStream,
-    reset: &mut oneshot::Receiver<()>,
+    reset: &mut Reset,
 ) -> End {
     let activity = Activity::new();
     let (client_in, client_out) = client.split();
@@ -367,12 +281,6 @@ impl Activity {
     }
 }
 
-/// Close `stream` with a TCP RST instead of a FIN.
-fn abort(stream: TcpStream) {
-    let _ = stream.set_zero_linger();
-    drop(stream);
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::{ErrorKind, Read, Write};
@@ -382,37 +290,12 @@ mod tests {
     use super::*;
     use crate::support::wait_for;
 
-    /// An echo server on `127.0.0.1:0`, served by its own runtime.
-    struct Echo {
-        addr: SocketAddr,
-        _runtime: tokio::runtime::Runtime,
-    }
-
-    impl Echo {
-        fn start() -> Echo {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .expect("echo runtime");
-            let listener = runtime
-                .block_on(TcpListener::bind("127.0.0.1:0"))
-                .expect("bind echo");
-            let addr = listener.local_addr().expect("echo address");
-            runtime.spawn(async move {
-                let mut conns = JoinSet::new();
-                while let Ok((mut s, _)) = listener.accept().await {
-                    conns.spawn(async move {
-                        let (mut r, mut w) = s.split();
-                        let _ = tokio::io::copy(&mut r, &mut w).await;
-                    });
-                }
-            });
-            Echo {
-                addr,
-                _runtime: runtime,
-            }
-        }
+    /// An echo server on `127.0.0.1:0`.
+    fn echo_server() -> LoopbackServer {
+        LoopbackServer::start("echo", |mut stream: TcpStream, _reset| async move {
+            let (mut r, mut w) = stream.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        })
     }
 
     /// A client connection through `proxy`, with a read timeout.
@@ -444,8 +327,8 @@ mod tests {
 
     #[test]
     fn pass_echoes_and_counts_connections() {
-        let echo = Echo::start();
-        let proxy = FaultProxy::start(echo.addr);
+        let echo = echo_server();
+        let proxy = FaultProxy::start(echo.addr());
         assert_eq!(
             proxy.url(),
             format!("http://127.0.0.1:{}", proxy.addr().port())
@@ -474,8 +357,8 @@ mod tests {
 
     #[test]
     fn blackhole_swallows_and_pass_resumes_the_same_connection() {
-        let echo = Echo::start();
-        let proxy = FaultProxy::start(echo.addr);
+        let echo = echo_server();
+        let proxy = FaultProxy::start(echo.addr());
         let mut s = connect(&proxy, Duration::from_millis(300));
         assert_eq!(round_trip(&mut s, b"before"), b"before");
 
@@ -508,8 +391,8 @@ mod tests {
 
     #[test]
     fn refuse_closes_new_connections_only() {
-        let echo = Echo::start();
-        let proxy = FaultProxy::start(echo.addr);
+        let echo = echo_server();
+        let proxy = FaultProxy::start(echo.addr());
         let mut old = connect(&proxy, Duration::from_secs(10));
         assert_eq!(round_trip(&mut old, b"x"), b"x");
 
@@ -530,8 +413,8 @@ mod tests {
 
     #[test]
     fn reset_all_aborts_open_connections() {
-        let echo = Echo::start();
-        let proxy = FaultProxy::start(echo.addr);
+        let echo = echo_server();
+        let proxy = FaultProxy::start(echo.addr());
         let mut a = connect(&proxy, Duration::from_secs(10));
         let mut b = connect(&proxy, Duration::from_secs(10));
         assert_eq!(round_trip(&mut a, b"a"), b"a");
@@ -551,8 +434,8 @@ mod tests {
 
     #[test]
     fn idle_drop_closes_idle_connections() {
-        let echo = Echo::start();
-        let proxy = FaultProxy::start(echo.addr);
+        let echo = echo_server();
+        let proxy = FaultProxy::start(echo.addr());
         let limit = Duration::from_millis(300);
         proxy.set_mode(Mode::IdleDrop(limit));
 
@@ -569,8 +452,8 @@ mod tests {
 
     #[test]
     fn delay_holds_each_chunk() {
-        let echo = Echo::start();
-        let proxy = FaultProxy::start(echo.addr);
+        let echo = echo_server();
+        let proxy = FaultProxy::start(echo.addr());
         let delay = Duration::from_millis(200);
         proxy.set_mode(Mode::Delay(delay));
 

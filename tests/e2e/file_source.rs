@@ -3,9 +3,30 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use serde_json::Value;
+
 use crate::support::{Gateway, kkv, wait_for, write_atomic};
 
 const DEADLINE: Duration = Duration::from_secs(30);
+/// A key that sorts after every other one the tests write, so it comes last
+/// in any batch it shares with them.
+const MARKER: &str = "~marker";
+
+/// Write the marker file and wait for its event: the file source reports
+/// changes in order, so once the marker is in, every event caused by what
+/// was written before it is in too. Returns the events before the marker,
+/// and the marker's; panics if anything arrived after it.
+fn events_until_marker(g: &mut Gateway) -> (Vec<Value>, Value) {
+    std::fs::write(g.path(&format!("watched/{MARKER}")), "marker").unwrap();
+    let mut all = wait_for("the marker to be reported", DEADLINE, || {
+        g.assert_running();
+        let e = g.events("event-log");
+        e.iter().any(|e| e["key"] == MARKER).then_some(e)
+    });
+    let marker = all.pop().expect("the marker");
+    assert_eq!(marker["key"], MARKER, "events after the marker: {all:#?}");
+    (all, marker)
+}
 
 #[test]
 fn file_changes_reach_event_log_complete_and_in_order() {
@@ -57,8 +78,7 @@ fn file_changes_reach_event_log_complete_and_in_order() {
     let all = g.wait_events("event-log", 2 + 2 * N + 11, DEADLINE);
 
     // Nothing more than expected arrives.
-    std::thread::sleep(Duration::from_millis(300));
-    let all_again = g.events("event-log");
+    let (all_again, marker) = events_until_marker(&mut g);
     assert_eq!(
         all_again.len(),
         all.len(),
@@ -109,11 +129,14 @@ fn file_changes_reach_event_log_complete_and_in_order() {
     let local = &sources["sources"][0];
     assert_eq!(local["name"], "local");
     assert_eq!(local["synced"], true);
-    assert_eq!(local["revision"].as_u64().unwrap(), *revs.last().unwrap());
-    assert!(g.metric("watchgate_source_events_total{source=\"local\"}") >= all.len() as f64);
+    assert_eq!(local["revision"], marker["revision"]);
+    assert!(marker["revision"].as_u64().unwrap() >= *revs.last().unwrap());
+    // Every event, the marker too.
+    let delivered = all.len() + 1;
+    assert!(g.metric("watchgate_source_events_total{source=\"local\"}") >= delivered as f64);
     assert_eq!(
         g.metric("watchgate_plugin_invocations_total{plugin=\"event-log\",outcome=\"ok\"}"),
-        all.len() as f64
+        delivered as f64
     );
     let status = g.stop();
     assert!(status.success(), "exit status {status}; log:\n{}", g.log());
@@ -152,8 +175,8 @@ fn configmap_style_symlink_swap_yields_exact_puts_and_deletes() {
         tail.contains(&("delete".into(), "goes-away".into(), None))
             .then_some(e)
     });
-    std::thread::sleep(Duration::from_millis(300));
-    let mut tail = kkv(&g.events("event-log")[3..]);
+    let (settled, _) = events_until_marker(&mut g);
+    let mut tail = kkv(&settled[3..]);
     tail.sort();
     assert_eq!(
         tail,

@@ -1,17 +1,17 @@
 //! A loopback HTTP server that records what it receives: the far end of
 //! the `http` capability in tests. Paths starting with `/redirect/` answer
 //! 302 to the URL after the prefix; a path starting with `/flaky/` answers
-//! 503 the first time it is asked for; everything else answers 200. Built on
-//! hyper (the gateway's own HTTP stack), one task per connection, so
-//! concurrent requests never wait for each other.
+//! 503 the first time it is asked for; everything else answers 200. A
+//! [`LoopbackServer`] (hyper, the gateway's own HTTP stack, one task per
+//! connection), so concurrent requests never wait for each other.
 
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+
+use crate::loopback::{HttpResponse, LoopbackServer};
 
 /// One received request.
 #[derive(Debug, Clone)]
@@ -28,15 +28,11 @@ pub struct Received {
 
 /// The running server; stops when dropped.
 pub struct HttpSink {
-    addr: std::net::SocketAddr,
+    server: LoopbackServer,
     received: Arc<Mutex<Vec<Received>>>,
-    rt: Option<tokio::runtime::Runtime>,
 }
 
-async fn answer(
-    req: Request<Incoming>,
-    received: Arc<Mutex<Vec<Received>>>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn answer(req: Request<Incoming>, received: Arc<Mutex<Vec<Received>>>) -> HttpResponse {
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
@@ -76,56 +72,27 @@ async fn answer(
             .body(Full::new(Bytes::from_static(b"try again"))),
         None => Response::builder().body(Full::new(Bytes::from_static(b"ok"))),
     };
-    Ok(response.expect("a valid response"))
+    response.expect("a valid response")
 }
 
 impl HttpSink {
     /// Listen on a free loopback port.
     pub fn start() -> HttpSink {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("sink runtime");
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind the sink");
-        let addr = listener.local_addr().expect("sink address");
         let received: Arc<Mutex<Vec<Received>>> = Arc::default();
-        let r = received.clone();
-        rt.spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let r = r.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| answer(req, r.clone()));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
+        let server = LoopbackServer::start_http("http sink", {
+            let received = received.clone();
+            move |req| answer(req, received.clone())
         });
-        HttpSink {
-            addr,
-            received,
-            rt: Some(rt),
-        }
+        HttpSink { server, received }
     }
 
     /// `127.0.0.1:PORT`.
     pub fn addr(&self) -> String {
-        self.addr.to_string()
+        self.server.addr().to_string()
     }
 
     /// What arrived so far.
     pub fn received(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
-    }
-}
-
-impl Drop for HttpSink {
-    fn drop(&mut self) {
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
     }
 }

@@ -8,7 +8,6 @@
 mod adversarial;
 mod cli;
 mod cluster;
-mod conn_registry;
 mod consul_source;
 mod durable;
 mod etcd_harness;
@@ -21,6 +20,7 @@ mod file_source;
 mod hot_reload;
 mod http_sink;
 mod lifecycle;
+mod loopback;
 mod nacos_source;
 mod platform;
 mod pool;

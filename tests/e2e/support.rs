@@ -89,6 +89,19 @@ pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option
     }
 }
 
+/// Run `watchgate ARGS…` to completion: exit code, stdout, stderr.
+pub fn watchgate(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_watchgate"))
+        .args(args)
+        .output()
+        .expect("run watchgate");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Write a file atomically (temporary hidden file, then rename), the way
 /// deployment tools do.
 pub fn write_atomic(path: &Path, contents: &[u8]) {
@@ -299,15 +312,7 @@ impl Gateway {
 
     /// Run `watchgate ARGS…` to completion: exit code, stdout, stderr.
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_watchgate"))
-            .args(args)
-            .output()
-            .expect("run watchgate");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        watchgate(args)
     }
 
     /// Send SIGTERM and wait for the exit status.
