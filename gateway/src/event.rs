@@ -41,6 +41,18 @@ pub trait EventSink: Send + Sync + 'static {
     }
 }
 
+/// A sink that hands each batch to a channel: the plugin directory's own
+/// watch, and tests of a single source. A snapshot arrives as one batch of
+/// puts.
+pub struct ChannelSink(pub tokio::sync::mpsc::UnboundedSender<Vec<Event>>);
+
+impl EventSink for ChannelSink {
+    fn deliver(&self, _source: &str, events: Vec<Event>) {
+        // A closed receiver means its reader stopped; nothing waits for these.
+        let _ = self.0.send(events);
+    }
+}
+
 /// One `[[subscribe]]`: events of `source` whose key starts with `prefix`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -125,29 +137,26 @@ pub struct Event {
 impl Event {
     /// A put of `value` at `revision`.
     pub fn put(source: &Arc<str>, key: impl Into<Arc<str>>, value: Bytes, revision: u64) -> Self {
-        Event {
-            source: source.clone(),
-            kind: EventKind::Put,
-            key: key.into(),
-            value: Some(value),
-            prev_value: None,
-            revision,
-            resync: false,
-            coalesced: 0,
-            metadata: Vec::new(),
-            seq: 0,
-            dead_letter: None,
-            delivered_at: None,
-        }
+        Event::new(source, EventKind::Put, key.into(), Some(value), revision)
     }
 
     /// A delete at `revision`.
     pub fn delete(source: &Arc<str>, key: impl Into<Arc<str>>, revision: u64) -> Self {
+        Event::new(source, EventKind::Delete, key.into(), None, revision)
+    }
+
+    fn new(
+        source: &Arc<str>,
+        kind: EventKind,
+        key: Arc<str>,
+        value: Option<Bytes>,
+        revision: u64,
+    ) -> Self {
         Event {
             source: source.clone(),
-            kind: EventKind::Delete,
-            key: key.into(),
-            value: None,
+            kind,
+            key,
+            value,
             prev_value: None,
             revision,
             resync: false,

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError, Sidecar};
 use crate::dispatch::{Dispatcher, PluginSpec};
-use crate::event::{Event, EventKind, EventSink, Subscription};
+use crate::event::{ChannelSink, Event, EventKind, Subscription};
 use crate::host::PluginContext;
 use crate::host::files::FilesGrant;
 use crate::host::http::HttpGrant;
@@ -173,14 +173,6 @@ impl LoaderStatus {
 struct Files {
     wasm: Option<Bytes>,
     sidecar: Option<Bytes>,
-}
-
-struct ChannelSink(mpsc::UnboundedSender<Vec<Event>>);
-
-impl EventSink for ChannelSink {
-    fn deliver(&self, _source: &str, events: Vec<Event>) {
-        let _ = self.0.send(events);
-    }
 }
 
 /// Keeps the dispatcher's plugins in step with the plugin directory.

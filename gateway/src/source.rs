@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{Event, EventSink};
+use crate::event::{ChannelSink, Event, EventSink};
 use crate::telemetry::Metrics;
 
 /// What a source's run future resolves to.
@@ -81,12 +81,6 @@ impl SourceContext {
 
     /// A context whose events arrive on the returned channel, for tests.
     pub fn for_test(name: &str) -> (Self, tokio::sync::mpsc::UnboundedReceiver<Vec<Event>>) {
-        struct ChannelSink(tokio::sync::mpsc::UnboundedSender<Vec<Event>>);
-        impl EventSink for ChannelSink {
-            fn deliver(&self, _source: &str, events: Vec<Event>) {
-                let _ = self.0.send(events);
-            }
-        }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let ctx = SourceContext::new(
             Arc::from(name),
@@ -348,4 +342,45 @@ impl WatchGroup {
         self.status.set_connected(false);
         self.status.set_error(error);
     }
+}
+
+/// The base URL of a store's HTTP API from the config key `key`: `http://`
+/// or `https://`, without a trailing slash.
+///
+/// # Errors
+/// A message naming the key, with `example` as a valid value.
+pub(crate) fn http_base_url(key: &str, value: &str, example: &str) -> Result<String, String> {
+    if value.starts_with("http://") || value.starts_with("https://") {
+        Ok(value.trim_end_matches('/').to_owned())
+    } else {
+        Err(format!(
+            "{key}: {value:?} must be a URL such as {example:?}"
+        ))
+    }
+}
+
+/// Check the reconnect delays every source takes.
+///
+/// # Errors
+/// When the first delay is zero or above the longest.
+pub(crate) fn check_reconnect(initial_ms: u64, max_ms: u64) -> Result<(), String> {
+    if initial_ms == 0 || max_ms < initial_ms {
+        return Err("need 0 < reconnect_initial_ms <= reconnect_max_ms".into());
+    }
+    Ok(())
+}
+
+/// Default first reconnect delay of every source, in ms.
+pub(crate) fn default_reconnect_initial_ms() -> u64 {
+    200
+}
+
+/// Default longest reconnect delay of the HTTP sources, in ms.
+pub(crate) fn default_http_reconnect_max_ms() -> u64 {
+    30_000
+}
+
+/// Default least time between two requests of an HTTP source.
+pub(crate) fn default_min_interval() -> std::time::Duration {
+    std::time::Duration::from_millis(100)
 }

@@ -5,7 +5,7 @@
 //! passing instances only) and one for the KV prefix (`/v1/kv?recurse`).
 //! Each loop keeps the last answer and emits the difference, so an
 //! instance that is deregistered or turns critical yields a delete, and the
-//! empty list is a real state (C5). It follows RELIABILITY.md: the index is
+//! empty list is a real state (C5). It follows docs/RELIABILITY.md: the index is
 //! reset when it goes backwards and never used below 1 (C1); a return
 //! without a change emits nothing (C2); the HTTP timeout exceeds wait plus
 //! jitter (C3); polls are rate limited and errors back off (C4). It must not
@@ -57,28 +57,19 @@ pub struct ConsulSourceConfig {
     pub stale: bool,
     /// Least time between two queries of one watch, so churn cannot become a
     /// busy loop. Default `"100ms"`.
-    #[serde(default = "default_min_interval", with = "humantime_serde")]
+    #[serde(default = "super::default_min_interval", with = "humantime_serde")]
     pub min_interval: Duration,
     /// First delay after a failed query; doubles up to `reconnect_max_ms`,
     /// with jitter. Default 200.
-    #[serde(default = "default_reconnect_initial_ms")]
+    #[serde(default = "super::default_reconnect_initial_ms")]
     pub reconnect_initial_ms: u64,
     /// Longest delay after failures. Default 30 000.
-    #[serde(default = "default_reconnect_max_ms")]
+    #[serde(default = "super::default_http_reconnect_max_ms")]
     pub reconnect_max_ms: u64,
 }
 
 fn default_wait() -> Duration {
     Duration::from_secs(300)
-}
-fn default_min_interval() -> Duration {
-    Duration::from_millis(100)
-}
-fn default_reconnect_initial_ms() -> u64 {
-    200
-}
-fn default_reconnect_max_ms() -> u64 {
-    30_000
 }
 
 impl ConsulSourceConfig {
@@ -87,13 +78,7 @@ impl ConsulSourceConfig {
     /// # Errors
     /// A message naming the offending key.
     pub fn validate(&mut self) -> Result<(), String> {
-        if !(self.address.starts_with("http://") || self.address.starts_with("https://")) {
-            return Err(format!(
-                "address: {:?} must be a URL such as \"http://127.0.0.1:8500\"",
-                self.address
-            ));
-        }
-        self.address = self.address.trim_end_matches('/').to_owned();
+        self.address = super::http_base_url("address", &self.address, "http://127.0.0.1:8500")?;
         if self.services.is_empty() && self.kv_prefix.is_none() {
             return Err("nothing to watch: set `services`, `kv_prefix`, or both".into());
         }
@@ -106,10 +91,7 @@ impl ConsulSourceConfig {
         if self.min_interval.is_zero() {
             return Err("min_interval must be above zero".into());
         }
-        if self.reconnect_initial_ms == 0 || self.reconnect_max_ms < self.reconnect_initial_ms {
-            return Err("need 0 < reconnect_initial_ms <= reconnect_max_ms".into());
-        }
-        Ok(())
+        super::check_reconnect(self.reconnect_initial_ms, self.reconnect_max_ms)
     }
 }
 

@@ -4,7 +4,7 @@
 //! Owns the connection to the etcd cluster (one endpoint at a time, moving
 //! to the next after a failure), the range read that snapshots the prefix,
 //! the watch from the snapshot's revision + 1, and the key index needed to
-//! diff after compaction. It follows the rules in RELIABILITY.md: resume
+//! diff after compaction. It follows the rules in docs/RELIABILITY.md: resume
 //! from the last fully delivered revision + 1 after any stream end (E1);
 //! relist and synthesize deletes when that revision was compacted, never
 //! retrying it (E2); back off on cancel reasons (E3); require a leader (E5);
@@ -71,7 +71,7 @@ pub struct EtcdSourceConfig {
     pub page_size: i64,
     /// First reconnect delay in milliseconds; doubles up to
     /// `reconnect_max_ms`, with jitter. Default 200.
-    #[serde(default = "default_reconnect_initial_ms")]
+    #[serde(default = "super::default_reconnect_initial_ms")]
     pub reconnect_initial_ms: u64,
     /// Longest reconnect delay in milliseconds. Default 10 000.
     #[serde(default = "default_reconnect_max_ms")]
@@ -93,9 +93,6 @@ fn default_max_message_bytes() -> usize {
 fn default_page_size() -> i64 {
     1000
 }
-fn default_reconnect_initial_ms() -> u64 {
-    200
-}
 fn default_reconnect_max_ms() -> u64 {
     10_000
 }
@@ -116,7 +113,7 @@ impl EtcdSourceConfig {
             dial_timeout_s: default_dial_timeout_s(),
             max_message_bytes: default_max_message_bytes(),
             page_size: default_page_size(),
-            reconnect_initial_ms: default_reconnect_initial_ms(),
+            reconnect_initial_ms: super::default_reconnect_initial_ms(),
             reconnect_max_ms: default_reconnect_max_ms(),
         }
     }
@@ -165,9 +162,7 @@ impl EtcdSourceConfig {
         if self.page_size < 1 {
             return Err("page_size must be at least 1".into());
         }
-        if self.reconnect_initial_ms == 0 || self.reconnect_max_ms < self.reconnect_initial_ms {
-            return Err("need 0 < reconnect_initial_ms <= reconnect_max_ms".into());
-        }
+        super::check_reconnect(self.reconnect_initial_ms, self.reconnect_max_ms)?;
         if let Some(tls) = &self.tls
             && tls.cert_file.is_some() != tls.key_file.is_some()
         {

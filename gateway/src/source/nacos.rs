@@ -3,7 +3,7 @@
 //!
 //! Owns one listener loop for all configured configs (one upstream listen
 //! per config, however many plugins subscribe: N5) and one polling loop per
-//! service. It follows RELIABILITY.md: every listen carries the MD5 of what
+//! service. It follows docs/RELIABILITY.md: every listen carries the MD5 of what
 //! was delivered, so a change between polls is never lost (N1); a deleted
 //! config (404) yields a delete and its MD5 resets to empty (N2); after a
 //! failure the full listen set is re-sent at once (N3); plugins never run
@@ -63,14 +63,14 @@ pub struct NacosSourceConfig {
     pub poll_interval: Duration,
     /// Least time between two listens, so a misbehaving server cannot
     /// cause a busy loop. Default `"100ms"`.
-    #[serde(default = "default_min_interval", with = "humantime_serde")]
+    #[serde(default = "super::default_min_interval", with = "humantime_serde")]
     pub min_interval: Duration,
     /// First delay after a failure; doubles up to `reconnect_max_ms`, with
     /// jitter. Default 200.
-    #[serde(default = "default_reconnect_initial_ms")]
+    #[serde(default = "super::default_reconnect_initial_ms")]
     pub reconnect_initial_ms: u64,
     /// Longest delay after failures. Default 30 000.
-    #[serde(default = "default_reconnect_max_ms")]
+    #[serde(default = "super::default_http_reconnect_max_ms")]
     pub reconnect_max_ms: u64,
 }
 
@@ -94,15 +94,6 @@ fn default_long_poll() -> Duration {
 fn default_poll_interval() -> Duration {
     Duration::from_secs(5)
 }
-fn default_min_interval() -> Duration {
-    Duration::from_millis(100)
-}
-fn default_reconnect_initial_ms() -> u64 {
-    200
-}
-fn default_reconnect_max_ms() -> u64 {
-    30_000
-}
 
 impl NacosSourceConfig {
     /// Check what serde cannot.
@@ -110,13 +101,7 @@ impl NacosSourceConfig {
     /// # Errors
     /// A message naming the offending key.
     pub fn validate(&mut self) -> Result<(), String> {
-        if !(self.server.starts_with("http://") || self.server.starts_with("https://")) {
-            return Err(format!(
-                "server: {:?} must be a URL such as \"http://127.0.0.1:8848\"",
-                self.server
-            ));
-        }
-        self.server = self.server.trim_end_matches('/').to_owned();
+        self.server = super::http_base_url("server", &self.server, "http://127.0.0.1:8848")?;
         if self.configs.is_empty() && self.services.is_empty() {
             return Err("nothing to watch: set `configs`, `services`, or both".into());
         }
@@ -144,10 +129,7 @@ impl NacosSourceConfig {
                     .into(),
             );
         }
-        if self.reconnect_initial_ms == 0 || self.reconnect_max_ms < self.reconnect_initial_ms {
-            return Err("need 0 < reconnect_initial_ms <= reconnect_max_ms".into());
-        }
-        Ok(())
+        super::check_reconnect(self.reconnect_initial_ms, self.reconnect_max_ms)
     }
 }
 
