@@ -23,8 +23,9 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::event::{ChannelSink, Event, EventSink};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, RepeatLog};
 
 /// What a source's run future resolves to.
 pub type SourceFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'static>>;
@@ -303,6 +304,38 @@ pub fn diff_snapshot(
         event.resync = resync;
     }
     events
+}
+
+impl SourceContext {
+    /// Watch `i` of `group` failed with `reason`: mark it, log the reason
+    /// (a repeat only once per window, the rest counted), and wait the
+    /// backoff's next delay. `false` when shutdown came first.
+    pub async fn wait_after_failure(
+        &self,
+        group: &WatchGroup,
+        i: usize,
+        reason: String,
+        backoff: &mut Backoff,
+        errors: &mut RepeatLog,
+    ) -> bool {
+        group.failed(i, reason.clone());
+        let delay = backoff.next_delay();
+        match errors.should_log(&reason) {
+            Some(repeated) => tracing::warn!(
+                source = %self.name,
+                error = %reason,
+                retry_in_ms = delay.as_millis() as u64,
+                repeated,
+                "Request to the store failed; retrying."
+            ),
+            None => self.status.log_suppressed(),
+        }
+        self.status.reconnecting();
+        tokio::select! {
+            _ = self.shutdown.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
 }
 
 /// Health of a source made of several independent watches (one per

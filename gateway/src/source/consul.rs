@@ -335,25 +335,15 @@ impl Watch {
                 }
                 Err(e) => {
                     let reason = format!("{}: {e}", self.target.path());
-                    self.group.failed(self.i, reason.clone());
                     failed = true;
                     // The next query after a failure is a fresh read.
                     index = 0;
-                    let delay = backoff.next_delay();
-                    match errors.should_log(&reason) {
-                        Some(repeated) => tracing::warn!(
-                            source = %self.ctx.name,
-                            error = %reason,
-                            retry_in_ms = delay.as_millis() as u64,
-                            repeated,
-                            "Consul query failed; retrying."
-                        ),
-                        None => self.ctx.status.log_suppressed(),
-                    }
-                    self.ctx.status.reconnecting();
-                    tokio::select! {
-                        _ = self.ctx.shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
+                    let waited = self
+                        .ctx
+                        .wait_after_failure(&self.group, self.i, reason, &mut backoff, &mut errors)
+                        .await;
+                    if !waited {
+                        return;
                     }
                 }
             }

@@ -313,34 +313,6 @@ impl Shared {
     }
 }
 
-/// Back off after a failure, logging a repeated reason once. `false` on
-/// shutdown.
-async fn failed(
-    s: &Shared,
-    i: usize,
-    reason: String,
-    backoff: &mut Backoff,
-    errors: &mut RepeatLog,
-) -> bool {
-    s.group.failed(i, reason.clone());
-    let delay = backoff.next_delay();
-    match errors.should_log(&reason) {
-        Some(repeated) => tracing::warn!(
-            source = %s.ctx.name,
-            error = %reason,
-            retry_in_ms = delay.as_millis() as u64,
-            repeated,
-            "Nacos request failed; retrying."
-        ),
-        None => s.ctx.status.log_suppressed(),
-    }
-    s.ctx.status.reconnecting();
-    tokio::select! {
-        _ = s.ctx.shutdown.cancelled() => false,
-        _ = tokio::time::sleep(delay) => true,
-    }
-}
-
 fn config_key(c: &NacosConfigRef) -> String {
     format!("{}/{}", c.group, c.data_id)
 }
@@ -425,7 +397,11 @@ async fn configs_loop(s: Arc<Shared>, i: usize) {
                 // Re-read everything after the failure: the listen that
                 // follows compares every MD5 anyway.
                 pending = s.config.configs.clone();
-                if !failed(&s, i, e, &mut backoff, &mut errors).await {
+                if !s
+                    .ctx
+                    .wait_after_failure(&s.group, i, e, &mut backoff, &mut errors)
+                    .await
+                {
                     return;
                 }
                 continue;
@@ -459,7 +435,11 @@ async fn configs_loop(s: Arc<Shared>, i: usize) {
                     .collect();
             }
             Err(e) => {
-                if !failed(&s, i, e, &mut backoff, &mut errors).await {
+                if !s
+                    .ctx
+                    .wait_after_failure(&s.group, i, e, &mut backoff, &mut errors)
+                    .await
+                {
                     return;
                 }
             }
@@ -542,14 +522,12 @@ async fn service_loop(s: Arc<Shared>, i: usize, service: String) {
                 }
             }
             Err(e) => {
-                if !failed(
-                    &s,
-                    i,
-                    format!("service {service}: {e}"),
-                    &mut backoff,
-                    &mut errors,
-                )
-                .await
+                let reason = format!("service {service}: {e}");
+                let group = &s.group;
+                if !s
+                    .ctx
+                    .wait_after_failure(group, i, reason, &mut backoff, &mut errors)
+                    .await
                 {
                     return;
                 }
