@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::event::{ChannelSink, Event, EventSink};
-use crate::telemetry::{Metrics, RepeatLog};
+use crate::telemetry::{Metrics, RepeatLog, SourceHandles};
 
 /// What a source's run future resolves to.
 pub type SourceFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'static>>;
@@ -57,7 +57,6 @@ pub struct SourceContext {
     /// back across restarts). 0 the first time.
     pub revision_base: u64,
     sink: Arc<dyn EventSink>,
-    metrics: Arc<Metrics>,
 }
 
 impl SourceContext {
@@ -68,7 +67,7 @@ impl SourceContext {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Self {
-        let status = Arc::new(SourceStatus::new(name.clone(), metrics.clone()));
+        let status = Arc::new(SourceStatus::new(name.clone(), metrics));
         SourceContext {
             name,
             status,
@@ -76,7 +75,6 @@ impl SourceContext {
             resume: None,
             revision_base: 0,
             sink,
-            metrics,
         }
     }
 
@@ -132,10 +130,7 @@ impl SourceContext {
         if let Some(max) = events.iter().map(|e| e.revision).max() {
             self.status.set_revision(max);
         }
-        self.metrics
-            .source_events
-            .get_or_create(&Metrics::source(&self.name))
-            .inc_by(events.len() as u64);
+        self.status.handles.events.inc_by(events.len() as u64);
     }
 }
 
@@ -148,6 +143,7 @@ pub struct SourceStatus {
     reconnects: AtomicU64,
     last_error: Mutex<Option<String>>,
     metrics: Arc<Metrics>,
+    handles: SourceHandles,
 }
 
 /// A point-in-time copy of [`SourceStatus`], as served by `/v1/sources`.
@@ -169,13 +165,7 @@ pub struct SourceReport {
 
 impl SourceStatus {
     fn new(name: Arc<str>, metrics: Arc<Metrics>) -> Self {
-        let labels = Metrics::source(&name);
-        metrics.source_connected.get_or_create(&labels).set(0);
-        metrics.source_synced.get_or_create(&labels).set(0);
-        let _ = metrics.source_reconnects.get_or_create(&labels);
-        let _ = metrics.source_events.get_or_create(&labels);
-        let _ = metrics.source_resyncs.get_or_create(&labels);
-        metrics.source_revision.get_or_create(&labels).set(0);
+        let handles = SourceHandles::new(&metrics, &name);
         SourceStatus {
             name,
             connected: AtomicBool::new(false),
@@ -183,6 +173,7 @@ impl SourceStatus {
             revision: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            handles,
             metrics,
         }
     }
@@ -190,10 +181,7 @@ impl SourceStatus {
     /// The source connected (or lost its connection).
     pub fn set_connected(&self, connected: bool) {
         self.connected.store(connected, Ordering::SeqCst);
-        self.metrics
-            .source_connected
-            .get_or_create(&Metrics::source(&self.name))
-            .set(i64::from(connected));
+        self.handles.connected.set(i64::from(connected));
         if connected {
             self.last_error.lock().take();
         }
@@ -203,10 +191,7 @@ impl SourceStatus {
     /// calls are no-ops.
     pub fn set_synced(&self) {
         if !self.synced.swap(true, Ordering::SeqCst) {
-            self.metrics
-                .source_synced
-                .get_or_create(&Metrics::source(&self.name))
-                .set(1);
+            self.handles.synced.set(1);
             tracing::info!(source = %self.name, "Source finished its initial sync.");
         }
     }
@@ -214,10 +199,7 @@ impl SourceStatus {
     /// A new connection attempt after a loss.
     pub fn reconnecting(&self) {
         self.reconnects.fetch_add(1, Ordering::SeqCst);
-        self.metrics
-            .source_reconnects
-            .get_or_create(&Metrics::source(&self.name))
-            .inc();
+        self.handles.reconnects.inc();
     }
 
     /// Record the latest error (shown by `/v1/sources` and `/readyz`).
@@ -231,18 +213,14 @@ impl SourceStatus {
             .revision
             .fetch_max(revision, Ordering::SeqCst)
             .max(revision);
-        self.metrics
-            .source_revision
-            .get_or_create(&Metrics::source(&self.name))
+        self.handles
+            .revision
             .set(i64::try_from(now).unwrap_or(i64::MAX));
     }
 
     /// The source relisted and diffed after a gap in the store's history.
     pub fn resynced(&self) {
-        self.metrics
-            .source_resyncs
-            .get_or_create(&Metrics::source(&self.name))
-            .inc();
+        self.handles.resyncs.inc();
     }
 
     /// A repeated log line was held back.

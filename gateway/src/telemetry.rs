@@ -436,6 +436,43 @@ impl Metrics {
     }
 }
 
+/// The metrics of one source, looked up once when the source starts. The
+/// gauges start at zero, so a dashboard shows the source before its first
+/// connection.
+pub struct SourceHandles {
+    /// 1 while connected.
+    pub connected: Gauge,
+    /// 1 once the initial sync is delivered.
+    pub synced: Gauge,
+    /// Reconnects.
+    pub reconnects: Counter,
+    /// Events produced.
+    pub events: Counter,
+    /// Relists diffed against the key index.
+    pub resyncs: Counter,
+    /// Last delivered revision.
+    pub revision: Gauge,
+}
+
+impl SourceHandles {
+    /// The handles of `source` in `metrics`.
+    pub fn new(metrics: &Metrics, source: &str) -> SourceHandles {
+        let labels = Metrics::source(source);
+        let handles = SourceHandles {
+            connected: metrics.source_connected.get_or_create(&labels).clone(),
+            synced: metrics.source_synced.get_or_create(&labels).clone(),
+            reconnects: metrics.source_reconnects.get_or_create(&labels).clone(),
+            events: metrics.source_events.get_or_create(&labels).clone(),
+            resyncs: metrics.source_resyncs.get_or_create(&labels).clone(),
+            revision: metrics.source_revision.get_or_create(&labels).clone(),
+        };
+        handles.connected.set(0);
+        handles.synced.set(0);
+        handles.revision.set(0);
+        handles
+    }
+}
+
 /// The metrics one plugin's worker updates on every event, looked up once
 /// when the worker starts so the hot path takes no label lookup.
 pub struct PluginHandles {
