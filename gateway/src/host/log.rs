@@ -1,17 +1,18 @@
 //! Plugin log output: the `log` import and the guest's stdout/stderr.
 //!
 //! Owns turning plugin output into log lines tagged with the plugin name,
-//! under a per-plugin rate limit whose drops are counted. It must not block
-//! the calling guest on anything but an in-memory line buffer.
+//! under a per-plugin line budget whose drops are counted. It must not block
+//! the calling guest on anything but an in-memory line buffer and the
+//! budget's lock.
 
-use std::num::NonZeroU32;
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use parking_lot::Mutex;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
@@ -75,51 +76,120 @@ impl LogSink for TracingSink {
 /// Longest line kept; the rest is cut with a marker.
 const MAX_LINE: usize = 4096;
 
+/// The window the line budget is counted over.
+const WINDOW: Duration = Duration::from_secs(1);
+
+/// What the budget allows for one offered line.
+struct Admit {
+    /// Emit a summary of this many dropped lines first.
+    summary: Option<u64>,
+    /// Emit the line itself.
+    line: bool,
+}
+
+/// At most `limit` lines in any window of [`WINDOW`], drop summaries
+/// included: a summary is a line in the gateway's log like any other, so a
+/// flooding plugin must not get more lines through by causing summaries.
+struct Budget {
+    limit: usize,
+    /// When each line still inside the window went out, oldest first; never
+    /// longer than `limit`.
+    sent: VecDeque<Instant>,
+    /// Lines dropped since the last summary.
+    dropped: u64,
+    /// When the last summary went out: at most one per window, so that
+    /// under a steady flood the summaries do not take every freed slot.
+    last_summary: Option<Instant>,
+}
+
+impl Budget {
+    fn new(limit: u32) -> Self {
+        Budget {
+            limit: usize::try_from(limit.max(1)).unwrap_or(usize::MAX),
+            sent: VecDeque::new(),
+            dropped: 0,
+            last_summary: None,
+        }
+    }
+
+    /// Offer one line at `now`. A due summary takes its slot before the
+    /// line, so when only one slot is free the line is the one dropped (and
+    /// reported by the next summary).
+    fn admit(&mut self, now: Instant) -> Admit {
+        while self
+            .sent
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= WINDOW)
+        {
+            self.sent.pop_front();
+        }
+        let summary_due = self.dropped > 0
+            && self
+                .last_summary
+                .is_none_or(|t| now.saturating_duration_since(t) >= WINDOW);
+        let summary = if summary_due && self.sent.len() < self.limit {
+            self.sent.push_back(now);
+            self.last_summary = Some(now);
+            Some(std::mem::take(&mut self.dropped))
+        } else {
+            None
+        };
+        let line = self.sent.len() < self.limit;
+        if line {
+            self.sent.push_back(now);
+        } else {
+            self.dropped += 1;
+        }
+        Admit { summary, line }
+    }
+}
+
 /// One plugin's log output, shared by all its instances.
 pub struct PluginLog {
     plugin: String,
-    limiter: DefaultDirectRateLimiter,
-    dropped: AtomicU64,
+    budget: Mutex<Budget>,
     sink: Arc<dyn LogSink>,
     metrics: Arc<Metrics>,
 }
 
 impl PluginLog {
-    /// A log for `plugin` allowing `per_second` lines per second.
+    /// A log for `plugin` allowing `per_second` lines per second, the
+    /// summaries of dropped lines among them.
     pub fn new(
         plugin: &str,
         per_second: u32,
         sink: Arc<dyn LogSink>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let quota =
-            Quota::per_second(NonZeroU32::new(per_second.max(1)).unwrap_or(NonZeroU32::MIN));
         PluginLog {
             plugin: plugin.to_owned(),
-            limiter: RateLimiter::direct(quota),
-            dropped: AtomicU64::new(0),
+            budget: Mutex::new(Budget::new(per_second)),
             sink,
             metrics,
         }
     }
 
-    /// Emit one line if the rate limit allows; otherwise count it. The first
-    /// line after a run of drops says how many were dropped.
+    /// Emit one line if the budget allows; otherwise count it. Once per
+    /// second at most, a line that finds drops not yet reported is preceded
+    /// by a summary of how many, which takes a place in the budget.
     pub fn line(&self, level: Level, stream: Stream, message: &str) {
-        if self.limiter.check().is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            self.metrics
-                .count_plugin(PluginCounter::LogLineDropped, &self.plugin);
-            return;
-        }
-        let dropped = self.dropped.swap(0, Ordering::Relaxed);
-        if dropped > 0 {
+        self.line_at(Instant::now(), level, stream, message);
+    }
+
+    fn line_at(&self, now: Instant, level: Level, stream: Stream, message: &str) {
+        let Admit { summary, line } = self.budget.lock().admit(now);
+        if let Some(dropped) = summary {
             self.sink.line(
                 &self.plugin,
                 Level::Warn,
                 Stream::Log,
                 &format!("{dropped} log lines of this plugin were dropped by the rate limit"),
             );
+        }
+        if !line {
+            self.metrics
+                .count_plugin(PluginCounter::LogLineDropped, &self.plugin);
+            return;
         }
         let message = if message.len() > MAX_LINE {
             let mut cut = MAX_LINE;
@@ -290,5 +360,106 @@ pub(crate) mod tests {
                 .encode()
                 .contains("watchgate_plugin_log_dropped_total{plugin=\"p\"} 10")
         );
+    }
+
+    /// The value of `watchgate_plugin_log_dropped_total` for `plugin`.
+    fn dropped_total(metrics: &Metrics, plugin: &str) -> u64 {
+        let prefix = format!("watchgate_plugin_log_dropped_total{{plugin=\"{plugin}\"}} ");
+        metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str())?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn a_flood_stays_within_the_budget_summaries_included() {
+        const LIMIT: u32 = 10;
+        let sink = Arc::new(MemorySink::default());
+        let metrics = Metrics::shared();
+        let log = PluginLog::new("p", LIMIT, sink.clone(), metrics.clone());
+        // A line every millisecond for 5.5 seconds of a clock the test
+        // drives, so the windows below are exact.
+        let start = Instant::now();
+        let offered = 5_500;
+        let mut emitted: Vec<(Duration, Stream, String)> = Vec::new();
+        for i in 0..offered {
+            let at = Duration::from_millis(i);
+            log.line_at(
+                start + at,
+                Level::Info,
+                Stream::Stdout,
+                &format!("flood {i}"),
+            );
+            emitted.extend(
+                sink.0
+                    .lock()
+                    .drain(..)
+                    .map(|(_, _, stream, message)| (at, stream, message)),
+            );
+        }
+        // Every one-second window, starting at any emitted line, holds at
+        // most LIMIT lines, summaries counted.
+        for (i, (from, _, _)) in emitted.iter().enumerate() {
+            let within = emitted[i..]
+                .iter()
+                .take_while(|(at, _, _)| *at - *from < WINDOW)
+                .count();
+            assert!(
+                within <= LIMIT as usize,
+                "{within} lines in the second from {from:?}: {emitted:#?}"
+            );
+        }
+        let summaries: Vec<(Duration, u64)> = emitted
+            .iter()
+            .filter(|(_, stream, _)| *stream == Stream::Log)
+            .map(|(at, _, message)| {
+                let count = message
+                    .strip_suffix(" log lines of this plugin were dropped by the rate limit")
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("not a drop summary: {message:?}"));
+                (*at, count)
+            })
+            .collect();
+        let flood_lines = emitted.len() - summaries.len();
+        // One summary per second after the first: at 1s, 2s, … 5s.
+        assert_eq!(
+            summaries
+                .iter()
+                .map(|(at, _)| at.as_secs())
+                .collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5],
+            "{summaries:?}"
+        );
+        // The counter counts every dropped line; the summaries report all of
+        // them but those dropped since the last one.
+        let dropped = offered as usize - flood_lines;
+        assert_eq!(dropped_total(&metrics, "p"), dropped as u64);
+        let reported: u64 = summaries.iter().map(|(_, n)| n).sum();
+        let last = summaries.last().unwrap().0;
+        let offered_since = offered - last.as_millis() as u64;
+        let emitted_since = emitted
+            .iter()
+            .filter(|(at, stream, _)| *at >= last && *stream != Stream::Log)
+            .count();
+        let since_last = offered_since as usize - emitted_since;
+        assert_eq!(reported as usize + since_last, dropped, "{summaries:?}");
+    }
+
+    #[test]
+    fn a_plugin_within_its_budget_loses_nothing() {
+        let sink = Arc::new(MemorySink::default());
+        let metrics = Metrics::shared();
+        let log = PluginLog::new("p", 5, sink.clone(), metrics.clone());
+        let start = Instant::now();
+        // Five lines a second, in bursts, for four seconds.
+        for second in 0..4 {
+            for i in 0..5 {
+                let at = start + Duration::from_secs(second) + Duration::from_millis(i);
+                log.line_at(at, Level::Info, Stream::Log, "quiet");
+            }
+        }
+        assert_eq!(sink.0.lock().len(), 20);
+        assert_eq!(dropped_total(&metrics, "p"), 0);
     }
 }

@@ -28,8 +28,8 @@ pub struct RuntimeConfig {
     #[serde(default = "default_max_wasm_stack_kb")]
     pub max_wasm_stack_kb: usize,
     /// Plugin log lines allowed per second per plugin (stdout, stderr and
-    /// the `log` import together); the rest are counted and dropped.
-    /// Default 50.
+    /// the `log` import together, and the notices of dropped lines); the
+    /// rest are counted and dropped. Default 50.
     #[serde(default = "default_log_lines_per_second")]
     pub log_lines_per_second: u32,
     /// Plugin instances that can be alive at once (one per loaded plugin,
