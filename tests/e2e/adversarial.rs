@@ -6,7 +6,9 @@
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::Value;
 
 use crate::support::{Gateway, wait_for};
 
@@ -172,6 +174,106 @@ fn fault_log_flood_beside_event_log() {
     assert!(
         logged <= 20_000,
         "{logged} flood lines reached the gateway log"
+    );
+    assert_within_log_budget(&g.log(), "fault-log-flood");
+}
+
+/// The default `log_lines_per_second`.
+const LOG_BUDGET: usize = 50;
+/// How much later than the budget's decision a line may be stamped: it is
+/// formatted after the decision, on a machine other tests keep busy. The
+/// budget is checked over windows this much shorter than a second.
+const LOG_STAMP_SLACK: Duration = Duration::from_millis(100);
+/// The drop summary's wording.
+const DROP_SUMMARY: &str = " log lines of this plugin were dropped by the rate limit";
+
+/// Time and message of each line `plugin` put in the gateway's JSON log
+/// (its own lines and the drop summaries; the gateway's lines about the
+/// plugin carry no `stream`).
+fn plugin_lines(log: &str, plugin: &str) -> Vec<(SystemTime, String)> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["fields"]["plugin"] == plugin && l["fields"]["stream"].is_string())
+        .map(|l| {
+            let stamp = l["timestamp"].as_str().expect("a timestamp");
+            let at = humantime::parse_rfc3339(stamp)
+                .unwrap_or_else(|e| panic!("timestamp {stamp:?}: {e}"));
+            (at, l["fields"]["message"].as_str().unwrap_or("").to_owned())
+        })
+        .collect()
+}
+
+/// No second of the log holds more than [`LOG_BUDGET`] of `plugin`'s
+/// lines, drop summaries included. Returns the dropped counts the
+/// summaries reported.
+fn assert_within_log_budget(log: &str, plugin: &str) -> Vec<u64> {
+    let lines = plugin_lines(log, plugin);
+    let window = Duration::from_secs(1) - LOG_STAMP_SLACK;
+    let busiest = (0..lines.len())
+        .map(|i| {
+            let from = lines[i].0;
+            let within = lines[i..]
+                .iter()
+                .take_while(|(at, _)| at.duration_since(from).unwrap_or_default() < window)
+                .count();
+            (within, i)
+        })
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "{plugin}: {} lines in the log, at most {} within {window:?}",
+        lines.len(),
+        busiest.0
+    );
+    assert!(
+        busiest.0 <= LOG_BUDGET,
+        "{} lines of {plugin} within {window:?} from line {} of {}",
+        busiest.0,
+        busiest.1,
+        lines.len()
+    );
+    lines
+        .iter()
+        .filter_map(|(_, m)| m.strip_suffix(DROP_SUMMARY)?.parse().ok())
+        .collect()
+}
+
+/// A flood that lasts several seconds: each second's drops are summarised
+/// once, and the summaries fit in the plugin's budget with its own lines.
+#[test]
+fn fault_log_flood_summaries_fit_in_the_log_budget() {
+    let mut g = Gateway::new();
+    g.install("fault-log-flood", "fault-log-flood", "");
+    g.start();
+    // One flood call at a time until three summaries are out: the flood
+    // then spans more than two budget windows.
+    let mut written = 0;
+    wait_for(
+        "three drop summaries in the gateway log",
+        Duration::from_secs(60),
+        || {
+            let done = outcome(&g.metrics(), "fault-log-flood", "ok") as usize;
+            if done == written {
+                std::fs::write(g.path(&format!("watched/k{written:03}")), "x").unwrap();
+                written += 1;
+            }
+            let summaries = plugin_lines(&g.log(), "fault-log-flood")
+                .iter()
+                .filter(|(_, m)| m.ends_with(DROP_SUMMARY))
+                .count();
+            (summaries >= 3).then_some(())
+        },
+    );
+    g.assert_running();
+    let reported: u64 = assert_within_log_budget(&g.log(), "fault-log-flood")
+        .iter()
+        .sum();
+    // The counter has every dropped line; the summaries all but the ones
+    // dropped since the last of them.
+    let dropped = g.metric("watchgate_plugin_log_dropped_total{plugin=\"fault-log-flood\"}");
+    assert!(
+        reported >= 1 && reported as f64 <= dropped,
+        "summaries reported {reported} dropped lines, the counter {dropped}"
     );
 }
 
