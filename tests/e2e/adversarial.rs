@@ -201,6 +201,11 @@ fn fault_scan_beside_event_log() {
     assert_eq!(whole + refused, (N * 8) as f64, "every scan is counted");
     assert!(refused >= 8.0, "only {refused} scans were refused");
     assert!(whole >= 8.0, "only {whole} scans returned");
+    let copied = g.metric("watchgate_snapshot_scan_bytes_total{plugin=\"fault-scan\"}");
+    assert!(
+        copied > 0.0 && copied <= whole * f64::from(4u32 << 20),
+        "{copied} bytes copied by {whole} returned scans"
+    );
     let log = g.log();
     let returned: Vec<u64> = log
         .match_indices("scan ok ")
