@@ -382,6 +382,8 @@ impl wit::snapshot::Host for HostState {
         match grant.scan(&source, &prefix) {
             Ok(v) => {
                 self.count("snapshot", "ok");
+                let bytes = v.iter().map(|(k, v)| k.len() + v.len()).sum();
+                self.ctx.metrics.snapshot_scanned(&self.ctx.name, bytes);
                 Ok(v)
             }
             Err(e) => Err(self.refused("snapshot", e)),

@@ -168,6 +168,8 @@ pub struct Metrics {
     pub plugin_log_dropped: Family<PluginLabels, Counter>,
     /// Capability calls.
     pub capability_calls: Family<CapabilityLabels, Counter>,
+    /// Bytes of keys plus values `snapshot` scans copied into a plugin.
+    pub snapshot_scan_bytes: Family<PluginLabels, Counter>,
     /// Live tokio tasks, refreshed on every scrape.
     pub runtime_alive_tasks: Gauge,
     /// Live replicas of the cluster, as this replica sees them.
@@ -210,6 +212,7 @@ impl Metrics {
             plugin_instantiations: Family::default(),
             plugin_log_dropped: Family::default(),
             capability_calls: Family::default(),
+            snapshot_scan_bytes: Family::default(),
             runtime_alive_tasks: Gauge::default(),
             cluster_replicas: Gauge::default(),
             cluster_owned_plugins: Gauge::default(),
@@ -314,6 +317,11 @@ impl Metrics {
             "watchgate_capability_calls",
             "Host capability calls by plugin, capability and outcome",
             m.capability_calls.clone(),
+        );
+        registry.register(
+            "watchgate_snapshot_scan_bytes",
+            "Bytes of keys and values snapshot scans copied into a plugin",
+            m.snapshot_scan_bytes.clone(),
         );
         registry.register(
             "watchgate_runtime_alive_tasks",
@@ -422,6 +430,13 @@ impl Metrics {
                 outcome: outcome.to_owned(),
             })
             .get()
+    }
+
+    /// Record the bytes one `snapshot` scan copied into `plugin`.
+    pub fn snapshot_scanned(&self, plugin: &str, bytes: usize) {
+        self.snapshot_scan_bytes
+            .get_or_create(&Self::plugin(plugin))
+            .inc_by(u64::try_from(bytes).unwrap_or(u64::MAX));
     }
 
     /// Record one capability call.
@@ -595,6 +610,7 @@ mod tests {
         m.plugin_coalesced
             .get_or_create(&Metrics::plugin("p"))
             .inc();
+        m.snapshot_scanned("p", 7);
         let text = m.encode();
         for name in [
             "watchgate_source_events_total{source=\"s\"} 1",
@@ -603,6 +619,7 @@ mod tests {
             "watchgate_plugin_invocations_total{plugin=\"p\",outcome=\"out_of_fuel\"} 1",
             "watchgate_plugin_queue_depth{plugin=\"p\"} 3",
             "watchgate_plugin_coalesced_total{plugin=\"p\"} 1",
+            "watchgate_snapshot_scan_bytes_total{plugin=\"p\"} 7",
             "watchgate_plugin_call_seconds_count{plugin=\"p\"} 1",
             "watchgate_runtime_alive_tasks",
         ] {

@@ -548,11 +548,13 @@ pub mod snapshot {
         host::get(source, key)
     }
 
-    /// Every present key under `prefix` in `source`, in key order.
+    /// Every present key under `prefix` in `source`, in key order, at
+    /// most 10,000 of them.
     ///
     /// # Errors
     ///
-    /// As for [`get`].
+    /// As for [`get`]; also when the keys and values together would pass
+    /// 4 MiB (the message names the limit): scan a narrower prefix.
     pub fn scan(source: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, String> {
         host::scan(source, prefix)
     }

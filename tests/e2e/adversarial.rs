@@ -278,6 +278,60 @@ fn fault_log_flood_summaries_fit_in_the_log_budget() {
 }
 
 #[test]
+fn fault_scan_beside_event_log() {
+    // 24 values of 256 KiB: 6 MiB under the source, more than one scan
+    // may return, so the later scans (every scan of the last event) are
+    // refused and the earlier ones return whole.
+    let value = "x".repeat(256 << 10);
+    let g = beside_event_log("fault-scan", "[grants]\nsnapshot = true\n", |_| {
+        value.clone()
+    });
+    wait_for(
+        "every scanning call to finish",
+        Duration::from_secs(30),
+        || (outcome(&g.metrics(), "fault-scan", "ok") == N as f64).then_some(()),
+    );
+    let scans = |outcome: &str| {
+        g.metrics()
+            .get(&format!(
+                "watchgate_capability_calls_total{{plugin=\"fault-scan\",capability=\"snapshot\",outcome=\"{outcome}\"}}"
+            ))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let (whole, refused) = (scans("ok"), scans("too_large"));
+    assert_eq!(whole + refused, (N * 8) as f64, "every scan is counted");
+    assert!(refused >= 8.0, "only {refused} scans were refused");
+    assert!(whole >= 8.0, "only {whole} scans returned");
+    let copied = g.metric("watchgate_snapshot_scan_bytes_total{plugin=\"fault-scan\"}");
+    assert!(
+        copied > 0.0 && copied <= whole * f64::from(4u32 << 20),
+        "{copied} bytes copied by {whole} returned scans"
+    );
+    let log = g.log();
+    let returned: Vec<u64> = log
+        .match_indices("scan ok ")
+        .map(|(at, m)| {
+            let words: Vec<&str> = log[at + m.len()..].split_whitespace().take(3).collect();
+            words[2]
+                .trim_end_matches(|c: char| !c.is_ascii_digit())
+                .parse()
+                .unwrap_or_else(|e| panic!("scan line {words:?}: {e}"))
+        })
+        .collect();
+    assert!(!returned.is_empty(), "no scan result reached the log");
+    let bound = 4u64 << 20;
+    assert!(
+        returned.iter().all(|&b| b <= bound),
+        "a scan returned more than {bound} bytes: {returned:?}"
+    );
+    assert!(
+        log.contains("scan refused: scan result passes the limit of 4194304 bytes"),
+        "no refusal naming the limit in the log"
+    );
+}
+
+#[test]
 fn fault_escape_reaches_nothing() {
     // Something to reach: a listening socket and a writable path.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -22,7 +22,7 @@ use crate::host::files::FilesGrant;
 use crate::host::http::HttpGrant;
 use crate::host::kv::KvWriter;
 use crate::host::log::{Level, LogSink, PluginLog, Stream};
-use crate::host::snapshot::{SnapshotGrant, SnapshotReader};
+use crate::host::snapshot::{ScanBounds, Scanned, SnapshotGrant, SnapshotReader};
 use crate::host::{Effects, PluginContext};
 use crate::manifest::CapabilityReport;
 use crate::runtime::instance::{LoadedPlugin, Sandbox};
@@ -142,19 +142,17 @@ impl SnapshotReader for Recorded {
         source: &str,
         prefix: &str,
         keep: &dyn Fn(&str) -> bool,
-        limit: usize,
-    ) -> Option<Vec<(String, Bytes)>> {
+        bounds: ScanBounds,
+    ) -> Option<Scanned> {
         let m = self.0.lock();
         let Some(keys) = m.get(source) else {
-            return Some(Vec::new());
+            return Some(Scanned::default());
         };
-        Some(
-            keys.iter()
-                .filter(|(k, _)| k.starts_with(prefix) && keep(k))
-                .take(limit)
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        )
+        let present = keys
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix) && keep(k))
+            .map(|(k, v)| (k.as_str(), v));
+        Some(Scanned::collect(present, bounds))
     }
 }
 

@@ -19,6 +19,7 @@ use parking_lot::Mutex;
 use super::Dispatcher;
 use super::route::PluginSpec;
 use crate::event::{Event, EventKind};
+use crate::host::snapshot::{ScanBounds, Scanned};
 use crate::store::{IndexChanges, IndexProbe, KeyEntry, SourceMeta, Store};
 
 /// How often (in batches) a source prunes tombstones every plugin handled.
@@ -395,22 +396,20 @@ impl crate::host::snapshot::SnapshotReader for Dispatcher {
         source: &str,
         prefix: &str,
         keep: &dyn Fn(&str) -> bool,
-        limit: usize,
-    ) -> Option<Vec<(String, Bytes)>> {
+        bounds: ScanBounds,
+    ) -> Option<Scanned> {
         let cache = self.caches.get(source)?.clone();
         let keys = cache.keys.lock();
-        Some(
-            keys.map
-                .range::<str, _>((
-                    std::ops::Bound::Included(prefix),
-                    std::ops::Bound::Unbounded,
-                ))
-                .take_while(|(k, _)| k.starts_with(prefix))
-                .filter(|(k, _)| keep(k))
-                .filter_map(|(k, e)| Some((k.to_string(), e.value.clone()?)))
-                .take(limit)
-                .collect(),
-        )
+        let present = keys
+            .map
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .filter(|(k, _)| keep(k))
+            .filter_map(|(k, e)| Some((&**k, e.value.as_ref()?)));
+        Some(Scanned::collect(present, bounds))
     }
 }
 
