@@ -250,7 +250,9 @@ pub trait Plugin {
     /// # Errors
     ///
     /// Returns the index of the first event that failed and its message;
-    /// all events before it were handled.
+    /// all events before it were handled. An index outside `events` names
+    /// no event: the gateway counts the whole batch as failed and calls
+    /// [`Plugin::handle`] on each of its events.
     fn handle_batch(events: Vec<Event>) -> Result<(), BatchError> {
         for (index, event) in events.into_iter().enumerate() {
             if let Err(message) = Self::handle(event) {

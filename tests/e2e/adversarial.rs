@@ -332,6 +332,82 @@ fn fault_scan_beside_event_log() {
 }
 
 #[test]
+fn fault_batch_lie_fails_the_batch_and_is_called_event_by_event() {
+    const FAULT: &str = "fault-batch-lie";
+    /// Keys written at once: one rescan of the file source delivers them
+    /// together, so they reach the plugin as a backlog and go in one
+    /// `handle-batch` call.
+    const BURST: usize = 8;
+    let mut g = beside_event_log(FAULT, "batch_max = 64\nretry_backoff = \"1ms\"\n", |i| {
+        i.to_string()
+    });
+    // The helper paces its writes by event-log, so few of them, if any,
+    // formed a batch: write bursts until a batch call has lied.
+    let mut written = N;
+    wait_for(
+        &format!("{FAULT} to fail a batch"),
+        Duration::from_secs(30),
+        || {
+            if outcome(&g.metrics(), FAULT, "error") >= 1.0 {
+                return Some(());
+            }
+            for i in written..written + BURST {
+                std::fs::write(g.path(&format!("watched/b{i:03}")), i.to_string()).unwrap();
+            }
+            written += BURST;
+            g.wait_events("event-log", written, PER_EVENT);
+            None
+        },
+    );
+    // Nothing a lying batch call got counts as handled: every event is
+    // handled by a call of its own, exactly once.
+    wait_for(
+        &format!("{FAULT} to handle all {written} events one by one"),
+        Duration::from_secs(30),
+        || (outcome(&g.metrics(), FAULT, "ok") >= written as f64).then_some(()),
+    );
+    let m = g.metrics();
+    assert_eq!(outcome(&m, FAULT, "ok"), written as f64);
+    assert!(outcome(&m, FAULT, "error") >= 1.0);
+    let keys: Vec<String> = g
+        .events("event-log")
+        .iter()
+        .map(|e| e["key"].as_str().unwrap().to_owned())
+        .collect();
+    let expected: Vec<String> = (0..written)
+        .map(|i| {
+            if i < N {
+                format!("k{i:02}")
+            } else {
+                format!("b{i:03}")
+            }
+        })
+        .collect();
+    assert_eq!(
+        keys, expected,
+        "event-log lost, repeated or reordered events"
+    );
+    let plugins = g.json("/v1/plugins");
+    let report = plugins["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == FAULT)
+        .unwrap()
+        .clone();
+    let failure = &report["last_failure"];
+    assert_eq!(failure["outcome"], "error", "{report:#}");
+    let message = failure["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("fault-batch-lie: deliberate out-of-range batch error")
+            && message.contains("outside the batch"),
+        "{report:#}"
+    );
+    assert_eq!(report["dead_letters"], 0, "{report:#}");
+    assert_eq!(report["queue_depth"], 0, "{report:#}");
+}
+
+#[test]
 fn fault_escape_reaches_nothing() {
     // Something to reach: a listening socket and a writable path.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

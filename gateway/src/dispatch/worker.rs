@@ -446,7 +446,7 @@ impl Worker {
     /// `handle-batch` call, or one call per event while they succeed. The
     /// events handled (from the front), and, when one failed, the failure
     /// (`Some(report)` when it belongs to the first unhandled event: its
-    /// first attempt; `Some(None)` for a trap somewhere in a batch).
+    /// first attempt; `Some(None)` for a failure of the whole batch).
     fn first_attempts(
         &self,
         r: &mut Runner,
@@ -460,8 +460,18 @@ impl Worker {
                 attributed,
                 ..
             } = self.call_batch(r, spec, batch);
-            // Which event trapped in a batch is unknown: what is left is
-            // called one by one, and the trapping one traps again there.
+            if let Some(f) = &failure
+                && !attributed
+                && f.outcome == Outcome::error
+            {
+                // An error that names no event of the batch: the calls one
+                // by one may well succeed, so nothing else would count it.
+                // It is set against the batch's first event.
+                self.record(&batch[0], f);
+            }
+            // Which event failed a batch as a whole is unknown: what is
+            // left is called one by one, and a trapping one traps again
+            // there.
             (handled, failure.map(|f| attributed.then_some(f)))
         } else {
             let (handled, failure) = self.call_each(r, spec, batch);

@@ -126,13 +126,43 @@ pub struct BatchReport {
     /// Events handled, from the front of the batch.
     pub handled: usize,
     /// Why the rest was not: the handler's error on event `handled`
-    /// (`attributed`), or a trap or limit somewhere in the batch.
+    /// (`attributed`), or a failure of the whole batch: a trap or limit
+    /// somewhere in it, or a handler error whose index is outside it.
     pub failure: Option<CallReport>,
     /// Whether `failure` belongs to event `handled` (a handler error) rather
-    /// than to the batch as a whole (a trap: which event is unknown).
+    /// than to the batch as a whole (which event is unknown).
     pub attributed: bool,
     /// Wall-clock time of the call.
     pub elapsed: Duration,
+}
+
+/// What a `batch-error` from a call on `len` events means. An index inside
+/// the batch names the first event not handled. One outside it names no
+/// event, so it cannot say how far the plugin got: taking it for "all
+/// handled" would count a failing plugin as a healthy one and drop its
+/// message, so the whole batch failed instead, and the message says why.
+fn batch_error(e: wit::BatchError, len: usize, elapsed: Duration) -> BatchReport {
+    let index = usize::try_from(e.index).unwrap_or(usize::MAX);
+    let attributed = index < len;
+    let message = if attributed {
+        e.message
+    } else {
+        format!(
+            "handle-batch failed with index {}, outside the batch of {len} events: {}",
+            e.index, e.message
+        )
+    };
+    BatchReport {
+        handled: if attributed { index } else { 0 },
+        failure: Some(CallReport {
+            outcome: Outcome::error,
+            message: Some(message),
+            trap: None,
+            elapsed,
+        }),
+        attributed,
+        elapsed,
+    }
 }
 
 impl Sandbox {
@@ -279,26 +309,20 @@ impl Sandbox {
         let result = self.invoke(plugin, fuel, start, |b, store| {
             b.call_handle_batch(store, &args)
         });
-        let (handled, failure) = match result {
-            Ok(Ok(())) => (events.len(), None),
-            Ok(Err(e)) => {
-                let report = CallReport {
-                    outcome: Outcome::error,
-                    message: Some(e.message),
-                    trap: None,
-                    elapsed: start.elapsed(),
-                };
-                ((e.index as usize).min(events.len()), Some(report))
-            }
-            Err(report) => (0, Some(report)),
-        };
-        BatchReport {
-            handled,
-            attributed: failure
-                .as_ref()
-                .is_some_and(|f| f.outcome == Outcome::error && handled < events.len()),
-            failure,
-            elapsed: start.elapsed(),
+        match result {
+            Ok(Ok(())) => BatchReport {
+                handled: events.len(),
+                failure: None,
+                attributed: false,
+                elapsed: start.elapsed(),
+            },
+            Ok(Err(e)) => batch_error(e, events.len(), start.elapsed()),
+            Err(report) => BatchReport {
+                handled: 0,
+                failure: Some(report),
+                attributed: false,
+                elapsed: start.elapsed(),
+            },
         }
     }
 
@@ -364,5 +388,44 @@ mod tests {
             })
             .collect();
         assert_eq!(names, ["a", "b", "b", "a", "a", "ab", "a"]);
+    }
+
+    fn batch_error_at(index: u32, len: usize) -> BatchReport {
+        batch_error(
+            wit::BatchError {
+                index,
+                message: "no".into(),
+            },
+            len,
+            Duration::from_millis(1),
+        )
+    }
+
+    #[test]
+    fn a_batch_error_inside_the_batch_names_its_event() {
+        for index in [0, 3, 4] {
+            let report = batch_error_at(index, 5);
+            assert_eq!(report.handled, index as usize);
+            assert!(report.attributed);
+            let failure = report.failure.unwrap();
+            assert_eq!(failure.outcome, Outcome::error);
+            assert_eq!(failure.message.as_deref(), Some("no"));
+        }
+    }
+
+    #[test]
+    fn a_batch_error_outside_the_batch_fails_all_of_it() {
+        for index in [5, 6, u32::MAX] {
+            let report = batch_error_at(index, 5);
+            assert_eq!(report.handled, 0, "index {index}");
+            assert!(!report.attributed, "index {index}");
+            let failure = report.failure.unwrap();
+            assert_eq!(failure.outcome, Outcome::error);
+            let message = failure.message.unwrap();
+            assert!(
+                message.ends_with(": no") && message.contains(&index.to_string()),
+                "{message}"
+            );
+        }
     }
 }
