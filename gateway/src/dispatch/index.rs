@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use super::Dispatcher;
 use super::route::PluginSpec;
 use crate::event::{Event, EventKind};
-use crate::host::snapshot::{ScanBounds, Scanned};
+use crate::host::snapshot::{ScanRequest, Scanned};
 use crate::store::{IndexChanges, IndexProbe, KeyEntry, SourceMeta, Store};
 
 /// How often (in batches) a source prunes tombstones every plugin handled.
@@ -332,11 +332,23 @@ impl Dispatcher {
         if !keys.prune_due() {
             return;
         }
+        // The floor is kept with the index, and a plugin whose stored
+        // cursor is below it is resent the current keys after a restart.
+        // The stored cursor trails the live one by up to a commit, so the
+        // floor takes the lower of the two: a crash right after this prune
+        // must not leave a cursor below the floor it committed.
         let floor = self
             .workers
             .iter()
             .filter(|w| w.takes_from(name))
-            .filter_map(|w| w.cursor(name))
+            .filter_map(|w| {
+                let live = w.cursor(name)?;
+                Some(
+                    self.store
+                        .cursor(&w.name, name)
+                        .map_or(live, |stored| stored.min(live)),
+                )
+            })
             .min()
             .unwrap_or(keys.meta.last_seq);
         keys.prune(floor);
@@ -391,25 +403,20 @@ impl crate::host::snapshot::SnapshotReader for Dispatcher {
         Some(keys.map.get(key).and_then(|e| e.value.clone()))
     }
 
-    fn scan(
-        &self,
-        source: &str,
-        prefix: &str,
-        keep: &dyn Fn(&str) -> bool,
-        bounds: ScanBounds,
-    ) -> Option<Scanned> {
-        let cache = self.caches.get(source)?.clone();
+    fn scan(&self, scan: &ScanRequest<'_>) -> Option<Scanned> {
+        let cache = self.caches.get(scan.source)?.clone();
         let keys = cache.keys.lock();
+        // From the prefix on, in key order: the scan reads only its range.
         let present = keys
             .map
             .range::<str, _>((
-                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Included(scan.prefix),
                 std::ops::Bound::Unbounded,
             ))
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .filter(|(k, _)| keep(k))
+            .take_while(|(k, _)| k.starts_with(scan.prefix))
+            .filter(|(k, _)| (scan.keep)(k))
             .filter_map(|(k, e)| Some((&**k, e.value.as_ref()?)));
-        Some(Scanned::collect(present, bounds))
+        Some(Scanned::collect(present, scan.bounds))
     }
 }
 
