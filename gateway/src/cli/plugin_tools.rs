@@ -22,7 +22,7 @@ use crate::host::files::FilesGrant;
 use crate::host::http::HttpGrant;
 use crate::host::kv::KvWriter;
 use crate::host::log::{Level, LogSink, PluginLog, Stream};
-use crate::host::snapshot::{ScanBounds, Scanned, SnapshotGrant, SnapshotReader};
+use crate::host::snapshot::{ScanRequest, Scanned, SnapshotGrant, SnapshotReader};
 use crate::host::{Effects, PluginContext};
 use crate::manifest::CapabilityReport;
 use crate::runtime::instance::{LoadedPlugin, Sandbox};
@@ -137,22 +137,16 @@ impl SnapshotReader for Recorded {
         Some(self.0.lock().get(source)?.get(key).cloned())
     }
 
-    fn scan(
-        &self,
-        source: &str,
-        prefix: &str,
-        keep: &dyn Fn(&str) -> bool,
-        bounds: ScanBounds,
-    ) -> Option<Scanned> {
+    fn scan(&self, scan: &ScanRequest<'_>) -> Option<Scanned> {
         let m = self.0.lock();
-        let Some(keys) = m.get(source) else {
+        let Some(keys) = m.get(scan.source) else {
             return Some(Scanned::default());
         };
         let present = keys
             .iter()
-            .filter(|(k, _)| k.starts_with(prefix) && keep(k))
+            .filter(|(k, _)| scan.wants(k))
             .map(|(k, v)| (k.as_str(), v));
-        Some(Scanned::collect(present, bounds))
+        Some(Scanned::collect(present, scan.bounds))
     }
 }
 

@@ -77,16 +77,28 @@ pub trait SnapshotReader: Send + Sync {
     /// The current value of `key`: `None` for an unknown source,
     /// `Some(None)` for an absent or deleted key.
     fn value(&self, source: &str, key: &str) -> Option<Option<Bytes>>;
-    /// Present keys under `prefix` for which `keep` is true, in key order,
-    /// within `bounds` (see [`Scanned::collect`]); `None` for an unknown
-    /// source.
-    fn scan(
-        &self,
-        source: &str,
-        prefix: &str,
-        keep: &dyn Fn(&str) -> bool,
-        bounds: ScanBounds,
-    ) -> Option<Scanned>;
+    /// The present keys `scan` asks for, in key order, within its bounds
+    /// (see [`Scanned::collect`]); `None` for an unknown source.
+    fn scan(&self, scan: &ScanRequest<'_>) -> Option<Scanned>;
+}
+
+/// One scan of a source's keys.
+pub struct ScanRequest<'a> {
+    /// The source.
+    pub source: &'a str,
+    /// Keys under this prefix.
+    pub prefix: &'a str,
+    /// Only keys for which this is true (the plugin's subscriptions).
+    pub keep: &'a dyn Fn(&str) -> bool,
+    /// Most entries and bytes.
+    pub bounds: ScanBounds,
+}
+
+impl ScanRequest<'_> {
+    /// Whether `key` is one this scan asks for.
+    pub fn wants(&self, key: &str) -> bool {
+        key.starts_with(self.prefix) && (self.keep)(key)
+    }
 }
 
 /// The `snapshot` grant of one plugin.
@@ -179,7 +191,12 @@ impl SnapshotGrant {
             .ok_or(("error", "gateway stopping".into()))?;
         let keep = |k: &str| self.covers(source, k);
         let scanned = reader
-            .scan(source, prefix, &keep, bounds)
+            .scan(&ScanRequest {
+                source,
+                prefix,
+                keep: &keep,
+                bounds,
+            })
             .ok_or_else(|| ("error", format!("no source named {source:?}")))?;
         if scanned.cut {
             return Err((
@@ -214,20 +231,14 @@ mod tests {
             Some(self.0.get(key).cloned())
         }
 
-        fn scan(
-            &self,
-            source: &str,
-            prefix: &str,
-            keep: &dyn Fn(&str) -> bool,
-            bounds: ScanBounds,
-        ) -> Option<Scanned> {
-            (source == "s").then(|| {
+        fn scan(&self, scan: &ScanRequest<'_>) -> Option<Scanned> {
+            (scan.source == "s").then(|| {
                 let present = self
                     .0
                     .iter()
-                    .filter(|(k, _)| k.starts_with(prefix) && keep(k))
+                    .filter(|(k, _)| scan.wants(k))
                     .map(|(k, v)| (k.as_str(), v));
-                Scanned::collect(present, bounds)
+                Scanned::collect(present, scan.bounds)
             })
         }
     }
@@ -330,7 +341,12 @@ mod tests {
         let (outcome, _) = grant(&keys).scan("s", "big/").unwrap_err();
         assert_eq!(outcome, "too_large");
         let scanned = keys
-            .scan("s", "big/", &|_| true, ScanBounds::PLUGIN)
+            .scan(&ScanRequest {
+                source: "s",
+                prefix: "big/",
+                keep: &|_| true,
+                bounds: ScanBounds::PLUGIN,
+            })
             .unwrap();
         assert!(scanned.cut);
         assert!(scanned.bytes <= SCAN_BYTES);
