@@ -10,10 +10,17 @@
 //! tests need it); with `-p watchgate-bench` alone, build it first
 //! (`cargo build -p watchgate`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
+
+// The gateway's end-to-end tests build the plugins the same way, into the
+// same directory, so they are built once for both.
+#[path = "../../tests/e2e/plugins.rs"]
+mod plugins;
+
+use plugins::plugin;
 
 /// The plugins the cases load.
 const PLUGINS: [&str; 6] = [
@@ -25,51 +32,13 @@ const PLUGINS: [&str; 6] = [
     "bench-probe",
 ];
 
-/// Build [`PLUGINS`] for wasm32-wasip2 and return the directory that holds
-/// them (as `<crate_name>.wasm`).
-fn build_plugins() -> PathBuf {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("bench/ has a parent");
-    // The gateway's end-to-end tests build the plugins into this directory
-    // too: a target directory of its own, so this nested cargo never waits
-    // on the lock of the cargo that runs the tests, shared so that the
-    // plugins are built once.
-    let target = workspace.join("target").join("e2e-plugins");
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(workspace)
-        .args([
-            "build",
-            "--quiet",
-            "--profile",
-            "plugin",
-            "--target",
-            "wasm32-wasip2",
-        ])
-        .arg("--target-dir")
-        .arg(&target);
-    for p in PLUGINS {
-        cmd.args(["-p", p]);
-    }
-    let status = cmd.status().expect("cargo runs");
-    assert!(
-        status.success(),
-        "building the plugins for wasm32-wasip2 failed ({status}); \
-         is the target installed? (`rustup target add wasm32-wasip2`)"
-    );
-    target.join("wasm32-wasip2").join("plugin")
-}
-
 #[test]
 fn the_quick_benchmark_runs_every_case_and_writes_its_report() {
     let dir = tempfile::tempdir().unwrap();
     let plugins = dir.path().join("plugins");
     std::fs::create_dir_all(&plugins).unwrap();
-    let built = build_plugins();
     for p in PLUGINS {
-        let wasm = built.join(format!("{}.wasm", p.replace('-', "_")));
-        std::fs::copy(&wasm, plugins.join(format!("{p}.wasm")))
-            .unwrap_or_else(|e| panic!("{}: {e}", wasm.display()));
+        std::fs::copy(plugin(p), plugins.join(format!("{p}.wasm"))).unwrap();
     }
     let bench = Path::new(env!("CARGO_BIN_EXE_watchgate-bench"));
     let gateway = bench.with_file_name(format!("watchgate{}", std::env::consts::EXE_SUFFIX));

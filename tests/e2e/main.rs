@@ -23,6 +23,7 @@ mod lifecycle;
 mod loopback;
 mod nacos_source;
 mod platform;
+mod plugins;
 mod pool;
 mod runtime_limits;
 mod support;

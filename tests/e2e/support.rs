@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+pub use crate::plugins::plugin;
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
@@ -16,54 +17,6 @@ pub fn workspace() -> PathBuf {
         .parent()
         .expect("gateway/ has a parent")
         .to_owned()
-}
-
-/// Path of a compiled example plugin (`event-log`, `fault-spin`, …),
-/// building them all on first use. A failed build fails the test loudly.
-pub fn plugin(name: &str) -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    let dir = BUILT.get_or_init(|| {
-        // A target directory of its own, so this nested cargo never waits
-        // on the lock of the cargo that runs the tests.
-        let target = workspace().join("target").join("e2e-plugins");
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.current_dir(workspace())
-            .args([
-                "build",
-                "--quiet",
-                "--profile",
-                "plugin",
-                "--target",
-                "wasm32-wasip2",
-            ])
-            .arg("--target-dir")
-            .arg(&target);
-        // Every crate under plugins/, by its package name.
-        for manifest in std::fs::read_dir(workspace().join("plugins"))
-            .expect("plugins/ exists")
-            .filter_map(Result::ok)
-            .map(|e| e.path().join("Cargo.toml"))
-            .filter(|m| m.exists())
-        {
-            let text = std::fs::read_to_string(&manifest).expect("read plugin manifest");
-            let name = text
-                .lines()
-                .find_map(|l| l.strip_prefix("name = \""))
-                .and_then(|l| l.strip_suffix('"'))
-                .unwrap_or_else(|| panic!("no package name in {}", manifest.display()));
-            cmd.args(["-p", name]);
-        }
-        let status = cmd.status().expect("cargo runs");
-        assert!(
-            status.success(),
-            "building the example plugins for wasm32-wasip2 failed ({status}); \
-             is the target installed? (`rustup target add wasm32-wasip2`)"
-        );
-        target.join("wasm32-wasip2").join("plugin")
-    });
-    let path = dir.join(format!("{}.wasm", name.replace('-', "_")));
-    assert!(path.exists(), "{} was not built", path.display());
-    path
 }
 
 /// A free loopback port (bound, then released).
