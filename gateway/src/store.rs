@@ -245,6 +245,19 @@ impl Store {
         .flatten()
     }
 
+    /// The stored cursor in `source` of each of `plugins`, in their order,
+    /// read in one transaction.
+    pub fn cursors_in(&self, source: &str, plugins: &[&str]) -> Vec<Option<u64>> {
+        self.read(|r| {
+            let t = r.open_table(CURSORS)?;
+            plugins
+                .iter()
+                .map(|p| Ok(t.get((*p, source))?.map(|v| v.value())))
+                .collect()
+        })
+        .unwrap_or_else(|_| vec![None; plugins.len()])
+    }
+
     /// Every stored cursor of `plugin`, by source.
     pub fn cursors(&self, plugin: &str) -> BTreeMap<String, u64> {
         self.read(|r| {

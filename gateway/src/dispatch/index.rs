@@ -337,18 +337,18 @@ impl Dispatcher {
         // The stored cursor trails the live one by up to a commit, so the
         // floor takes the lower of the two: a crash right after this prune
         // must not leave a cursor below the floor it committed.
-        let floor = self
+        let live: Vec<(String, u64)> = self
             .workers
             .iter()
             .filter(|w| w.takes_from(name))
-            .filter_map(|w| {
-                let live = w.cursor(name)?;
-                Some(
-                    self.store
-                        .cursor(&w.name, name)
-                        .map_or(live, |stored| stored.min(live)),
-                )
-            })
+            .filter_map(|w| Some((w.name.clone(), w.cursor(name)?)))
+            .collect();
+        let plugins: Vec<&str> = live.iter().map(|(p, _)| p.as_str()).collect();
+        let stored = self.store.cursors_in(name, &plugins);
+        let floor = live
+            .iter()
+            .zip(stored)
+            .map(|((_, live), stored)| stored.map_or(*live, |s| s.min(*live)))
             .min()
             .unwrap_or(keys.meta.last_seq);
         keys.prune(floor);

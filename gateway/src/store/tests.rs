@@ -249,3 +249,18 @@ fn a_second_open_is_refused_and_garbage_is_reported_not_discarded() {
     assert_eq!(std::fs::read(&moved).unwrap(), vec![7u8; 8192]);
     Store::open(bad.path()).expect("starts empty after a reset");
 }
+
+#[test]
+fn cursors_in_reads_each_plugins_cursor_of_one_source_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let (s, t): (Arc<str>, Arc<str>) = (Arc::from("s"), Arc::from("t"));
+    store.set_cursor("a", &s, 7);
+    store.set_cursor("b", &s, 3);
+    store.set_cursor("b", &t, 9);
+    store.flush();
+    assert_eq!(
+        store.cursors_in("s", &["b", "none", "a"]),
+        [Some(3), None, Some(7)]
+    );
+}
