@@ -28,6 +28,7 @@
 //!   its cursors.
 //! * [`worker`]: the worker's state and its one round loop, on its own
 //!   thread or the [`pool`].
+//! * [`thread`]: a worker's own thread, waited for within a bound.
 //! * [`failure`]: retries, dead letters, quarantine.
 //! * [`ownership`]: cluster park, activate and fencing.
 //! * [`report`]: what `/v1/plugins` shows.
@@ -43,10 +44,12 @@ pub mod queue;
 mod report;
 mod route;
 mod state;
+mod thread;
 mod worker;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use dashmap::DashMap;
@@ -192,25 +195,38 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Stop and remove a plugin; waits for its in-flight call. Its cursors
-    /// stay in the store. Blocking: call off the async workers.
+    /// Stop and remove a plugin; waits for its in-flight call, at most its
+    /// deadline and a margin (see [`Worker::join_by`]). Its cursors stay in
+    /// the store. Blocking: call off the async workers.
     pub fn remove(&self, name: &str) -> bool {
         match self.workers.remove(name) {
             Some((_, w)) => {
                 self.refresh_roster();
-                w.stop_and_join();
+                let now = Instant::now();
+                w.stop();
+                w.join_by(now + w.stop_bound(), now);
                 true
             }
             None => false,
         }
     }
 
-    /// Stop every plugin and commit the store. Blocking: call off the async
-    /// workers.
+    /// Stop every plugin and commit the store. Every plugin is stopped
+    /// before any is waited for, so the wait is the longest of their
+    /// bounds, not their sum. Blocking: call off the async workers.
     pub fn shutdown(&self) {
-        let names = self.plugin_names();
-        for n in names {
-            self.remove(&n);
+        let stopping: Vec<Arc<Worker>> = self
+            .plugin_names()
+            .iter()
+            .filter_map(|n| self.workers.remove(n).map(|(_, w)| w))
+            .collect();
+        self.refresh_roster();
+        let now = Instant::now();
+        for w in &stopping {
+            w.stop();
+        }
+        for w in &stopping {
+            w.join_by(now + w.stop_bound(), now);
         }
         self.store.flush();
     }

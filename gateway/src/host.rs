@@ -6,7 +6,8 @@
 //! the WIT world and the implementations of its imports. Each capability
 //! lives in its own file behind its grant check and is counted on every
 //! call. WASI is linked with nothing ambient: no preopened directories,
-//! environment, arguments, network or inherited stdio. This module sits
+//! environment, arguments, network or inherited stdio, and its waits end
+//! at the call's deadline ([`wait`]). This module sits
 //! below `runtime`: it must not call into guests, and must not reach up to
 //! the runtime, the dispatcher, the sources or the config file; what a
 //! capability needs from them (the etcd client settings behind a `kv`
@@ -22,6 +23,7 @@ pub mod limiter;
 pub mod log;
 pub mod snapshot;
 pub mod state;
+pub mod wait;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -39,6 +41,7 @@ use limiter::MemoryLimiter;
 use log::{Level, LineStream, PluginLog, Stream};
 use snapshot::SnapshotGrant;
 use state::PluginState;
+use wait::CallDeadline;
 
 /// Everything of one plugin that outlives its instances.
 pub struct PluginContext {
@@ -147,6 +150,9 @@ pub struct HostState {
     pub limiter: MemoryLimiter,
     stdout: LineStream,
     stderr: LineStream,
+    /// The deadline of the call in progress, which WASI waits end at
+    /// (none: waits are not bounded).
+    deadline: Option<CallDeadline>,
 }
 
 impl HostState {
@@ -169,7 +175,14 @@ impl HostState {
             limiter: MemoryLimiter::new(memory_bytes),
             stdout,
             stderr,
+            deadline: None,
         }
+    }
+
+    /// Hold the WASI waits of the call starting now to `timeout_ms`, the
+    /// deadline the epoch holds its wasm to.
+    pub fn arm_deadline(&mut self, timeout_ms: u64) {
+        self.deadline = CallDeadline::starting_now(timeout_ms);
     }
 
     /// The plugin this instance belongs to.

@@ -2,7 +2,8 @@
 //!
 //! Owns the [`Engine`] (pooling allocator, fuel, epoch interruption, bounded
 //! wasm stack), the one epoch ticker thread that turns wall-clock time into
-//! deadlines, the [`Linker`] with the host imports, and compilation of a
+//! deadlines, the [`Linker`] with the host imports (WASI's waits replaced
+//! by ones held to the same deadline), and compilation of a
 //! plugin file into a [`CompiledPlugin`] (validated against the world, ready
 //! to instantiate). [`instance::Sandbox`] runs calls. Its settings are its
 //! own: [`RuntimeConfig`] for the engine and [`Limits`] per call. This
@@ -149,6 +150,8 @@ impl Runtime {
         let engine = Engine::new(&cfg).map_err(RuntimeError::Engine)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(RuntimeError::Linker)?;
+        // Its waits, bounded by the call's deadline, over WASI's own.
+        crate::host::wait::add_to_linker(&mut linker).map_err(RuntimeError::Linker)?;
         Plugin::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(RuntimeError::Linker)?;
         let stop = Arc::new(AtomicBool::new(false));

@@ -94,6 +94,8 @@ pub enum PluginCounter {
     DeadLetter,
     /// A log line dropped by the plugin's log budget.
     LogLineDropped,
+    /// A WASI wait cut off at its call's deadline.
+    WaitCutOff,
 }
 
 /// Labels of a plugin call outcome.
@@ -166,6 +168,10 @@ pub struct Metrics {
     pub plugin_instantiations: Family<PluginLabels, Counter>,
     /// Plugin log lines dropped by the rate limiter.
     pub plugin_log_dropped: Family<PluginLabels, Counter>,
+    /// WASI waits (sleeps, polls) cut off at their call's deadline.
+    pub plugin_waits_cut_off: Family<PluginLabels, Counter>,
+    /// Worker threads a stop did not wait for past its bound.
+    pub plugin_threads_abandoned: Family<PluginLabels, Counter>,
     /// Capability calls.
     pub capability_calls: Family<CapabilityLabels, Counter>,
     /// Bytes of keys plus values `snapshot` scans copied into a plugin.
@@ -211,6 +217,8 @@ impl Metrics {
             plugin_loads: Family::default(),
             plugin_instantiations: Family::default(),
             plugin_log_dropped: Family::default(),
+            plugin_waits_cut_off: Family::default(),
+            plugin_threads_abandoned: Family::default(),
             capability_calls: Family::default(),
             snapshot_scan_bytes: Family::default(),
             runtime_alive_tasks: Gauge::default(),
@@ -314,6 +322,16 @@ impl Metrics {
             m.plugin_log_dropped.clone(),
         );
         registry.register(
+            "watchgate_plugin_waits_cut_off",
+            "WASI waits (sleeps, polls) a plugin was still in at its call deadline, cut off to end the call as a timeout",
+            m.plugin_waits_cut_off.clone(),
+        );
+        registry.register(
+            "watchgate_plugin_threads_abandoned",
+            "Plugin worker threads still in a call when an unload or shutdown stopped waiting for them, past their call deadline and a margin; each ends on its own",
+            m.plugin_threads_abandoned.clone(),
+        );
+        registry.register(
             "watchgate_capability_calls",
             "Host capability calls by plugin, capability and outcome",
             m.capability_calls.clone(),
@@ -392,7 +410,7 @@ impl Metrics {
 
     /// Count one event of `plugin` in a per-plugin counter (a load, a
     /// failed load, an instantiation, a retry, a dead letter, a dropped
-    /// log line).
+    /// log line, a wait cut off).
     pub fn count_plugin(&self, counter: PluginCounter, plugin: &str) {
         let family = match counter {
             PluginCounter::Load => &self.plugin_loads,
@@ -401,8 +419,25 @@ impl Metrics {
             PluginCounter::Retry => &self.plugin_retries,
             PluginCounter::DeadLetter => &self.dead_letters,
             PluginCounter::LogLineDropped => &self.plugin_log_dropped,
+            PluginCounter::WaitCutOff => &self.plugin_waits_cut_off,
         };
         family.get_or_create(&Self::plugin(plugin)).inc();
+    }
+
+    /// Log and count a worker thread of `plugin` that had not ended
+    /// `waited` after its stop, its call deadline being `timeout_ms`: it is
+    /// left to end on its own.
+    pub fn thread_abandoned(&self, plugin: &str, waited: std::time::Duration, timeout_ms: u64) {
+        self.plugin_threads_abandoned
+            .get_or_create(&Self::plugin(plugin))
+            .inc();
+        tracing::warn!(
+            plugin = %plugin,
+            waited_ms = waited.as_millis() as u64,
+            timeout_ms,
+            "Plugin thread still in a call {} ms after the plugin was stopped, past its call deadline (timeout_ms = {timeout_ms}) and a margin; stopped waiting for it. The plugin is stopped and takes no more events; the thread ends on its own when its call returns.",
+            waited.as_millis()
+        );
     }
 
     /// Show whether `plugin` is quarantined.
@@ -611,6 +646,8 @@ mod tests {
             .get_or_create(&Metrics::plugin("p"))
             .inc();
         m.snapshot_scanned("p", 7);
+        m.count_plugin(PluginCounter::WaitCutOff, "p");
+        m.thread_abandoned("p", std::time::Duration::from_secs(2), 1_000);
         let text = m.encode();
         for name in [
             "watchgate_source_events_total{source=\"s\"} 1",
@@ -620,6 +657,8 @@ mod tests {
             "watchgate_plugin_queue_depth{plugin=\"p\"} 3",
             "watchgate_plugin_coalesced_total{plugin=\"p\"} 1",
             "watchgate_snapshot_scan_bytes_total{plugin=\"p\"} 7",
+            "watchgate_plugin_waits_cut_off_total{plugin=\"p\"} 1",
+            "watchgate_plugin_threads_abandoned_total{plugin=\"p\"} 1",
             "watchgate_plugin_call_seconds_count{plugin=\"p\"} 1",
             "watchgate_runtime_alive_tasks",
         ] {

@@ -14,7 +14,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -29,6 +28,7 @@ use super::queue::{EventQueue, PushStats};
 use super::report::WorkerStats;
 use super::route::PluginSpec;
 pub(super) use super::state::WorkerState;
+use super::thread::OwnThread;
 use crate::event::Event;
 use crate::runtime::instance::{BatchReport, CallReport, Sandbox};
 use crate::store::{CursorProbe, Store};
@@ -65,6 +65,10 @@ const TO_POOL_MOST: u64 = TO_POOL_FIRST << 12;
 
 /// How long a round on the worker's own thread waits for an event.
 const IDLE_WAIT: Duration = Duration::from_millis(200);
+
+/// How much longer than its call deadline a stop waits for the worker's
+/// thread: the round's own bookkeeping after the call, on a busy machine.
+pub(super) const STOP_MARGIN: Duration = Duration::from_secs(1);
 
 /// Receives (plugin, time from delivery to the start of its call).
 pub type Observer = Box<dyn Fn(&str, Duration) + Send + Sync>;
@@ -121,7 +125,7 @@ pub(super) struct Worker {
     pub(super) queue: Arc<EventQueue>,
     /// A [`WorkerState`].
     pub(super) state: AtomicU8,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    thread: Mutex<Option<OwnThread>>,
     pub(super) stats: WorkerStats,
     pub(super) metrics: Arc<Metrics>,
     pub(super) store: Arc<Store>,
@@ -199,10 +203,8 @@ impl Worker {
             pool: d.pool.clone(),
         });
         let w = worker.clone();
-        let handle = std::thread::Builder::new()
-            .name(format!("plugin-{name}"))
-            .spawn(move || w.run())?;
-        *worker.thread.lock() = Some(handle);
+        let thread = OwnThread::spawn(format!("plugin-{name}"), move || w.run())?;
+        *worker.thread.lock() = Some(thread);
         worker.pool.count(true);
         let weak = Arc::downgrade(&worker);
         worker.queue.on_push(Box::new(move || {
@@ -550,7 +552,7 @@ impl Worker {
     /// Wake the worker's own thread (it has the plugin back, or stops).
     pub(super) fn unpark(&self) {
         if let Some(t) = self.thread.lock().as_ref() {
-            t.thread().unpark();
+            t.unpark();
         }
     }
 
@@ -617,11 +619,11 @@ impl Worker {
         self.handles.depth.set(depth as i64);
     }
 
-    /// Stop taking events and wait for the worker thread; an in-flight call
-    /// finishes or hits its deadline first. Queued events stay below the
-    /// cursor, so a restart delivers them again. Blocking: call off the
-    /// async workers.
-    pub(super) fn stop_and_join(&self) {
+    /// Stop taking events and wake the worker thread to end; an in-flight
+    /// call finishes or hits its deadline. Queued events stay below the
+    /// cursor, so a restart delivers them again. [`Worker::join_by`] waits
+    /// for the thread.
+    pub(super) fn stop(&self) {
         self.state
             .store(WorkerState::Stopped as u8, Ordering::SeqCst);
         let left = self.queue.close();
@@ -632,10 +634,30 @@ impl Worker {
                 "Plugin stopped with events queued; its cursor stays before them, so they are delivered after a restart."
             );
         }
+        self.unpark();
+    }
+
+    /// How long after its stop the worker's thread is waited for: the
+    /// deadline of the call it may be in, plus [`STOP_MARGIN`].
+    pub(super) fn stop_bound(&self) -> Duration {
+        Duration::from_millis(self.spec.load().loaded.limits.timeout_ms) + STOP_MARGIN
+    }
+
+    /// After [`Worker::stop`]: wait for the worker's thread until `by`, and
+    /// let go of the plugin. A thread still running then is held in the
+    /// host past its call's deadline; it is left to end on its own (it
+    /// takes no more events), counted and logged, so an unload or a
+    /// shutdown never waits on it. Blocking: call off the async workers.
+    pub(super) fn join_by(&self, by: Instant, since: Instant) {
         let thread = self.thread.lock().take();
-        if let Some(t) = thread {
-            t.thread().unpark();
-            let _ = t.join();
+        if let Some(t) = thread
+            && !t.join_by(by)
+        {
+            self.metrics.thread_abandoned(
+                &self.name,
+                since.elapsed(),
+                self.spec.load().loaded.limits.timeout_ms,
+            );
         }
         self.pool.count(false);
         self.end_quarantine();

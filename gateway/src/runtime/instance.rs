@@ -208,6 +208,7 @@ impl Sandbox {
     fn arm(store: &mut Store<HostState>, limits: &Limits) -> wasmtime::Result<()> {
         store.set_fuel(limits.fuel)?;
         store.set_epoch_deadline(deadline_ticks(limits.timeout_ms));
+        store.data_mut().arm_deadline(limits.timeout_ms);
         Ok(())
     }
 

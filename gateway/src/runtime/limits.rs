@@ -9,6 +9,7 @@
 use serde::Deserialize;
 use wasmtime::Trap;
 
+use crate::host::wait::WaitCutOff;
 use crate::telemetry::Outcome;
 
 /// Per-call limits of a plugin.
@@ -51,6 +52,9 @@ pub fn classify(error: &wasmtime::Error, memory_refused: bool) -> Outcome {
     match error.downcast_ref::<Trap>() {
         Some(Trap::OutOfFuel) => Outcome::out_of_fuel,
         Some(Trap::Interrupt) => Outcome::timeout,
+        // A wait in the host, which the epoch cannot interrupt, ended at
+        // the same deadline.
+        _ if error.downcast_ref::<WaitCutOff>().is_some() => Outcome::timeout,
         _ if memory_refused => Outcome::memory,
         _ => Outcome::trap,
     }

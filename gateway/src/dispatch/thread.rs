@@ -1,0 +1,91 @@
+//! A worker's own OS thread: started, woken, and waited for within a bound.
+//!
+//! Stopping a plugin waits for its thread to finish the call in flight,
+//! which its deadline bounds; but a thread held in the host beyond it (a
+//! host call that does not return) must not hold up an unload, the plugin
+//! loader behind it, or a shutdown. So a stop waits at most a bound, and a
+//! thread still running then is left to end on its own: it holds only its
+//! own plugin's instance, and takes no more events. This module must not
+//! know what the thread runs.
+
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// A thread running one closure, and word of the closure's end.
+pub(super) struct OwnThread {
+    handle: JoinHandle<()>,
+    /// Disconnected once the closure has returned or unwound.
+    ended: mpsc::Receiver<()>,
+}
+
+impl OwnThread {
+    /// Run `f` on a new thread called `name`.
+    pub(super) fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> std::io::Result<Self> {
+        let (tx, ended) = mpsc::channel::<()>();
+        let handle = std::thread::Builder::new().name(name).spawn(move || {
+            // Dropped as `f` returns or unwinds: the waiter's receive ends.
+            let _ended = tx;
+            f();
+        })?;
+        Ok(OwnThread { handle, ended })
+    }
+
+    /// Wake the thread from `park`.
+    pub(super) fn unpark(&self) {
+        self.handle.thread().unpark();
+    }
+
+    /// Wait for the closure to end, until `by`. False when it had not:
+    /// the thread is then detached and ends on its own.
+    pub(super) fn join_by(self, by: Instant) -> bool {
+        let left = by.saturating_duration_since(Instant::now());
+        match self.ended.recv_timeout(left) {
+            Err(mpsc::RecvTimeoutError::Timeout) => false,
+            // Nothing is ever sent: the sender went with the closure.
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                // Only the thread's own exit is left; a panic in it was
+                // the closure's, reported where it happened.
+                let _ = self.handle.join();
+                true
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_thread_that_ends_is_joined() {
+        let t = OwnThread::spawn("ends".into(), || {}).unwrap();
+        assert!(t.join_by(Instant::now() + Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn a_thread_that_panics_is_joined() {
+        let t = OwnThread::spawn("panics".into(), || panic!("deliberate")).unwrap();
+        assert!(t.join_by(Instant::now() + Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn a_stuck_thread_is_left_behind_at_the_bound() {
+        let (release, stuck) = mpsc::channel::<()>();
+        let t = OwnThread::spawn("stuck".into(), move || {
+            let _ = stuck.recv();
+        })
+        .unwrap();
+        let start = Instant::now();
+        let bound = Duration::from_millis(100);
+        assert!(!t.join_by(start + bound));
+        let waited = start.elapsed();
+        assert!(
+            waited >= bound && waited < Duration::from_secs(10),
+            "waited {waited:?} for a bound of {bound:?}"
+        );
+        drop(release);
+    }
+}

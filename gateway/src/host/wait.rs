@@ -1,0 +1,148 @@
+//! WASI waits, each bounded by the deadline of the call it is part of.
+//!
+//! A guest that sleeps (`std::thread::sleep`, a clock pollable, a poll on
+//! anything that never becomes ready) runs no wasm while it waits: it waits
+//! in the host, where the epoch deadline that stops a spinning guest cannot
+//! reach it. So the host's side of `wasi:io/poll` (`poll` and
+//! `pollable.block`, every way WASI 0.2 waits) is this module's, linked
+//! over wasmtime-wasi's own: a wait still pending at the call's deadline is
+//! cut off, counted, and fails the call with [`WaitCutOff`], which the
+//! runtime classifies as a timeout like an epoch interrupt. Nothing else
+//! WASI offers a plugin can wait: stdin is empty and closed, there are no
+//! preopened directories and no sockets, and the output streams never push
+//! back. This module owns the deadline a store's waits are held to; the
+//! runtime sets it when it arms a call, and decides what the failed call
+//! leads to.
+
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
+use wasmtime_wasi::p2::DynPollable;
+use wasmtime_wasi::p2::bindings::io::poll as async_poll;
+use wasmtime_wasi::p2::bindings::sync::io::poll;
+use wasmtime_wasi::runtime::in_tokio;
+
+use super::{HostState, PluginContext};
+use crate::telemetry::PluginCounter;
+
+/// When the call in progress must end, and the limit that says so.
+#[derive(Clone, Copy, Debug)]
+pub struct CallDeadline {
+    /// The instant the call's deadline passes.
+    pub at: Instant,
+    /// The limit, for messages (`timeout_ms`).
+    pub timeout_ms: u64,
+}
+
+impl CallDeadline {
+    /// The deadline of a call starting now under `timeout_ms`; `None` when
+    /// it is too far off to be told from never.
+    pub fn starting_now(timeout_ms: u64) -> Option<CallDeadline> {
+        Some(CallDeadline {
+            at: Instant::now().checked_add(Duration::from_millis(timeout_ms))?,
+            timeout_ms,
+        })
+    }
+}
+
+/// A WASI wait the guest was still in when its call's deadline passed.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the plugin was still waiting in wasi:io/poll {wait} (a sleep or a wait on a pollable) \
+     when its call deadline passed (timeout_ms = {timeout_ms}); the wait was cut off"
+)]
+pub struct WaitCutOff {
+    /// `poll` or `pollable.block`.
+    pub wait: &'static str,
+    /// The call's limit.
+    pub timeout_ms: u64,
+}
+
+/// [`HasData`] for the poll interface: the store's resource table, the
+/// deadline of its call, and the plugin to count against.
+pub struct BoundedWaits;
+
+impl HasData for BoundedWaits {
+    type Data<'a> = Waits<'a>;
+}
+
+/// One store's view for a wait.
+pub struct Waits<'a> {
+    table: &'a mut ResourceTable,
+    deadline: Option<CallDeadline>,
+    ctx: &'a PluginContext,
+}
+
+impl HostState {
+    fn waits(&mut self) -> Waits<'_> {
+        Waits {
+            table: &mut self.table,
+            deadline: self.deadline,
+            ctx: &self.ctx,
+        }
+    }
+}
+
+/// Link `wasi:io/poll` with waits bounded by the call's deadline, over the
+/// one [`wasmtime_wasi::p2::add_to_linker_sync`] linked.
+///
+/// # Errors
+/// When wasmtime refuses the definitions.
+pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    linker.allow_shadowing(true);
+    let linked = poll::add_to_linker::<HostState, BoundedWaits>(linker, HostState::waits);
+    linker.allow_shadowing(false);
+    linked
+}
+
+/// Run `wait` until it ends, or until the deadline passes (no deadline:
+/// until it ends), counting a cut-off against `ctx`.
+fn bounded<T>(
+    deadline: Option<CallDeadline>,
+    ctx: &PluginContext,
+    what: &'static str,
+    wait: impl Future<Output = wasmtime::Result<T>>,
+) -> wasmtime::Result<T> {
+    let Some(deadline) = deadline else {
+        return in_tokio(wait);
+    };
+    // The wait is polled before the deadline is looked at, so a wait that
+    // is ready now (a zero-length sleep, a poll that only asks) still
+    // answers after the deadline; the epoch interrupt ends the call once
+    // the guest runs on. The timer is made inside the runtime `in_tokio`
+    // enters: a worker thread has none of its own.
+    match in_tokio(async move { tokio::time::timeout_at(deadline.at.into(), wait).await }) {
+        Ok(result) => result,
+        Err(_) => {
+            ctx.metrics
+                .count_plugin(PluginCounter::WaitCutOff, &ctx.name);
+            Err(wasmtime::Error::new(WaitCutOff {
+                wait: what,
+                timeout_ms: deadline.timeout_ms,
+            }))
+        }
+    }
+}
+
+impl poll::Host for Waits<'_> {
+    fn poll(&mut self, pollables: Vec<Resource<DynPollable>>) -> wasmtime::Result<Vec<u32>> {
+        let wait = async_poll::Host::poll(self.table, pollables);
+        bounded(self.deadline, self.ctx, "poll", wait)
+    }
+}
+
+impl poll::HostPollable for Waits<'_> {
+    fn ready(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<bool> {
+        // Never waits: it polls the pollable once.
+        in_tokio(async_poll::HostPollable::ready(self.table, pollable))
+    }
+
+    fn block(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<()> {
+        let wait = async_poll::HostPollable::block(self.table, pollable);
+        bounded(self.deadline, self.ctx, "pollable.block", wait)
+    }
+
+    fn drop(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<()> {
+        async_poll::HostPollable::drop(self.table, pollable)
+    }
+}
