@@ -13,13 +13,13 @@ use serde_json::Value;
 use crate::support::{Gateway, wait_for};
 
 /// Events written per test.
-const N: usize = 24;
+pub(crate) const N: usize = 24;
 /// How long one event may take to reach `event-log`. Had `event-log` waited
 /// behind its neighbour, later events would queue behind seconds of faulty
 /// calls (three attempts at the neighbour's deadline per event).
-const PER_EVENT: Duration = Duration::from_secs(3);
+pub(crate) const PER_EVENT: Duration = Duration::from_secs(3);
 
-fn rss_kb(pid: u32) -> u64 {
+pub(crate) fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .expect("proc status")
         .lines()
