@@ -306,14 +306,16 @@ impl App {
             o.max_timeout_ms,
             o.max_wasm_stack_kb,
             o.max_instances,
+            o.compile_concurrency,
         ) != (
             n.max_memory_mb,
             n.max_timeout_ms,
             n.max_wasm_stack_kb,
             n.max_instances,
+            n.compile_concurrency,
         ) {
             report.requires_restart.push(
-                "runtime (max_memory_mb, max_timeout_ms, max_wasm_stack_kb, max_instances)".into(),
+                "runtime (max_memory_mb, max_timeout_ms, max_wasm_stack_kb, max_instances, compile_concurrency)".into(),
             );
         }
         // Keep what cannot change live as it runs, so the running engine and
@@ -327,6 +329,7 @@ impl App {
         effective.runtime.max_timeout_ms = o.max_timeout_ms;
         effective.runtime.max_wasm_stack_kb = o.max_wasm_stack_kb;
         effective.runtime.max_instances = o.max_instances;
+        effective.runtime.compile_concurrency = o.compile_concurrency;
         if effective.runtime.defaults.memory_mb > o.max_memory_mb
             || effective.runtime.defaults.timeout_ms > o.max_timeout_ms
         {
@@ -429,6 +432,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         })?;
     let runtime =
         Runtime::with_cache(&config.runtime, cache.as_deref()).map_err(StartError::from)?;
+    runtime.count_compiles_in(metrics.compiles_running.clone());
     if !config.plugins.dir.is_dir() {
         return Err(StartError::PluginDir(config.plugins.dir.display().to_string()).into());
     }

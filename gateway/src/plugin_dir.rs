@@ -5,9 +5,13 @@
 //! dispatcher in step: a new file loads, a changed one swaps (the old
 //! version keeps serving if the new one is rejected), a removed one unloads.
 //! The directory is watched with the same [`FileSource`] users watch
-//! directories with, so there is one file-watching code path. A rejected
-//! file is logged once with its reason and counted; the gateway keeps
-//! serving. This module must not run plugin calls.
+//! directories with, so there is one file-watching code path. Compiles run
+//! concurrently on the runtime's bounded pool, each file's result applied
+//! when its compile ends, so a plugin dropped in beside a slow one loads
+//! without waiting for it; a newer file of the same plugin supersedes a
+//! compile still under way. A rejected file is logged once with its reason
+//! and counted; the gateway keeps serving. This module must not run plugin
+//! calls.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -18,6 +22,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError, Sidecar};
@@ -31,7 +36,7 @@ use crate::host::log::{LogSink, PluginLog};
 use crate::host::snapshot::{SnapshotGrant, SnapshotReader};
 use crate::host::state::PluginState;
 use crate::runtime::instance::LoadedPlugin;
-use crate::runtime::{CompiledPlugin, LoadError, Runtime};
+use crate::runtime::{CompileLimits, CompiledPlugin, LoadError, Runtime};
 use crate::source::file::{FileSource, FileSourceConfig};
 use crate::source::{Source, SourceContext, SourceStatus};
 use crate::telemetry::{Metrics, PluginCounter};
@@ -74,13 +79,14 @@ pub fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
-/// Validate a sidecar and compile a plugin; does not start it. Blocking and
-/// CPU-heavy.
+/// Validate a sidecar and compile a plugin under the config's compile
+/// limits; does not start it. Blocking: for callers outside an async
+/// runtime (`watchgate check`).
 ///
 /// # Errors
 /// [`PluginError`] with the file and reason.
 pub fn compile_plugin(
-    runtime: &Runtime,
+    runtime: &Arc<Runtime>,
     config: &Config,
     name: &str,
     wasm: &[u8],
@@ -93,10 +99,13 @@ pub fn compile_plugin(
         Some((path, text)) => Sidecar::parse(path, text, config)?,
         None => Sidecar::default(),
     };
-    let compiled = runtime.compile(wasm).map_err(|source| PluginError::Wasm {
-        path: config.plugins.dir.join(format!("{name}.wasm")),
-        source,
-    })?;
+    let limits = CompileLimits::from(&config.runtime);
+    let compiled = runtime
+        .compile_blocking(Bytes::copy_from_slice(wasm), &limits)
+        .map_err(|source| PluginError::Wasm {
+            path: config.plugins.dir.join(format!("{name}.wasm")),
+            source,
+        })?;
     Ok((compiled, sidecar))
 }
 
@@ -175,6 +184,20 @@ struct Files {
     sidecar: Option<Bytes>,
 }
 
+/// A plugin's newest compile under way.
+struct Compiling {
+    ticket: u64,
+    digest: String,
+    task: AbortHandle,
+}
+
+/// A compile that ended.
+struct Compiled {
+    name: String,
+    ticket: u64,
+    result: Result<CompiledPlugin, LoadError>,
+}
+
 /// Keeps the dispatcher's plugins in step with the plugin directory.
 pub struct PluginLoader {
     config: Arc<Config>,
@@ -187,7 +210,10 @@ pub struct PluginLoader {
     states: HashMap<String, Arc<PluginState>>,
     logs: HashMap<String, Arc<PluginLog>>,
     compiled: HashMap<String, CompiledPlugin>,
+    compiling: HashMap<String, Compiling>,
+    compiles: JoinSet<Compiled>,
     next_version: u64,
+    next_ticket: u64,
 }
 
 impl PluginLoader {
@@ -210,7 +236,10 @@ impl PluginLoader {
             states: HashMap::new(),
             logs: HashMap::new(),
             compiled: HashMap::new(),
+            compiling: HashMap::new(),
+            compiles: JoinSet::new(),
             next_version: 1,
+            next_ticket: 1,
         }
     }
 
@@ -266,9 +295,20 @@ impl PluginLoader {
                     }
                     let _ = done.send(());
                 }
+                Some(ended) = self.compiles.join_next(), if !self.compiles.is_empty() => {
+                    match ended {
+                        Ok(ended) => self.compiled(ended).await,
+                        Err(e) if e.is_cancelled() => {}
+                        Err(e) => self.compile_task_failed(&e),
+                    }
+                }
                 _ = tick.tick() => {}
             }
-            if !self.status.is_loaded() && dir_status.is_synced() && rx.is_empty() {
+            if !self.status.is_loaded()
+                && dir_status.is_synced()
+                && rx.is_empty()
+                && self.compiling.is_empty()
+            {
                 self.status.loaded.store(true, Ordering::SeqCst);
                 tracing::info!(
                     plugins = ?self.dispatcher.plugin_names(),
@@ -328,6 +368,83 @@ impl PluginLoader {
         self.status.rejected.lock().insert(name.to_owned(), error);
     }
 
+    /// Start compiling `wasm` as `name`'s newest file; a compile of an
+    /// older file of it is abandoned.
+    fn start_compile(&mut self, name: &str, wasm: Bytes, digest: String) {
+        self.abandon(name);
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        let runtime = self.runtime.clone();
+        let limits = CompileLimits::from(&self.config.runtime);
+        let n = name.to_owned();
+        let task = self.compiles.spawn(async move {
+            let result = runtime.compile_bounded(wasm, &limits).await;
+            Compiled {
+                name: n,
+                ticket,
+                result,
+            }
+        });
+        tracing::debug!(plugin = %name, digest = %&digest[..12], "Compiling plugin.");
+        self.compiling.insert(
+            name.to_owned(),
+            Compiling {
+                ticket,
+                digest,
+                task,
+            },
+        );
+    }
+
+    /// Forget `name`'s compile under way. One still waiting for a slot
+    /// leaves the queue; one compiling runs to its end and is dropped.
+    fn abandon(&mut self, name: &str) {
+        if let Some(c) = self.compiling.remove(name) {
+            c.task.abort();
+        }
+    }
+
+    /// A compile ended: apply it if it is of the plugin's newest file.
+    async fn compiled(&mut self, ended: Compiled) {
+        let Compiled {
+            name,
+            ticket,
+            result,
+        } = ended;
+        if self.compiling.get(&name).is_none_or(|c| c.ticket != ticket) {
+            return;
+        }
+        self.compiling.remove(&name);
+        match result {
+            Ok(compiled) => {
+                self.compiled.insert(name.clone(), compiled);
+                self.reload(&name).await;
+            }
+            Err(source) => {
+                if let Some(limit) = source.limit() {
+                    self.metrics.compile_refused(&name, limit);
+                }
+                let e = PluginError::Wasm {
+                    path: self.config.plugins.dir.join(format!("{name}.wasm")),
+                    source,
+                };
+                self.reject(&name, e.to_string());
+            }
+        }
+    }
+
+    fn compile_task_failed(&mut self, e: &tokio::task::JoinError) {
+        let name = self
+            .compiling
+            .iter()
+            .find(|(_, c)| c.task.id() == e.id())
+            .map(|(name, _)| name.clone());
+        if let Some(name) = name {
+            self.compiling.remove(&name);
+            self.reject(&name, format!("compiler task failed: {e}"));
+        }
+    }
+
     async fn reload(&mut self, name: &str) {
         let Some(files) = self.files.get(name) else {
             return;
@@ -338,6 +455,7 @@ impl PluginLoader {
             if files.sidecar.is_none() {
                 self.files.remove(name);
             }
+            self.abandon(name);
             self.compiled.remove(name);
             self.status.rejected.lock().remove(name);
             let dispatcher = self.dispatcher.clone();
@@ -350,11 +468,17 @@ impl PluginLoader {
             }
             return;
         };
+        if !valid_name(name) {
+            return self.reject(name, PluginError::BadName(name.to_owned()).to_string());
+        }
         let sidecar_path = self.config.plugins.dir.join(format!("{name}.toml"));
-        let sidecar_text = match &files.sidecar {
-            None => None,
+        let sidecar = match &files.sidecar {
+            None => Sidecar::default(),
             Some(b) => match std::str::from_utf8(b) {
-                Ok(s) => Some(s.to_owned()),
+                Ok(text) => match Sidecar::parse(&sidecar_path, text, &self.config) {
+                    Ok(s) => s,
+                    Err(e) => return self.reject(name, e.to_string()),
+                },
                 Err(_) => {
                     self.reject(name, format!("{}: not UTF-8 text", sidecar_path.display()));
                     return;
@@ -367,37 +491,14 @@ impl PluginLoader {
             .get(name)
             .filter(|c| c.digest == digest)
             .cloned();
-        let (compiled, sidecar) = match cached {
-            // Same code: only the sidecar (or the gateway config) changed.
-            Some(c) => match sidecar_text
-                .as_deref()
-                .map(|t| Sidecar::parse(&sidecar_path, t, &self.config))
-                .transpose()
-            {
-                Ok(sidecar) => (c, sidecar.unwrap_or_default()),
-                Err(e) => return self.reject(name, e.to_string()),
-            },
-            None => {
-                let (runtime, config, n) =
-                    (self.runtime.clone(), self.config.clone(), name.to_owned());
-                let compiled = tokio::task::spawn_blocking(move || {
-                    compile_plugin(
-                        &runtime,
-                        &config,
-                        &n,
-                        &wasm,
-                        sidecar_text.as_deref().map(|t| (sidecar_path.as_path(), t)),
-                    )
-                })
-                .await;
-                match compiled {
-                    Ok(Ok(c)) => c,
-                    Ok(Err(e)) => return self.reject(name, e.to_string()),
-                    Err(e) => return self.reject(name, format!("compiler task failed: {e}")),
-                }
+        let Some(compiled) = cached else {
+            // New code. When it is already compiling, its end reloads with
+            // the sidecar and config of that moment.
+            if self.compiling.get(name).is_none_or(|c| c.digest != digest) {
+                self.start_compile(name, wasm, digest);
             }
+            return;
         };
-        self.compiled.insert(name.to_owned(), compiled.clone());
         let files_grant = match &sidecar.grants.files {
             None => None,
             Some(dir) => match FilesGrant::new(dir) {

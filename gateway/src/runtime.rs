@@ -5,12 +5,14 @@
 //! deadlines, the [`Linker`] with the host imports (WASI's waits replaced
 //! by ones held to the same deadline), and compilation of a
 //! plugin file into a [`CompiledPlugin`] (validated against the world, ready
-//! to instantiate). [`instance::Sandbox`] runs calls. Its settings are its
+//! to instantiate). [`instance::Sandbox`] runs calls; [`compile`] bounds
+//! what compiling an untrusted file may cost. Its settings are its
 //! own: [`RuntimeConfig`] for the engine and [`Limits`] per call. This
 //! module must not know about queues, routing or where plugin files come
 //! from; it uses `host` for the store data and the WIT bindings, never the
 //! reverse.
 
+pub mod compile;
 pub mod config;
 pub mod instance;
 pub mod limits;
@@ -24,6 +26,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
+pub use compile::CompileLimits;
 pub use config::RuntimeConfig;
 pub use limits::{Limits, PartialLimits};
 
@@ -58,6 +61,43 @@ pub enum LoadError {
         "a core wasm module, not a component; build the plugin for `wasm32-wasip2` with the watchgate SDK"
     )]
     CoreModule,
+    /// Its sections cannot be read.
+    #[error("cannot read the component: {0}")]
+    Malformed(String),
+    /// Larger than `max_plugin_bytes`.
+    #[error("is {bytes} bytes, more than [runtime] max_plugin_bytes = {limit}")]
+    TooLarge {
+        /// The file's size.
+        bytes: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// More functions than `max_plugin_functions`.
+    #[error(
+        "defines at least {functions} functions, more than [runtime] max_plugin_functions = {limit}"
+    )]
+    TooManyFunctions {
+        /// Functions counted before the scan stopped.
+        functions: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A function body larger than `max_function_bytes`.
+    #[error("has a function of {bytes} bytes, more than [runtime] max_function_bytes = {limit}")]
+    FunctionTooLarge {
+        /// The function body's size.
+        bytes: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The compile took longer than `compile_timeout`.
+    #[error(
+        "did not compile within [runtime] compile_timeout = {limit:?}; the compile was abandoned"
+    )]
+    CompileTimeout {
+        /// The limit.
+        limit: Duration,
+    },
     /// wasmtime could not compile it.
     #[error("does not compile: {0:#}")]
     Compile(wasmtime::Error),
@@ -70,6 +110,20 @@ pub enum LoadError {
     /// Its `watchgate-manifest` section is unreadable.
     #[error("{0}")]
     Manifest(String),
+}
+
+impl LoadError {
+    /// The `[runtime]` limit the file passed, if that is why it was
+    /// refused: the `limit` label of `watchgate_plugin_compile_refused`.
+    pub fn limit(&self) -> Option<&'static str> {
+        match self {
+            LoadError::TooLarge { .. } => Some("max_plugin_bytes"),
+            LoadError::TooManyFunctions { .. } => Some("max_plugin_functions"),
+            LoadError::FunctionTooLarge { .. } => Some("max_function_bytes"),
+            LoadError::CompileTimeout { .. } => Some("compile_timeout"),
+            _ => None,
+        }
+    }
 }
 
 /// A plugin compiled and validated against the world, ready to instantiate.
@@ -101,6 +155,7 @@ pub struct Runtime {
     config: RuntimeConfig,
     ticker: Option<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
+    compiles: compile::CompilePool,
 }
 
 impl Runtime {
@@ -174,6 +229,7 @@ impl Runtime {
             config: config.clone(),
             ticker: Some(ticker),
             stop,
+            compiles: compile::CompilePool::new(config.compile_concurrency, cache.is_some()),
         }))
     }
 
@@ -187,17 +243,19 @@ impl Runtime {
         &self.config
     }
 
-    /// Compile and validate a plugin file. CPU-heavy: call it off the async
-    /// workers.
+    /// Compile and validate a plugin file, with no limits: for files you
+    /// trust (tests, benchmarks). Plugin files from the directory and the
+    /// plugin tools go through [`Runtime::compile_bounded`]. CPU-heavy:
+    /// call it off the async workers.
     ///
     /// # Errors
     /// [`LoadError`] saying why the file is not a usable plugin.
     pub fn compile(&self, bytes: &[u8]) -> Result<CompiledPlugin, LoadError> {
-        match bytes.get(..8) {
-            Some([0, b'a', b's', b'm', 0x0d, 0, 0x01, 0]) => {}
-            Some([0, b'a', b's', b'm', ..]) => return Err(LoadError::CoreModule),
-            _ => return Err(LoadError::NotWasm),
-        }
+        self.compile_digest(bytes, digest(bytes))
+    }
+
+    fn compile_digest(&self, bytes: &[u8], digest: String) -> Result<CompiledPlugin, LoadError> {
+        check_header(bytes)?;
         let manifest = crate::manifest::read(bytes)
             .map_err(LoadError::Manifest)?
             .map(Arc::new);
@@ -209,10 +267,19 @@ impl Runtime {
         let pre = PluginPre::new(instance_pre).map_err(LoadError::Exports)?;
         Ok(CompiledPlugin {
             pre,
-            digest: digest(bytes),
+            digest,
             size: bytes.len(),
             manifest,
         })
+    }
+}
+
+/// A component, not a core module or something else.
+fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
+    match bytes.get(..8) {
+        Some([0, b'a', b's', b'm', 0x0d, 0, 0x01, 0]) => Ok(()),
+        Some([0, b'a', b's', b'm', ..]) => Err(LoadError::CoreModule),
+        _ => Err(LoadError::NotWasm),
     }
 }
 

@@ -118,6 +118,15 @@ pub struct CapabilityLabels {
     pub outcome: String,
 }
 
+/// Labels of a plugin file refused by a compile limit.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CompileRefusalLabels {
+    /// Plugin name.
+    pub plugin: String,
+    /// The `[runtime]` key of the limit (`max_plugin_functions`, …).
+    pub limit: String,
+}
+
 type HistogramFamily = Family<PluginLabels, Histogram, fn() -> Histogram>;
 
 fn call_histogram() -> Histogram {
@@ -176,6 +185,10 @@ pub struct Metrics {
     pub capability_calls: Family<CapabilityLabels, Counter>,
     /// Bytes of keys plus values `snapshot` scans copied into a plugin.
     pub snapshot_scan_bytes: Family<PluginLabels, Counter>,
+    /// Plugin files refused by a compile limit, by limit.
+    pub plugin_compile_refused: Family<CompileRefusalLabels, Counter>,
+    /// Plugin compiles running, abandoned ones included.
+    pub compiles_running: Gauge,
     /// Live tokio tasks, refreshed on every scrape.
     pub runtime_alive_tasks: Gauge,
     /// Live replicas of the cluster, as this replica sees them.
@@ -221,6 +234,8 @@ impl Metrics {
             plugin_threads_abandoned: Family::default(),
             capability_calls: Family::default(),
             snapshot_scan_bytes: Family::default(),
+            plugin_compile_refused: Family::default(),
+            compiles_running: Gauge::default(),
             runtime_alive_tasks: Gauge::default(),
             cluster_replicas: Gauge::default(),
             cluster_owned_plugins: Gauge::default(),
@@ -340,6 +355,16 @@ impl Metrics {
             "watchgate_snapshot_scan_bytes",
             "Bytes of keys and values snapshot scans copied into a plugin",
             m.snapshot_scan_bytes.clone(),
+        );
+        registry.register(
+            "watchgate_plugin_compile_refused",
+            "Plugin files refused by a compile limit (size, functions, function size, compile time)",
+            m.plugin_compile_refused.clone(),
+        );
+        registry.register(
+            "watchgate_compiles_running",
+            "Plugin compiles running, including abandoned ones still finishing in the background",
+            m.compiles_running.clone(),
         );
         registry.register(
             "watchgate_runtime_alive_tasks",
@@ -472,6 +497,17 @@ impl Metrics {
         self.snapshot_scan_bytes
             .get_or_create(&Self::plugin(plugin))
             .inc_by(u64::try_from(bytes).unwrap_or(u64::MAX));
+    }
+
+    /// Count a plugin file refused by the compile limit `limit` (its
+    /// `[runtime]` key).
+    pub fn compile_refused(&self, plugin: &str, limit: &str) {
+        self.plugin_compile_refused
+            .get_or_create(&CompileRefusalLabels {
+                plugin: plugin.to_owned(),
+                limit: limit.to_owned(),
+            })
+            .inc();
     }
 
     /// Record one capability call.
@@ -648,6 +684,7 @@ mod tests {
         m.snapshot_scanned("p", 7);
         m.count_plugin(PluginCounter::WaitCutOff, "p");
         m.thread_abandoned("p", std::time::Duration::from_secs(2), 1_000);
+        m.compile_refused("p", "max_plugin_functions");
         let text = m.encode();
         for name in [
             "watchgate_source_events_total{source=\"s\"} 1",
@@ -659,6 +696,8 @@ mod tests {
             "watchgate_snapshot_scan_bytes_total{plugin=\"p\"} 7",
             "watchgate_plugin_waits_cut_off_total{plugin=\"p\"} 1",
             "watchgate_plugin_threads_abandoned_total{plugin=\"p\"} 1",
+            "watchgate_plugin_compile_refused_total{plugin=\"p\",limit=\"max_plugin_functions\"} 1",
+            "watchgate_compiles_running 0",
             "watchgate_plugin_call_seconds_count{plugin=\"p\"} 1",
             "watchgate_runtime_alive_tasks",
         ] {

@@ -7,6 +7,7 @@
 
 mod adversarial;
 mod adversarial_blocking;
+mod adversarial_compile;
 mod cli;
 mod cluster;
 mod consul_source;

@@ -26,7 +26,7 @@ use crate::host::snapshot::{ScanRequest, Scanned, SnapshotGrant, SnapshotReader}
 use crate::host::{Effects, PluginContext};
 use crate::manifest::CapabilityReport;
 use crate::runtime::instance::{LoadedPlugin, Sandbox};
-use crate::runtime::{Limits, PartialLimits, Runtime, RuntimeConfig};
+use crate::runtime::{CompileLimits, Limits, PartialLimits, Runtime, RuntimeConfig};
 use crate::telemetry::Metrics;
 
 /// Arguments of `watchgate plugin test`.
@@ -208,7 +208,8 @@ pub fn plugin_test(args: &TestArgs) -> i32 {
         Ok(b) => b,
         Err(e) => return fail(format!("{}: cannot read: {e}", args.wasm.display())),
     };
-    let compiled = match runtime.compile(&bytes) {
+    let limits_of_compile = CompileLimits::from(&runtime_config);
+    let compiled = match runtime.compile_blocking(Bytes::from(bytes), &limits_of_compile) {
         Ok(c) => c,
         Err(e) => return fail(format!("{}: {e}", args.wasm.display())),
     };

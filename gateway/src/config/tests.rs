@@ -102,3 +102,30 @@ fn sidecar_checks_sources_and_limits() {
     .to_string();
     assert!(err.contains("grants.kv[0].source"), "{err}");
 }
+
+#[test]
+fn compile_limits_have_defaults_and_must_be_positive() {
+    let c = parse("").unwrap();
+    assert_eq!(c.runtime.max_plugin_bytes, 32 << 20);
+    assert_eq!(c.runtime.max_plugin_functions, 50_000);
+    assert_eq!(c.runtime.max_function_bytes, 512 << 10);
+    assert_eq!(
+        c.runtime.compile_timeout,
+        std::time::Duration::from_secs(60)
+    );
+    assert_eq!(c.runtime.compile_concurrency, 2);
+    let c = parse("[runtime]\ncompile_timeout = \"1500ms\"\nmax_plugin_functions = 7\n").unwrap();
+    assert_eq!(
+        c.runtime.compile_timeout,
+        std::time::Duration::from_millis(1500)
+    );
+    assert_eq!(c.runtime.max_plugin_functions, 7);
+    let err = parse("[runtime]\ncompile_concurrency = 0\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("runtime.compile_concurrency"), "{err}");
+    let err = parse("[runtime]\ncompile_timeout = \"0s\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("runtime.compile_timeout"), "{err}");
+}

@@ -67,6 +67,19 @@ pub(super) fn gateway(config: &Config) -> Result<(), String> {
             rt.defaults.timeout_ms, rt.max_timeout_ms
         ));
     }
+    for (key, value) in [
+        ("max_plugin_bytes", rt.max_plugin_bytes),
+        ("max_plugin_functions", rt.max_plugin_functions),
+        ("max_function_bytes", rt.max_function_bytes),
+        ("compile_concurrency", rt.compile_concurrency as u64),
+    ] {
+        if value == 0 {
+            return Err(format!("runtime.{key} must be at least 1"));
+        }
+    }
+    if rt.compile_timeout.is_zero() {
+        return Err("runtime.compile_timeout must be more than 0".into());
+    }
     Ok(())
 }
 

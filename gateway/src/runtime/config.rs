@@ -5,6 +5,8 @@
 //! it as is; the checks that relate it to other tables live with the file
 //! format. It must not build an engine; [`super::Runtime`] does.
 
+use std::time::Duration;
+
 use serde::Deserialize;
 
 use super::limits::Limits;
@@ -41,10 +43,50 @@ pub struct RuntimeConfig {
     /// restart does not compile them again. Default true.
     #[serde(default = "default_true")]
     pub compile_cache: bool,
+    /// Largest plugin file accepted, in bytes. Default 32 MiB.
+    #[serde(default = "default_max_plugin_bytes")]
+    pub max_plugin_bytes: u64,
+    /// Most functions one plugin may define (core functions of every
+    /// nested module plus the component's canonical functions): compile
+    /// time and memory grow with each one. Default 50,000.
+    #[serde(default = "default_max_plugin_functions")]
+    pub max_plugin_functions: u64,
+    /// Largest single function body, in bytes: compile time grows faster
+    /// than linearly with a function's size. Default 512 KiB.
+    #[serde(default = "default_max_function_bytes")]
+    pub max_function_bytes: u64,
+    /// How long a compile may take before the plugin is refused. wasmtime
+    /// cannot stop a compile: one past its time runs to its end in the
+    /// background, holding its slot, and its result is dropped. Default 60 s.
+    #[serde(default = "default_compile_timeout", with = "humantime_serde")]
+    pub compile_timeout: Duration,
+    /// Compiles that may run at once (abandoned ones included). Default 2.
+    #[serde(default = "default_compile_concurrency")]
+    pub compile_concurrency: usize,
 }
 
 fn default_true() -> bool {
     true
+}
+
+fn default_max_plugin_bytes() -> u64 {
+    32 << 20
+}
+
+fn default_max_plugin_functions() -> u64 {
+    50_000
+}
+
+fn default_max_function_bytes() -> u64 {
+    512 << 10
+}
+
+fn default_compile_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_compile_concurrency() -> usize {
+    2
 }
 
 fn default_max_instances() -> u32 {
@@ -81,6 +123,11 @@ impl Default for RuntimeConfig {
             log_lines_per_second: default_log_lines_per_second(),
             max_instances: default_max_instances(),
             compile_cache: true,
+            max_plugin_bytes: default_max_plugin_bytes(),
+            max_plugin_functions: default_max_plugin_functions(),
+            max_function_bytes: default_max_function_bytes(),
+            compile_timeout: default_compile_timeout(),
+            compile_concurrency: default_compile_concurrency(),
         }
     }
 }

@@ -1,0 +1,447 @@
+//! Compiling plugin files from authors who do not trust each other, without
+//! letting one file's compile hold up the others or take the machine.
+//!
+//! Owns the limits a file must pass before wasmtime sees it
+//! ([`CompileLimits`]), the pre-scan that checks them ([`scan`]) and the
+//! bounded pool compiles run on ([`CompilePool`], driven by
+//! [`Runtime::compile_bounded`]). A compile's time and memory grow with
+//! the functions and code it compiles, and faster than linearly with the
+//! size of one function, so the pre-scan refuses a file by its size, its
+//! function count and its largest function, reading the sections without
+//! compiling anything. What passes runs on a thread and a rayon pool of its
+//! own: wasmtime compiles functions in parallel on rayon's global pool
+//! otherwise, where a small plugin's functions queue behind every function
+//! of a large one. At most `compile_concurrency` compiles run at once, each
+//! waited for at most `compile_timeout`. wasmtime cannot stop a compile, so
+//! one past its time is abandoned: the caller gets
+//! [`LoadError::CompileTimeout`], and the compile runs to its end in the
+//! background, keeping its slot so abandoned compiles cannot pile up, and
+//! its result is dropped. This module must not know where files come from
+//! or which plugin a file is.
+
+use std::collections::HashSet;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::{Semaphore, oneshot};
+use wasmparser::{Parser, Payload};
+
+use super::{CompiledPlugin, LoadError, Runtime, RuntimeConfig};
+
+/// How much nicer than plugin calls and event delivery compile threads run:
+/// a compile is background work, and a large one must not take a core from
+/// the threads that serve running plugins. (On Linux, the nice value of a
+/// thread ID applies to that thread alone.)
+const COMPILE_NICE: i32 = 10;
+
+/// Digests remembered as compiled within the limits; past this many the
+/// set starts over, so a stream of distinct files cannot grow it.
+const MAX_KNOWN: usize = 4096;
+
+/// The limits a plugin file must pass to be compiled, from `[runtime]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompileLimits {
+    /// Largest file, in bytes (`max_plugin_bytes`).
+    pub max_bytes: u64,
+    /// Most functions (`max_plugin_functions`).
+    pub max_functions: u64,
+    /// Largest function body, in bytes (`max_function_bytes`).
+    pub max_function_bytes: u64,
+    /// Longest compile (`compile_timeout`).
+    pub timeout: Duration,
+}
+
+impl From<&RuntimeConfig> for CompileLimits {
+    fn from(c: &RuntimeConfig) -> Self {
+        CompileLimits {
+            max_bytes: c.max_plugin_bytes,
+            max_functions: c.max_plugin_functions,
+            max_function_bytes: c.max_function_bytes,
+            timeout: c.compile_timeout,
+        }
+    }
+}
+
+/// What the pre-scan counted in a file that passed it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Shape {
+    /// File size.
+    pub bytes: u64,
+    /// Core functions defined in every nested module, plus the component's
+    /// canonical functions (each compiles to a trampoline).
+    pub functions: u64,
+    /// The largest function body, in bytes.
+    pub largest_function: u64,
+}
+
+/// Check `wasm` against `limits` without compiling it: one pass over its
+/// sections, nested modules and components included, stopping at the first
+/// limit passed. Linear in the file size and allocation-free, so it is safe
+/// to run on any file before anything else looks at it.
+///
+/// # Errors
+/// The limit passed, or [`LoadError::Malformed`] when the sections cannot
+/// be read.
+pub fn scan(wasm: &[u8], limits: &CompileLimits) -> Result<Shape, LoadError> {
+    let bytes = wasm.len() as u64;
+    if bytes > limits.max_bytes {
+        return Err(LoadError::TooLarge {
+            bytes,
+            limit: limits.max_bytes,
+        });
+    }
+    super::check_header(wasm)?;
+    let mut shape = Shape {
+        bytes,
+        ..Shape::default()
+    };
+    for payload in Parser::new(0).parse_all(wasm) {
+        match payload.map_err(|e| LoadError::Malformed(e.to_string()))? {
+            Payload::CodeSectionStart { count, .. } => shape.functions += u64::from(count),
+            Payload::ComponentCanonicalSection(s) => shape.functions += u64::from(s.count()),
+            Payload::CodeSectionEntry(body) => {
+                let size = body.range().len() as u64;
+                if size > limits.max_function_bytes {
+                    return Err(LoadError::FunctionTooLarge {
+                        bytes: size,
+                        limit: limits.max_function_bytes,
+                    });
+                }
+                shape.largest_function = shape.largest_function.max(size);
+            }
+            _ => {}
+        }
+        if shape.functions > limits.max_functions {
+            return Err(LoadError::TooManyFunctions {
+                functions: shape.functions,
+                limit: limits.max_functions,
+            });
+        }
+    }
+    Ok(shape)
+}
+
+/// Where compiles run: a fixed number of slots, and the digests that
+/// compiled within the limits before.
+pub(super) struct CompilePool {
+    slots: Arc<Semaphore>,
+    /// With the compile cache on, a file that compiled here before is a
+    /// cache hit: it takes milliseconds and no slot, so it never waits
+    /// behind a slow compile. Without the cache it would be a full compile,
+    /// and takes a slot like any other.
+    cached: bool,
+    known: Mutex<HashSet<String>>,
+    running: OnceLock<Gauge>,
+}
+
+impl CompilePool {
+    pub(super) fn new(concurrency: usize, cached: bool) -> CompilePool {
+        CompilePool {
+            slots: Arc::new(Semaphore::new(concurrency.max(1))),
+            cached,
+            known: Mutex::default(),
+            running: OnceLock::new(),
+        }
+    }
+
+    fn is_known(&self, digest: &str) -> bool {
+        self.cached && self.known.lock().contains(digest)
+    }
+
+    fn remember(&self, digest: &str) {
+        let mut known = self.known.lock();
+        if known.len() >= MAX_KNOWN {
+            known.clear();
+        }
+        known.insert(digest.to_owned());
+    }
+
+    fn gauge(&self, delta: i64) {
+        if let Some(g) = self.running.get() {
+            g.inc_by(delta);
+        }
+    }
+}
+
+impl Runtime {
+    /// Count compiles running (abandoned ones included) in `gauge`.
+    pub fn count_compiles_in(&self, gauge: Gauge) {
+        let _ = self.compiles.running.set(gauge);
+    }
+
+    /// Compile and validate a plugin file from an untrusted author: the
+    /// pre-scan against `limits`, then the compile on the bounded pool,
+    /// waited for at most `limits.timeout` (time spent waiting for a slot
+    /// does not count). Never blocks the async workers.
+    ///
+    /// # Errors
+    /// [`LoadError`] saying why the file is not a usable plugin, naming the
+    /// limit it passed.
+    pub async fn compile_bounded(
+        self: &Arc<Self>,
+        wasm: Bytes,
+        limits: &CompileLimits,
+    ) -> Result<CompiledPlugin, LoadError> {
+        scan(&wasm, limits)?;
+        let digest = super::digest(&wasm);
+        let known = self.compiles.is_known(&digest);
+        let slot = if known {
+            None
+        } else {
+            let slots = self.compiles.slots.clone();
+            // The semaphore is never closed.
+            Some(slots.acquire_owned().await.map_err(|e| {
+                LoadError::Compile(wasmtime::format_err!("compile pool closed: {e}"))
+            })?)
+        };
+        let (tx, rx) = oneshot::channel();
+        let runtime = self.clone();
+        self.compiles.gauge(1);
+        let started = Instant::now();
+        let spawned = std::thread::Builder::new()
+            .name("watchgate-compile".into())
+            .spawn(move || {
+                lower_priority();
+                let result = if known {
+                    runtime.compile_digest(&wasm, digest)
+                } else {
+                    on_own_pool(|| runtime.compile_digest(&wasm, digest))
+                };
+                drop(slot);
+                runtime.compiles.gauge(-1);
+                if let Ok(c) = &result {
+                    runtime.compiles.remember(&c.digest);
+                }
+                if tx.send(result).is_err() {
+                    tracing::info!(
+                        seconds = started.elapsed().as_secs_f64(),
+                        "An abandoned compile finished; its result is dropped."
+                    );
+                }
+            });
+        if let Err(e) = spawned {
+            self.compiles.gauge(-1);
+            return Err(LoadError::Compile(wasmtime::format_err!(
+                "cannot start a compile thread: {e}"
+            )));
+        }
+        match tokio::time::timeout(limits.timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(LoadError::Compile(wasmtime::format_err!(
+                "the compile thread panicked"
+            ))),
+            Err(_) => Err(LoadError::CompileTimeout {
+                limit: limits.timeout,
+            }),
+        }
+    }
+
+    /// [`Runtime::compile_bounded`] for callers outside an async runtime
+    /// (`watchgate check`, `watchgate plugin test`). Must not be called from
+    /// inside one.
+    ///
+    /// # Errors
+    /// As [`Runtime::compile_bounded`].
+    pub fn compile_blocking(
+        self: &Arc<Self>,
+        wasm: Bytes,
+        limits: &CompileLimits,
+    ) -> Result<CompiledPlugin, LoadError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| {
+                LoadError::Compile(wasmtime::format_err!("cannot start a timer runtime: {e}"))
+            })?;
+        rt.block_on(self.compile_bounded(wasm, limits))
+    }
+}
+
+/// Run `f` with a rayon pool of its own as the current pool, so the
+/// parallel compile inside uses these threads and no other compile's.
+fn on_own_pool<T: Send>(f: impl FnOnce() -> Result<T, LoadError> + Send) -> Result<T, LoadError> {
+    let threads = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("watchgate-compile-{i}"))
+        .start_handler(|_| lower_priority())
+        .build()
+        .map_err(|e| {
+            LoadError::Compile(wasmtime::format_err!("cannot start compile threads: {e}"))
+        })?;
+    pool.install(f)
+}
+
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{getpriority_process, setpriority_process};
+        let me = Some(rustix::thread::gettid());
+        let result = getpriority_process(me)
+            .and_then(|now| setpriority_process(me, (now + COMPILE_NICE).min(19)));
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "Could not lower a compile thread's priority.");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasm_encoder::{
+        BlockType, CodeSection, Component, Function, FunctionSection, Module, ModuleSection,
+        TypeSection, ValType,
+    };
+
+    /// A core module of `functions` functions of `ops` operations each;
+    /// with `locals`, the operations keep that many locals live across
+    /// branches, which is slow to compile.
+    fn module(functions: u32, ops: u32, locals: u32) -> Module {
+        let mut types = TypeSection::new();
+        types.ty().function([], []);
+        let mut funcs = FunctionSection::new();
+        let mut code = CodeSection::new();
+        for _ in 0..functions {
+            funcs.function(0);
+            let mut f = Function::new([(locals, ValType::I32)]);
+            for i in 0..ops {
+                let l = locals.max(1);
+                if i % 64 == 0 {
+                    f.instructions().local_get(i % l).if_(BlockType::Empty);
+                }
+                f.instructions()
+                    .local_get(i % l)
+                    .local_get(i.wrapping_mul(7) % l)
+                    .i32_add()
+                    .local_set(i.wrapping_mul(13).wrapping_add(1) % l);
+                if i % 64 == 63 || i + 1 == ops {
+                    f.instructions().end();
+                }
+            }
+            f.instructions().end();
+            code.function(&f);
+        }
+        let mut m = Module::new();
+        m.section(&types).section(&funcs).section(&code);
+        m
+    }
+
+    fn component(modules: &[Module]) -> Vec<u8> {
+        let mut c = Component::new();
+        for m in modules {
+            c.section(&ModuleSection(m));
+        }
+        c.finish()
+    }
+
+    fn limits() -> CompileLimits {
+        CompileLimits::from(&RuntimeConfig::default())
+    }
+
+    #[test]
+    fn counts_functions_across_nested_modules() {
+        let wasm = component(&[module(3, 10, 4), module(5, 200, 4)]);
+        let shape = scan(&wasm, &limits()).unwrap();
+        assert_eq!(shape.functions, 8);
+        assert_eq!(shape.bytes, wasm.len() as u64);
+        assert!(shape.largest_function > 200 * 4, "{shape:?}");
+    }
+
+    #[test]
+    fn refusals_name_the_limit_and_its_value() {
+        let wasm = component(&[module(40, 1, 1), module(40, 1, 1)]);
+        let tight = CompileLimits {
+            max_functions: 50,
+            ..limits()
+        };
+        let e = scan(&wasm, &tight).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "defines at least 80 functions, more than [runtime] max_plugin_functions = 50"
+        );
+
+        let small = CompileLimits {
+            max_bytes: 100,
+            ..limits()
+        };
+        let e = scan(&wasm, &small).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "is {} bytes, more than [runtime] max_plugin_bytes = 100",
+                wasm.len()
+            )
+        );
+
+        let wasm = component(&[module(1, 2000, 8)]);
+        let e = scan(&wasm, &limits()).unwrap();
+        let narrow = CompileLimits {
+            max_function_bytes: e.largest_function - 1,
+            ..limits()
+        };
+        let e = scan(&wasm, &narrow).unwrap_err().to_string();
+        assert!(
+            e.starts_with("has a function of ")
+                && e.ends_with(&format!(
+                    " bytes, more than [runtime] max_function_bytes = {}",
+                    narrow.max_function_bytes
+                )),
+            "{e}"
+        );
+
+        let e = scan(&wasm[..wasm.len() - 3], &limits()).unwrap_err();
+        assert!(matches!(e, LoadError::Malformed(_)), "{e}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_compile_is_abandoned_while_others_go_on() {
+        let runtime = Runtime::new(&RuntimeConfig {
+            compile_concurrency: 2,
+            ..RuntimeConfig::default()
+        })
+        .unwrap();
+        let running = Gauge::default();
+        runtime.count_compiles_in(running.clone());
+        // Functions keeping a thousand locals live, seconds each to compile,
+        // more of them than cores: on a shared rayon pool every thread
+        // would be busy with them.
+        let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+        let slow = Bytes::from(component(&[module(2 * cores as u32, 20_000, 1000)]));
+        let quick = Bytes::from(component(&[module(10, 10, 2)]));
+        let tight = CompileLimits {
+            timeout: Duration::from_millis(200),
+            ..limits()
+        };
+        let started = Instant::now();
+        let slow_result = {
+            let runtime = runtime.clone();
+            tokio::spawn(async move { runtime.compile_bounded(slow, &tight).await })
+        };
+        while running.get() < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The quick file compiles (and then fails the world check) while the
+        // slow one holds its slot: neither the pool nor rayon makes it wait.
+        let e = runtime.compile_bounded(quick, &limits()).await.unwrap_err();
+        assert!(matches!(e, LoadError::Exports(_)), "{e}");
+        let quick_done = started.elapsed();
+        let e = slow_result.await.unwrap().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "did not compile within [runtime] compile_timeout = 200ms; the compile was abandoned"
+        );
+        assert_eq!(e.limit(), Some("compile_timeout"));
+        assert!(
+            running.get() >= 1,
+            "the abandoned compile still runs and holds its slot"
+        );
+        assert!(
+            quick_done < Duration::from_secs(2),
+            "the quick compile waited {quick_done:?}"
+        );
+    }
+}
