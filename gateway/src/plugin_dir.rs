@@ -6,8 +6,10 @@
 //! version keeps serving if the new one is rejected), a removed one unloads.
 //! The directory is watched with the same [`FileSource`] users watch
 //! directories with, so there is one file-watching code path. A rejected
-//! file is logged once with its reason and counted; the gateway keeps
-//! serving. This module must not run plugin calls.
+//! file is logged once with its reason (cut to
+//! [`MAX_TEXT`](crate::text::MAX_TEXT): a compiler's or parser's complaint
+//! may quote the file) and counted; the gateway keeps serving. This module
+//! must not run plugin calls.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -317,6 +319,11 @@ impl PluginLoader {
 
     fn reject(&self, name: &str, error: String) {
         self.metrics.count_plugin(PluginCounter::LoadFailure, name);
+        let (error, truncated) = crate::text::clip_owned(error);
+        if truncated {
+            self.metrics
+                .count_plugin(PluginCounter::TextTruncated, name);
+        }
         let running = self.dispatcher.plugin_names().iter().any(|n| n == name);
         tracing::error!(
             plugin = %name,

@@ -94,6 +94,9 @@ pub enum PluginCounter {
     DeadLetter,
     /// A log line dropped by the plugin's log budget.
     LogLineDropped,
+    /// A plugin-supplied string (an error message, a log line) cut to the
+    /// host's bound.
+    TextTruncated,
 }
 
 /// Labels of a plugin call outcome.
@@ -166,6 +169,8 @@ pub struct Metrics {
     pub plugin_instantiations: Family<PluginLabels, Counter>,
     /// Plugin log lines dropped by the rate limiter.
     pub plugin_log_dropped: Family<PluginLabels, Counter>,
+    /// Plugin-supplied strings cut to the host's bound.
+    pub plugin_text_truncated: Family<PluginLabels, Counter>,
     /// Capability calls.
     pub capability_calls: Family<CapabilityLabels, Counter>,
     /// Bytes of keys plus values `snapshot` scans copied into a plugin.
@@ -211,6 +216,7 @@ impl Metrics {
             plugin_loads: Family::default(),
             plugin_instantiations: Family::default(),
             plugin_log_dropped: Family::default(),
+            plugin_text_truncated: Family::default(),
             capability_calls: Family::default(),
             snapshot_scan_bytes: Family::default(),
             runtime_alive_tasks: Gauge::default(),
@@ -314,6 +320,11 @@ impl Metrics {
             m.plugin_log_dropped.clone(),
         );
         registry.register(
+            "watchgate_plugin_text_truncated",
+            "Plugin-supplied strings (error messages, log lines) cut to the host's bound",
+            m.plugin_text_truncated.clone(),
+        );
+        registry.register(
             "watchgate_capability_calls",
             "Host capability calls by plugin, capability and outcome",
             m.capability_calls.clone(),
@@ -392,7 +403,7 @@ impl Metrics {
 
     /// Count one event of `plugin` in a per-plugin counter (a load, a
     /// failed load, an instantiation, a retry, a dead letter, a dropped
-    /// log line).
+    /// log line, a truncated string).
     pub fn count_plugin(&self, counter: PluginCounter, plugin: &str) {
         let family = match counter {
             PluginCounter::Load => &self.plugin_loads,
@@ -401,6 +412,7 @@ impl Metrics {
             PluginCounter::Retry => &self.plugin_retries,
             PluginCounter::DeadLetter => &self.dead_letters,
             PluginCounter::LogLineDropped => &self.plugin_log_dropped,
+            PluginCounter::TextTruncated => &self.plugin_text_truncated,
         };
         family.get_or_create(&Self::plugin(plugin)).inc();
     }
@@ -611,6 +623,7 @@ mod tests {
             .get_or_create(&Metrics::plugin("p"))
             .inc();
         m.snapshot_scanned("p", 7);
+        m.count_plugin(PluginCounter::TextTruncated, "p");
         let text = m.encode();
         for name in [
             "watchgate_source_events_total{source=\"s\"} 1",
@@ -620,6 +633,7 @@ mod tests {
             "watchgate_plugin_queue_depth{plugin=\"p\"} 3",
             "watchgate_plugin_coalesced_total{plugin=\"p\"} 1",
             "watchgate_snapshot_scan_bytes_total{plugin=\"p\"} 7",
+            "watchgate_plugin_text_truncated_total{plugin=\"p\"} 1",
             "watchgate_plugin_call_seconds_count{plugin=\"p\"} 1",
             "watchgate_runtime_alive_tasks",
         ] {
