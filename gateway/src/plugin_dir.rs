@@ -463,6 +463,7 @@ impl PluginLoader {
             && running.subscriptions == subscriptions
             && running.queue_capacity == queue_capacity
             && running.retry == sidecar.retry(&self.config)
+            && running.dead_letters == sidecar.dead_letters(&self.config)
             && running.start == sidecar.start
             && running.mode == sidecar.mode
             && running.batch_max == batch_max
@@ -507,6 +508,7 @@ impl PluginLoader {
             subscriptions,
             queue_capacity,
             retry: sidecar.retry(&self.config),
+            dead_letters: sidecar.dead_letters(&self.config),
             start: sidecar.start,
             mode: sidecar.mode,
             batch_max,

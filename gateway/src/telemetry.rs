@@ -94,6 +94,9 @@ pub enum PluginCounter {
     DeadLetter,
     /// A log line dropped by the plugin's log budget.
     LogLineDropped,
+    /// A dead letter dropped to keep the plugin's dead letters within
+    /// their count and byte caps.
+    DeadLetterDropped,
     /// A plugin-supplied string (an error message, a log line) cut to the
     /// host's bound.
     TextTruncated,
@@ -169,6 +172,9 @@ pub struct Metrics {
     pub plugin_instantiations: Family<PluginLabels, Counter>,
     /// Plugin log lines dropped by the rate limiter.
     pub plugin_log_dropped: Family<PluginLabels, Counter>,
+    /// Dead letters dropped, oldest first, to keep a plugin's dead letters
+    /// within their caps.
+    pub dead_letters_dropped: Family<PluginLabels, Counter>,
     /// Plugin-supplied strings cut to the host's bound.
     pub plugin_text_truncated: Family<PluginLabels, Counter>,
     /// Capability calls.
@@ -216,6 +222,7 @@ impl Metrics {
             plugin_loads: Family::default(),
             plugin_instantiations: Family::default(),
             plugin_log_dropped: Family::default(),
+            dead_letters_dropped: Family::default(),
             plugin_text_truncated: Family::default(),
             capability_calls: Family::default(),
             snapshot_scan_bytes: Family::default(),
@@ -320,6 +327,11 @@ impl Metrics {
             m.plugin_log_dropped.clone(),
         );
         registry.register(
+            "watchgate_dead_letters_dropped",
+            "Dead letters dropped, oldest first, to keep a plugin's dead letters within their count and byte caps",
+            m.dead_letters_dropped.clone(),
+        );
+        registry.register(
             "watchgate_plugin_text_truncated",
             "Plugin-supplied strings (error messages, log lines) cut to the host's bound",
             m.plugin_text_truncated.clone(),
@@ -403,7 +415,7 @@ impl Metrics {
 
     /// Count one event of `plugin` in a per-plugin counter (a load, a
     /// failed load, an instantiation, a retry, a dead letter, a dropped
-    /// log line, a truncated string).
+    /// log line, a dropped dead letter, a truncated string).
     pub fn count_plugin(&self, counter: PluginCounter, plugin: &str) {
         let family = match counter {
             PluginCounter::Load => &self.plugin_loads,
@@ -412,9 +424,17 @@ impl Metrics {
             PluginCounter::Retry => &self.plugin_retries,
             PluginCounter::DeadLetter => &self.dead_letters,
             PluginCounter::LogLineDropped => &self.plugin_log_dropped,
+            PluginCounter::DeadLetterDropped => &self.dead_letters_dropped,
             PluginCounter::TextTruncated => &self.plugin_text_truncated,
         };
         family.get_or_create(&Self::plugin(plugin)).inc();
+    }
+
+    /// Count `n` dead letters of `plugin` dropped by its caps.
+    pub fn dead_letters_dropped(&self, plugin: &str, n: u64) {
+        self.dead_letters_dropped
+            .get_or_create(&Self::plugin(plugin))
+            .inc_by(n);
     }
 
     /// Show whether `plugin` is quarantined.
@@ -624,6 +644,7 @@ mod tests {
             .inc();
         m.snapshot_scanned("p", 7);
         m.count_plugin(PluginCounter::TextTruncated, "p");
+        m.dead_letters_dropped("p", 2);
         let text = m.encode();
         for name in [
             "watchgate_source_events_total{source=\"s\"} 1",
@@ -634,6 +655,7 @@ mod tests {
             "watchgate_plugin_coalesced_total{plugin=\"p\"} 1",
             "watchgate_snapshot_scan_bytes_total{plugin=\"p\"} 7",
             "watchgate_plugin_text_truncated_total{plugin=\"p\"} 1",
+            "watchgate_dead_letters_dropped_total{plugin=\"p\"} 2",
             "watchgate_plugin_call_seconds_count{plugin=\"p\"} 1",
             "watchgate_runtime_alive_tasks",
         ] {
