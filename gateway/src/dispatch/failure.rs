@@ -27,7 +27,7 @@ use super::worker::{Runner, Worker, WorkerState};
 use crate::backoff::Backoff;
 use crate::event::Event;
 use crate::runtime::instance::CallReport;
-use crate::store::{AddedLetter, DeadLetter, DeadLetterCap, LetterTally};
+use crate::store::{AddedLetter, DeadLetter, DeadLetterCap, LetterPage, LetterTally};
 use crate::telemetry::{OUTCOMES, Outcome, PluginCounter};
 
 /// A plugin set aside after `quarantine_after` traps in a row. An event
@@ -384,9 +384,17 @@ impl Worker {
 pub(super) type DropLog = Mutex<FailureLog>;
 
 impl Dispatcher {
-    /// The dead letters of `plugin` (running or not), oldest first.
-    pub fn dead_letters(&self, plugin: &str) -> Vec<DeadLetter> {
-        self.store.dead_letters(plugin)
+    /// The dead letters of `plugin` (running or not) with ids above
+    /// `after`, oldest first: at most `limit` and `max_bytes` as stored
+    /// (one at least).
+    pub fn dead_letters(
+        &self,
+        plugin: &str,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> LetterPage {
+        self.store.dead_letter_page(plugin, after, limit, max_bytes)
     }
 
     /// How many dead letters `plugin` has, and their stored bytes.

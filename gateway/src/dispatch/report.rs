@@ -205,11 +205,9 @@ impl Worker {
 }
 
 impl Dispatcher {
-    /// Reports of the running plugins, by name.
-    pub fn reports(&self) -> Vec<PluginReport> {
-        let mut v: Vec<PluginReport> = self.workers.iter().map(|w| w.report()).collect();
-        v.sort_by(|a, b| a.name.cmp(&b.name));
-        v
+    /// The report of `plugin`, if it runs.
+    pub fn report(&self, plugin: &str) -> Option<PluginReport> {
+        self.workers.get(plugin).map(|w| w.report())
     }
 
     /// Successful calls of `plugin` (events handled), if it runs.
