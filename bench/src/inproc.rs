@@ -60,6 +60,7 @@ fn spec(loaded: LoadedPlugin, batch_max: usize, capacity: usize) -> PluginSpec {
             quarantine_after: 0,
             ..RetryPolicy::default()
         },
+        dead_letters: watchgate::store::DeadLetterCap::default(),
         start: StartPosition::Now,
         mode: PluginMode::Single,
         batch_max,

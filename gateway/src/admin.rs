@@ -8,7 +8,11 @@
 //! `DELETE /v1/plugins/NAME/dead-letters`. Read handlers only read shared status; they must never
 //! wait on a source or a plugin, so the admin port answers even while
 //! everything else is stuck. A reload is handed to the app and answered
-//! with what it changed.
+//! with what it changed. Every listing (`/v1/plugins`, `/v1/sources`, the
+//! dead letters) answers one page at a time (`?limit=N&after=CURSOR`, at
+//! most [`MAX_PAGE`] items and, for dead letters, [`PAGE_BYTES`]), with a
+//! `next` link while more follow, so no answer grows with what plugins
+//! produce.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -30,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::dispatch::{Dispatcher, PluginReport};
 use crate::plugin_dir::{LoaderStatus, Rejection};
 use crate::source::{SourceReport, SourceStatus};
+use crate::store::LetterTally;
 use crate::telemetry::Metrics;
 
 /// A reload request from `POST /v1/reload`, answered on the enclosed
@@ -148,17 +153,177 @@ impl AdminState {
     }
 }
 
-/// The `/v1/plugins` body.
+/// Items in a page of a listing when the request gives no `limit`.
+pub const DEFAULT_PAGE: usize = 100;
+/// Most items in one page of a listing.
+pub const MAX_PAGE: usize = 1000;
+/// Most bytes of dead letters (as stored) in one page; a larger letter
+/// comes in a page of its own.
+pub const PAGE_BYTES: usize = 1 << 20;
+
+/// Which page of a listing: `?limit=N&after=CURSOR`. The cursor is the
+/// last name (plugins, sources) or id (dead letters) of the page before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Page {
+    limit: usize,
+    after: Option<String>,
+}
+
+impl Page {
+    /// Read the query string of a listing request.
+    fn parse(query: Option<&str>) -> Result<Page, String> {
+        let mut page = Page {
+            limit: DEFAULT_PAGE,
+            after: None,
+        };
+        for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            match &*key {
+                "limit" => {
+                    page.limit = value
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_PAGE).contains(n))
+                        .ok_or_else(|| {
+                            format!(
+                                "limit {value:?}: give a whole number from 1 to {MAX_PAGE} (default {DEFAULT_PAGE})"
+                            )
+                        })?;
+                }
+                "after" => page.after = Some(value.into_owned()),
+                other => {
+                    return Err(format!(
+                        "unknown query parameter {other:?}; listings take limit and after"
+                    ));
+                }
+            }
+        }
+        Ok(page)
+    }
+
+    /// Whether `name` comes after the cursor.
+    fn follows(&self, name: &str) -> bool {
+        self.after.as_deref().is_none_or(|a| name > a)
+    }
+
+    /// The link to the page after the one ending at `last`, on `path`.
+    fn next(&self, path: &str, last: &str) -> String {
+        let query = form_urlencoded::Serializer::new(String::new())
+            .append_pair("limit", &self.limit.to_string())
+            .append_pair("after", last)
+            .finish();
+        format!("{path}?{query}")
+    }
+}
+
+/// The `/v1/plugins` body: a page of plugin names, each with its running
+/// report and its rejected file, when it has them.
 #[derive(Debug, Serialize)]
 struct PluginsBody {
     plugins: Vec<PluginReport>,
     rejected: Vec<Rejection>,
+    /// The next page, when more plugins follow.
+    next: Option<String>,
 }
 
 /// The `/v1/sources` body.
 #[derive(Debug, Serialize)]
 struct SourcesBody {
     sources: Vec<SourceReport>,
+    /// The next page, when more sources follow.
+    next: Option<String>,
+}
+
+/// A page of dead letters.
+#[derive(Debug, Serialize)]
+struct DeadLettersBody<'a> {
+    plugin: &'a str,
+    /// All of the plugin's letters: how many, and their bytes as stored.
+    total: LetterTally,
+    dead_letters: Vec<crate::store::DeadLetter>,
+    /// The next page, when more letters follow.
+    next: Option<String>,
+}
+
+fn bad_request(error: &str) -> Response<Full<Bytes>> {
+    json(StatusCode::BAD_REQUEST, &ErrorBody { error })
+}
+
+/// A page of `/v1/plugins`: the running plugins and rejected files whose
+/// names follow the cursor, in name order.
+fn plugins_page(state: &AdminState, path: &str, page: &Page) -> Response<Full<Bytes>> {
+    let rejected = state.loader.rejected();
+    let mut names: Vec<String> = state
+        .dispatcher
+        .plugin_names()
+        .into_iter()
+        .chain(rejected.iter().map(|r| r.name.clone()))
+        .filter(|n| page.follows(n))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let more = names.len() > page.limit;
+    names.truncate(page.limit);
+    let body = PluginsBody {
+        plugins: names
+            .iter()
+            .filter_map(|n| state.dispatcher.report(n))
+            .collect(),
+        rejected: rejected
+            .into_iter()
+            .filter(|r| names.binary_search(&r.name).is_ok())
+            .collect(),
+        next: more
+            .then(|| names.last().map(|last| page.next(path, last)))
+            .flatten(),
+    };
+    json(StatusCode::OK, &body)
+}
+
+/// A page of `/v1/sources`, in name order.
+fn sources_page(state: &AdminState, path: &str, page: &Page) -> Response<Full<Bytes>> {
+    let mut sources: Vec<SourceReport> = state
+        .sources
+        .read()
+        .iter()
+        .map(|s| s.report())
+        .filter(|r| page.follows(&r.name))
+        .collect();
+    sources.sort_by(|a, b| a.name.cmp(&b.name));
+    let more = sources.len() > page.limit;
+    sources.truncate(page.limit);
+    let next = more
+        .then(|| sources.last().map(|last| page.next(path, &last.name)))
+        .flatten();
+    json(StatusCode::OK, &SourcesBody { sources, next })
+}
+
+/// A page of `plugin`'s dead letters, oldest first: at most the page's
+/// limit and [`PAGE_BYTES`] (one letter at least).
+fn dead_letters_page(
+    state: &AdminState,
+    plugin: &str,
+    path: &str,
+    page: &Page,
+) -> Response<Full<Bytes>> {
+    let after = match page.after.as_deref().map(str::parse::<u64>) {
+        None => 0,
+        Some(Ok(id)) => id,
+        Some(Err(_)) => {
+            return bad_request("after: give the id of the last dead letter of the page before");
+        }
+    };
+    let letters = state
+        .dispatcher
+        .dead_letters(plugin, after, page.limit, PAGE_BYTES);
+    let body = DeadLettersBody {
+        plugin,
+        total: state.dispatcher.dead_letter_tally(plugin),
+        dead_letters: letters.letters,
+        next: letters
+            .next_after
+            .map(|last| page.next(path, &last.to_string())),
+    };
+    json(StatusCode::OK, &body)
 }
 
 fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
@@ -260,10 +425,13 @@ fn dead_letters(
     state: &AdminState,
     method: &Method,
     path: &str,
+    query: Option<&str>,
     authorization: Option<&str>,
 ) -> Option<Response<Full<Bytes>>> {
     let rest = path.strip_prefix("/v1/plugins/")?;
     let (plugin, action) = rest.split_once('/')?;
+    let plugin = percent_encoding::percent_decode_str(plugin).decode_utf8_lossy();
+    let plugin = &*plugin;
     let replay = match action {
         "dead-letters" => false,
         "dead-letters/replay" => true,
@@ -283,13 +451,10 @@ fn dead_letters(
         )
     };
     Some(match (replay, method) {
-        (false, &Method::GET | &Method::HEAD) => json(
-            StatusCode::OK,
-            &serde_json::json!({
-                "plugin": plugin,
-                "dead_letters": state.dispatcher.dead_letters(plugin),
-            }),
-        ),
+        (false, &Method::GET | &Method::HEAD) => match Page::parse(query) {
+            Ok(page) => dead_letters_page(state, plugin, path, &page),
+            Err(e) => bad_request(&e),
+        },
         (false, &Method::DELETE) => mutating(&|| {
             let n = state.dispatcher.delete_dead_letters(plugin);
             json(
@@ -314,8 +479,14 @@ fn dead_letters(
     })
 }
 
-/// Answer one request that changes nothing.
-pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+/// Answer one request that changes nothing; `query` is the request's
+/// query string (the page of a listing).
+pub fn route(
+    state: &AdminState,
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+) -> Response<Full<Bytes>> {
     let known = [
         "/livez",
         "/readyz",
@@ -365,13 +536,11 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             state.metrics.encode(),
         ),
-        "/v1/plugins" => json(
-            StatusCode::OK,
-            &PluginsBody {
-                plugins: state.dispatcher.reports(),
-                rejected: state.loader.rejected(),
-            },
-        ),
+        "/v1/plugins" | "/v1/sources" => match Page::parse(query) {
+            Ok(page) if path == "/v1/plugins" => plugins_page(state, path, &page),
+            Ok(page) => sources_page(state, path, &page),
+            Err(e) => bad_request(&e),
+        },
         "/v1/cluster" => match &state.cluster {
             Some(c) => json(StatusCode::OK, &*c.read()),
             None => json(
@@ -382,9 +551,9 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
             ),
         },
         _ => json(
-            StatusCode::OK,
-            &SourcesBody {
-                sources: state.sources.read().iter().map(|s| s.report()).collect(),
+            StatusCode::NOT_FOUND,
+            &ErrorBody {
+                error: "no such endpoint",
             },
         ),
     }
@@ -417,15 +586,15 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
                         .get(hyper::header::AUTHORIZATION)
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned);
-                    let path = req.uri().path();
+                    let (path, query) = (req.uri().path(), req.uri().query());
                     let r = if req.method() == Method::POST && path == "/v1/reload" {
                         reload(&state, auth.as_deref()).await
                     } else if let Some(r) =
-                        dead_letters(&state, req.method(), path, auth.as_deref())
+                        dead_letters(&state, req.method(), path, query, auth.as_deref())
                     {
                         r
                     } else {
-                        route(&state, req.method(), path)
+                        route(&state, req.method(), path, query)
                     };
                     Ok::<_, Infallible>(r)
                 }
@@ -436,4 +605,34 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
         });
     }
     connections.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_is_read_from_the_query_and_links_to_the_next() {
+        let page = Page::parse(None).unwrap();
+        assert_eq!(page.limit, DEFAULT_PAGE);
+        assert!(page.follows(""));
+        let page = Page::parse(Some("limit=2&after=fault%2Dx+y")).unwrap();
+        assert_eq!(page.limit, 2);
+        assert_eq!(page.after.as_deref(), Some("fault-x y"));
+        assert!(!page.follows("fault-x y") && page.follows("fault-z"));
+        let next = page.next("/v1/plugins", "a&b=c");
+        assert_eq!(next, "/v1/plugins?limit=2&after=a%26b%3Dc");
+        let again = Page::parse(next.split_once('?').map(|(_, q)| q)).unwrap();
+        assert_eq!(again.after.as_deref(), Some("a&b=c"));
+    }
+
+    #[test]
+    fn a_bad_page_names_the_limit() {
+        for bad in ["limit=0", "limit=1001", "limit=many"] {
+            let e = Page::parse(Some(bad)).unwrap_err();
+            assert!(e.contains("from 1 to 1000"), "{bad}: {e}");
+        }
+        let e = Page::parse(Some("offset=3")).unwrap_err();
+        assert!(e.contains("\"offset\""), "{e}");
+    }
 }

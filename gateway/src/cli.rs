@@ -104,8 +104,8 @@ pub enum StateCommand {
 /// `watchgate dead-letters …`, through the running gateway's admin API.
 #[derive(Debug, Subcommand)]
 pub enum DeadLetterCommand {
-    /// Print a plugin's dead letters as JSON. Reads the state store
-    /// directly when no gateway is running.
+    /// Print a plugin's dead letters as JSON, every page of them. Reads
+    /// the state store directly when no gateway is running.
     List(DeadLetterArgs),
     /// Queue a plugin's dead letters again (admin token required).
     Replay(DeadLetterArgs),
@@ -192,15 +192,49 @@ pub fn dead_letters(command: DeadLetterCommand) -> i32 {
         .map_err(anyhow::Error::from)
         .and_then(|rt| {
             rt.block_on(async {
-                let mut req = reqwest::Client::new()
-                    .request(method, &url)
-                    .timeout(std::time::Duration::from_secs(10));
-                if let Some(t) = &token {
-                    req = req.bearer_auth(t);
+                let client = reqwest::Client::new();
+                let send = |url: String| {
+                    let mut req = client
+                        .request(method.clone(), url)
+                        .timeout(std::time::Duration::from_secs(10));
+                    if let Some(t) = &token {
+                        req = req.bearer_auth(t);
+                    }
+                    async move {
+                        let resp = req.send().await?;
+                        let status = resp.status();
+                        Ok::<_, anyhow::Error>((status, resp.text().await?))
+                    }
+                };
+                let (status, body) = send(url.clone()).await?;
+                if !is_list || !status.is_success() {
+                    return Ok((status, body));
                 }
-                let resp = req.send().await?;
-                let status = resp.status();
-                Ok::<_, anyhow::Error>((status, resp.text().await?))
+                // The listing comes a page at a time: follow `next` and
+                // print the letters of every page as one list.
+                let mut all: serde_json::Value = serde_json::from_str(&body)?;
+                let mut next = all["next"].as_str().map(str::to_owned);
+                while let Some(path) = next {
+                    let (status, body) =
+                        send(format!("{}{path}", base.trim_end_matches('/'))).await?;
+                    if !status.is_success() {
+                        return Ok((status, body));
+                    }
+                    let mut page: serde_json::Value = serde_json::from_str(&body)?;
+                    next = page["next"].as_str().map(str::to_owned);
+                    if let (Some(into), Some(more)) = (
+                        all["dead_letters"].as_array_mut(),
+                        page["dead_letters"].as_array_mut(),
+                    ) {
+                        into.append(more);
+                    }
+                }
+                if let Some(all) = all.as_object_mut() {
+                    all.remove("next");
+                }
+                let mut text = serde_json::to_string_pretty(&all)?;
+                text.push('\n');
+                Ok((status, text))
             })
         });
     match answer {
@@ -219,6 +253,7 @@ pub fn dead_letters(command: DeadLetterCommand) -> i32 {
                 Ok(store) => {
                     let body = serde_json::json!({
                         "plugin": args.plugin,
+                        "total": store.dead_letter_tally(&args.plugin),
                         "dead_letters": store.dead_letters(&args.plugin),
                     });
                     println!(

@@ -35,6 +35,7 @@ use crate::source::consul::ConsulSourceConfig;
 use crate::source::etcd::EtcdSourceConfig;
 use crate::source::file::FileSourceConfig;
 use crate::source::nacos::NacosSourceConfig;
+use crate::store::DeadLetterCap;
 
 pub use parse::resolve;
 pub use sidecar::Sidecar;
@@ -286,6 +287,10 @@ pub struct PluginsConfig {
     /// Most events handed to a plugin in one `handle-batch` call when its
     /// queue has a backlog. Default 64; 1 calls `handle` once per event.
     pub batch_max: usize,
+    /// Dead letters kept per plugin: `max_dead_letters` (default 1000)
+    /// and `max_dead_letter_bytes` as stored (default 16 MiB); past either,
+    /// the oldest are dropped and counted.
+    pub dead_letters: DeadLetterCap,
 }
 
 /// One `[[source]]`.

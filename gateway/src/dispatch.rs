@@ -160,6 +160,7 @@ impl Dispatcher {
             let every = spec.mode == PluginMode::EveryReplica;
             w.queue.set_capacity(spec.queue_capacity);
             w.spec.store(Arc::new(spec));
+            w.trim_dead_letters();
             w.probe_now();
             if every && w.state() == worker::WorkerState::Parked {
                 // Now for every replica: nobody claims it, run it here.
@@ -185,6 +186,7 @@ impl Dispatcher {
                 .collect()
         };
         let worker = Worker::start(self, spec, queue, parked)?;
+        worker.trim_dead_letters();
         for (source, upto, events) in initial {
             worker.enqueue(&source, upto, events);
         }

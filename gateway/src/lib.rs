@@ -23,8 +23,9 @@
 //! Modules use only modules below them, top to bottom: `main` and [`cli`];
 //! [`app`], [`admin`], [`cluster`], [`plugin_dir`]; [`config`]; [`source`];
 //! [`dispatch`]; [`runtime`]; [`host`]; and the leaves [`event`],
-//! [`store`], [`telemetry`], [`manifest`] and [`client`] (connections to
-//! stores that several layers talk to). Each layer owns the settings it
+//! [`store`], [`telemetry`], [`text`] (the bound on plugin-supplied
+//! strings), [`manifest`] and [`client`] (connections to stores that
+//! several layers talk to). Each layer owns the settings it
 //! acts on; [`config`] only assembles them from the file and checks them
 //! against each other. A type two layers share lives in the lower one.
 
@@ -44,3 +45,4 @@ pub mod runtime;
 pub mod source;
 pub mod store;
 pub mod telemetry;
+pub mod text;

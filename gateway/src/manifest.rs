@@ -3,7 +3,9 @@
 //! Owns reading the `watchgate-manifest` custom section (written by the
 //! SDK's `manifest!` macro, anywhere in the component: the core module the
 //! compiler produced keeps it) and its schema. A manifest describes and
-//! asks; it never grants: grants come only from the operator's sidecar.
+//! asks; it never grants: grants come only from the operator's sidecar. Its
+//! text is the plugin author's and shows in `/v1/plugins`, so a section
+//! over [`MAX_SECTION`] bytes rejects the file.
 
 use serde::{Deserialize, Serialize};
 
@@ -11,6 +13,9 @@ use crate::event::Subscription;
 
 /// The custom section's name.
 pub const SECTION: &str = "watchgate-manifest";
+
+/// Largest manifest section read; a real one is a few hundred bytes.
+pub const MAX_SECTION: usize = 64 * 1024;
 
 /// A capability a plugin may ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
@@ -69,6 +74,12 @@ pub fn read(wasm: &[u8]) -> Result<Option<Manifest>, String> {
         if let wasmparser::Payload::CustomSection(c) = payload
             && c.name() == SECTION
         {
+            if c.data().len() > MAX_SECTION {
+                return Err(format!(
+                    "the {SECTION} section is {} bytes, over the limit of {MAX_SECTION} bytes",
+                    c.data().len()
+                ));
+            }
             let text = std::str::from_utf8(c.data())
                 .map_err(|_| format!("the {SECTION} section is not UTF-8"))?;
             if found.is_some() {
@@ -158,5 +169,39 @@ mod tests {
         wasm.extend_from_slice(name);
         wasm.extend_from_slice(text.as_bytes());
         assert!(read(&wasm).unwrap_err().contains("not a manifest"));
+    }
+
+    /// `n` as an unsigned LEB128.
+    fn leb(mut n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let byte = u8::try_from(n & 0x7f).unwrap();
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return out;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+
+    #[test]
+    fn an_oversized_manifest_is_refused_naming_the_limit() {
+        let text = format!("description = \"{}\"\n", "d".repeat(MAX_SECTION));
+        let mut wasm = b"\0asm\x01\0\0\0".to_vec();
+        let name = SECTION.as_bytes();
+        wasm.push(0);
+        wasm.extend(leb(1 + name.len() + text.len()));
+        wasm.push(u8::try_from(name.len()).unwrap());
+        wasm.extend_from_slice(name);
+        wasm.extend_from_slice(text.as_bytes());
+        let e = read(&wasm).unwrap_err();
+        assert!(
+            e.contains(&format!(
+                "{} bytes, over the limit of 65536 bytes",
+                text.len()
+            )),
+            "{e}"
+        );
     }
 }

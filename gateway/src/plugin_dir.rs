@@ -10,8 +10,9 @@
 //! when its compile ends, so a plugin dropped in beside a slow one loads
 //! without waiting for it; a newer file of the same plugin supersedes a
 //! compile still under way. A rejected file is logged once with its reason
-//! and counted; the gateway keeps serving. This module must not run plugin
-//! calls.
+//! (cut to [`MAX_TEXT`](crate::text::MAX_TEXT): a compiler's or parser's
+//! complaint may quote the file) and counted; the gateway keeps serving.
+//! This module must not run plugin calls.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -357,6 +358,11 @@ impl PluginLoader {
 
     fn reject(&self, name: &str, error: String) {
         self.metrics.count_plugin(PluginCounter::LoadFailure, name);
+        let (error, truncated) = crate::text::clip_owned(error);
+        if truncated {
+            self.metrics
+                .count_plugin(PluginCounter::TextTruncated, name);
+        }
         let running = self.dispatcher.plugin_names().iter().any(|n| n == name);
         tracing::error!(
             plugin = %name,
@@ -557,6 +563,7 @@ impl PluginLoader {
             && running.subscriptions == subscriptions
             && running.queue_capacity == queue_capacity
             && running.retry == sidecar.retry(&self.config)
+            && running.dead_letters == sidecar.dead_letters(&self.config)
             && running.start == sidecar.start
             && running.mode == sidecar.mode
             && running.batch_max == batch_max
@@ -601,6 +608,7 @@ impl PluginLoader {
             subscriptions,
             queue_capacity,
             retry: sidecar.retry(&self.config),
+            dead_letters: sidecar.dead_letters(&self.config),
             start: sidecar.start,
             mode: sidecar.mode,
             batch_max,

@@ -11,8 +11,10 @@
 //!
 //! This module is the store's face: opening and resetting it, reading it,
 //! and queueing writes. The file layout lives in `schema`, the writer thread
-//! in `writer`. It must not decide what a cursor means (the dispatcher does).
+//! in `writer`, the dead letters' caps and pages in `letters`. It must not
+//! decide what a cursor means (the dispatcher does).
 
+mod letters;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -21,7 +23,7 @@ mod writer;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
@@ -29,10 +31,9 @@ use std::time::{Duration, SystemTime};
 use parking_lot::Mutex;
 use redb::{Database, Key, ReadableDatabase, TableDefinition, Value};
 
-use schema::{
-    CURSORS, DEAD_LETTERS, KEYS, META, PLUGIN_STATE, SCHEMA, SOURCES, decode, decode_dead_letter,
-    encode_dead_letter, init_tables,
-};
+use letters::LetterIndex;
+pub use letters::{AddedLetter, DeadLetterCap, LetterPage, LetterTally};
+use schema::{CURSORS, KEYS, META, PLUGIN_STATE, SCHEMA, SOURCES, decode, init_tables};
 pub use schema::{DeadLetter, KeyEntry, SourceMeta};
 use writer::{Indexes, Op, Probes};
 
@@ -104,6 +105,8 @@ pub struct Store {
     indexes: Indexes,
     writer: Mutex<Option<JoinHandle<()>>>,
     next_dead_letter: AtomicU64,
+    /// Each plugin's dead letters: ids and stored sizes.
+    letters: Mutex<LetterIndex>,
 }
 
 fn now_secs() -> u64 {
@@ -141,7 +144,7 @@ impl Store {
             path: path.clone().unwrap_or_default(),
             message,
         };
-        let next_dead_letter = init_tables(&db).map_err(|e| unreadable(e.to_string()))?;
+        init_tables(&db).map_err(|e| unreadable(e.to_string()))?;
         let schema = {
             let r = db.begin_read().map_err(|e| unreadable(e.to_string()))?;
             let t = r.open_table(META).map_err(|e| unreadable(e.to_string()))?;
@@ -154,6 +157,8 @@ impl Store {
                 "layout version {schema:?}, this gateway reads version {SCHEMA}"
             )));
         }
+        let (letters, next_dead_letter) =
+            letters::load_index(&db).map_err(|e| unreadable(e.to_string()))?;
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel();
         let probes: Probes = Arc::default();
@@ -167,6 +172,7 @@ impl Store {
             indexes,
             writer: Mutex::new(Some(writer)),
             next_dead_letter: AtomicU64::new(next_dead_letter),
+            letters: Mutex::new(letters),
         })
     }
 
@@ -282,20 +288,6 @@ impl Store {
         .unwrap_or_default()
     }
 
-    /// The dead letters of `plugin`, oldest first.
-    pub fn dead_letters(&self, plugin: &str) -> Vec<DeadLetter> {
-        self.read(|r| {
-            let mut out = Vec::new();
-            each_under(r, DEAD_LETTERS, plugin, 0, |_: u64, v: &[u8]| {
-                if let Some(d) = decode_dead_letter(v) {
-                    out.push(d);
-                }
-            })?;
-            Ok(out)
-        })
-        .unwrap_or_default()
-    }
-
     fn read<T>(
         &self,
         f: impl FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error>,
@@ -335,20 +327,6 @@ impl Store {
             key.to_owned(),
             value.map(<[u8]>::to_vec),
         ));
-    }
-
-    /// Record a new dead letter; returns it with its id.
-    pub fn add_dead_letter(&self, plugin: &str, mut letter: DeadLetter) -> DeadLetter {
-        letter.id = self.next_dead_letter.fetch_add(1, Ordering::SeqCst);
-        letter.at = now_secs();
-        let bytes = encode_dead_letter(&letter);
-        self.send(Op::DeadLetter(plugin.to_owned(), letter.id, Some(bytes)));
-        letter
-    }
-
-    /// Forget a dead letter (replayed successfully, or deleted).
-    pub fn remove_dead_letter(&self, plugin: &str, id: u64) {
-        self.send(Op::DeadLetter(plugin.to_owned(), id, None));
     }
 
     /// Report `probe`'s cursors with every commit from now on.

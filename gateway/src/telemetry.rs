@@ -96,6 +96,12 @@ pub enum PluginCounter {
     LogLineDropped,
     /// A WASI wait cut off at its call's deadline.
     WaitCutOff,
+    /// A dead letter dropped to keep the plugin's dead letters within
+    /// their count and byte caps.
+    DeadLetterDropped,
+    /// A plugin-supplied string (an error message, a log line) cut to the
+    /// host's bound.
+    TextTruncated,
 }
 
 /// Labels of a plugin call outcome.
@@ -181,6 +187,11 @@ pub struct Metrics {
     pub plugin_waits_cut_off: Family<PluginLabels, Counter>,
     /// Worker threads a stop did not wait for past its bound.
     pub plugin_threads_abandoned: Family<PluginLabels, Counter>,
+    /// Dead letters dropped, oldest first, to keep a plugin's dead letters
+    /// within their caps.
+    pub dead_letters_dropped: Family<PluginLabels, Counter>,
+    /// Plugin-supplied strings cut to the host's bound.
+    pub plugin_text_truncated: Family<PluginLabels, Counter>,
     /// Capability calls.
     pub capability_calls: Family<CapabilityLabels, Counter>,
     /// Bytes of keys plus values `snapshot` scans copied into a plugin.
@@ -232,6 +243,8 @@ impl Metrics {
             plugin_log_dropped: Family::default(),
             plugin_waits_cut_off: Family::default(),
             plugin_threads_abandoned: Family::default(),
+            dead_letters_dropped: Family::default(),
+            plugin_text_truncated: Family::default(),
             capability_calls: Family::default(),
             snapshot_scan_bytes: Family::default(),
             plugin_compile_refused: Family::default(),
@@ -347,6 +360,16 @@ impl Metrics {
             m.plugin_threads_abandoned.clone(),
         );
         registry.register(
+            "watchgate_dead_letters_dropped",
+            "Dead letters dropped, oldest first, to keep a plugin's dead letters within their count and byte caps",
+            m.dead_letters_dropped.clone(),
+        );
+        registry.register(
+            "watchgate_plugin_text_truncated",
+            "Plugin-supplied strings (error messages, log lines) cut to the host's bound",
+            m.plugin_text_truncated.clone(),
+        );
+        registry.register(
             "watchgate_capability_calls",
             "Host capability calls by plugin, capability and outcome",
             m.capability_calls.clone(),
@@ -435,7 +458,7 @@ impl Metrics {
 
     /// Count one event of `plugin` in a per-plugin counter (a load, a
     /// failed load, an instantiation, a retry, a dead letter, a dropped
-    /// log line, a wait cut off).
+    /// log line, a wait cut off, a dropped dead letter, a truncated string).
     pub fn count_plugin(&self, counter: PluginCounter, plugin: &str) {
         let family = match counter {
             PluginCounter::Load => &self.plugin_loads,
@@ -445,6 +468,8 @@ impl Metrics {
             PluginCounter::DeadLetter => &self.dead_letters,
             PluginCounter::LogLineDropped => &self.plugin_log_dropped,
             PluginCounter::WaitCutOff => &self.plugin_waits_cut_off,
+            PluginCounter::DeadLetterDropped => &self.dead_letters_dropped,
+            PluginCounter::TextTruncated => &self.plugin_text_truncated,
         };
         family.get_or_create(&Self::plugin(plugin)).inc();
     }
@@ -463,6 +488,13 @@ impl Metrics {
             "Plugin thread still in a call {} ms after the plugin was stopped, past its call deadline (timeout_ms = {timeout_ms}) and a margin; stopped waiting for it. The plugin is stopped and takes no more events; the thread ends on its own when its call returns.",
             waited.as_millis()
         );
+    }
+
+    /// Count `n` dead letters of `plugin` dropped by its caps.
+    pub fn dead_letters_dropped(&self, plugin: &str, n: u64) {
+        self.dead_letters_dropped
+            .get_or_create(&Self::plugin(plugin))
+            .inc_by(n);
     }
 
     /// Show whether `plugin` is quarantined.
@@ -685,6 +717,8 @@ mod tests {
         m.count_plugin(PluginCounter::WaitCutOff, "p");
         m.thread_abandoned("p", std::time::Duration::from_secs(2), 1_000);
         m.compile_refused("p", "max_plugin_functions");
+        m.count_plugin(PluginCounter::TextTruncated, "p");
+        m.dead_letters_dropped("p", 2);
         let text = m.encode();
         for name in [
             "watchgate_source_events_total{source=\"s\"} 1",
@@ -698,6 +732,8 @@ mod tests {
             "watchgate_plugin_threads_abandoned_total{plugin=\"p\"} 1",
             "watchgate_plugin_compile_refused_total{plugin=\"p\",limit=\"max_plugin_functions\"} 1",
             "watchgate_compiles_running 0",
+            "watchgate_plugin_text_truncated_total{plugin=\"p\"} 1",
+            "watchgate_dead_letters_dropped_total{plugin=\"p\"} 2",
             "watchgate_plugin_call_seconds_count{plugin=\"p\"} 1",
             "watchgate_runtime_alive_tasks",
         ] {

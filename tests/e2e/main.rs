@@ -8,6 +8,7 @@
 mod adversarial;
 mod adversarial_blocking;
 mod adversarial_compile;
+mod adversarial_strings;
 mod cli;
 mod cluster;
 mod consul_source;

@@ -25,6 +25,7 @@ use crate::source::consul::ConsulSourceConfig;
 use crate::source::etcd::EtcdSourceConfig;
 use crate::source::file::FileSourceConfig;
 use crate::source::nacos::NacosSourceConfig;
+use crate::store::DeadLetterCap;
 
 impl ConfigError {
     /// A problem with the file as a whole, or one without a position.
@@ -146,6 +147,8 @@ struct RawPluginsConfig {
     quarantine_after: Option<u32>,
     #[serde(default, with = "humantime_serde")]
     quarantine_probe: Option<Duration>,
+    max_dead_letters: Option<u64>,
+    max_dead_letter_bytes: Option<u64>,
 }
 
 pub(super) fn parse_toml<T: for<'de> Deserialize<'de>>(
@@ -299,6 +302,16 @@ impl Config {
             }
             .over(RetryPolicy::default()),
             batch_max: raw.plugins.batch_max.unwrap_or(64),
+            dead_letters: DeadLetterCap {
+                count: raw
+                    .plugins
+                    .max_dead_letters
+                    .unwrap_or(DeadLetterCap::default().count),
+                bytes: raw
+                    .plugins
+                    .max_dead_letter_bytes
+                    .unwrap_or(DeadLetterCap::default().bytes),
+            },
         };
         let state = StateConfig {
             dir: resolve(&base, raw.state.dir.as_deref().unwrap_or(Path::new("data"))),

@@ -16,6 +16,7 @@ use crate::dispatch::{PluginMode, RetryPolicy, StartPosition};
 use crate::event::Subscription;
 use crate::host::Grants;
 use crate::runtime::PartialLimits;
+use crate::store::DeadLetterCap;
 
 /// The operator's sidecar `NAME.toml` beside `NAME.wasm`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -41,6 +42,10 @@ pub struct Sidecar {
     pub retry_backoff: Option<Duration>,
     /// Overrides `[plugins] quarantine_after` for this plugin.
     pub quarantine_after: Option<u32>,
+    /// Overrides `[plugins] max_dead_letters` for this plugin.
+    pub max_dead_letters: Option<u64>,
+    /// Overrides `[plugins] max_dead_letter_bytes` for this plugin.
+    pub max_dead_letter_bytes: Option<u64>,
     /// Free-form settings the plugin reads with `settings.get` (a webhook
     /// URL, a prefix). Strings are passed as written, other values in their
     /// TOML form.
@@ -67,6 +72,15 @@ impl Sidecar {
             probe_backoff: None,
         }
         .over(config.plugins.retry)
+    }
+
+    /// The effective dead-letter caps over the gateway's.
+    pub fn dead_letters(&self, config: &Config) -> DeadLetterCap {
+        let base = config.plugins.dead_letters;
+        DeadLetterCap {
+            count: self.max_dead_letters.unwrap_or(base.count),
+            bytes: self.max_dead_letter_bytes.unwrap_or(base.bytes),
+        }
     }
 
     /// The `[settings]` table as text values.

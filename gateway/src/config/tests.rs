@@ -129,3 +129,33 @@ fn compile_limits_have_defaults_and_must_be_positive() {
         .to_string();
     assert!(err.contains("runtime.compile_timeout"), "{err}");
 }
+
+#[test]
+fn dead_letter_caps_default_and_are_overridden_per_plugin() {
+    let c = parse("[[source]]\nname = \"local\"\nkind = \"file\"\npath = \"w\"\n").unwrap();
+    assert_eq!(
+        c.plugins.dead_letters,
+        DeadLetterCap {
+            count: 1000,
+            bytes: 16 << 20
+        }
+    );
+    let c = parse("[plugins]\nmax_dead_letters = 50\nmax_dead_letter_bytes = 65536\n").unwrap();
+    let p = Path::new("/srv/plugins/x.toml");
+    let default = Sidecar::parse(p, "", &c).unwrap();
+    assert_eq!(
+        default.dead_letters(&c),
+        DeadLetterCap {
+            count: 50,
+            bytes: 65536
+        }
+    );
+    let own = Sidecar::parse(p, "max_dead_letters = 7\n", &c).unwrap();
+    assert_eq!(
+        own.dead_letters(&c),
+        DeadLetterCap {
+            count: 7,
+            bytes: 65536
+        }
+    );
+}

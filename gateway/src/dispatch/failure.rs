@@ -5,15 +5,19 @@
 //! letter, so it completes and cannot hold the queue back. A plugin that
 //! traps on `quarantine_after` calls in a row is quarantined: its events
 //! stay queued and one at a time is tried as a probe, with a growing wait
-//! between probes; a probe that does not trap ends the quarantine. This is
-//! the one place that retries, dead-letters or quarantines. It runs only
+//! between probes; a probe that does not trap ends the quarantine. A
+//! plugin's dead letters are kept within its caps (count and bytes): the
+//! oldest are dropped to make room, counted and logged. This is the one
+//! place that retries, dead-letters or quarantines. It runs only
 //! on the worker's own thread (a pooled round hands a failed plugin back
-//! first) and must not route events.
+//! first), but for trimming the dead letters to the caps of a version being
+//! installed, and must not route events.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use parking_lot::Mutex;
 
 use super::Dispatcher;
 use super::policy::RetryPolicy;
@@ -23,7 +27,7 @@ use super::worker::{Runner, Worker, WorkerState};
 use crate::backoff::Backoff;
 use crate::event::Event;
 use crate::runtime::instance::CallReport;
-use crate::store::DeadLetter;
+use crate::store::{AddedLetter, DeadLetter, DeadLetterCap, LetterPage, LetterTally};
 use crate::telemetry::{OUTCOMES, Outcome, PluginCounter};
 
 /// A plugin set aside after `quarantine_after` traps in a row. An event
@@ -131,7 +135,7 @@ impl Worker {
         if report.outcome == Outcome::ok {
             self.succeeded(event);
         } else {
-            let letter = self.dead_letter(event, &report, attempt);
+            let letter = self.dead_letter(event, &report, attempt).letter.id;
             let log = &mut r.failures;
             if log.limiter.check().is_ok() {
                 tracing::warn!(
@@ -225,7 +229,7 @@ impl Worker {
             (q.head_attempts, q.probes)
         };
         if attempts >= spec.retry.attempts {
-            let letter = self.dead_letter(event, report, attempts);
+            let letter = self.dead_letter(event, report, attempts).letter.id;
             tracing::warn!(
                 plugin = %self.name,
                 source = %event.source,
@@ -263,7 +267,6 @@ impl Worker {
     pub(super) fn succeeded(&self, event: &Event) {
         if let Some(id) = event.dead_letter {
             self.store.remove_dead_letter(&self.name, id);
-            self.stats.dead_letters.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -280,17 +283,16 @@ impl Worker {
         false
     }
 
-    /// Keep `event` as a dead letter (replacing the one it replayed);
-    /// returns its id.
-    fn dead_letter(&self, event: &Event, report: &CallReport, attempts: u32) -> u64 {
+    /// Keep `event` as a dead letter (replacing the one it replayed),
+    /// within the plugin's caps.
+    fn dead_letter(&self, event: &Event, report: &CallReport, attempts: u32) -> AddedLetter {
         if let Some(old) = event.dead_letter {
             self.store.remove_dead_letter(&self.name, old);
-        } else {
-            self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
         }
         self.metrics
             .count_plugin(PluginCounter::DeadLetter, &self.name);
-        let letter = self.store.add_dead_letter(
+        let cap = self.spec.load().dead_letters;
+        let added = self.store.add_dead_letter(
             &self.name,
             DeadLetter {
                 id: 0,
@@ -301,8 +303,59 @@ impl Worker {
                 attempts,
                 at: 0,
             },
+            cap,
         );
-        letter.id
+        if added.dropped.count > 0 {
+            self.letters_dropped(added.dropped, cap, added.kept);
+        }
+        added
+    }
+
+    /// Count dead letters dropped by the caps, and log it (at most once a
+    /// second; the next line says how many drops went unlogged).
+    fn letters_dropped(&self, dropped: LetterTally, cap: DeadLetterCap, kept: bool) {
+        self.metrics.dead_letters_dropped(&self.name, dropped.count);
+        let mut log = self.drop_log.lock();
+        if log.limiter.check().is_err() {
+            log.unlogged += dropped.count;
+            return;
+        }
+        let kept_now = self.store.dead_letter_tally(&self.name);
+        tracing::warn!(
+            plugin = %self.name,
+            dropped = dropped.count,
+            dropped_bytes = dropped.bytes,
+            unlogged_drops = log.unlogged,
+            max_dead_letters = cap.count,
+            max_dead_letter_bytes = cap.bytes,
+            dead_letters = kept_now.count,
+            dead_letter_bytes = kept_now.bytes,
+            "{}",
+            if kept {
+                "Dead letters over the plugin's caps: the oldest were dropped to keep the new one."
+            } else {
+                "A dead letter larger than the plugin's max_dead_letter_bytes was dropped instead of kept."
+            }
+        );
+        log.unlogged = 0;
+    }
+
+    /// Drop the oldest dead letters until the plugin's caps hold (a new
+    /// version with lower caps, or letters kept before the caps).
+    pub(super) fn trim_dead_letters(&self) {
+        let cap = self.spec.load().dead_letters;
+        let dropped = self.store.trim_dead_letters(&self.name, cap);
+        if dropped.count > 0 {
+            self.metrics.dead_letters_dropped(&self.name, dropped.count);
+            tracing::warn!(
+                plugin = %self.name,
+                dropped = dropped.count,
+                dropped_bytes = dropped.bytes,
+                max_dead_letters = cap.count,
+                max_dead_letter_bytes = cap.bytes,
+                "The plugin's dead letters were over its caps: the oldest were dropped."
+            );
+        }
     }
 
     /// Count one call of `event` by its outcome, and keep a failure as the
@@ -325,10 +378,28 @@ impl Worker {
     }
 }
 
+/// The lines about a worker's dead letters dropped by its caps, rate
+/// limited like its failure lines; kept in the worker, not its runner,
+/// because a probe's dead letter is made without the runner at hand.
+pub(super) type DropLog = Mutex<FailureLog>;
+
 impl Dispatcher {
-    /// The dead letters of `plugin` (running or not), oldest first.
-    pub fn dead_letters(&self, plugin: &str) -> Vec<DeadLetter> {
-        self.store.dead_letters(plugin)
+    /// The dead letters of `plugin` (running or not) with ids above
+    /// `after`, oldest first: at most `limit` and `max_bytes` as stored
+    /// (one at least).
+    pub fn dead_letters(
+        &self,
+        plugin: &str,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> LetterPage {
+        self.store.dead_letter_page(plugin, after, limit, max_bytes)
+    }
+
+    /// How many dead letters `plugin` has, and their stored bytes.
+    pub fn dead_letter_tally(&self, plugin: &str) -> LetterTally {
+        self.store.dead_letter_tally(plugin)
     }
 
     /// Queue every dead letter of a running `plugin` again, behind what is
@@ -353,14 +424,7 @@ impl Dispatcher {
     }
 
     /// Forget every dead letter of `plugin`; returns how many.
-    pub fn delete_dead_letters(&self, plugin: &str) -> usize {
-        let letters = self.store.dead_letters(plugin);
-        for d in &letters {
-            self.store.remove_dead_letter(plugin, d.id);
-        }
-        if let Some(w) = self.workers.get(plugin) {
-            w.stats.dead_letters.store(0, Ordering::Relaxed);
-        }
-        letters.len()
+    pub fn delete_dead_letters(&self, plugin: &str) -> u64 {
+        self.store.clear_dead_letters(plugin)
     }
 }

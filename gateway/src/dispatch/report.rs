@@ -37,7 +37,6 @@ pub(super) struct WorkerStats {
     /// Calls by outcome, in the order of [`OUTCOMES`].
     pub(super) calls: [AtomicU64; OUTCOMES.len()],
     pub(super) last_failure: Mutex<Option<LastFailure>>,
-    pub(super) dead_letters: AtomicU64,
 }
 
 /// The quarantine in `/v1/plugins`.
@@ -80,6 +79,12 @@ pub struct PluginReport {
     pub retry_attempts: u32,
     /// Dead letters kept for this plugin.
     pub dead_letters: u64,
+    /// Their bytes as stored.
+    pub dead_letter_bytes: u64,
+    /// At most this many dead letters are kept; the oldest are dropped.
+    pub max_dead_letters: u64,
+    /// At most this many bytes of dead letters are kept.
+    pub max_dead_letter_bytes: u64,
     /// Per source: every event at or below this position was handled.
     pub cursors: BTreeMap<String, u64>,
     /// In a cluster: `"single"` or `"every-replica"`.
@@ -142,6 +147,7 @@ impl Worker {
         let spec = self.spec.load();
         let state = self.state();
         let quarantine = self.quarantine_report();
+        let letters = self.store.dead_letter_tally(&self.name);
         PluginReport {
             name: self.name.clone(),
             version: spec.loaded.version,
@@ -171,7 +177,10 @@ impl Worker {
                 .collect(),
             last_failure: self.stats.last_failure.lock().clone(),
             retry_attempts: spec.retry.attempts,
-            dead_letters: self.stats.dead_letters.load(Ordering::Relaxed),
+            dead_letters: letters.count,
+            dead_letter_bytes: letters.bytes,
+            max_dead_letters: spec.dead_letters.count,
+            max_dead_letter_bytes: spec.dead_letters.bytes,
             cursors: self
                 .queue
                 .cursor_positions()
@@ -196,11 +205,9 @@ impl Worker {
 }
 
 impl Dispatcher {
-    /// Reports of the running plugins, by name.
-    pub fn reports(&self) -> Vec<PluginReport> {
-        let mut v: Vec<PluginReport> = self.workers.iter().map(|w| w.report()).collect();
-        v.sort_by(|a, b| a.name.cmp(&b.name));
-        v
+    /// The report of `plugin`, if it runs.
+    pub fn report(&self, plugin: &str) -> Option<PluginReport> {
+        self.workers.get(plugin).map(|w| w.report())
     }
 
     /// Successful calls of `plugin` (events handled), if it runs.

@@ -14,6 +14,7 @@ use super::policy::{PluginMode, RetryPolicy, StartPosition};
 use crate::event::{Event, EventSink, Subscription};
 use crate::host::Grants;
 use crate::runtime::instance::LoadedPlugin;
+use crate::store::DeadLetterCap;
 
 use super::Dispatcher;
 use super::index::SourceKeys;
@@ -33,6 +34,8 @@ pub struct PluginSpec {
     pub queue_capacity: usize,
     /// What a failed call leads to.
     pub retry: RetryPolicy,
+    /// How many dead letters, and bytes of them, it keeps.
+    pub dead_letters: DeadLetterCap,
     /// Where it starts when it has no cursor.
     pub start: StartPosition,
     /// In a cluster: one replica at a time, or every replica.

@@ -21,7 +21,7 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 
 use super::Dispatcher;
-use super::failure::{FailureLog, Handled, Quarantine, is_trap};
+use super::failure::{DropLog, FailureLog, Handled, Quarantine, is_trap};
 use super::ownership::Replay;
 use super::pool;
 use super::queue::{EventQueue, PushStats};
@@ -148,6 +148,8 @@ pub(super) struct Worker {
     pub(super) quarantine: Mutex<Option<Quarantine>>,
     /// The call state, held by the thread running a round.
     runner: Mutex<Runner>,
+    /// Rate limits the lines about dead letters dropped by the caps.
+    pub(super) drop_log: DropLog,
     /// On the pool's run queue or in a round there.
     scheduled: AtomicBool,
     pool: Arc<pool::Pool<Worker>>,
@@ -173,9 +175,6 @@ impl Worker {
             carried: None,
         };
         let stats = WorkerStats::default();
-        stats
-            .dead_letters
-            .store(d.store.dead_letters(&name).len() as u64, Ordering::Relaxed);
         let state = if parked {
             WorkerState::Parked
         } else {
@@ -199,6 +198,7 @@ impl Worker {
             durable: d.durable.clone(),
             quarantine: Mutex::new(None),
             runner: Mutex::new(runner),
+            drop_log: DropLog::default(),
             scheduled: AtomicBool::new(false),
             pool: d.pool.clone(),
         });

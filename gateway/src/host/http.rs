@@ -4,8 +4,10 @@
 //! Owns the allowlist check (on the request and on every redirect), the
 //! bound on requests in flight per plugin, and the send loop with timeout
 //! and retries. A plugin's call returns as soon as the request is checked
-//! and queued, so no plugin call ever waits on the network. It must not
-//! hand responses back to plugins or follow a redirect off the allowlist.
+//! and queued, so no plugin call ever waits on the network. What it logs of
+//! a request (its URL, the error) is the plugin's text and cut to
+//! [`MAX_TEXT`](crate::text::MAX_TEXT). It must not hand responses back to
+//! plugins or follow a redirect off the allowlist.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,7 +15,8 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, PluginCounter};
+use crate::text::clip;
 
 /// Most requests of one plugin queued or in flight at once.
 pub const MAX_IN_FLIGHT: usize = 16;
@@ -289,15 +292,23 @@ impl HttpGrant {
         runtime.spawn(async move {
             let outcome = deliver(&client, &req).await;
             drop(permit);
+            let url = clip(req.url.as_str());
+            let mut truncated = matches!(url, std::borrow::Cow::Owned(_));
             match outcome {
                 Ok(status) => {
                     metrics.capability(&plugin, "http", "delivered");
-                    tracing::debug!(plugin = %plugin, id, url = %req.url, status, "HTTP request delivered.");
+                    tracing::debug!(plugin = %plugin, id, url = %url, status, "HTTP request delivered.");
                 }
                 Err(e) => {
                     metrics.capability(&plugin, "http", "failed");
-                    tracing::warn!(plugin = %plugin, id, url = %req.url, error = %e, "HTTP request failed after retries.");
+                    // A transport error names the URL again.
+                    let (error, cut) = crate::text::clip_owned(e);
+                    truncated |= cut;
+                    tracing::warn!(plugin = %plugin, id, url = %url, error = %error, "HTTP request failed after retries.");
                 }
+            }
+            if truncated {
+                metrics.count_plugin(PluginCounter::TextTruncated, &plugin);
             }
         });
         Ok(())

@@ -4,8 +4,9 @@
 //! Owns the grant check and one writer task per plugin that performs the
 //! writes in order, with a timeout and retries, on its own connection per
 //! source. A plugin's call returns once the write is checked and queued; it
-//! never waits on the network. It must not read, and must not write outside
-//! the granted prefixes.
+//! never waits on the network. What it logs of a write (the key, the error)
+//! is the plugin's text and cut to [`MAX_TEXT`](crate::text::MAX_TEXT). It
+//! must not read, and must not write outside the granted prefixes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::client::etcd::{EtcdClientConfig, connect_client};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, PluginCounter};
+use crate::text::{clip, clip_owned};
 
 /// Writes one plugin may have queued.
 pub const QUEUE: usize = 256;
@@ -176,16 +178,23 @@ async fn writer(
             }
             clients.remove(&w.source);
         }
+        let key = clip(&w.key);
+        let mut truncated = matches!(key, std::borrow::Cow::Owned(_));
         match result {
             Ok(()) => {
                 metrics.capability(&plugin, "kv", "written");
-                tracing::debug!(plugin = %plugin, source = %w.source, key = %w.key, "kv write done.");
+                tracing::debug!(plugin = %plugin, source = %w.source, key = %key, "kv write done.");
             }
             Err(e) => {
                 metrics.capability(&plugin, "kv", "failed");
-                tracing::warn!(plugin = %plugin, source = %w.source, key = %w.key, error = %e,
+                let (error, cut) = clip_owned(e);
+                truncated |= cut;
+                tracing::warn!(plugin = %plugin, source = %w.source, key = %key, error = %error,
                     "kv write failed after retries.");
             }
+        }
+        if truncated {
+            metrics.count_plugin(PluginCounter::TextTruncated, &plugin);
         }
     }
 }

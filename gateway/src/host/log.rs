@@ -1,7 +1,8 @@
 //! Plugin log output: the `log` import and the guest's stdout/stderr.
 //!
 //! Owns turning plugin output into log lines tagged with the plugin name,
-//! under a per-plugin line budget whose drops are counted. It must not block
+//! under a per-plugin line budget whose drops are counted, each line cut to
+//! [`MAX_TEXT`] bytes (the cut counted too). It must not block
 //! the calling guest on anything but an in-memory line buffer and the
 //! budget's lock.
 
@@ -18,6 +19,7 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
 use crate::telemetry::{Metrics, PluginCounter};
+use crate::text::{MAX_TEXT, clip};
 
 /// Severity of a plugin log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -72,9 +74,6 @@ impl LogSink for TracingSink {
         }
     }
 }
-
-/// Longest line kept; the rest is cut with a marker.
-const MAX_LINE: usize = 4096;
 
 /// The window the line budget is counted over.
 const WINDOW: Duration = Duration::from_secs(1);
@@ -191,15 +190,11 @@ impl PluginLog {
                 .count_plugin(PluginCounter::LogLineDropped, &self.plugin);
             return;
         }
-        let message = if message.len() > MAX_LINE {
-            let mut cut = MAX_LINE;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            format!("{}… [{} bytes cut]", &message[..cut], message.len() - cut)
-        } else {
-            message.to_owned()
-        };
+        let message = clip(message);
+        if matches!(message, std::borrow::Cow::Owned(_)) {
+            self.metrics
+                .count_plugin(PluginCounter::TextTruncated, &self.plugin);
+        }
         self.sink.line(&self.plugin, level, stream, &message);
     }
 }
@@ -244,7 +239,9 @@ impl LineStream {
             self.log
                 .line(self.level(), self.stream, text.trim_end_matches('\r'));
         }
-        if buf.len() > MAX_LINE {
+        // A line longer than the bound is cut anyway: emit what is buffered
+        // instead of holding a guest's endless line.
+        if buf.len() > MAX_TEXT {
             let line: Vec<u8> = std::mem::take(&mut *buf);
             self.log
                 .line(self.level(), self.stream, &String::from_utf8_lossy(&line));
@@ -444,6 +441,42 @@ pub(crate) mod tests {
             .count();
         let since_last = offered_since as usize - emitted_since;
         assert_eq!(reported as usize + since_last, dropped, "{summaries:?}");
+    }
+
+    #[test]
+    fn a_long_line_is_cut_to_the_bound_and_counted() {
+        let sink = Arc::new(MemorySink::default());
+        let metrics = Metrics::shared();
+        let log = Arc::new(PluginLog::new("p", 50, sink.clone(), metrics.clone()));
+        log.line(Level::Error, Stream::Log, &"e".repeat(20 << 20));
+        // Through stdout, in chunks, without a newline.
+        let out = LineStream::new(log, Stream::Stdout);
+        for _ in 0..4 {
+            out.push(&[b'o'; 3000]);
+        }
+        out.flush_partial();
+        let lines = sink.0.lock().clone();
+        let texts: Vec<&str> = lines.iter().map(|l| l.3.as_str()).collect();
+        assert_eq!(
+            texts.len(),
+            3,
+            "{:?}",
+            texts.iter().map(|t| t.len()).collect::<Vec<_>>()
+        );
+        assert!(texts[0].ends_with(&format!("… [truncated: {} bytes, limit 4096]", 20 << 20)));
+        assert!(texts[0].len() < MAX_TEXT + 64);
+        // Each time the buffer passed the bound (at 6000 bytes), what it
+        // held went out as one line, cut.
+        for t in &texts[1..] {
+            assert!(t.ends_with("… [truncated: 6000 bytes, limit 4096]"), "{t}");
+        }
+        assert!(
+            metrics
+                .encode()
+                .contains("watchgate_plugin_text_truncated_total{plugin=\"p\"} 3"),
+            "{}",
+            metrics.encode()
+        );
     }
 
     #[test]

@@ -3,8 +3,11 @@
 //! Owns the live instance of one plugin and the per-call limits: fuel, an
 //! epoch deadline and the memory cap. A trap fails that one call and drops
 //! the instance (a trapped component cannot be entered again); the next call
-//! gets a fresh instance from the `InstancePre`. This module must not decide
-//! which events to run or in what order.
+//! gets a fresh instance from the `InstancePre`. A call's error message is
+//! the guest's text: it is cut to [`MAX_TEXT`](crate::text::MAX_TEXT) here,
+//! as it leaves the guest, so no log line, report or dead letter downstream
+//! holds more. This module must not decide which events to run or in what
+//! order.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +27,8 @@ use crate::telemetry::{Outcome, PluginCounter};
 pub struct CallReport {
     /// The outcome class (the metric label).
     pub outcome: Outcome,
-    /// The handler's error, or the trap's description.
+    /// The handler's error, or the trap's description, cut to
+    /// [`MAX_TEXT`](crate::text::MAX_TEXT) bytes.
     pub message: Option<String>,
     /// The exact trap, when the call trapped.
     pub trap: Option<Trap>,
@@ -118,6 +122,18 @@ pub fn bare_calls(
         }
     }
     Ok(start.elapsed())
+}
+
+/// `message` cut to the host's bound; a cut is counted for `plugin`.
+fn clipped(plugin: &LoadedPlugin, message: String) -> String {
+    let (message, truncated) = crate::text::clip_owned(message);
+    if truncated {
+        plugin
+            .ctx
+            .metrics
+            .count_plugin(PluginCounter::TextTruncated, &plugin.ctx.name);
+    }
+    message
 }
 
 /// How one batch call went.
@@ -268,10 +284,12 @@ impl Sandbox {
         start: Instant,
         enter: impl FnOnce(&Plugin, &mut Store<HostState>) -> wasmtime::Result<T>,
     ) -> Result<T, CallReport> {
+        // A trap's description carries the guest's backtrace, whose frame
+        // names the guest chose.
         let failed = |e: wasmtime::Error, hit: bool, what: &str| CallReport {
             outcome: classify(&e, hit),
             trap: trap_code(&e),
-            message: Some(format!("{what}: {e:#}")),
+            message: Some(clipped(plugin, format!("{what}: {e:#}"))),
             elapsed: start.elapsed(),
         };
         let live = match self.live_for(plugin) {
@@ -317,7 +335,14 @@ impl Sandbox {
                 attributed: false,
                 elapsed: start.elapsed(),
             },
-            Ok(Err(e)) => batch_error(e, events.len(), start.elapsed()),
+            Ok(Err(e)) => batch_error(
+                wit::BatchError {
+                    message: clipped(plugin, e.message),
+                    ..e
+                },
+                events.len(),
+                start.elapsed(),
+            ),
             Err(report) => BatchReport {
                 handled: 0,
                 failure: Some(report),
@@ -348,7 +373,7 @@ impl Sandbox {
         });
         let (outcome, message) = match result {
             Ok(Ok(())) => (Outcome::ok, None),
-            Ok(Err(message)) => (Outcome::error, Some(message)),
+            Ok(Err(message)) => (Outcome::error, Some(clipped(plugin, message))),
             Err(report) => return report,
         };
         CallReport {

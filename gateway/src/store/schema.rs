@@ -93,11 +93,9 @@ pub(super) fn decode_dead_letter(bytes: &[u8]) -> Option<DeadLetter> {
     serde_json::from_slice(bytes).ok()
 }
 
-/// Create missing tables and the layout version; returns the next free dead
-/// letter id.
-pub(super) fn init_tables(db: &Database) -> Result<u64, redb::Error> {
+/// Create missing tables and the layout version.
+pub(super) fn init_tables(db: &Database) -> Result<(), redb::Error> {
     let w = db.begin_write()?;
-    let next;
     {
         let mut meta = w.open_table(META)?;
         if meta.get("schema")?.is_none() {
@@ -110,14 +108,8 @@ pub(super) fn init_tables(db: &Database) -> Result<u64, redb::Error> {
         w.open_table(KEYS)?;
         w.open_table(CURSORS)?;
         w.open_table(PLUGIN_STATE)?;
-        let dl = w.open_table(DEAD_LETTERS)?;
-        let mut max = 0;
-        for item in dl.iter()? {
-            let (k, _) = item?;
-            max = max.max(k.value().1);
-        }
-        next = max + 1;
+        w.open_table(DEAD_LETTERS)?;
     }
     w.commit()?;
-    Ok(next)
+    Ok(())
 }

@@ -180,18 +180,21 @@ fn everything_survives_reopen() {
         store.register("p", Arc::new(Fixed(vec![(s.clone(), 3)])));
         store.set_plugin_state("p", "k", Some(b"v"));
         let line = crate::event::Event::put(&s, "a", Bytes::from_static(b"1"), 3).to_line();
-        let d = store.add_dead_letter(
-            "p",
-            DeadLetter {
-                id: 0,
-                event: line,
-                seq: 3,
-                outcome: "trap".into(),
-                error: "boom".into(),
-                attempts: 3,
-                at: 0,
-            },
-        );
+        let d = store
+            .add_dead_letter(
+                "p",
+                DeadLetter {
+                    id: 0,
+                    event: line,
+                    seq: 3,
+                    outcome: "trap".into(),
+                    error: "boom".into(),
+                    attempts: 3,
+                    at: 0,
+                },
+                DeadLetterCap::default(),
+            )
+            .letter;
         assert_eq!(d.id, 1);
         store.flush();
         store.close();
@@ -208,13 +211,16 @@ fn everything_survives_reopen() {
     assert_eq!(dl[0].error, "boom");
     // New ids never reuse old ones.
     let line = dl[0].event.clone();
-    let d = store.add_dead_letter(
-        "p",
-        DeadLetter {
-            id: 0,
-            ..dl[0].clone()
-        },
-    );
+    let d = store
+        .add_dead_letter(
+            "p",
+            DeadLetter {
+                id: 0,
+                ..dl[0].clone()
+            },
+            DeadLetterCap::default(),
+        )
+        .letter;
     assert_eq!(d.id, 2);
     assert_eq!(d.event, line);
 }
@@ -262,5 +268,162 @@ fn cursors_in_reads_each_plugins_cursor_of_one_source_in_order() {
     assert_eq!(
         store.cursors_in("s", &["b", "none", "a"]),
         [Some(3), None, Some(7)]
+    );
+}
+
+/// A dead letter of `plugin` whose event value is `value_bytes` long.
+fn letter(key: &str, value_bytes: usize) -> DeadLetter {
+    let s: Arc<str> = Arc::from("s");
+    DeadLetter {
+        id: 0,
+        event: crate::event::Event::put(&s, key, Bytes::from("v".repeat(value_bytes)), 1).to_line(),
+        seq: 1,
+        outcome: "error".into(),
+        error: "no".into(),
+        attempts: 1,
+        at: 0,
+    }
+}
+
+fn keys(letters: &[DeadLetter]) -> Vec<String> {
+    letters.iter().map(|d| d.event.key.clone()).collect()
+}
+
+#[test]
+fn dead_letters_past_the_count_cap_drop_the_oldest() {
+    let store = Store::in_memory();
+    let cap = DeadLetterCap {
+        count: 3,
+        bytes: u64::MAX,
+    };
+    for i in 0..3 {
+        let added = store.add_dead_letter("p", letter(&format!("k{i}"), 10), cap);
+        assert!(added.kept);
+        assert_eq!(added.dropped, LetterTally::default());
+    }
+    let added = store.add_dead_letter("p", letter("k3", 10), cap);
+    assert!(added.kept);
+    assert_eq!(added.dropped.count, 1);
+    // Another plugin's letters are its own.
+    store.add_dead_letter("q", letter("q0", 10), cap);
+    store.flush();
+    assert_eq!(keys(&store.dead_letters("p")), ["k1", "k2", "k3"]);
+    assert_eq!(store.dead_letter_tally("p").count, 3);
+    assert_eq!(keys(&store.dead_letters("q")), ["q0"]);
+}
+
+#[test]
+fn dead_letters_past_the_byte_cap_drop_the_oldest_and_an_oversized_one_is_not_kept() {
+    let store = Store::in_memory();
+    let size = |d: &DeadLetter| schema::encode_dead_letter(d).len() as u64;
+    let one = size(&letter("k0", 1000));
+    // Room for two letters of this size, not three.
+    let cap = DeadLetterCap {
+        count: 100,
+        bytes: one * 2 + one / 2,
+    };
+    for i in 0..2 {
+        assert!(
+            store
+                .add_dead_letter("p", letter(&format!("k{i}"), 1000), cap)
+                .dropped
+                .count
+                == 0
+        );
+    }
+    let added = store.add_dead_letter("p", letter("k2", 1000), cap);
+    assert!(added.kept);
+    assert_eq!(added.dropped.count, 1);
+    assert!(added.dropped.bytes >= one - 2, "{:?}", added.dropped);
+    // Larger than the whole cap: dropped itself, the others stay.
+    let huge = store.add_dead_letter("p", letter("huge", 10_000), cap);
+    assert!(!huge.kept);
+    assert_eq!(huge.dropped.count, 1);
+    store.flush();
+    assert_eq!(keys(&store.dead_letters("p")), ["k1", "k2"]);
+    let tally = store.dead_letter_tally("p");
+    assert!(tally.count == 2 && tally.bytes <= cap.bytes, "{tally:?}");
+}
+
+#[test]
+fn the_letter_index_survives_a_reopen_and_a_lower_cap_trims_it() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        for i in 0..5 {
+            store.add_dead_letter("p", letter(&format!("k{i}"), 100), DeadLetterCap::default());
+        }
+        store.flush();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let tally = store.dead_letter_tally("p");
+    assert_eq!(tally.count, 5);
+    let stored: u64 = store
+        .dead_letters("p")
+        .iter()
+        .map(|d| schema::encode_dead_letter(d).len() as u64)
+        .sum();
+    assert_eq!(tally.bytes, stored);
+    let dropped = store.trim_dead_letters(
+        "p",
+        DeadLetterCap {
+            count: 2,
+            bytes: u64::MAX,
+        },
+    );
+    assert_eq!(dropped.count, 3);
+    store.flush();
+    assert_eq!(keys(&store.dead_letters("p")), ["k3", "k4"]);
+    // Removing one already gone changes nothing; clearing forgets the rest.
+    let first = store.dead_letters("p")[0].id;
+    store.remove_dead_letter("p", first);
+    store.remove_dead_letter("p", first);
+    assert_eq!(store.dead_letter_tally("p").count, 1);
+    assert_eq!(store.clear_dead_letters("p"), 1);
+    store.flush();
+    assert!(store.dead_letters("p").is_empty());
+    assert_eq!(store.dead_letter_tally("p"), LetterTally::default());
+}
+
+#[test]
+fn dead_letters_are_read_a_page_at_a_time_by_count_and_bytes() {
+    let store = Store::in_memory();
+    for i in 0..7 {
+        store.add_dead_letter("p", letter(&format!("k{i}"), 100), DeadLetterCap::default());
+    }
+    store.add_dead_letter("other", letter("o", 100), DeadLetterCap::default());
+    store.flush();
+    // By count: pages of three, each naming where the next begins.
+    let mut seen = Vec::new();
+    let mut after = 0;
+    let mut pages = 0;
+    loop {
+        let page = store.dead_letter_page("p", after, 3, usize::MAX);
+        pages += 1;
+        seen.extend(keys(&page.letters));
+        match page.next_after {
+            Some(last) => {
+                assert_eq!(page.letters.len(), 3);
+                assert_eq!(last, page.letters.last().unwrap().id);
+                after = last;
+            }
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, ["k0", "k1", "k2", "k3", "k4", "k5", "k6"]);
+    // By bytes: a bound below one letter still gives one per page.
+    let page = store.dead_letter_page("p", 0, 100, 1);
+    assert_eq!(keys(&page.letters), ["k0"]);
+    assert!(page.next_after.is_some());
+    let one = schema::encode_dead_letter(&page.letters[0]).len();
+    let page = store.dead_letter_page("p", 0, 100, one * 2 + 1);
+    assert_eq!(keys(&page.letters), ["k0", "k1"]);
+    // Past the last id: nothing.
+    assert!(
+        store
+            .dead_letter_page("p", u64::MAX, 3, usize::MAX)
+            .letters
+            .is_empty()
     );
 }
