@@ -329,7 +329,7 @@ impl HostState {
         let Some(writer) = &self.ctx.kv else {
             return Err(self.not_granted("kv"));
         };
-        if let Err(e) = writer.check(&write.source, &write.key) {
+        if let Err(e) = writer.check(&write) {
             return Err(self.refused("kv", e));
         }
         self.ctx
