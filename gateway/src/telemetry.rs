@@ -94,6 +94,18 @@ pub enum PluginCounter {
     DeadLetter,
     /// A log line dropped by the plugin's log budget.
     LogLineDropped,
+    /// A panic of the gateway's own code while it ran the plugin.
+    HostPanic,
+}
+
+/// Where the gateway's own code panicked while it ran a plugin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PanicSite {
+    /// Inside one call (an import, lowering or lifting): the call failed
+    /// as a trap and the instance was replaced.
+    Call,
+    /// In the worker's round outside any call: the worker stopped.
+    Round,
 }
 
 /// Labels of a plugin call outcome.
@@ -166,6 +178,8 @@ pub struct Metrics {
     pub plugin_instantiations: Family<PluginLabels, Counter>,
     /// Plugin log lines dropped by the rate limiter.
     pub plugin_log_dropped: Family<PluginLabels, Counter>,
+    /// Panics of the gateway's own code while it ran a plugin, contained.
+    pub plugin_host_panics: Family<PluginLabels, Counter>,
     /// Capability calls.
     pub capability_calls: Family<CapabilityLabels, Counter>,
     /// Bytes of keys plus values `snapshot` scans copied into a plugin.
@@ -211,6 +225,7 @@ impl Metrics {
             plugin_loads: Family::default(),
             plugin_instantiations: Family::default(),
             plugin_log_dropped: Family::default(),
+            plugin_host_panics: Family::default(),
             capability_calls: Family::default(),
             snapshot_scan_bytes: Family::default(),
             runtime_alive_tasks: Gauge::default(),
@@ -314,6 +329,11 @@ impl Metrics {
             m.plugin_log_dropped.clone(),
         );
         registry.register(
+            "watchgate_plugin_host_panics",
+            "Panics of the gateway's own code while it ran a plugin: the call failed as a trap, or the worker stopped",
+            m.plugin_host_panics.clone(),
+        );
+        registry.register(
             "watchgate_capability_calls",
             "Host capability calls by plugin, capability and outcome",
             m.capability_calls.clone(),
@@ -401,8 +421,28 @@ impl Metrics {
             PluginCounter::Retry => &self.plugin_retries,
             PluginCounter::DeadLetter => &self.dead_letters,
             PluginCounter::LogLineDropped => &self.plugin_log_dropped,
+            PluginCounter::HostPanic => &self.plugin_host_panics,
         };
         family.get_or_create(&Self::plugin(plugin)).inc();
+    }
+
+    /// Record a panic of the gateway's own code at `site` while it ran
+    /// `plugin`: logged as an error and counted. The panic is a gateway
+    /// bug, whatever input led to it.
+    pub fn host_panic(&self, plugin: &str, site: PanicSite, panic: &str) {
+        match site {
+            PanicSite::Call => tracing::error!(
+                plugin,
+                panic,
+                "The gateway panicked during a call of this plugin (a gateway bug); the call failed as a trap and the instance was replaced."
+            ),
+            PanicSite::Round => tracing::error!(
+                plugin,
+                panic,
+                "The gateway panicked in this plugin's worker outside a call (a gateway bug); the plugin is failed and takes no events until it is loaded again."
+            ),
+        }
+        self.count_plugin(PluginCounter::HostPanic, plugin);
     }
 
     /// Show whether `plugin` is quarantined.
@@ -611,6 +651,7 @@ mod tests {
             .get_or_create(&Metrics::plugin("p"))
             .inc();
         m.snapshot_scanned("p", 7);
+        m.host_panic("p", PanicSite::Call, "boom");
         let text = m.encode();
         for name in [
             "watchgate_source_events_total{source=\"s\"} 1",
@@ -620,6 +661,7 @@ mod tests {
             "watchgate_plugin_queue_depth{plugin=\"p\"} 3",
             "watchgate_plugin_coalesced_total{plugin=\"p\"} 1",
             "watchgate_snapshot_scan_bytes_total{plugin=\"p\"} 7",
+            "watchgate_plugin_host_panics_total{plugin=\"p\"} 1",
             "watchgate_plugin_call_seconds_count{plugin=\"p\"} 1",
             "watchgate_runtime_alive_tasks",
         ] {

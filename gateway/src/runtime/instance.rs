@@ -3,9 +3,14 @@
 //! Owns the live instance of one plugin and the per-call limits: fuel, an
 //! epoch deadline and the memory cap. A trap fails that one call and drops
 //! the instance (a trapped component cannot be entered again); the next call
-//! gets a fresh instance from the `InstancePre`. This module must not decide
-//! which events to run or in what order.
+//! gets a fresh instance from the `InstancePre`. A panic of the host's own
+//! code inside a call (an import, or lowering and lifting) is contained
+//! here too: the call fails as a trap and the instance is dropped, since
+//! its store may have been left half-way through a change. This module
+//! must not decide which events to run or in what order.
 
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +22,7 @@ use crate::event::{Event, EventKind};
 use crate::host::bindings::Plugin;
 use crate::host::bindings::watchgate::plugin::types as wit;
 use crate::host::{HostState, PluginContext};
-use crate::telemetry::{Outcome, PluginCounter};
+use crate::telemetry::{Outcome, PanicSite, PluginCounter};
 
 /// How one call went.
 #[derive(Debug, Clone)]
@@ -67,6 +72,16 @@ pub struct Sandbox {
 fn deadline_ticks(timeout_ms: u64) -> u64 {
     let tick = EPOCH_TICK.as_millis().max(1) as u64;
     timeout_ms.div_ceil(tick) + 1
+}
+
+/// The message a panic was raised with (`panic!` gives a `&str` or a
+/// `String`; anything else has none to show).
+pub fn panic_message(payload: &(dyn Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 /// The guest's view of an event.
@@ -259,8 +274,42 @@ impl Sandbox {
     /// needed) with its limits armed (`fuel` for this call), `enter` run
     /// on it, and the guest's output flushed. A trap (or a failed
     /// instantiation) drops the instance and becomes the call's report,
-    /// timed from `start`.
+    /// timed from `start`; so does a panic of the host's own code anywhere
+    /// in it, which is also logged and counted as a host panic. Whatever
+    /// the guest sends, the worker calling this goes on.
     fn invoke<T>(
+        &mut self,
+        plugin: &LoadedPlugin,
+        fuel: u64,
+        start: Instant,
+        enter: impl FnOnce(&Plugin, &mut Store<HostState>) -> wasmtime::Result<T>,
+    ) -> Result<T, CallReport> {
+        // wasmtime unwinds a panic in an import out through the guest's
+        // frames and resumes it here, in the host.
+        let run = AssertUnwindSafe(|| self.enter(plugin, fuel, start, enter));
+        std::panic::catch_unwind(run).unwrap_or_else(|payload| {
+            // The store (and the host state in it) may be inconsistent:
+            // never enter it again.
+            self.live = None;
+            let panic = panic_message(&*payload);
+            plugin
+                .ctx
+                .metrics
+                .host_panic(&plugin.ctx.name, PanicSite::Call, &panic);
+            Err(CallReport {
+                outcome: Outcome::trap,
+                trap: None,
+                message: Some(format!(
+                    "the gateway panicked during this call (a gateway bug; the call counts as a \
+                     trap and the instance was replaced): {panic}"
+                )),
+                elapsed: start.elapsed(),
+            })
+        })
+    }
+
+    /// [`invoke`](Self::invoke) but for a panic.
+    fn enter<T>(
         &mut self,
         plugin: &LoadedPlugin,
         fuel: u64,
