@@ -322,9 +322,11 @@ impl wit::http::Host for HostState {
             Err(e) => return Err(self.refused("http", e)),
         };
         let id = grant.next_id();
-        let mut detail = checked.describe();
-        detail["id"] = id.into();
-        self.ctx.effects.report(&self.ctx.name, "http", detail);
+        if self.ctx.effects.report.is_some() {
+            let mut detail = checked.describe();
+            detail["id"] = id.into();
+            self.ctx.effects.report(&self.ctx.name, "http", detail);
+        }
         if self.ctx.effects.perform
             && let Err(e) = grant.send(id, checked, &self.ctx.name, &self.ctx.metrics)
         {
@@ -340,7 +342,7 @@ impl HostState {
         let Some(writer) = &self.ctx.kv else {
             return Err(self.not_granted("kv"));
         };
-        if let Err(e) = writer.check(&write.source, &write.key) {
+        if let Err(e) = writer.check(&write) {
             return Err(self.refused("kv", e));
         }
         self.ctx

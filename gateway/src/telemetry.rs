@@ -102,6 +102,18 @@ pub enum PluginCounter {
     /// A plugin-supplied string (an error message, a log line) cut to the
     /// host's bound.
     TextTruncated,
+    /// A panic of the gateway's own code while it ran the plugin.
+    HostPanic,
+}
+
+/// Where the gateway's own code panicked while it ran a plugin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PanicSite {
+    /// Inside one call (an import, lowering or lifting): the call failed
+    /// as a trap and the instance was replaced.
+    Call,
+    /// In the worker's round outside any call: the worker stopped.
+    Round,
 }
 
 /// Labels of a plugin call outcome.
@@ -192,6 +204,8 @@ pub struct Metrics {
     pub dead_letters_dropped: Family<PluginLabels, Counter>,
     /// Plugin-supplied strings cut to the host's bound.
     pub plugin_text_truncated: Family<PluginLabels, Counter>,
+    /// Panics of the gateway's own code while it ran a plugin, contained.
+    pub plugin_host_panics: Family<PluginLabels, Counter>,
     /// Capability calls.
     pub capability_calls: Family<CapabilityLabels, Counter>,
     /// Bytes of keys plus values `snapshot` scans copied into a plugin.
@@ -245,6 +259,7 @@ impl Metrics {
             plugin_threads_abandoned: Family::default(),
             dead_letters_dropped: Family::default(),
             plugin_text_truncated: Family::default(),
+            plugin_host_panics: Family::default(),
             capability_calls: Family::default(),
             snapshot_scan_bytes: Family::default(),
             plugin_compile_refused: Family::default(),
@@ -370,6 +385,11 @@ impl Metrics {
             m.plugin_text_truncated.clone(),
         );
         registry.register(
+            "watchgate_plugin_host_panics",
+            "Panics of the gateway's own code while it ran a plugin: the call failed as a trap, or the worker stopped",
+            m.plugin_host_panics.clone(),
+        );
+        registry.register(
             "watchgate_capability_calls",
             "Host capability calls by plugin, capability and outcome",
             m.capability_calls.clone(),
@@ -470,6 +490,7 @@ impl Metrics {
             PluginCounter::WaitCutOff => &self.plugin_waits_cut_off,
             PluginCounter::DeadLetterDropped => &self.dead_letters_dropped,
             PluginCounter::TextTruncated => &self.plugin_text_truncated,
+            PluginCounter::HostPanic => &self.plugin_host_panics,
         };
         family.get_or_create(&Self::plugin(plugin)).inc();
     }
@@ -495,6 +516,25 @@ impl Metrics {
         self.dead_letters_dropped
             .get_or_create(&Self::plugin(plugin))
             .inc_by(n);
+    }
+
+    /// Record a panic of the gateway's own code at `site` while it ran
+    /// `plugin`: logged as an error and counted. The panic is a gateway
+    /// bug, whatever input led to it.
+    pub fn host_panic(&self, plugin: &str, site: PanicSite, panic: &str) {
+        match site {
+            PanicSite::Call => tracing::error!(
+                plugin,
+                panic,
+                "The gateway panicked during a call of this plugin (a gateway bug); the call failed as a trap and the instance was replaced."
+            ),
+            PanicSite::Round => tracing::error!(
+                plugin,
+                panic,
+                "The gateway panicked in this plugin's worker outside a call (a gateway bug); the plugin is failed and takes no events until it is loaded again."
+            ),
+        }
+        self.count_plugin(PluginCounter::HostPanic, plugin);
     }
 
     /// Show whether `plugin` is quarantined.
@@ -719,6 +759,7 @@ mod tests {
         m.compile_refused("p", "max_plugin_functions");
         m.count_plugin(PluginCounter::TextTruncated, "p");
         m.dead_letters_dropped("p", 2);
+        m.host_panic("p", PanicSite::Call, "boom");
         let text = m.encode();
         for name in [
             "watchgate_source_events_total{source=\"s\"} 1",
@@ -734,6 +775,7 @@ mod tests {
             "watchgate_compiles_running 0",
             "watchgate_plugin_text_truncated_total{plugin=\"p\"} 1",
             "watchgate_dead_letters_dropped_total{plugin=\"p\"} 2",
+            "watchgate_plugin_host_panics_total{plugin=\"p\"} 1",
             "watchgate_plugin_call_seconds_count{plugin=\"p\"} 1",
             "watchgate_runtime_alive_tasks",
         ] {

@@ -194,7 +194,7 @@ const DROP_SUMMARY: &str = " log lines of this plugin were dropped by the rate l
 /// Time and message of each line `plugin` put in the gateway's JSON log
 /// (its own lines and the drop summaries; the gateway's lines about the
 /// plugin carry no `stream`).
-fn plugin_lines(log: &str, plugin: &str) -> Vec<(SystemTime, String)> {
+pub(crate) fn plugin_lines(log: &str, plugin: &str) -> Vec<(SystemTime, String)> {
     log.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(|l| l["fields"]["plugin"] == plugin && l["fields"]["stream"].is_string())

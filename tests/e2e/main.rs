@@ -9,6 +9,7 @@ mod adversarial;
 mod adversarial_blocking;
 mod adversarial_compile;
 mod adversarial_strings;
+mod adversarial_panics;
 mod cli;
 mod cluster;
 mod consul_source;

@@ -91,7 +91,8 @@ pub struct PluginReport {
     pub mode: &'static str,
     /// In a cluster: not run on this replica now.
     pub parked: bool,
-    /// `running`, `quarantined` or `parked`.
+    /// `running`, `quarantined`, `parked`, or `failed` (the gateway
+    /// panicked in its worker outside a call; `last_failure` says how).
     pub state: &'static str,
     /// Its calls run on the shared pool of threads (a quick, healthy
     /// plugin when there are more plugins than cores), not on its own

@@ -18,6 +18,9 @@ use super::worker::Worker;
 /// * `Own` ⇄ `Quarantined`: its own thread ([`failure`](super::failure)).
 /// * any → `Parked` → `Own` or `Quarantined`: the cluster
 ///   ([`ownership`](super::ownership)).
+/// * any but `Stopped` → `Failed`: its own thread, when the gateway's code
+///   panicked in a round outside a call; the thread ends, and only
+///   removal leaves it.
 /// * any → `Stopped`: removal; final.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -34,6 +37,10 @@ pub(super) enum WorkerState {
     Parked = 3,
     /// Removed: its thread ends.
     Stopped = 4,
+    /// Its thread ended on a panic of the gateway's own code (a bug): it
+    /// takes no events, and its cursor stays before what it had not
+    /// handled, so loading it again (or a restart) resumes there.
+    Failed = 5,
 }
 
 impl WorkerState {
@@ -43,6 +50,7 @@ impl WorkerState {
             1 => WorkerState::Pooled,
             2 => WorkerState::Quarantined,
             3 => WorkerState::Parked,
+            5 => WorkerState::Failed,
             _ => WorkerState::Stopped,
         }
     }
@@ -54,6 +62,7 @@ impl WorkerState {
             WorkerState::Quarantined => "quarantined",
             WorkerState::Parked => "parked",
             WorkerState::Stopped => "stopped",
+            WorkerState::Failed => "failed",
         }
     }
 }
@@ -71,12 +80,14 @@ impl Worker {
             .is_ok()
     }
 
-    /// Move to `to` from any state but `Stopped`, which is final.
+    /// Move to `to` from any state but `Stopped`, which is final, and
+    /// `Failed`, which only removal leaves (nothing runs the rounds).
     pub(super) fn set_state(&self, to: WorkerState) {
         let _ = self
             .state
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| {
-                (s != WorkerState::Stopped as u8).then_some(to as u8)
+                (s != WorkerState::Stopped as u8 && s != WorkerState::Failed as u8)
+                    .then_some(to as u8)
             });
     }
 
@@ -92,8 +103,11 @@ impl Worker {
         }
     }
 
-    /// Parked or stopped: what is in flight stays pending.
+    /// Parked, stopped or failed: what is in flight stays pending.
     pub(super) fn interrupted(&self) -> bool {
-        matches!(self.state(), WorkerState::Parked | WorkerState::Stopped)
+        matches!(
+            self.state(),
+            WorkerState::Parked | WorkerState::Stopped | WorkerState::Failed
+        )
     }
 }

@@ -9,12 +9,17 @@
 //! once a plugin has proved quick, when there are more plugins than cores:
 //! where a round runs is the worker's [`WorkerState`], not another loop. A
 //! pooled round never waits (for a retry pause, a commit, a probe, a park);
-//! it hands the plugin back to its own thread instead. This module must not
-//! route events or decide ownership.
+//! it hands the plugin back to its own thread instead. A panic of the
+//! gateway's own code is contained at two depths: inside a call the
+//! sandbox turns it into a trap, and the round goes on; elsewhere in a
+//! round it fails the worker, which `/v1/plugins` then shows, rather than
+//! leave a dead thread behind a plugin that looks `running`. This module
+//! must not route events or decide ownership.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use dashmap::DashMap;
@@ -25,14 +30,14 @@ use super::failure::{DropLog, FailureLog, Handled, Quarantine, is_trap};
 use super::ownership::Replay;
 use super::pool;
 use super::queue::{EventQueue, PushStats};
-use super::report::WorkerStats;
+use super::report::{LastFailure, WorkerStats, unix_seconds};
 use super::route::PluginSpec;
 pub(super) use super::state::WorkerState;
 use super::thread::OwnThread;
 use crate::event::Event;
-use crate::runtime::instance::{BatchReport, CallReport, Sandbox};
+use crate::runtime::instance::{BatchReport, CallReport, Sandbox, panic_message};
 use crate::store::{CursorProbe, Store};
-use crate::telemetry::{Metrics, OUTCOMES, Outcome, PluginHandles};
+use crate::telemetry::{Metrics, OUTCOMES, Outcome, PanicSite, PluginHandles};
 
 /// Successful calls in a row before a plugin gets batches again.
 pub(super) const HEALTHY_TO_BATCH: u32 = 16;
@@ -224,10 +229,12 @@ impl Worker {
         self.state() != WorkerState::Parked && self.spec.load().subscribes_to(source)
     }
 
-    /// Whether a delivery of `source` passes this plugin by: parked, not
-    /// subscribed, or waiting for the source to replay.
+    /// Whether a delivery of `source` passes this plugin by: parked,
+    /// failed (nothing would take it; its cursor stays, so it is given
+    /// what it missed when it is loaded again), not subscribed, or waiting
+    /// for the source to replay.
     pub(super) fn skips(&self, source: &str, spec: &PluginSpec) -> bool {
-        self.state() == WorkerState::Parked
+        matches!(self.state(), WorkerState::Parked | WorkerState::Failed)
             || !spec.subscribes_to(source)
             || self.replay.waiting_for(source)
     }
@@ -242,11 +249,13 @@ impl Worker {
     }
 
     /// The worker thread: rounds of the queue unless the plugin is pooled
-    /// (a pool thread runs its rounds then, and this one sleeps).
+    /// (a pool thread runs its rounds then, and this one sleeps). A round
+    /// that panics (a gateway bug: a call's own panics end as traps in the
+    /// sandbox) fails the worker, and the thread ends.
     fn run(self: Arc<Self>) {
         loop {
             match self.state() {
-                WorkerState::Stopped => break,
+                WorkerState::Stopped | WorkerState::Failed => break,
                 WorkerState::Pooled if !self.pool.is_closed() => {
                     std::thread::park_timeout(IDLE_WAIT);
                     continue;
@@ -259,7 +268,13 @@ impl Worker {
                 WorkerState::Own | WorkerState::Quarantined | WorkerState::Parked => {}
             }
             let mut r = self.runner.lock();
-            self.round(&mut r, Place::Own);
+            let round = AssertUnwindSafe(|| self.round(&mut r, Place::Own));
+            if let Err(payload) = std::panic::catch_unwind(round) {
+                r.sandbox.recycle();
+                drop(r);
+                self.fail(&panic_message(&*payload));
+                break;
+            }
             let quick = r.quick >= r.to_pool
                 && r.quick_time < QUICK_CALL * u32::try_from(r.quick).unwrap_or(u32::MAX)
                 && self.pool.worthwhile();
@@ -270,7 +285,34 @@ impl Worker {
                 self.kick();
             }
         }
-        self.handles.depth.set(0);
+        // A failed worker keeps what is queued (for when it is loaded
+        // again); a stopped one has let it go.
+        let left = if self.state() == WorkerState::Failed {
+            self.depth()
+        } else {
+            0
+        };
+        self.handles.depth.set(left as i64);
+    }
+
+    /// The gateway panicked in a round: the worker is failed, with the
+    /// panic as its last failure, logged and counted. What the round had
+    /// taken stays pending below the cursor (its calls may or may not have
+    /// run), as do the queued events.
+    fn fail(&self, panic: &str) {
+        self.set_state(WorkerState::Failed);
+        self.in_batch.store(0, Ordering::SeqCst);
+        self.end_quarantine();
+        *self.stats.last_failure.lock() = Some(LastFailure {
+            outcome: Outcome::trap,
+            key: String::new(),
+            message: format!(
+                "the gateway panicked in this plugin's worker (a gateway bug): {panic}; \
+                 it takes no events until it is loaded again"
+            ),
+            at: unix_seconds(SystemTime::now()),
+        });
+        self.metrics.host_panic(&self.name, PanicSite::Round, panic);
     }
 
     /// One round, in queue order, on `place`. An event is complete once

@@ -2,12 +2,16 @@
 //! only, sent by the host in the background.
 //!
 //! Owns the allowlist check (on the request and on every redirect), the
-//! bound on requests in flight per plugin, and the send loop with timeout
-//! and retries. A plugin's call returns as soon as the request is checked
-//! and queued, so no plugin call ever waits on the network. What it logs of
-//! a request (its URL, the error) is the plugin's text and cut to
-//! [`MAX_TEXT`](crate::text::MAX_TEXT). It must not hand responses back to
-//! plugins or follow a redirect off the allowlist.
+//! bounds on what one request may hold, the bound on requests in flight
+//! per plugin, and the send loop with timeout and retries. A plugin's call
+//! returns as soon as the request is checked and queued, so no plugin call
+//! ever waits on the network. Every part of a request is measured against
+//! its bound before any of it reaches the `http` or `url` crates, which
+//! panic or allocate without limit on some inputs (a `HeaderMap` panics past
+//! 32,768 distinct names). What it logs of a request (its URL, the error) is
+//! the plugin's text and cut to [`MAX_TEXT`](crate::text::MAX_TEXT). It must
+//! not hand responses back to plugins or follow a redirect off the
+//! allowlist.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,7 +31,19 @@ const ATTEMPTS: u32 = 3;
 /// Wait before the second attempt; doubled after each further one.
 const BACKOFF: Duration = Duration::from_millis(200);
 /// Largest request body.
-const MAX_BODY: usize = 1024 * 1024;
+pub const MAX_BODY: usize = 1024 * 1024;
+/// Most headers in one request.
+pub const MAX_HEADERS: usize = 64;
+/// Largest header, name plus value.
+pub const MAX_HEADER_BYTES: usize = 8 * 1024;
+/// Largest sum of every header's name plus value.
+pub const MAX_HEADERS_TOTAL: usize = 16 * 1024;
+/// Longest URL.
+pub const MAX_URL_BYTES: usize = 8 * 1024;
+/// The methods a plugin may use.
+const METHODS: [&str; 6] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"];
+/// Most characters of a refused string repeated in an error message.
+const SHOWN: usize = 64;
 /// Most redirects followed (each must stay on the allowlist).
 const MAX_REDIRECTS: usize = 5;
 
@@ -205,21 +221,24 @@ impl HttpGrant {
         })
     }
 
-    /// Check `req` against the grant.
+    /// Check `req` against the grant: its size first, then its form, then
+    /// the allowlist.
     ///
     /// # Errors
-    /// `(outcome, message)`: `denied` for a host off the allowlist,
-    /// `invalid` for a malformed request.
+    /// `(outcome, message)`: `too_large` for a request past one of the
+    /// size bounds (the message names the bound), `denied` for a host off
+    /// the allowlist, `invalid` for a malformed request.
     pub fn check(&self, req: Request) -> Result<Checked, (&'static str, String)> {
         let invalid = |m: String| ("invalid", m);
-        let method = match req.method.to_ascii_uppercase().as_str() {
-            m @ ("GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD") => {
-                reqwest::Method::from_bytes(m.as_bytes()).map_err(|e| invalid(e.to_string()))?
-            }
-            other => return Err(invalid(format!("method {other:?} is not allowed"))),
-        };
+        bounded(&req)?;
+        let method = METHODS
+            .iter()
+            .find(|m| m.eq_ignore_ascii_case(&req.method))
+            .ok_or_else(|| invalid(format!("method {} is not allowed", shown(&req.method))))?;
+        let method =
+            reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| invalid(e.to_string()))?;
         let url = reqwest::Url::parse(&req.url)
-            .map_err(|e| invalid(format!("url {:?}: {e}", req.url)))?;
+            .map_err(|e| invalid(format!("url {}: {e}", shown(&req.url))))?;
         if !url.username().is_empty() || url.password().is_some() {
             return Err(invalid(
                 "credentials in the URL are not allowed; use a header".into(),
@@ -236,29 +255,26 @@ impl HttpGrant {
                 ),
             ));
         }
-        let mut headers = reqwest::header::HeaderMap::new();
+        let mut headers = reqwest::header::HeaderMap::with_capacity(req.headers.len());
         for (name, value) in req.headers {
             let n = reqwest::header::HeaderName::from_bytes(name.as_bytes())
-                .map_err(|e| invalid(format!("header {name:?}: {e}")))?;
+                .map_err(|e| invalid(format!("header {}: {e}", shown(&name))))?;
             if n == reqwest::header::HOST {
                 return Err(invalid("the Host header is set by the gateway".into()));
             }
             let v = reqwest::header::HeaderValue::from_str(&value)
-                .map_err(|e| invalid(format!("header {name:?}: {e}")))?;
-            headers.append(n, v);
-        }
-        let body = req.body.unwrap_or_default();
-        if body.len() > MAX_BODY {
-            return Err(invalid(format!(
-                "body of {} bytes is over the {MAX_BODY}-byte limit",
-                body.len()
-            )));
+                .map_err(|e| invalid(format!("header {}: {e}", shown(&name))))?;
+            // Cannot fail under MAX_HEADERS; checked all the same, so no
+            // count reaches the map's panic.
+            headers
+                .try_append(n, v)
+                .map_err(|e| invalid(format!("header {}: {e}", shown(&name))))?;
         }
         Ok(Checked {
             method,
             url,
             headers,
-            body,
+            body: req.body.unwrap_or_default(),
         })
     }
 
@@ -312,6 +328,57 @@ impl HttpGrant {
             }
         });
         Ok(())
+    }
+}
+
+/// `req` against the size bounds, measured without parsing any of it.
+fn bounded(req: &Request) -> Result<(), (&'static str, String)> {
+    let too_large = |m: String| Err(("too_large", m));
+    if req.url.len() > MAX_URL_BYTES {
+        return too_large(format!(
+            "url of {} bytes is over the limit of {MAX_URL_BYTES} bytes",
+            req.url.len()
+        ));
+    }
+    if req.headers.len() > MAX_HEADERS {
+        return too_large(format!(
+            "{} headers are over the limit of {MAX_HEADERS} headers per request",
+            req.headers.len()
+        ));
+    }
+    let mut total = 0;
+    for (name, value) in &req.headers {
+        let size = name.len() + value.len();
+        if size > MAX_HEADER_BYTES {
+            return too_large(format!(
+                "header {} of {size} bytes (name and value) is over the limit of \
+                 {MAX_HEADER_BYTES} bytes per header",
+                shown(name)
+            ));
+        }
+        total += size;
+    }
+    if total > MAX_HEADERS_TOTAL {
+        return too_large(format!(
+            "headers of {total} bytes in all are over the limit of {MAX_HEADERS_TOTAL} bytes \
+             per request"
+        ));
+    }
+    let body = req.body.as_ref().map_or(0, Vec::len);
+    if body > MAX_BODY {
+        return too_large(format!(
+            "body of {body} bytes is over the limit of {MAX_BODY} bytes"
+        ));
+    }
+    Ok(())
+}
+
+/// A guest's string as an error message quotes it: its first [`SHOWN`]
+/// characters, so a refusal never copies back what it refused.
+fn shown(s: &str) -> String {
+    match s.char_indices().nth(SHOWN) {
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &s[..cut], s.len()),
+        None => format!("{s:?}"),
     }
 }
 
@@ -403,5 +470,98 @@ mod tests {
         let mut host = req("GET", "http://127.0.0.1:8080/");
         host.headers.push(("Host".into(), "evil".into()));
         assert_eq!(g.check(host).unwrap_err().0, "invalid");
+    }
+
+    fn request(headers: Vec<(String, String)>, url: &str, body: usize) -> Request {
+        Request {
+            method: "POST".into(),
+            url: url.into(),
+            headers,
+            body: Some(vec![b'b'; body]),
+        }
+    }
+
+    const HOOK: &str = "http://127.0.0.1:8080/hook";
+
+    /// The request that panicked the `http` crate inside the host: more
+    /// distinct header names than a `HeaderMap` can hold.
+    #[test]
+    fn forty_thousand_header_names_are_refused_before_a_header_map() {
+        let g = HttpGrant::new(&["127.0.0.1:8080".into()], None).unwrap();
+        let headers = (0..40_000)
+            .map(|i| (format!("x-h{i}"), "v".to_owned()))
+            .collect();
+        let (outcome, message) = g.check(request(headers, HOOK, 0)).unwrap_err();
+        assert_eq!(outcome, "too_large");
+        assert_eq!(
+            message,
+            "40000 headers are over the limit of 64 headers per request"
+        );
+    }
+
+    #[test]
+    fn each_size_bound_allows_its_limit_and_refuses_one_more() {
+        let g = HttpGrant::new(&["127.0.0.1:8080".into()], None).unwrap();
+        let many = |n: usize| (0..n).map(|i| (format!("x-{i}"), "v".into())).collect();
+        // One header of `size` bytes, name and value.
+        let sized = |name: &str, size: usize| (name.to_owned(), "v".repeat(size - name.len()));
+        let long_url = |n: usize| format!("{HOOK}?{}", "q".repeat(n - HOOK.len() - 1));
+        let cases: Vec<(Request, Request, &str)> = vec![
+            (
+                request(many(MAX_HEADERS), HOOK, 0),
+                request(many(MAX_HEADERS + 1), HOOK, 0),
+                "65 headers are over the limit of 64 headers per request",
+            ),
+            (
+                request(vec![sized("x-big", MAX_HEADER_BYTES)], HOOK, 0),
+                request(vec![sized("x-big", MAX_HEADER_BYTES + 1)], HOOK, 0),
+                "header \"x-big\" of 8193 bytes (name and value) is over the limit of 8192 bytes per header",
+            ),
+            (
+                request(vec![sized("x-a", 8192), sized("x-b", 8192)], HOOK, 0),
+                request(
+                    vec![sized("x-a", 8192), sized("x-b", 8192), sized("x-c", 4)],
+                    HOOK,
+                    0,
+                ),
+                "headers of 16388 bytes in all are over the limit of 16384 bytes per request",
+            ),
+            (
+                request(vec![], &long_url(MAX_URL_BYTES), 0),
+                request(vec![], &long_url(MAX_URL_BYTES + 1), 0),
+                "url of 8193 bytes is over the limit of 8192 bytes",
+            ),
+            (
+                request(vec![], HOOK, MAX_BODY),
+                request(vec![], HOOK, MAX_BODY + 1),
+                "body of 1048577 bytes is over the limit of 1048576 bytes",
+            ),
+        ];
+        for (at, past, expected) in cases {
+            assert!(g.check(at).is_ok(), "refused at the limit: {expected}");
+            assert_eq!(
+                g.check(past).unwrap_err(),
+                ("too_large", expected.to_owned())
+            );
+        }
+    }
+
+    #[test]
+    fn a_refusal_quotes_only_the_start_of_what_it_refused() {
+        let g = HttpGrant::new(&["127.0.0.1:8080".into()], None).unwrap();
+        let mut req = request(vec![], HOOK, 0);
+        req.method = "GET".repeat(1 << 20);
+        let (outcome, message) = g.check(req).unwrap_err();
+        assert_eq!(outcome, "invalid");
+        assert!(
+            message.starts_with("method \"GETGET")
+                && message.ends_with("… (3145728 bytes) is not allowed"),
+            "{message}"
+        );
+        assert!(message.len() < 200, "{} bytes", message.len());
+        // Methods are matched whatever their case.
+        let mut lower = request(vec![], HOOK, 0);
+        lower.method = "patch".into();
+        assert_eq!(g.check(lower).unwrap().method, reqwest::Method::PATCH);
     }
 }

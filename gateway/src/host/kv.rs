@@ -1,12 +1,13 @@
 //! The `kv` capability: writes back into etcd sources, only under granted
 //! prefixes.
 //!
-//! Owns the grant check and one writer task per plugin that performs the
-//! writes in order, with a timeout and retries, on its own connection per
-//! source. A plugin's call returns once the write is checked and queued; it
-//! never waits on the network. What it logs of a write (the key, the error)
-//! is the plugin's text and cut to [`MAX_TEXT`](crate::text::MAX_TEXT). It
-//! must not read, and must not write outside the granted prefixes.
+//! Owns the grant check, the bounds on one write's key and value, and one
+//! writer task per plugin that performs the writes in order, with a timeout
+//! and retries, on its own connection per source. A plugin's call returns
+//! once the write is checked and queued; it never waits on the network.
+//! What it logs of a write (the key, the error) is the plugin's text and cut
+//! to [`MAX_TEXT`](crate::text::MAX_TEXT). It must not read, and must not
+//! write outside the granted prefixes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,6 +22,14 @@ use crate::text::{clip, clip_owned};
 
 /// Writes one plugin may have queued.
 pub const QUEUE: usize = 256;
+/// Longest key one write may name.
+pub const MAX_KEY_BYTES: usize = 8 * 1024;
+/// Largest value one write may carry. etcd refuses requests over 1.5 MiB
+/// unless told otherwise, so a larger value would only be retried and
+/// fail, while its copies waited in the queue.
+pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
+/// Most characters of a refused source name repeated in an error message.
+const SHOWN: usize = 64;
 /// Attempts per write, the first included.
 const ATTEMPTS: u32 = 3;
 /// Wait before the second attempt; doubled after each further one.
@@ -87,21 +96,48 @@ impl KvWriter {
         KvWriter { grants, tx }
     }
 
-    /// Check a write against the grants.
+    /// Check a write against the size bounds, then the grants.
     ///
     /// # Errors
-    /// `("denied", message)` when no grant covers the source and key.
-    pub fn check(&self, source: &str, key: &str) -> Result<(), (&'static str, String)> {
+    /// `("too_large", message)` naming the bound when the key or value is
+    /// past it; `("denied", message)` when no grant covers the source and
+    /// key.
+    pub fn check(&self, write: &Write) -> Result<(), (&'static str, String)> {
+        let Write { source, key, value } = write;
+        if key.len() > MAX_KEY_BYTES {
+            return Err((
+                "too_large",
+                format!(
+                    "key of {} bytes is over the limit of {MAX_KEY_BYTES} bytes",
+                    key.len()
+                ),
+            ));
+        }
+        if let Some(v) = value
+            && v.len() > MAX_VALUE_BYTES
+        {
+            return Err((
+                "too_large",
+                format!(
+                    "value of {} bytes is over the limit of {MAX_VALUE_BYTES} bytes",
+                    v.len()
+                ),
+            ));
+        }
         if self
             .grants
             .iter()
-            .any(|g| g.source == source && key.starts_with(&g.prefix))
+            .any(|g| g.source == *source && key.starts_with(&g.prefix))
         {
             Ok(())
         } else {
+            let source = match source.char_indices().nth(SHOWN) {
+                Some((cut, _)) => format!("{:?}…", &source[..cut]),
+                None => format!("{source:?}"),
+            };
             Err((
                 "denied",
-                format!("writing {key:?} in source {source:?} is not granted to this plugin"),
+                format!("writing {key:?} in source {source} is not granted to this plugin"),
             ))
         }
     }
@@ -196,5 +232,64 @@ async fn writer(
         if truncated {
             metrics.count_plugin(PluginCounter::TextTruncated, &plugin);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn writer() -> KvWriter {
+        KvWriter {
+            grants: vec![KvGrant {
+                source: "main".into(),
+                prefix: "/app/".into(),
+            }],
+            tx: None,
+        }
+    }
+
+    fn put(key: String, value: usize) -> Write {
+        Write {
+            source: "main".into(),
+            key,
+            value: Some(vec![b'v'; value]),
+        }
+    }
+
+    #[test]
+    fn key_and_value_bounds_allow_their_limit_and_refuse_one_more() {
+        let w = writer();
+        let key = |n: usize| format!("/app/{}", "k".repeat(n - 5));
+        assert!(w.check(&put(key(MAX_KEY_BYTES), MAX_VALUE_BYTES)).is_ok());
+        assert_eq!(
+            w.check(&put(key(MAX_KEY_BYTES + 1), 1)).unwrap_err(),
+            (
+                "too_large",
+                "key of 8193 bytes is over the limit of 8192 bytes".to_owned()
+            )
+        );
+        assert_eq!(
+            w.check(&put(key(10), MAX_VALUE_BYTES + 1)).unwrap_err(),
+            (
+                "too_large",
+                "value of 1048577 bytes is over the limit of 1048576 bytes".to_owned()
+            )
+        );
+        // A delete carries no value: only its key is bounded.
+        let mut delete = put(key(MAX_KEY_BYTES + 1), 0);
+        delete.value = None;
+        assert_eq!(w.check(&delete).unwrap_err().0, "too_large");
+    }
+
+    #[test]
+    fn writes_outside_the_grants_are_denied() {
+        let w = writer();
+        assert_eq!(w.check(&put("/other/k".into(), 1)).unwrap_err().0, "denied");
+        let mut elsewhere = put("/app/k".into(), 1);
+        elsewhere.source = "s".repeat(1 << 20);
+        let (outcome, message) = w.check(&elsewhere).unwrap_err();
+        assert_eq!(outcome, "denied");
+        assert!(message.len() < 200, "{} bytes: {message}", message.len());
     }
 }

@@ -6,9 +6,14 @@
 //! gets a fresh instance from the `InstancePre`. A call's error message is
 //! the guest's text: it is cut to [`MAX_TEXT`](crate::text::MAX_TEXT) here,
 //! as it leaves the guest, so no log line, report or dead letter downstream
-//! holds more. This module must not decide which events to run or in what
-//! order.
+//! holds more. A panic of the host's own code inside a call (an import, or
+//! lowering and lifting) is contained here too: the call fails as a trap
+//! and the instance is dropped, since its store may have been left half-way
+//! through a change. This module must not decide which events to run or in
+//! what order.
 
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +25,7 @@ use crate::event::{Event, EventKind};
 use crate::host::bindings::Plugin;
 use crate::host::bindings::watchgate::plugin::types as wit;
 use crate::host::{HostState, PluginContext};
-use crate::telemetry::{Outcome, PluginCounter};
+use crate::telemetry::{Outcome, PanicSite, PluginCounter};
 
 /// How one call went.
 #[derive(Debug, Clone)]
@@ -71,6 +76,19 @@ pub struct Sandbox {
 fn deadline_ticks(timeout_ms: u64) -> u64 {
     let tick = EPOCH_TICK.as_millis().max(1) as u64;
     timeout_ms.div_ceil(tick) + 1
+}
+
+/// The message a panic was raised with (`panic!` gives a `&str` or a
+/// `String`; anything else has none to show).
+pub fn panic_message(payload: &(dyn Any + Send)) -> String {
+    // A panic message may quote whatever input led to it, the guest's
+    // included, so it is bounded like any text from the guest.
+    let text = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message");
+    crate::text::clip(text).into_owned()
 }
 
 /// The guest's view of an event.
@@ -276,8 +294,42 @@ impl Sandbox {
     /// needed) with its limits armed (`fuel` for this call), `enter` run
     /// on it, and the guest's output flushed. A trap (or a failed
     /// instantiation) drops the instance and becomes the call's report,
-    /// timed from `start`.
+    /// timed from `start`; so does a panic of the host's own code anywhere
+    /// in it, which is also logged and counted as a host panic. Whatever
+    /// the guest sends, the worker calling this goes on.
     fn invoke<T>(
+        &mut self,
+        plugin: &LoadedPlugin,
+        fuel: u64,
+        start: Instant,
+        enter: impl FnOnce(&Plugin, &mut Store<HostState>) -> wasmtime::Result<T>,
+    ) -> Result<T, CallReport> {
+        // wasmtime unwinds a panic in an import out through the guest's
+        // frames and resumes it here, in the host.
+        let run = AssertUnwindSafe(|| self.enter(plugin, fuel, start, enter));
+        std::panic::catch_unwind(run).unwrap_or_else(|payload| {
+            // The store (and the host state in it) may be inconsistent:
+            // never enter it again.
+            self.live = None;
+            let panic = panic_message(&*payload);
+            plugin
+                .ctx
+                .metrics
+                .host_panic(&plugin.ctx.name, PanicSite::Call, &panic);
+            Err(CallReport {
+                outcome: Outcome::trap,
+                trap: None,
+                message: Some(format!(
+                    "the gateway panicked during this call (a gateway bug; the call counts as a \
+                     trap and the instance was replaced): {panic}"
+                )),
+                elapsed: start.elapsed(),
+            })
+        })
+    }
+
+    /// [`invoke`](Self::invoke) but for a panic.
+    fn enter<T>(
         &mut self,
         plugin: &LoadedPlugin,
         fuel: u64,
