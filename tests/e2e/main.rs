@@ -8,8 +8,8 @@
 mod adversarial;
 mod adversarial_blocking;
 mod adversarial_compile;
-mod adversarial_strings;
 mod adversarial_panics;
+mod adversarial_strings;
 mod cli;
 mod cluster;
 mod consul_source;
