@@ -278,8 +278,13 @@ impl HostState {
         match &r {
             Ok(()) => self.count("files", "ok"),
             Err(files::FilesError::BadPath { .. }) => self.count("files", "denied"),
+            Err(files::FilesError::Quota { .. }) => self.count("files", "quota"),
             Err(_) => self.count("files", "error"),
         }
+        let used = grant.usage();
+        self.ctx
+            .metrics
+            .files_used(&self.ctx.name, used.bytes, used.entries);
         r.map_err(|e| e.to_string())
     }
 }

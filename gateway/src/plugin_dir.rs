@@ -398,10 +398,15 @@ impl PluginLoader {
             }
         };
         self.compiled.insert(name.to_owned(), compiled.clone());
+        let limits = self.config.runtime.defaults.merged(sidecar.limits);
         let files_grant = match &sidecar.grants.files {
             None => None,
-            Some(dir) => match FilesGrant::new(dir) {
-                Ok(g) => Some(g),
+            Some(dir) => match FilesGrant::new(dir, limits.files_quota()) {
+                Ok(g) => {
+                    let used = g.usage();
+                    self.metrics.files_used(name, used.bytes, used.entries);
+                    Some(g)
+                }
                 Err(source) => {
                     let e = PluginError::Grant {
                         path: self.config.plugins.dir.join(format!("{name}.toml")),
@@ -445,7 +450,6 @@ impl PluginLoader {
                 Err(e) => return self.reject(name, format!("grants.http: {e}")),
             }
         };
-        let limits = self.config.runtime.defaults.merged(sidecar.limits);
         let queue_capacity = sidecar
             .queue_capacity
             .unwrap_or(self.config.plugins.queue_capacity);

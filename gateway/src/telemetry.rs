@@ -170,6 +170,13 @@ pub struct Metrics {
     pub capability_calls: Family<CapabilityLabels, Counter>,
     /// Bytes of keys plus values `snapshot` scans copied into a plugin.
     pub snapshot_scan_bytes: Family<PluginLabels, Counter>,
+    /// Bytes under a plugin's `files` grant, as its quota counts them.
+    pub files_bytes: Family<PluginLabels, Gauge>,
+    /// Files and directories under a plugin's `files` grant.
+    pub files_entries: Family<PluginLabels, Gauge>,
+    /// `state.set` calls that waited for the state writer because the
+    /// plugin had as many writes pending as it may.
+    pub state_waits: Family<PluginLabels, Counter>,
     /// Live tokio tasks, refreshed on every scrape.
     pub runtime_alive_tasks: Gauge,
     /// Live replicas of the cluster, as this replica sees them.
@@ -213,6 +220,9 @@ impl Metrics {
             plugin_log_dropped: Family::default(),
             capability_calls: Family::default(),
             snapshot_scan_bytes: Family::default(),
+            files_bytes: Family::default(),
+            files_entries: Family::default(),
+            state_waits: Family::default(),
             runtime_alive_tasks: Gauge::default(),
             cluster_replicas: Gauge::default(),
             cluster_owned_plugins: Gauge::default(),
@@ -322,6 +332,21 @@ impl Metrics {
             "watchgate_snapshot_scan_bytes",
             "Bytes of keys and values snapshot scans copied into a plugin",
             m.snapshot_scan_bytes.clone(),
+        );
+        registry.register(
+            "watchgate_plugin_files_bytes",
+            "Bytes of file contents under a plugin's files grant, as its quota (limits.files_mb) counts them",
+            m.files_bytes.clone(),
+        );
+        registry.register(
+            "watchgate_plugin_files_entries",
+            "Files and directories under a plugin's files grant, as its quota (limits.files_count) counts them",
+            m.files_entries.clone(),
+        );
+        registry.register(
+            "watchgate_plugin_state_waits",
+            "state.set calls that waited for the state writer because the plugin had as many writes pending as it may",
+            m.state_waits.clone(),
         );
         registry.register(
             "watchgate_runtime_alive_tasks",
@@ -437,6 +462,22 @@ impl Metrics {
         self.snapshot_scan_bytes
             .get_or_create(&Self::plugin(plugin))
             .inc_by(u64::try_from(bytes).unwrap_or(u64::MAX));
+    }
+
+    /// Show what `plugin`'s `files` grant holds: `bytes` of file contents
+    /// in `entries` files and directories.
+    pub fn files_used(&self, plugin: &str, bytes: u64, entries: u64) {
+        let labels = Self::plugin(plugin);
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.files_bytes.get_or_create(&labels).set(gauge(bytes));
+        self.files_entries
+            .get_or_create(&labels)
+            .set(gauge(entries));
+    }
+
+    /// Count a `state.set` of `plugin` that waited for the state writer.
+    pub fn state_waited(&self, plugin: &str) {
+        self.state_waits.get_or_create(&Self::plugin(plugin)).inc();
     }
 
     /// Record one capability call.
@@ -611,6 +652,8 @@ mod tests {
             .get_or_create(&Metrics::plugin("p"))
             .inc();
         m.snapshot_scanned("p", 7);
+        m.files_used("p", 9, 2);
+        m.state_waited("p");
         let text = m.encode();
         for name in [
             "watchgate_source_events_total{source=\"s\"} 1",
@@ -620,6 +663,9 @@ mod tests {
             "watchgate_plugin_queue_depth{plugin=\"p\"} 3",
             "watchgate_plugin_coalesced_total{plugin=\"p\"} 1",
             "watchgate_snapshot_scan_bytes_total{plugin=\"p\"} 7",
+            "watchgate_plugin_files_bytes{plugin=\"p\"} 9",
+            "watchgate_plugin_files_entries{plugin=\"p\"} 2",
+            "watchgate_plugin_state_waits_total{plugin=\"p\"} 1",
             "watchgate_plugin_call_seconds_count{plugin=\"p\"} 1",
             "watchgate_runtime_alive_tasks",
         ] {
