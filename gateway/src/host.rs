@@ -25,6 +25,7 @@ pub mod state;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -147,6 +148,9 @@ pub struct HostState {
     pub limiter: MemoryLimiter,
     stdout: LineStream,
     stderr: LineStream,
+    /// When host calls that wait (a `state.set` whose writes queue is
+    /// full) stop waiting in the current call; `None` outside a call.
+    waits_end: Option<Instant>,
 }
 
 impl HostState {
@@ -169,7 +173,21 @@ impl HostState {
             limiter: MemoryLimiter::new(memory_bytes),
             stdout,
             stderr,
+            waits_end: None,
         }
+    }
+
+    /// A call with a wall-clock deadline of `timeout` starts now. Host
+    /// calls may wait until a tenth of it is left, so the guest gets a
+    /// refusal with time to handle it rather than being interrupted in
+    /// the host.
+    pub fn arm_waits(&mut self, timeout: Duration) {
+        self.waits_end = Some(Instant::now() + timeout - timeout / 10);
+    }
+
+    /// Until when a host call may wait: not at all outside a call.
+    fn waits_end(&self) -> Instant {
+        self.waits_end.unwrap_or_else(Instant::now)
     }
 
     /// The plugin this instance belongs to.
@@ -221,9 +239,16 @@ impl wit::state::Host for HostState {
     }
 
     fn set(&mut self, key: String, value: Option<Vec<u8>>) -> Result<(), String> {
-        let r = self.ctx.state.set(key, value);
-        self.count("state", if r.is_ok() { "ok" } else { "error" });
-        r
+        match self.ctx.state.set(key, value, self.waits_end()) {
+            Ok(how) => {
+                if how == state::Set::AfterWait {
+                    self.ctx.metrics.state_waited(&self.ctx.name);
+                }
+                self.count("state", "ok");
+                Ok(())
+            }
+            Err(e) => Err(self.refused("state", e)),
+        }
     }
 }
 

@@ -208,6 +208,9 @@ impl Sandbox {
     fn arm(store: &mut Store<HostState>, limits: &Limits) -> wasmtime::Result<()> {
         store.set_fuel(limits.fuel)?;
         store.set_epoch_deadline(deadline_ticks(limits.timeout_ms));
+        store
+            .data_mut()
+            .arm_waits(Duration::from_millis(limits.timeout_ms));
         Ok(())
     }
 
