@@ -13,13 +13,13 @@ use serde_json::Value;
 use crate::support::{Gateway, wait_for};
 
 /// Events written per test.
-const N: usize = 24;
+pub(crate) const N: usize = 24;
 /// How long one event may take to reach `event-log`. Had `event-log` waited
 /// behind its neighbour, later events would queue behind seconds of faulty
 /// calls (three attempts at the neighbour's deadline per event).
-const PER_EVENT: Duration = Duration::from_secs(3);
+pub(crate) const PER_EVENT: Duration = Duration::from_secs(3);
 
-fn rss_kb(pid: u32) -> u64 {
+pub(crate) fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .expect("proc status")
         .lines()
@@ -31,7 +31,11 @@ fn rss_kb(pid: u32) -> u64 {
 /// Run `fault` (with `sidecar`) beside `event-log`, writing `N` keys whose
 /// values come from `value`. Returns the running gateway for the caller's
 /// fault-specific checks.
-fn beside_event_log(fault: &str, sidecar: &str, value: impl Fn(usize) -> String) -> Gateway {
+pub(crate) fn beside_event_log(
+    fault: &str,
+    sidecar: &str,
+    value: impl Fn(usize) -> String,
+) -> Gateway {
     let mut g = Gateway::new();
     g.install_event_log("event-log");
     g.install(fault, fault, sidecar);
@@ -67,7 +71,7 @@ fn beside_event_log(fault: &str, sidecar: &str, value: impl Fn(usize) -> String)
     g
 }
 
-fn outcome(m: &BTreeMap<String, f64>, plugin: &str, outcome: &str) -> f64 {
+pub(crate) fn outcome(m: &BTreeMap<String, f64>, plugin: &str, outcome: &str) -> f64 {
     m.get(&format!(
         "watchgate_plugin_invocations_total{{plugin=\"{plugin}\",outcome=\"{outcome}\"}}"
     ))

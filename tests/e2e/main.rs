@@ -6,6 +6,7 @@
 //! directory.
 
 mod adversarial;
+mod adversarial_files_state;
 mod cli;
 mod cluster;
 mod consul_source;
