@@ -401,7 +401,14 @@ impl PluginLoader {
         let limits = self.config.runtime.defaults.merged(sidecar.limits);
         let files_grant = match &sidecar.grants.files {
             None => None,
-            Some(dir) => match FilesGrant::new(dir, limits.files_quota()) {
+            // Making the grant measures what its directory holds.
+            Some(dir) => match tokio::task::spawn_blocking({
+                let (dir, quota) = (dir.clone(), limits.files_quota());
+                move || FilesGrant::new(&dir, quota)
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            {
                 Ok(g) => {
                     let used = g.usage();
                     self.metrics.files_used(name, used.bytes, used.entries);

@@ -293,8 +293,13 @@ impl FilesGrant {
         path: &str,
         need: Need,
     ) -> Result<(), FilesError> {
-        let stale = counted.measured.is_none_or(|at| at.elapsed() >= REMEASURE);
-        if counted.measured.is_none() || (stale && self.refusal(counted.usage, need).is_some()) {
+        // The running count stands until it may be off: after a failed
+        // write, and, for a write it would refuse, once a second.
+        let look = match counted.measured {
+            None => true,
+            Some(at) => at.elapsed() >= REMEASURE && self.refusal(counted.usage, need).is_some(),
+        };
+        if look {
             counted.usage = measure(&self.root);
             counted.measured = Some(Instant::now());
         }
