@@ -575,6 +575,7 @@ pub(super) fn isolation(args: &BenchArgs) -> anyhow::Result<CaseResult> {
                 fuel: u64::MAX / 2,
                 timeout_ms: 50,
                 memory_mb: 16,
+                ..Limits::DEFAULT
             },
         ),
         ("fault-panic", default_limits()),

@@ -27,6 +27,7 @@ pub mod wait;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -150,8 +151,10 @@ pub struct HostState {
     pub limiter: MemoryLimiter,
     stdout: LineStream,
     stderr: LineStream,
-    /// The deadline of the call in progress, which WASI waits end at
-    /// (none: waits are not bounded).
+    /// The deadline of the call in progress: WASI waits end at it, and
+    /// host calls that wait (a `state.set` whose writes queue is full) stop
+    /// a tenth of it before (none: outside a call, waits are not bounded
+    /// and host calls do not wait).
     deadline: Option<CallDeadline>,
 }
 
@@ -183,6 +186,15 @@ impl HostState {
     /// deadline the epoch holds its wasm to.
     pub fn arm_deadline(&mut self, timeout_ms: u64) {
         self.deadline = CallDeadline::starting_now(timeout_ms);
+    }
+
+    /// Until when a host call may wait: a tenth of the call's deadline
+    /// before it, so the guest gets a refusal with time to handle it rather
+    /// than being interrupted in the host; not at all outside a call.
+    fn waits_end(&self) -> Instant {
+        self.deadline.map_or_else(Instant::now, |d| {
+            d.at - Duration::from_millis(d.timeout_ms) / 10
+        })
     }
 
     /// The plugin this instance belongs to.
@@ -234,9 +246,16 @@ impl wit::state::Host for HostState {
     }
 
     fn set(&mut self, key: String, value: Option<Vec<u8>>) -> Result<(), String> {
-        let r = self.ctx.state.set(key, value);
-        self.count("state", if r.is_ok() { "ok" } else { "error" });
-        r
+        match self.ctx.state.set(key, value, self.waits_end()) {
+            Ok(how) => {
+                if how == state::Set::AfterWait {
+                    self.ctx.metrics.state_waited(&self.ctx.name);
+                }
+                self.count("state", "ok");
+                Ok(())
+            }
+            Err(e) => Err(self.refused("state", e)),
+        }
     }
 }
 
@@ -291,8 +310,13 @@ impl HostState {
         match &r {
             Ok(()) => self.count("files", "ok"),
             Err(files::FilesError::BadPath { .. }) => self.count("files", "denied"),
+            Err(files::FilesError::Quota { .. }) => self.count("files", "quota"),
             Err(_) => self.count("files", "error"),
         }
+        let used = grant.usage();
+        self.ctx
+            .metrics
+            .files_used(&self.ctx.name, used.bytes, used.entries);
         r.map_err(|e| e.to_string())
     }
 }

@@ -505,10 +505,22 @@ impl PluginLoader {
             }
             return;
         };
+        let limits = self.config.runtime.defaults.merged(sidecar.limits);
         let files_grant = match &sidecar.grants.files {
             None => None,
-            Some(dir) => match FilesGrant::new(dir) {
-                Ok(g) => Some(g),
+            // Making the grant measures what its directory holds.
+            Some(dir) => match tokio::task::spawn_blocking({
+                let (dir, quota) = (dir.clone(), limits.files_quota());
+                move || FilesGrant::new(&dir, quota)
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            {
+                Ok(g) => {
+                    let used = g.usage();
+                    self.metrics.files_used(name, used.bytes, used.entries);
+                    Some(g)
+                }
                 Err(source) => {
                     let e = PluginError::Grant {
                         path: self.config.plugins.dir.join(format!("{name}.toml")),
@@ -552,7 +564,6 @@ impl PluginLoader {
                 Err(e) => return self.reject(name, format!("grants.http: {e}")),
             }
         };
-        let limits = self.config.runtime.defaults.merged(sidecar.limits);
         let queue_capacity = sidecar
             .queue_capacity
             .unwrap_or(self.config.plugins.queue_capacity);

@@ -7,14 +7,17 @@
 //! not handled yet) that restarts diff against; each plugin's `state`; and
 //! the dead letters. Writes go through one writer thread that commits in
 //! small batches: key-index changes in the order the dispatcher made them,
-//! and, in the same transaction, the cursors the running plugins report.
+//! and, in the same transaction, the cursors the running plugins report and
+//! the plugins' `state` writes.
 //!
 //! This module is the store's face: opening and resetting it, reading it,
 //! and queueing writes. The file layout lives in `schema`, the writer thread
-//! in `writer`, the dead letters' caps and pages in `letters`. It must not
-//! decide what a cursor means (the dispatcher does).
+//! in `writer`, the dead letters' caps and pages in `letters`, the bounded
+//! per-plugin queue of `state` writes in `pending`. It must not decide what
+//! a cursor means (the dispatcher does).
 
 mod letters;
+mod pending;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -26,13 +29,15 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 use redb::{Database, Key, ReadableDatabase, TableDefinition, Value};
 
 use letters::LetterIndex;
 pub use letters::{AddedLetter, DeadLetterCap, LetterPage, LetterTally};
+use pending::Pending;
+pub use pending::{MAX_PENDING_BYTES, MAX_PENDING_WRITES, Queued, StateBusy};
 use schema::{CURSORS, KEYS, META, PLUGIN_STATE, SCHEMA, SOURCES, decode, init_tables};
 pub use schema::{DeadLetter, KeyEntry, SourceMeta};
 use writer::{Indexes, Op, Probes};
@@ -103,6 +108,7 @@ pub struct Store {
     tx: Mutex<Option<mpsc::Sender<Op>>>,
     probes: Probes,
     indexes: Indexes,
+    pending: Arc<Pending>,
     writer: Mutex<Option<JoinHandle<()>>>,
     next_dead_letter: AtomicU64,
     /// Each plugin's dead letters: ids and stored sizes.
@@ -163,13 +169,21 @@ impl Store {
         let (tx, rx) = mpsc::channel();
         let probes: Probes = Arc::default();
         let indexes: Indexes = Arc::default();
-        let writer = writer::spawn(db.clone(), rx, probes.clone(), indexes.clone());
+        let pending: Arc<Pending> = Arc::default();
+        let writer = writer::spawn(
+            db.clone(),
+            rx,
+            probes.clone(),
+            indexes.clone(),
+            pending.clone(),
+        );
         Ok(Store {
             db,
             path,
             tx: Mutex::new(Some(tx)),
             probes,
             indexes,
+            pending,
             writer: Mutex::new(Some(writer)),
             next_dead_letter: AtomicU64::new(next_dead_letter),
             letters: Mutex::new(letters),
@@ -320,13 +334,25 @@ impl Store {
         self.send(Op::Cursor(plugin.to_owned(), source.clone(), seq));
     }
 
-    /// Record a plugin `state` change.
-    pub fn set_plugin_state(&self, plugin: &str, key: &str, value: Option<&[u8]>) {
-        self.send(Op::State(
-            plugin.to_owned(),
-            key.to_owned(),
-            value.map(<[u8]>::to_vec),
-        ));
+    /// Record a plugin `state` change. A later change of the same key
+    /// replaces it while it waits for the writer. When `plugin` already has
+    /// [`MAX_PENDING_WRITES`] writes or [`MAX_PENDING_BYTES`] bytes waiting,
+    /// wait until `until` for the writer to commit them.
+    ///
+    /// # Errors
+    /// [`StateBusy`] when there is no room by `until`; nothing is recorded.
+    pub fn set_plugin_state(
+        &self,
+        plugin: &str,
+        key: &str,
+        value: Option<&[u8]>,
+        until: Instant,
+    ) -> Result<Queued, StateBusy> {
+        let queued = self.pending.put(plugin, key, value, until)?;
+        if queued.wake {
+            self.wake();
+        }
+        Ok(queued)
     }
 
     /// Report `probe`'s cursors with every commit from now on.
@@ -352,6 +378,7 @@ impl Store {
 
     /// Commit what is pending and stop the writer. Later writes are ignored.
     pub fn close(&self) {
+        self.pending.close();
         self.tx.lock().take();
         if let Some(w) = self.writer.lock().take() {
             let _ = w.join();

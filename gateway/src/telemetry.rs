@@ -214,6 +214,13 @@ pub struct Metrics {
     pub plugin_compile_refused: Family<CompileRefusalLabels, Counter>,
     /// Plugin compiles running, abandoned ones included.
     pub compiles_running: Gauge,
+    /// Bytes under a plugin's `files` grant, as its quota counts them.
+    pub files_bytes: Family<PluginLabels, Gauge>,
+    /// Files and directories under a plugin's `files` grant.
+    pub files_entries: Family<PluginLabels, Gauge>,
+    /// `state.set` calls that waited for the state writer because the
+    /// plugin had as many writes pending as it may.
+    pub state_waits: Family<PluginLabels, Counter>,
     /// Live tokio tasks, refreshed on every scrape.
     pub runtime_alive_tasks: Gauge,
     /// Live replicas of the cluster, as this replica sees them.
@@ -264,6 +271,9 @@ impl Metrics {
             snapshot_scan_bytes: Family::default(),
             plugin_compile_refused: Family::default(),
             compiles_running: Gauge::default(),
+            files_bytes: Family::default(),
+            files_entries: Family::default(),
+            state_waits: Family::default(),
             runtime_alive_tasks: Gauge::default(),
             cluster_replicas: Gauge::default(),
             cluster_owned_plugins: Gauge::default(),
@@ -408,6 +418,21 @@ impl Metrics {
             "watchgate_compiles_running",
             "Plugin compiles running, including abandoned ones still finishing in the background",
             m.compiles_running.clone(),
+        );
+        registry.register(
+            "watchgate_plugin_files_bytes",
+            "Bytes of file contents under a plugin's files grant, as its quota (limits.files_mb) counts them",
+            m.files_bytes.clone(),
+        );
+        registry.register(
+            "watchgate_plugin_files_entries",
+            "Files and directories under a plugin's files grant, as its quota (limits.files_count) counts them",
+            m.files_entries.clone(),
+        );
+        registry.register(
+            "watchgate_plugin_state_waits",
+            "state.set calls that waited for the state writer because the plugin had as many writes pending as it may",
+            m.state_waits.clone(),
         );
         registry.register(
             "watchgate_runtime_alive_tasks",
@@ -580,6 +605,22 @@ impl Metrics {
                 limit: limit.to_owned(),
             })
             .inc();
+    }
+
+    /// Show what `plugin`'s `files` grant holds: `bytes` of file contents
+    /// in `entries` files and directories.
+    pub fn files_used(&self, plugin: &str, bytes: u64, entries: u64) {
+        let labels = Self::plugin(plugin);
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.files_bytes.get_or_create(&labels).set(gauge(bytes));
+        self.files_entries
+            .get_or_create(&labels)
+            .set(gauge(entries));
+    }
+
+    /// Count a `state.set` of `plugin` that waited for the state writer.
+    pub fn state_waited(&self, plugin: &str) {
+        self.state_waits.get_or_create(&Self::plugin(plugin)).inc();
     }
 
     /// Record one capability call.
@@ -760,6 +801,8 @@ mod tests {
         m.count_plugin(PluginCounter::TextTruncated, "p");
         m.dead_letters_dropped("p", 2);
         m.host_panic("p", PanicSite::Call, "boom");
+        m.files_used("p", 9, 2);
+        m.state_waited("p");
         let text = m.encode();
         for name in [
             "watchgate_source_events_total{source=\"s\"} 1",
@@ -776,6 +819,9 @@ mod tests {
             "watchgate_plugin_text_truncated_total{plugin=\"p\"} 1",
             "watchgate_dead_letters_dropped_total{plugin=\"p\"} 2",
             "watchgate_plugin_host_panics_total{plugin=\"p\"} 1",
+            "watchgate_plugin_files_bytes{plugin=\"p\"} 9",
+            "watchgate_plugin_files_entries{plugin=\"p\"} 2",
+            "watchgate_plugin_state_waits_total{plugin=\"p\"} 1",
             "watchgate_plugin_call_seconds_count{plugin=\"p\"} 1",
             "watchgate_runtime_alive_tasks",
         ] {

@@ -380,12 +380,14 @@ pub mod state {
         host::get(key)
     }
 
-    /// Set a value, or remove it with `None`.
+    /// Set a value, or remove it with `None`. The host writes it to its
+    /// store in the background; when too many of the plugin's writes are
+    /// still waiting for the store, the call waits for room.
     ///
     /// # Errors
     ///
     /// Fails with the host's message when the plugin's state quota would be
-    /// exceeded.
+    /// exceeded, or when no room came before the call's deadline was near.
     pub fn set(key: &str, value: Option<&[u8]>) -> Result<(), String> {
         host::set(key, value)
     }
@@ -424,7 +426,8 @@ pub mod files {
     /// # Errors
     ///
     /// Fails with the host's message when the plugin has no files grant, the
-    /// path is refused, or the write fails.
+    /// path is refused, the grant's disk quota would be passed, or the write
+    /// fails.
     pub fn append(path: &str, data: &[u8]) -> Result<(), String> {
         host::append(path, data)
     }
@@ -435,7 +438,8 @@ pub mod files {
     /// # Errors
     ///
     /// Fails with the host's message when the plugin has no files grant, the
-    /// path is refused, or the write fails.
+    /// path is refused, the grant's disk quota would be passed (the
+    /// temporary file counts beside the old contents), or the write fails.
     pub fn replace(path: &str, data: &[u8]) -> Result<(), String> {
         host::replace(path, data)
     }

@@ -92,6 +92,7 @@ fn every_wasi_wait_ends_at_the_call_deadline() {
             fuel: u64::MAX / 2,
             timeout_ms: SHORT_MS,
             memory_mb: 32,
+            ..Limits::DEFAULT
         },
     };
     let mut sandbox = Sandbox::new(runtime);

@@ -8,6 +8,7 @@
 mod adversarial;
 mod adversarial_blocking;
 mod adversarial_compile;
+mod adversarial_files_state;
 mod adversarial_panics;
 mod adversarial_strings;
 mod cli;

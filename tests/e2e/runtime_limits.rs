@@ -75,6 +75,7 @@ const LIMITS: Limits = Limits {
     fuel: 200_000_000,
     timeout_ms: 2_000,
     memory_mb: 32,
+    ..Limits::DEFAULT
 };
 
 #[test]
@@ -113,6 +114,7 @@ fn the_wall_clock_deadline_interrupts_a_spin_with_unlimited_fuel() {
         fuel: u64::MAX / 2,
         timeout_ms: 100,
         memory_mb: 32,
+        ..Limits::DEFAULT
     });
     let r = f.sandbox.call(&f.plugin, &event("spin"));
     assert_eq!(r.outcome, Outcome::timeout, "{r:?}");

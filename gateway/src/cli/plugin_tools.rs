@@ -199,6 +199,7 @@ pub fn plugin_test(args: &TestArgs) -> i32 {
             fuel: args.fuel,
             timeout_ms: args.timeout_ms,
             memory_mb: args.memory_mb,
+            ..PartialLimits::default()
         });
     let runtime = match Runtime::new(&runtime_config) {
         Ok(r) => r,
@@ -214,7 +215,11 @@ pub fn plugin_test(args: &TestArgs) -> i32 {
         Err(e) => return fail(format!("{}: {e}", args.wasm.display())),
     };
     let files_dir = args.files.clone().or_else(|| sidecar.grants.files.clone());
-    let files = match files_dir.as_deref().map(FilesGrant::new).transpose() {
+    let files = match files_dir
+        .as_deref()
+        .map(|dir| FilesGrant::new(dir, limits.files_quota()))
+        .transpose()
+    {
         Ok(f) => f,
         Err(e) => return fail(format!("files grant: {e}")),
     };

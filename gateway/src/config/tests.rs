@@ -24,6 +24,25 @@ fn resolves_relative_paths_against_the_config_file() {
 }
 
 #[test]
+fn runtime_defaults_written_before_the_files_quota_still_parse() {
+    let c = parse(
+        "[runtime]\ndefaults = { fuel = 5, timeout_ms = 100, memory_mb = 16 }\n[[source]]\nname = \"local\"\nkind = \"file\"\npath = \"w\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.runtime.defaults.files_mb, 64);
+    assert_eq!(c.runtime.defaults.files_count, 1000);
+    let err = parse(
+        "[runtime]\ndefaults = { fuel = 5, timeout_ms = 100, memory_mb = 16, files_mb = 0 }\n[[source]]\nname = \"local\"\nkind = \"file\"\npath = \"w\"\n",
+    )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("runtime.defaults.files_mb must be at least 1"),
+        "{err}"
+    );
+}
+
+#[test]
 fn unknown_top_level_key_names_file_key_and_line() {
     let err = parse("[admin]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n")
         .unwrap_err()
@@ -79,6 +98,19 @@ fn sidecar_checks_sources_and_limits() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("limits.memory_mb"), "{err}");
+    let quota = Sidecar::parse(p, "[limits]\nfiles_mb = 5\nfiles_count = 7\n", &c).unwrap();
+    let limits = c.runtime.defaults.merged(quota.limits);
+    assert_eq!((limits.files_mb, limits.files_count), (5, 7));
+    assert_eq!(limits.memory_mb, c.runtime.defaults.memory_mb);
+    for zero in ["files_mb", "files_count"] {
+        let err = Sidecar::parse(p, &format!("[limits]\n{zero} = 0\n"), &c)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("limits.{zero} must be at least 1")),
+            "{err}"
+        );
+    }
     let err = Sidecar::parse(p, "[grants]\nnetwork = true\n", &c)
         .unwrap_err()
         .to_string();

@@ -80,6 +80,12 @@ pub(super) fn gateway(config: &Config) -> Result<(), String> {
     if rt.compile_timeout.is_zero() {
         return Err("runtime.compile_timeout must be more than 0".into());
     }
+    if rt.defaults.files_mb == 0 {
+        return Err("runtime.defaults.files_mb must be at least 1".into());
+    }
+    if rt.defaults.files_count == 0 {
+        return Err("runtime.defaults.files_count must be at least 1".into());
+    }
     Ok(())
 }
 
@@ -117,6 +123,12 @@ pub(super) fn sidecar(sidecar: &Sidecar, config: &Config) -> Result<(), String> 
     }
     if l.fuel == Some(0) {
         return Err("limits.fuel must be at least 1".into());
+    }
+    if l.files_mb == Some(0) {
+        return Err("limits.files_mb must be at least 1".into());
+    }
+    if l.files_count == Some(0) {
+        return Err("limits.files_count must be at least 1".into());
     }
     if sidecar.queue_capacity == Some(0) {
         return Err("queue_capacity must be at least 1".into());

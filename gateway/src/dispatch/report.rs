@@ -124,6 +124,10 @@ pub struct LimitsReport {
     pub timeout_ms: u64,
     /// Memory cap, MiB.
     pub memory_mb: u64,
+    /// Bytes under the `files` grant, MiB.
+    pub files_mb: u64,
+    /// Files and directories under the `files` grant.
+    pub files_count: u64,
 }
 
 impl From<Limits> for LimitsReport {
@@ -132,6 +136,8 @@ impl From<Limits> for LimitsReport {
             fuel: l.fuel,
             timeout_ms: l.timeout_ms,
             memory_mb: l.memory_mb,
+            files_mb: l.files_mb,
+            files_count: l.files_count,
         }
     }
 }

@@ -94,11 +94,7 @@ fn default_max_instances() -> u32 {
 }
 
 fn default_limits() -> Limits {
-    Limits {
-        fuel: 100_000_000,
-        timeout_ms: 1_000,
-        memory_mb: 64,
-    }
+    Limits::DEFAULT
 }
 fn default_max_memory_mb() -> u64 {
     256

@@ -1,10 +1,11 @@
-//! Per-call limits and the classification of how a call ended.
+//! Per-plugin limits and the classification of how a call ended.
 //!
-//! Owns [`Limits`] (fuel, deadline and memory of one call, as the operator
-//! sets them in `[runtime.defaults]` and a sidecar's `[limits]`) and the
-//! mapping from a wasmtime error to an [`Outcome`]. The memory cap itself
-//! is enforced by the host's limiter in each store. It must not decide what
-//! happens after a trap; the instance owner does.
+//! Owns [`Limits`] (fuel, deadline and memory of one call, and the disk
+//! quota of a plugin's `files` grant, as the operator sets them in
+//! `[runtime.defaults]` and a sidecar's `[limits]`) and the mapping from a
+//! wasmtime error to an [`Outcome`]. The memory cap itself is enforced by
+//! the host's limiter in each store, the disk quota by the `files` grant.
+//! It must not decide what happens after a trap; the instance owner does.
 
 use serde::Deserialize;
 use wasmtime::Trap;
@@ -12,7 +13,7 @@ use wasmtime::Trap;
 use crate::host::wait::WaitCutOff;
 use crate::telemetry::Outcome;
 
-/// Per-call limits of a plugin.
+/// Limits of a plugin: per call, and of what it keeps on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
@@ -22,6 +23,22 @@ pub struct Limits {
     pub timeout_ms: u64,
     /// Linear memory cap per instance, in MiB.
     pub memory_mb: u64,
+    /// Most bytes of file contents under the plugin's `files` grant, in
+    /// MiB. Default 64.
+    #[serde(default = "default_files_mb")]
+    pub files_mb: u64,
+    /// Most files and directories under the plugin's `files` grant.
+    /// Default 1000.
+    #[serde(default = "default_files_count")]
+    pub files_count: u64,
+}
+
+fn default_files_mb() -> u64 {
+    Limits::DEFAULT.files_mb
+}
+
+fn default_files_count() -> u64 {
+    Limits::DEFAULT.files_count
 }
 
 /// Limits where every field is optional (a sidecar's `[limits]`).
@@ -34,15 +51,39 @@ pub struct PartialLimits {
     pub timeout_ms: Option<u64>,
     /// Memory cap, MiB.
     pub memory_mb: Option<u64>,
+    /// Bytes under the `files` grant, MiB.
+    pub files_mb: Option<u64>,
+    /// Files and directories under the `files` grant.
+    pub files_count: Option<u64>,
 }
 
 impl Limits {
+    /// The limits of a plugin nobody configured (`[runtime.defaults]`
+    /// when the gateway config sets none).
+    pub const DEFAULT: Limits = Limits {
+        fuel: 100_000_000,
+        timeout_ms: 1_000,
+        memory_mb: 64,
+        files_mb: 64,
+        files_count: 1_000,
+    };
+
     /// `self` with the fields `over` sets replaced.
     pub fn merged(self, over: PartialLimits) -> Limits {
         Limits {
             fuel: over.fuel.unwrap_or(self.fuel),
             timeout_ms: over.timeout_ms.unwrap_or(self.timeout_ms),
             memory_mb: over.memory_mb.unwrap_or(self.memory_mb),
+            files_mb: over.files_mb.unwrap_or(self.files_mb),
+            files_count: over.files_count.unwrap_or(self.files_count),
+        }
+    }
+
+    /// The disk quota of the plugin's `files` grant.
+    pub fn files_quota(&self) -> crate::host::files::FilesQuota {
+        crate::host::files::FilesQuota {
+            bytes: self.files_mb.saturating_mul(1 << 20),
+            entries: self.files_count,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Tests of the store: what survives a reopen, how an unusable file is
 //! reported, and that the writer's pacing never delays a flush or a change.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -178,7 +179,9 @@ fn everything_survives_reopen() {
             ))),
         )));
         store.register("p", Arc::new(Fixed(vec![(s.clone(), 3)])));
-        store.set_plugin_state("p", "k", Some(b"v"));
+        store
+            .set_plugin_state("p", "k", Some(b"v"), Instant::now())
+            .unwrap();
         let line = crate::event::Event::put(&s, "a", Bytes::from_static(b"1"), 3).to_line();
         let d = store
             .add_dead_letter(
@@ -426,4 +429,80 @@ fn dead_letters_are_read_a_page_at_a_time_by_count_and_bytes() {
             .letters
             .is_empty()
     );
+}
+
+#[test]
+fn a_state_flood_is_bounded_and_does_not_delay_other_commits() {
+    const KEYS: usize = 64;
+    const VALUE: usize = 64 << 10;
+    let store = Arc::new(Store::in_memory());
+    let flooding = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flooder = {
+        let (store, flooding) = (store.clone(), flooding.clone());
+        std::thread::spawn(move || {
+            // The last value of each key, and how many sets waited.
+            let mut last = vec![0u8; KEYS];
+            let (mut sets, mut waits) = (0u64, 0u64);
+            while flooding.load(Ordering::SeqCst) {
+                let key = (sets as usize) % KEYS;
+                let byte = (sets % 251) as u8;
+                let queued = store
+                    .set_plugin_state(
+                        "flood",
+                        &format!("k{key}"),
+                        Some(&[byte; VALUE]),
+                        Instant::now() + Duration::from_secs(10),
+                    )
+                    .unwrap();
+                last[key] = byte;
+                sets += 1;
+                waits += u64::from(queued.waited);
+            }
+            (last, sets, waits)
+        })
+    };
+    // Another plugin's writes, each committed by a flush, while it floods
+    // for a quarter of a second at least.
+    let mut slowest = Duration::ZERO;
+    let flood_started = Instant::now();
+    let mut i = 0;
+    while i < 20 || flood_started.elapsed() < Duration::from_millis(250) {
+        i += 1;
+        let started = Instant::now();
+        store
+            .set_plugin_state("calm", &format!("c{i}"), Some(b"v"), Instant::now())
+            .unwrap();
+        store.flush();
+        slowest = slowest.max(started.elapsed());
+        let (writes, bytes) = store.pending.waiting("flood");
+        assert!(
+            writes <= MAX_PENDING_WRITES && bytes <= MAX_PENDING_BYTES,
+            "{writes} writes of {bytes} bytes waiting"
+        );
+    }
+    flooding.store(false, Ordering::SeqCst);
+    let (last, sets, waits) = flooder.join().unwrap();
+    store.flush();
+    eprintln!("{sets} flood sets, {waits} waited; slowest calm commit {slowest:?}");
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a commit of another plugin took {slowest:?} beside the flood"
+    );
+    assert!(
+        sets > MAX_PENDING_BYTES as u64 / VALUE as u64,
+        "only {sets} sets"
+    );
+    assert!(
+        waits >= 1,
+        "{sets} sets of 64 KiB never waited for the writer"
+    );
+    let calm = store.plugin_state("calm");
+    assert_eq!(calm.len(), i);
+    // Every key of the flood holds its latest value.
+    let flood: BTreeMap<String, Vec<u8>> = store.plugin_state("flood").into_iter().collect();
+    let written = KEYS.min(sets as usize);
+    assert_eq!(flood.len(), written);
+    for (key, byte) in last.iter().enumerate().take(written) {
+        assert_eq!(flood[&format!("k{key}")], vec![*byte; VALUE], "k{key}");
+    }
 }

@@ -2,10 +2,14 @@
 //! store records, in small batches.
 //!
 //! Each commit takes, in this order, the cursors the running plugins report,
-//! the writes queued through the store, and the key-index changes of every
-//! source, and writes them in one transaction. Cursors are read *before*
-//! the pending writes are drained, so a committed cursor never covers an
-//! event whose key-index change is not committed. The thread runs at a lower
+//! the writes queued through the store, every plugin's waiting `state`
+//! writes, and the key-index changes of every source, and writes them in
+//! one transaction. Cursors are read *before* the pending writes are
+//! drained, so a committed cursor never covers an event whose key-index
+//! change, or a `state` write made while handling it, is not committed.
+//! Each plugin has at most a bounded amount of `state` waiting, so one
+//! plugin's writes make a commit only that much larger and never wait
+//! behind another's. The thread runs at a lower
 //! priority than the rest of the gateway and paces its commits to about an
 //! eighth of a core, so a flood of changes cannot starve event delivery.
 //!
@@ -22,6 +26,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use redb::Database;
 
+use super::pending::{Pending, Write};
 use super::schema::{CURSORS, DEAD_LETTERS, KEYS, PLUGIN_STATE, SOURCES, encode};
 use super::{CursorProbe, IndexProbe, KeyEntry, SourceMeta};
 
@@ -36,7 +41,6 @@ const MAX_BATCH: usize = 20_000;
 pub(super) enum Op {
     Wake,
     Cursor(String, Arc<str>, u64),
-    State(String, String, Option<Vec<u8>>),
     DeadLetter(String, u64, Option<Vec<u8>>),
     Flush(mpsc::SyncSender<()>),
 }
@@ -53,12 +57,13 @@ pub(super) fn spawn(
     rx: mpsc::Receiver<Op>,
     probes: Probes,
     indexes: Indexes,
+    pending: Arc<Pending>,
 ) -> JoinHandle<()> {
     std::thread::Builder::new()
         .name("state-writer".into())
         .spawn(move || {
             lower_priority();
-            write_loop(&db, &rx, &probes, &indexes);
+            write_loop(&db, &rx, &probes, &indexes, &pending);
         })
         .expect("spawning the state writer")
 }
@@ -126,7 +131,13 @@ fn cpu_time() -> Duration {
 }
 
 /// The writer thread: gather, then commit cursors and changes together.
-fn write_loop(db: &Database, rx: &mpsc::Receiver<Op>, probes: &Probes, indexes: &Indexes) {
+fn write_loop(
+    db: &Database,
+    rx: &mpsc::Receiver<Op>,
+    probes: &Probes,
+    indexes: &Indexes,
+    pending: &Pending,
+) {
     let mut written: HashMap<(String, Arc<str>), u64> = HashMap::new();
     let mut failures = 0u64;
     // When the last commit ended, and the CPU time it took.
@@ -163,6 +174,7 @@ fn write_loop(db: &Database, rx: &mpsc::Receiver<Op>, probes: &Probes, indexes: 
                 Err(_) => break,
             }
         }
+        let states = pending.take();
         cursors.retain(|(p, s, seq)| written.get(&(p.clone(), s.clone())) != Some(seq));
         // Key changes last: they include everything the cursors cover, and
         // everything recorded before a flush request.
@@ -176,10 +188,11 @@ fn write_loop(db: &Database, rx: &mpsc::Receiver<Op>, probes: &Probes, indexes: 
                 Some((p.source(), keys, meta))
             })
             .collect();
-        if !ops.is_empty() || !cursors.is_empty() || !changes.is_empty() {
+        if !ops.is_empty() || !cursors.is_empty() || !changes.is_empty() || !states.is_empty() {
             let mut acks = Vec::new();
-            match commit(db, ops, &cursors, &changes, &mut acks) {
+            match commit(db, ops, &states, &cursors, &changes, &mut acks) {
                 Ok(explicit) => {
+                    pending.committed();
                     for (p, s, seq) in cursors.into_iter().chain(explicit) {
                         written.insert((p, s), seq);
                     }
@@ -188,6 +201,7 @@ fn write_loop(db: &Database, rx: &mpsc::Receiver<Op>, probes: &Probes, indexes: 
                     }
                 }
                 Err(e) => {
+                    pending.unwritten(states);
                     for ((p, _), (_, keys, _)) in taken.iter().zip(changes) {
                         p.unwritten(keys.into_iter().map(|(k, _)| k).collect());
                     }
@@ -215,6 +229,7 @@ type SourceChanges = (Arc<str>, Vec<(Arc<str>, Option<KeyEntry>)>, SourceMeta);
 fn commit(
     db: &Database,
     ops: Vec<Op>,
+    states: &[(String, Vec<Write>)],
     cursors: &[(String, Arc<str>, u64)],
     changes: &[SourceChanges],
     acks: &mut Vec<mpsc::SyncSender<()>>,
@@ -246,12 +261,6 @@ fn commit(
                     cur.insert((p.as_str(), &*s), seq)?;
                     explicit.push((p, s, seq));
                 }
-                Op::State(p, k, Some(v)) => {
-                    state.insert((p.as_str(), k.as_str()), v.as_slice())?;
-                }
-                Op::State(p, k, None) => {
-                    state.remove((p.as_str(), k.as_str()))?;
-                }
                 Op::DeadLetter(p, id, Some(v)) => {
                     dead.insert((p.as_str(), id), v.as_slice())?;
                 }
@@ -260,6 +269,14 @@ fn commit(
                 }
                 Op::Flush(a) => acks.push(a),
                 Op::Wake => {}
+            }
+        }
+        for (p, writes) in states {
+            for (k, v) in writes {
+                match v {
+                    Some(v) => state.insert((p.as_str(), k.as_str()), v.as_slice())?,
+                    None => state.remove((p.as_str(), k.as_str()))?,
+                };
             }
         }
         for (p, s, seq) in cursors {
