@@ -142,6 +142,14 @@ impl Effects {
     }
 }
 
+/// Most WASI resources (pollables, streams, …) one instance may hold at
+/// once. Each is host memory the guest allocates by calling an import, and
+/// a guest that never drops them would otherwise keep them for as long as
+/// its instance lives (wasmtime allows a million). No plugin of the world
+/// needs more than a handful; one past the bound fails its import, which
+/// traps the call, and the instance, with everything it held, is replaced.
+pub const MAX_HOST_RESOURCES: usize = 10_000;
+
 /// The data of one wasmtime `Store`: one plugin instance.
 pub struct HostState {
     ctx: Arc<PluginContext>,
@@ -171,10 +179,12 @@ impl HostState {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_HOST_RESOURCES);
         HostState {
             ctx,
             wasi,
-            table: ResourceTable::new(),
+            table,
             limiter: MemoryLimiter::new(memory_bytes),
             stdout,
             stderr,

@@ -63,23 +63,19 @@ fn unloaded_in_log(log: &str, plugin: &str) -> bool {
         .any(|l| l["fields"]["message"] == "Plugin unloaded." && l["fields"]["plugin"] == plugin)
 }
 
-/// Through the library: every way of waiting ends as a timeout at the
-/// deadline (not a minute later), names the limit, is counted, and a fresh
-/// instance serves the next call.
-#[test]
-fn every_wasi_wait_ends_at_the_call_deadline() {
-    let runtime = Runtime::new(&RuntimeConfig::default()).unwrap();
+/// `fault-sleep` loaded in `runtime` with a deadline of [`SHORT_MS`],
+/// counting into `metrics`.
+fn sleeper(runtime: &Arc<Runtime>, metrics: &Arc<Metrics>) -> LoadedPlugin {
     let compiled = runtime
         .compile(&std::fs::read(plugin(FAULT)).unwrap())
         .unwrap();
-    let metrics = Metrics::shared();
     let log = Arc::new(PluginLog::new(
         FAULT,
         1_000,
         Arc::new(TracingSink),
         metrics.clone(),
     ));
-    let plugin = LoadedPlugin {
+    LoadedPlugin {
         compiled,
         ctx: Arc::new(PluginContext::new(
             FAULT,
@@ -94,7 +90,17 @@ fn every_wasi_wait_ends_at_the_call_deadline() {
             memory_mb: 32,
             ..Limits::DEFAULT
         },
-    };
+    }
+}
+
+/// Through the library: every way of waiting ends as a timeout at the
+/// deadline (not a minute later), names the limit, is counted, and a fresh
+/// instance serves the next call.
+#[test]
+fn every_wasi_wait_ends_at_the_call_deadline() {
+    let runtime = Runtime::new(&RuntimeConfig::default()).unwrap();
+    let metrics = Metrics::shared();
+    let plugin = sleeper(&runtime, &metrics);
     let mut sandbox = Sandbox::new(runtime);
     let deadline = Duration::from_millis(SHORT_MS);
     for wait in WAITS {
@@ -136,6 +142,25 @@ fn every_wasi_wait_ends_at_the_call_deadline() {
         (4..=5).contains(&cut),
         "{cut} waits counted as cut off for four long waits and the naps"
     );
+    let fine = Event::put(&Arc::from("test"), "k", Bytes::from_static(b"none"), 1);
+    let r = sandbox.call(&plugin, &fine);
+    assert_eq!(r.outcome, Outcome::ok, "{r:?}");
+}
+
+/// Host resources a guest takes and never gives back are bounded per
+/// instance: the import past the bound fails the call as a trap, and the
+/// next call gets a fresh instance without them.
+#[test]
+fn host_resources_a_guest_keeps_are_bounded() {
+    let runtime = Runtime::new(&RuntimeConfig::default()).unwrap();
+    let plugin = sleeper(&runtime, &Metrics::shared());
+    let mut sandbox = Sandbox::new(runtime);
+    let leak = Event::put(&Arc::from("test"), "k", Bytes::from_static(b"leak"), 1);
+    let r = sandbox.call(&plugin, &leak);
+    assert_eq!(r.outcome, Outcome::trap, "{r:?}");
+    let message = r.message.unwrap_or_default();
+    assert!(message.contains("resource table"), "{message:?}");
+    assert!(!sandbox.has_instance(), "the instance was kept");
     let fine = Event::put(&Arc::from("test"), "k", Bytes::from_static(b"none"), 1);
     let r = sandbox.call(&plugin, &fine);
     assert_eq!(r.outcome, Outcome::ok, "{r:?}");

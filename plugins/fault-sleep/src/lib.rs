@@ -13,6 +13,9 @@
 //! * `naps`: one-millisecond sleeps, over and over, for a minute: each
 //!   wait is short, the call is not.
 //! * `none`: no wait; the call succeeds at once.
+//! * `leak`: no wait, but holds host resources: subscribes [`LEAK`]
+//!   pollables and never drops them, which the host must refuse past its
+//!   bound rather than keep.
 //!
 //! Any other value (or none) means `sleep`. The plugin returns `Ok` if a
 //! wait ever ends, which the host must not let happen within its deadline.
@@ -35,6 +38,9 @@ manifest!(concat!(
 /// How long each wait asks for.
 const NAP: Duration = Duration::from_secs(60);
 
+/// How many pollables `leak` subscribes and keeps.
+const LEAK: usize = 100_000;
+
 /// Waits in the host the way the event's value names.
 struct FaultSleep;
 
@@ -43,6 +49,11 @@ impl Plugin for FaultSleep {
         let nanos = u64::try_from(NAP.as_nanos()).unwrap_or(u64::MAX);
         match event.value_str().map(str::trim).unwrap_or("") {
             "none" => {}
+            "leak" => {
+                for _ in 0..LEAK {
+                    std::mem::forget(monotonic_clock::subscribe_duration(nanos));
+                }
+            }
             "block" => monotonic_clock::subscribe_duration(nanos).block(),
             "instant" => {
                 let when = monotonic_clock::now().saturating_add(nanos);
