@@ -156,7 +156,16 @@ impl Dispatcher {
     /// When the worker thread cannot be started.
     pub fn upsert(&self, spec: PluginSpec) -> std::io::Result<()> {
         let name = spec.loaded.ctx.name.clone();
-        if let Some(w) = self.workers.get(&name).map(|w| w.clone()) {
+        let existing = self.workers.get(&name).map(|w| w.clone());
+        if existing
+            .as_ref()
+            .is_some_and(|w| w.state() == worker::WorkerState::Failed)
+        {
+            // A failed worker runs no more rounds: a new version (or a new
+            // sidecar) starts a fresh one, from the plugin's cursor, as
+            // unloading and loading it again would.
+            self.remove(&name);
+        } else if let Some(w) = existing {
             let every = spec.mode == PluginMode::EveryReplica;
             w.queue.set_capacity(spec.queue_capacity);
             w.spec.store(Arc::new(spec));

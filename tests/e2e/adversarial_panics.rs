@@ -364,7 +364,7 @@ fn a_worker_survives_host_panics_in_its_calls_with_every_one_counted() {
 }
 
 #[test]
-fn a_panic_in_a_round_outside_any_call_shows_the_plugin_failed_not_running() {
+fn a_panic_in_a_round_outside_any_call_shows_the_plugin_failed_until_a_new_version() {
     let runtime = Runtime::new(&RuntimeConfig::default()).unwrap();
     let metrics = Metrics::shared();
     let d = Dispatcher::new(
@@ -403,7 +403,25 @@ fn a_panic_in_a_round_outside_any_call_shows_the_plugin_failed_not_running() {
     let r = plugin_report(&d, "doomed");
     assert_eq!(r["state"], "failed", "{r:#}");
     assert_eq!(r["queue_depth"], 0, "{r:#}");
+    // A new version of it starts afresh and handles what comes next.
+    d.set_observer(None);
+    d.upsert(spec(loaded(&runtime, "noop", "doomed", &metrics, |_| {})))
+        .unwrap();
+    assert_eq!(plugin_report(&d, "doomed")["state"], "running");
+    d.deliver("local", vec![put(&source, "c", "3", 3)]);
+    wait_for(
+        "the new version to handle c",
+        Duration::from_secs(30),
+        || d.handled("doomed").is_some_and(|n| n >= 1).then_some(()),
+    );
     // It can be removed, without waiting on a thread that is gone.
+    d.set_observer(Some(Box::new(|plugin, _| {
+        assert_ne!(plugin, "doomed", "observer fell over");
+    })));
+    d.deliver("local", vec![put(&source, "d", "4", 4)]);
+    wait_for("doomed to fail again", Duration::from_secs(30), || {
+        (plugin_report(&d, "doomed")["state"] == "failed").then_some(())
+    });
     let removing = Instant::now();
     assert!(d.remove("doomed"));
     assert!(removing.elapsed() < Duration::from_secs(5));

@@ -39,7 +39,8 @@ pub(super) enum WorkerState {
     Stopped = 4,
     /// Its thread ended on a panic of the gateway's own code (a bug): it
     /// takes no events, and its cursor stays before what it had not
-    /// handled, so loading it again (or a restart) resumes there.
+    /// handled, so loading it again (a new version, or after an unload) or
+    /// a restart resumes there.
     Failed = 5,
 }
 

@@ -308,7 +308,7 @@ impl Worker {
             key: String::new(),
             message: format!(
                 "the gateway panicked in this plugin's worker (a gateway bug): {panic}; \
-                 it takes no events until it is loaded again"
+                 it takes no events until it is loaded again (a new version, or unloaded and loaded)"
             ),
             at: unix_seconds(SystemTime::now()),
         });
