@@ -19,7 +19,7 @@
 //! its result is dropped. This module must not know where files come from
 //! or which plugin a file is.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -135,6 +135,11 @@ pub(super) struct CompilePool {
     /// and takes a slot like any other.
     cached: bool,
     known: Mutex<HashSet<String>>,
+    /// Digests whose compile ran past its time, with the limit it passed.
+    /// The abandoned compile may still finish and fill the compile cache;
+    /// without this, the same file dropped in again would then compile at
+    /// once and be accepted, although it was refused as too slow.
+    timed_out: Mutex<HashMap<String, Duration>>,
     running: OnceLock<Gauge>,
 }
 
@@ -144,6 +149,7 @@ impl CompilePool {
             slots: Arc::new(Semaphore::new(concurrency.max(1))),
             cached,
             known: Mutex::default(),
+            timed_out: Mutex::default(),
             running: OnceLock::new(),
         }
     }
@@ -158,6 +164,24 @@ impl CompilePool {
             known.clear();
         }
         known.insert(digest.to_owned());
+    }
+
+    /// The compile of `digest` passed `limit`.
+    fn timed_out(&self, digest: &str, limit: Duration) {
+        let mut timed_out = self.timed_out.lock();
+        if timed_out.len() >= MAX_KNOWN {
+            timed_out.clear();
+        }
+        timed_out.insert(digest.to_owned(), limit);
+    }
+
+    /// Whether `digest` took longer than `limit` before: it is refused at
+    /// once, unless the limit has been raised since.
+    fn too_slow(&self, digest: &str, limit: Duration) -> bool {
+        self.timed_out
+            .lock()
+            .get(digest)
+            .is_some_and(|passed| limit <= *passed)
     }
 
     fn gauge(&self, delta: i64) {
@@ -188,6 +212,11 @@ impl Runtime {
     ) -> Result<CompiledPlugin, LoadError> {
         scan(&wasm, limits)?;
         let digest = super::digest(&wasm);
+        if self.compiles.too_slow(&digest, limits.timeout) {
+            return Err(LoadError::CompileTimeout {
+                limit: limits.timeout,
+            });
+        }
         let known = self.compiles.is_known(&digest);
         let slot = if known {
             None
@@ -200,6 +229,7 @@ impl Runtime {
         };
         let (tx, rx) = oneshot::channel();
         let runtime = self.clone();
+        let waited_for = digest.clone();
         self.compiles.gauge(1);
         let started = Instant::now();
         let spawned = std::thread::Builder::new()
@@ -213,10 +243,14 @@ impl Runtime {
                 };
                 drop(slot);
                 runtime.compiles.gauge(-1);
-                if let Ok(c) = &result {
-                    runtime.compiles.remember(&c.digest);
-                }
-                if tx.send(result).is_err() {
+                let compiled = result.as_ref().ok().map(|c| c.digest.clone());
+                if tx.send(result).is_ok() {
+                    // Only a compile that ended in time proves the file
+                    // compiles within the limits.
+                    if let Some(digest) = compiled {
+                        runtime.compiles.remember(&digest);
+                    }
+                } else {
                     tracing::info!(
                         seconds = started.elapsed().as_secs_f64(),
                         "An abandoned compile finished; its result is dropped."
@@ -234,9 +268,12 @@ impl Runtime {
             Ok(Err(_)) => Err(LoadError::Compile(wasmtime::format_err!(
                 "the compile thread panicked"
             ))),
-            Err(_) => Err(LoadError::CompileTimeout {
-                limit: limits.timeout,
-            }),
+            Err(_) => {
+                self.compiles.timed_out(&waited_for, limits.timeout);
+                Err(LoadError::CompileTimeout {
+                    limit: limits.timeout,
+                })
+            }
         }
     }
 
@@ -416,6 +453,7 @@ mod tests {
             timeout: Duration::from_millis(200),
             ..limits()
         };
+        let slow_again = slow.clone();
         let started = Instant::now();
         let slow_result = {
             let runtime = runtime.clone();
@@ -435,6 +473,20 @@ mod tests {
             "did not compile within [runtime] compile_timeout = 200ms; the compile was abandoned"
         );
         assert_eq!(e.limit(), Some("compile_timeout"));
+        // The same file again, under the same limit, is refused at once
+        // rather than accepted from what the abandoned compile leaves in
+        // the cache.
+        let again = Instant::now();
+        let e = runtime
+            .compile_bounded(slow_again, &tight)
+            .await
+            .unwrap_err();
+        assert_eq!(e.limit(), Some("compile_timeout"));
+        assert!(
+            again.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            again.elapsed()
+        );
         assert!(
             running.get() >= 1,
             "the abandoned compile still runs and holds its slot"
