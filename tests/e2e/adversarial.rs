@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
-use crate::support::{Gateway, wait_for};
+use crate::support::{Gateway, wait_for, write_atomic};
 
 /// Events written per test.
 pub(crate) const N: usize = 24;
@@ -44,7 +44,9 @@ pub(crate) fn beside_event_log(
     let mut slowest = Duration::ZERO;
     for i in 0..N {
         let written = Instant::now();
-        std::fs::write(g.path(&format!("watched/k{i:02}")), value(i)).unwrap();
+        // Atomically: a plain write creates the file empty first, and a
+        // rescan that lands in between (a busy machine) sees two changes.
+        write_atomic(&g.path(&format!("watched/k{i:02}")), value(i).as_bytes());
         g.wait_events("event-log", i + 1, PER_EVENT);
         slowest = slowest.max(written.elapsed());
         if i == 3 {

@@ -96,7 +96,10 @@ fn events_arrive_in_order(g: &mut Gateway, prefix: &str) -> u64 {
     let mut rss = 0;
     let before = g.events("event-log").len();
     for i in 0..N {
-        std::fs::write(g.path(&format!("watched/{prefix}{i:02}")), i.to_string()).unwrap();
+        write_atomic(
+            &g.path(&format!("watched/{prefix}{i:02}")),
+            i.to_string().as_bytes(),
+        );
         g.wait_events("event-log", before + i + 1, PER_EVENT);
         rss = rss.max(rss_kb(g.pid()));
     }
