@@ -31,11 +31,11 @@ use tokio::sync::{Semaphore, oneshot};
 use wasmparser::{Parser, Payload};
 
 use super::{CompiledPlugin, LoadError, Runtime, RuntimeConfig};
+use crate::background::lower_this_thread;
 
 /// How much nicer than plugin calls and event delivery compile threads run:
 /// a compile is background work, and a large one must not take a core from
-/// the threads that serve running plugins. (On Linux, the nice value of a
-/// thread ID applies to that thread alone.)
+/// the threads that serve running plugins.
 const COMPILE_NICE: i32 = 10;
 
 /// Digests remembered as compiled within the limits; past this many the
@@ -235,7 +235,7 @@ impl Runtime {
         let spawned = std::thread::Builder::new()
             .name("watchgate-compile".into())
             .spawn(move || {
-                lower_priority();
+                lower_this_thread(COMPILE_NICE, "watchgate-compile");
                 let result = if known {
                     runtime.compile_digest(&wasm, digest)
                 } else {
@@ -305,25 +305,12 @@ fn on_own_pool<T: Send>(f: impl FnOnce() -> Result<T, LoadError> + Send) -> Resu
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("watchgate-compile-{i}"))
-        .start_handler(|_| lower_priority())
+        .start_handler(|_| lower_this_thread(COMPILE_NICE, "watchgate-compile"))
         .build()
         .map_err(|e| {
             LoadError::Compile(wasmtime::format_err!("cannot start compile threads: {e}"))
         })?;
     pool.install(f)
-}
-
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    {
-        use rustix::process::{getpriority_process, setpriority_process};
-        let me = Some(rustix::thread::gettid());
-        let result = getpriority_process(me)
-            .and_then(|now| setpriority_process(me, (now + COMPILE_NICE).min(19)));
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "Could not lower a compile thread's priority.");
-        }
-    }
 }
 
 #[cfg(test)]

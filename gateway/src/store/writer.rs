@@ -62,33 +62,17 @@ pub(super) fn spawn(
     std::thread::Builder::new()
         .name("state-writer".into())
         .spawn(move || {
-            lower_priority();
+            crate::background::lower_this_thread(WRITER_NICE, "state-writer");
             write_loop(&db, &rx, &probes, &indexes, &pending);
         })
         .expect("spawning the state writer")
 }
 
-/// How much nicer than the rest of the gateway the state writer runs.
+/// How much nicer than the rest of the gateway the state writer runs: it
+/// is background work, and under a flood of changes it must not take a
+/// core from the threads that deliver events and call plugins. Its own
+/// pacing still keeps its commits to about an eighth of a core.
 const WRITER_NICE: i32 = 10;
-
-/// The writer is background work: under a flood of changes it must not
-/// take a core from the threads that deliver events and call plugins. With
-/// a nice 10 above theirs it gets about a tenth of their share of a
-/// contended core, and all of an idle one. (On Linux, the nice value of a
-/// thread ID applies to that thread alone.) Its own pacing still keeps its
-/// commits to about an eighth of a core.
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    {
-        use rustix::process::{getpriority_process, setpriority_process};
-        let me = Some(rustix::thread::gettid());
-        let result = getpriority_process(me)
-            .and_then(|now| setpriority_process(me, (now + WRITER_NICE).min(19)));
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "Could not lower the state writer's priority.");
-        }
-    }
-}
 
 /// Receive more ops into `ops` until `until`, [`MAX_BATCH`] ops, or a
 /// flush (someone waits for it). True when the channel closed.
