@@ -7,143 +7,20 @@
 
 use std::sync::Arc;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-/// Label set naming one source.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SourceLabels {
-    /// Source name.
-    pub source: String,
-}
+mod labels;
+mod repeat;
 
-/// Label set naming one plugin.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PluginLabels {
-    /// Plugin name.
-    pub plugin: String,
-}
-
-/// Label set naming where a log line comes from: `source/NAME` or
-/// `plugin/NAME`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OriginLabels {
-    /// `source/NAME` or `plugin/NAME`.
-    pub origin: String,
-}
-
-/// How one plugin call ended.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue, serde::Serialize)]
-#[allow(non_camel_case_types)]
-pub enum Outcome {
-    /// The handler returned `Ok`.
-    ok,
-    /// The handler returned `Err`.
-    error,
-    /// The guest trapped (panic, unreachable, stack overflow, …).
-    trap,
-    /// The wall-clock deadline interrupted the call.
-    timeout,
-    /// The fuel budget ran out.
-    out_of_fuel,
-    /// The guest hit its memory cap.
-    memory,
-}
-
-impl Outcome {
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::ok => "ok",
-            Outcome::error => "error",
-            Outcome::trap => "trap",
-            Outcome::timeout => "timeout",
-            Outcome::out_of_fuel => "out_of_fuel",
-            Outcome::memory => "memory",
-        }
-    }
-}
-
-/// Every outcome, in a fixed order: per-plugin counters are arrays indexed
-/// by it, with `ok` first.
-pub const OUTCOMES: [Outcome; 6] = [
-    Outcome::ok,
-    Outcome::error,
-    Outcome::trap,
-    Outcome::timeout,
-    Outcome::out_of_fuel,
-    Outcome::memory,
-];
-
-/// The per-plugin counters that count one occurrence at a time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PluginCounter {
-    /// A version loaded.
-    Load,
-    /// A file rejected.
-    LoadFailure,
-    /// A fresh instance made (first call, or after a trap).
-    Instantiation,
-    /// A call retried.
-    Retry,
-    /// An event kept as a dead letter.
-    DeadLetter,
-    /// A log line dropped by the plugin's log budget.
-    LogLineDropped,
-    /// A WASI wait cut off at its call's deadline.
-    WaitCutOff,
-    /// A dead letter dropped to keep the plugin's dead letters within
-    /// their count and byte caps.
-    DeadLetterDropped,
-    /// A plugin-supplied string (an error message, a log line) cut to the
-    /// host's bound.
-    TextTruncated,
-    /// A panic of the gateway's own code while it ran the plugin.
-    HostPanic,
-}
-
-/// Where the gateway's own code panicked while it ran a plugin.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PanicSite {
-    /// Inside one call (an import, lowering or lifting): the call failed
-    /// as a trap and the instance was replaced.
-    Call,
-    /// In the worker's round outside any call: the worker stopped.
-    Round,
-}
-
-/// Labels of a plugin call outcome.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabels {
-    /// Plugin name.
-    pub plugin: String,
-    /// How the call ended.
-    pub outcome: Outcome,
-}
-
-/// Labels of a capability call.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CapabilityLabels {
-    /// Plugin name.
-    pub plugin: String,
-    /// Capability (`files`, `state`, …).
-    pub capability: String,
-    /// `ok`, `error` or `denied`.
-    pub outcome: String,
-}
-
-/// Labels of a plugin file refused by a compile limit.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CompileRefusalLabels {
-    /// Plugin name.
-    pub plugin: String,
-    /// The `[runtime]` key of the limit (`max_plugin_functions`, …).
-    pub limit: String,
-}
+pub use labels::{
+    CapabilityLabels, CompileRefusalLabels, OUTCOMES, OriginLabels, Outcome, OutcomeLabels,
+    PanicSite, PluginCounter, PluginLabels, SourceLabels,
+};
+pub use repeat::RepeatLog;
 
 type HistogramFamily = Family<PluginLabels, Histogram, fn() -> Histogram>;
 
@@ -712,69 +589,8 @@ impl PluginHandles {
     }
 }
 
-/// Holds back repeats of the same log line: the first occurrence of a
-/// cause is logged, later ones within `window` are only counted, and the
-/// next line logged for that cause carries the count. Bounded in memory.
-#[derive(Debug)]
-pub struct RepeatLog {
-    window: std::time::Duration,
-    causes: std::collections::HashMap<String, (std::time::Instant, u64)>,
-}
-
-impl RepeatLog {
-    /// Most distinct causes remembered.
-    const MAX_CAUSES: usize = 64;
-
-    /// A limiter logging each cause at most once per `window`.
-    pub fn new(window: std::time::Duration) -> Self {
-        RepeatLog {
-            window,
-            causes: std::collections::HashMap::new(),
-        }
-    }
-
-    /// `Some(n)` when a line for `cause` should be logged now, `n` being the
-    /// repeats held back since the last one; `None` to hold this one back.
-    pub fn should_log(&mut self, cause: &str) -> Option<u64> {
-        let now = std::time::Instant::now();
-        if let Some((at, held)) = self.causes.get_mut(cause) {
-            if now.duration_since(*at) < self.window {
-                *held += 1;
-                return None;
-            }
-            let n = *held;
-            *at = now;
-            *held = 0;
-            return Some(n);
-        }
-        if self.causes.len() >= Self::MAX_CAUSES {
-            let window = self.window;
-            self.causes
-                .retain(|_, (at, _)| now.duration_since(*at) < window);
-            if self.causes.len() >= Self::MAX_CAUSES {
-                self.causes.clear();
-            }
-        }
-        self.causes.insert(cause.to_owned(), (now, 0));
-        Some(0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn repeats_are_held_back_and_counted() {
-        let mut r = RepeatLog::new(std::time::Duration::from_secs(3600));
-        assert_eq!(r.should_log("a"), Some(0));
-        for _ in 0..1000 {
-            assert_eq!(r.should_log("a"), None);
-        }
-        assert_eq!(r.should_log("b"), Some(0));
-        let mut r = RepeatLog::new(std::time::Duration::ZERO);
-        assert_eq!(r.should_log("a"), Some(0));
-        assert_eq!(r.should_log("a"), Some(0));
-    }
-
     use super::*;
 
     #[test]
