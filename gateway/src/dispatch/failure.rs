@@ -28,6 +28,7 @@ use crate::backoff::Backoff;
 use crate::event::Event;
 use crate::runtime::instance::CallReport;
 use crate::store::{AddedLetter, DeadLetter, DeadLetterCap, LetterPage, LetterTally};
+use crate::telemetry::PanicSite;
 use crate::telemetry::{OUTCOMES, Outcome, PluginCounter};
 
 /// A plugin set aside after `quarantine_after` traps in a row. An event
@@ -86,6 +87,26 @@ fn retry_backoff(policy: &RetryPolicy) -> Backoff {
 }
 
 impl Worker {
+    /// The gateway panicked in a round: the worker is failed, with the
+    /// panic as its last failure, logged and counted. What the round had
+    /// taken stays pending below the cursor (its calls may or may not have
+    /// run), as do the queued events.
+    pub(super) fn fail(&self, panic: &str) {
+        self.set_state(WorkerState::Failed);
+        self.in_batch.store(0, Ordering::SeqCst);
+        self.end_quarantine();
+        *self.stats.last_failure.lock() = Some(LastFailure {
+            outcome: Outcome::trap,
+            key: String::new(),
+            message: format!(
+                "the gateway panicked in this plugin's worker (a gateway bug): {panic}; \
+                 it takes no events until it is loaded again (a new version, or unloaded and loaded)"
+            ),
+            at: unix_seconds(SystemTime::now()),
+        });
+        self.metrics.host_panic(&self.name, PanicSite::Round, panic);
+    }
+
     /// One event with retries, then a dead letter. `prior` is a first
     /// attempt already made (in a batch, or as a probe). Traps in a row are
     /// counted in the runner; reaching the plugin's `quarantine_after`

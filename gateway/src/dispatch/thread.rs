@@ -5,12 +5,20 @@
 //! host call that does not return) must not hold up an unload, the plugin
 //! loader behind it, or a shutdown. So a stop waits at most a bound, and a
 //! thread still running then is left to end on its own: it holds only its
-//! own plugin's instance, and takes no more events. This module must not
-//! know what the thread runs.
+//! own plugin's instance, and takes no more events. [`OwnThread`] must not
+//! know what the thread runs; the worker's stop, which closes its queue and
+//! waits for that thread, is here too.
 
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use super::worker::{Worker, WorkerState};
+
+/// How much longer than its call deadline a stop waits for the worker's
+/// thread: the round's own bookkeeping after the call, on a busy machine.
+pub(super) const STOP_MARGIN: Duration = Duration::from_secs(1);
 
 /// A thread running one closure, and word of the closure's end.
 pub(super) struct OwnThread {
@@ -50,6 +58,54 @@ impl OwnThread {
                 true
             }
         }
+    }
+}
+
+impl Worker {
+    /// Stop taking events and wake the worker thread to end; an in-flight
+    /// call finishes or hits its deadline. Queued events stay below the
+    /// cursor, so a restart delivers them again. [`Worker::join_by`] waits
+    /// for the thread.
+    pub(super) fn stop(&self) {
+        self.state
+            .store(WorkerState::Stopped as u8, Ordering::SeqCst);
+        let left = self.queue.close();
+        if left > 0 {
+            tracing::info!(
+                plugin = %self.name,
+                queued = left,
+                "Plugin stopped with events queued; its cursor stays before them, so they are delivered after a restart."
+            );
+        }
+        self.unpark();
+    }
+
+    /// How long after its stop the worker's thread is waited for: the
+    /// deadline of the call it may be in, plus [`STOP_MARGIN`].
+    pub(super) fn stop_bound(&self) -> Duration {
+        Duration::from_millis(self.spec.load().loaded.limits.timeout_ms) + STOP_MARGIN
+    }
+
+    /// After [`Worker::stop`]: wait for the worker's thread until `by`, and
+    /// let go of the plugin. A thread still running then is held in the
+    /// host past its call's deadline; it is left to end on its own (it
+    /// takes no more events), counted and logged, so an unload or a
+    /// shutdown never waits on it. Blocking: call off the async workers.
+    pub(super) fn join_by(&self, by: Instant, since: Instant) {
+        let thread = self.thread.lock().take();
+        if let Some(t) = thread
+            && !t.join_by(by)
+        {
+            self.metrics.thread_abandoned(
+                &self.name,
+                since.elapsed(),
+                self.spec.load().loaded.limits.timeout_ms,
+            );
+        }
+        self.pool.count(false);
+        self.end_quarantine();
+        self.store.unregister(&self.name);
+        self.handles.depth.set(0);
     }
 }
 

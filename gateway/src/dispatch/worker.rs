@@ -19,7 +19,7 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use dashmap::DashMap;
@@ -30,14 +30,14 @@ use super::failure::{DropLog, FailureLog, Handled, Quarantine, is_trap};
 use super::ownership::Replay;
 use super::pool;
 use super::queue::{EventQueue, PushStats};
-use super::report::{LastFailure, WorkerStats, unix_seconds};
+use super::report::WorkerStats;
 use super::route::PluginSpec;
 pub(super) use super::state::WorkerState;
 use super::thread::OwnThread;
 use crate::event::Event;
 use crate::runtime::instance::{BatchReport, CallReport, Sandbox, panic_message};
 use crate::store::{CursorProbe, Store};
-use crate::telemetry::{Metrics, OUTCOMES, Outcome, PanicSite, PluginHandles};
+use crate::telemetry::{Metrics, OUTCOMES, Outcome, PluginHandles};
 
 /// Successful calls in a row before a plugin gets batches again.
 pub(super) const HEALTHY_TO_BATCH: u32 = 16;
@@ -70,10 +70,6 @@ const TO_POOL_MOST: u64 = TO_POOL_FIRST << 12;
 
 /// How long a round on the worker's own thread waits for an event.
 const IDLE_WAIT: Duration = Duration::from_millis(200);
-
-/// How much longer than its call deadline a stop waits for the worker's
-/// thread: the round's own bookkeeping after the call, on a busy machine.
-pub(super) const STOP_MARGIN: Duration = Duration::from_secs(1);
 
 /// Receives (plugin, time from delivery to the start of its call).
 pub type Observer = Box<dyn Fn(&str, Duration) + Send + Sync>;
@@ -130,7 +126,7 @@ pub(super) struct Worker {
     pub(super) queue: Arc<EventQueue>,
     /// A [`WorkerState`].
     pub(super) state: AtomicU8,
-    thread: Mutex<Option<OwnThread>>,
+    pub(super) thread: Mutex<Option<OwnThread>>,
     pub(super) stats: WorkerStats,
     pub(super) metrics: Arc<Metrics>,
     pub(super) store: Arc<Store>,
@@ -143,7 +139,7 @@ pub(super) struct Worker {
     /// Sources it waits to replay from its handed-over cursor.
     pub(super) replay: Replay,
     /// Events taken from the queue for the round in progress.
-    in_batch: AtomicUsize,
+    pub(super) in_batch: AtomicUsize,
     /// Told the queueing latency of each event when its call starts
     /// (benchmarks).
     observer: Arc<ArcSwapOption<Observer>>,
@@ -157,7 +153,7 @@ pub(super) struct Worker {
     pub(super) drop_log: DropLog,
     /// On the pool's run queue or in a round there.
     scheduled: AtomicBool,
-    pool: Arc<pool::Pool<Worker>>,
+    pub(super) pool: Arc<pool::Pool<Worker>>,
 }
 
 impl Worker {
@@ -293,26 +289,6 @@ impl Worker {
             0
         };
         self.handles.depth.set(left as i64);
-    }
-
-    /// The gateway panicked in a round: the worker is failed, with the
-    /// panic as its last failure, logged and counted. What the round had
-    /// taken stays pending below the cursor (its calls may or may not have
-    /// run), as do the queued events.
-    fn fail(&self, panic: &str) {
-        self.set_state(WorkerState::Failed);
-        self.in_batch.store(0, Ordering::SeqCst);
-        self.end_quarantine();
-        *self.stats.last_failure.lock() = Some(LastFailure {
-            outcome: Outcome::trap,
-            key: String::new(),
-            message: format!(
-                "the gateway panicked in this plugin's worker (a gateway bug): {panic}; \
-                 it takes no events until it is loaded again (a new version, or unloaded and loaded)"
-            ),
-            at: unix_seconds(SystemTime::now()),
-        });
-        self.metrics.host_panic(&self.name, PanicSite::Round, panic);
     }
 
     /// One round, in queue order, on `place`. An event is complete once
@@ -659,52 +635,6 @@ impl Worker {
             self.handles.overflow.inc_by(stats.overflow as u64);
         }
         self.handles.depth.set(depth as i64);
-    }
-
-    /// Stop taking events and wake the worker thread to end; an in-flight
-    /// call finishes or hits its deadline. Queued events stay below the
-    /// cursor, so a restart delivers them again. [`Worker::join_by`] waits
-    /// for the thread.
-    pub(super) fn stop(&self) {
-        self.state
-            .store(WorkerState::Stopped as u8, Ordering::SeqCst);
-        let left = self.queue.close();
-        if left > 0 {
-            tracing::info!(
-                plugin = %self.name,
-                queued = left,
-                "Plugin stopped with events queued; its cursor stays before them, so they are delivered after a restart."
-            );
-        }
-        self.unpark();
-    }
-
-    /// How long after its stop the worker's thread is waited for: the
-    /// deadline of the call it may be in, plus [`STOP_MARGIN`].
-    pub(super) fn stop_bound(&self) -> Duration {
-        Duration::from_millis(self.spec.load().loaded.limits.timeout_ms) + STOP_MARGIN
-    }
-
-    /// After [`Worker::stop`]: wait for the worker's thread until `by`, and
-    /// let go of the plugin. A thread still running then is held in the
-    /// host past its call's deadline; it is left to end on its own (it
-    /// takes no more events), counted and logged, so an unload or a
-    /// shutdown never waits on it. Blocking: call off the async workers.
-    pub(super) fn join_by(&self, by: Instant, since: Instant) {
-        let thread = self.thread.lock().take();
-        if let Some(t) = thread
-            && !t.join_by(by)
-        {
-            self.metrics.thread_abandoned(
-                &self.name,
-                since.elapsed(),
-                self.spec.load().loaded.limits.timeout_ms,
-            );
-        }
-        self.pool.count(false);
-        self.end_quarantine();
-        self.store.unregister(&self.name);
-        self.handles.depth.set(0);
     }
 }
 
