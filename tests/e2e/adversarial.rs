@@ -98,14 +98,7 @@ pub(crate) fn assert_trapping_fault(g: &Gateway, fault: &str, expect: &str) {
     );
     let m = g.metrics();
     assert_eq!(outcome(&m, fault, "ok"), 0.0, "{fault} never succeeds");
-    let plugins = g.json("/v1/plugins");
-    let report = plugins["plugins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == fault)
-        .unwrap()
-        .clone();
+    let report = g.plugin_report(fault).expect("the plugin runs");
     assert_eq!(report["state"], "quarantined", "{report:#}");
     // Kept, not dropped: what it could not handle is still queued (or a
     // dead letter after trapping at every probe).
@@ -393,14 +386,7 @@ fn fault_batch_lie_fails_the_batch_and_is_called_event_by_event() {
         keys, expected,
         "event-log lost, repeated or reordered events"
     );
-    let plugins = g.json("/v1/plugins");
-    let report = plugins["plugins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == FAULT)
-        .unwrap()
-        .clone();
+    let report = g.plugin_report(FAULT).expect("the plugin runs");
     let failure = &report["last_failure"];
     assert_eq!(failure["outcome"], "error", "{report:#}");
     let message = failure["message"].as_str().unwrap_or_default();
@@ -466,14 +452,7 @@ fn fault_escape_reaches_nothing() {
         assert!(denied >= N as f64, "{cap}: {denied} denied calls counted");
     }
     // It asked for them in its manifest; /v1/plugins shows none granted.
-    let plugins = g.json("/v1/plugins");
-    let report = plugins["plugins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "fault-escape")
-        .unwrap()
-        .clone();
+    let report = g.plugin_report("fault-escape").expect("the plugin runs");
     assert_eq!(
         report["capabilities"]["granted"],
         serde_json::json!([]),

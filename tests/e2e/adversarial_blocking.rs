@@ -18,7 +18,7 @@ use watchgate::runtime::{Limits, Runtime, RuntimeConfig};
 use watchgate::telemetry::{Metrics, Outcome};
 
 use crate::adversarial::{N, PER_EVENT, assert_trapping_fault, beside_event_log, outcome};
-use crate::support::{Gateway, plugin, wait_for};
+use crate::support::{plugin, wait_for};
 
 const FAULT: &str = "fault-sleep";
 
@@ -44,15 +44,6 @@ fn waits_cut_off(m: &std::collections::BTreeMap<String, f64>, plugin: &str) -> f
     ))
     .copied()
     .unwrap_or(0.0)
-}
-
-fn running(g: &Gateway) -> Vec<String> {
-    g.json("/v1/plugins")["plugins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap().to_owned())
-        .collect()
 }
 
 /// Whether the gateway logged that `plugin` was unloaded (after its
@@ -244,7 +235,7 @@ fn unload_and_shutdown_do_not_wait_out_a_sleeping_plugin() {
         unloaded_in_log(&g.log(), FAULT).then_some(())
     });
     let unloaded = removed.elapsed();
-    assert!(!running(&g).iter().any(|n| n == FAULT));
+    assert!(!g.plugin_names().iter().any(|n| n == FAULT));
     eprintln!("{FAULT} unloaded {unloaded:?} after its file was removed");
     let m = g.metrics();
     assert_eq!(

@@ -14,12 +14,9 @@ use wasm_encoder::{
 };
 
 use crate::adversarial::{N, PER_EVENT, rss_kb};
-use crate::support::{Gateway, wait_for, write_atomic};
+use crate::support::{GRACE, Gateway, wait_for, write_atomic};
 
 const DEADLINE: Duration = Duration::from_secs(30);
-/// The default `shutdown_grace`.
-const GRACE: Duration = Duration::from_secs(10);
-
 /// A component whose one core module has `functions` functions, built by
 /// `body`.
 fn component(functions: u32, locals: u32, body: impl Fn(&mut Function)) -> Vec<u8> {
@@ -71,15 +68,6 @@ fn slow_function(ops: u32) -> Vec<u8> {
     })
 }
 
-fn plugin_names(g: &Gateway) -> Vec<String> {
-    g.json("/v1/plugins")["plugins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 /// Why `name` is rejected, if it is.
 fn rejection(g: &Gateway, name: &str) -> Option<String> {
     g.json("/v1/plugins")["rejected"]
@@ -122,15 +110,8 @@ fn unload_and_stop(g: &mut Gateway) {
     wait_for("the bomb's rejection to go", DEADLINE, || {
         rejection(g, "bomb").is_none().then_some(())
     });
-    assert_eq!(plugin_names(g), vec!["event-log".to_owned()]);
-    let stopping = Instant::now();
-    let status = g.stop();
-    assert_eq!(status.code(), Some(0), "log:\n{}", g.log());
-    assert!(
-        stopping.elapsed() < GRACE,
-        "shutdown took {:?}",
-        stopping.elapsed()
-    );
+    assert_eq!(g.plugin_names(), vec!["event-log".to_owned()]);
+    g.stop_within(GRACE);
 }
 
 #[test]
@@ -206,7 +187,7 @@ fn slow_compile_is_abandoned_while_a_plugin_beside_it_loads() {
     let dropped = Instant::now();
     g.install_event_log("event-log");
     wait_for("event-log to load", DEADLINE, || {
-        plugin_names(&g)
+        g.plugin_names()
             .contains(&"event-log".to_owned())
             .then_some(())
     });

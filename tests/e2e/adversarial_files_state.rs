@@ -7,13 +7,11 @@
 
 use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::adversarial::{N, PER_EVENT, beside_event_log, outcome, rss_kb};
-use crate::support::{Gateway, wait_for};
+use crate::support::{GRACE, Gateway, wait_for};
 
-/// The default `shutdown_grace`.
-const GRACE: Duration = Duration::from_secs(10);
 /// The default `limits.files_mb`, in bytes.
 const FILES_BYTES: u64 = 64 << 20;
 /// The default `limits.files_count`.
@@ -68,28 +66,12 @@ fn unload_and_stop(g: &mut Gateway, plugin: &str) {
     wait_for(
         &format!("{plugin} to be unloaded"),
         Duration::from_secs(30),
-        || {
-            let plugins = g.json("/v1/plugins");
-            let names: Vec<&str> = plugins["plugins"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| p["name"].as_str().unwrap())
-                .collect();
-            (names == ["event-log"]).then_some(())
-        },
+        || (g.plugin_names() == ["event-log"]).then_some(()),
     );
     std::fs::write(g.path("watched/after-unload"), "x").unwrap();
     let events = g.wait_events("event-log", delivered + 1, PER_EVENT);
     assert_eq!(events.last().unwrap()["key"], "after-unload");
-    let stopping = Instant::now();
-    let status = g.stop();
-    assert_eq!(status.code(), Some(0), "log:\n{}", g.log());
-    assert!(
-        stopping.elapsed() < GRACE + Duration::from_secs(2),
-        "shutdown took {:?}",
-        stopping.elapsed()
-    );
+    g.stop_within(GRACE + Duration::from_secs(2));
 }
 
 #[test]

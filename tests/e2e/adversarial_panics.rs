@@ -30,12 +30,9 @@ use watchgate::telemetry::{Metrics, Outcome};
 
 use crate::adversarial::{N, PER_EVENT, beside_event_log, outcome, plugin_lines};
 use crate::http_sink::HttpSink;
-use crate::support::{plugin, wait_for};
+use crate::support::{GRACE, plugin, wait_for};
 
 const FAULT: &str = "fault-http-abuse";
-
-/// The default `shutdown_grace`.
-const GRACE: Duration = Duration::from_secs(10);
 
 fn capability(m: &std::collections::BTreeMap<String, f64>, outcome: &str) -> f64 {
     m.get(&format!(
@@ -43,15 +40,6 @@ fn capability(m: &std::collections::BTreeMap<String, f64>, outcome: &str) -> f64
     ))
     .copied()
     .unwrap_or(0.0)
-}
-
-fn report(g: &crate::support::Gateway, name: &str) -> Option<Value> {
-    g.json("/v1/plugins")["plugins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == name)
-        .cloned()
 }
 
 #[test]
@@ -154,7 +142,7 @@ fn fault_http_abuse_is_refused_by_size_before_any_library_sees_it() {
     let expected: Vec<String> = (0..N).map(|i| format!("/control/k{i:02}")).collect();
     assert_eq!(urls, expected);
     // The state shown is true: running, nothing left queued, no failure.
-    let r = report(&g, FAULT).expect("the plugin runs");
+    let r = g.plugin_report(FAULT).expect("the plugin runs");
     assert_eq!(r["state"], "running", "{r:#}");
     assert_eq!(r["queue_depth"], 0, "{r:#}");
     assert_eq!(r["invocations"]["ok"], N, "{r:#}");
@@ -163,20 +151,13 @@ fn fault_http_abuse_is_refused_by_size_before_any_library_sees_it() {
     // The operator unloads it; event-log goes on.
     std::fs::remove_file(g.path(&format!("plugins.d/{FAULT}.wasm"))).unwrap();
     wait_for("the unload", Duration::from_secs(30), || {
-        report(&g, FAULT).is_none().then_some(())
+        g.plugin_report(FAULT).is_none().then_some(())
     });
     std::fs::write(g.path("watched/after"), "x").unwrap();
     let events = g.wait_events("event-log", N + 1, PER_EVENT);
     assert_eq!(events[N]["key"], "after");
     // And stops the gateway within its grace.
-    let stopping = Instant::now();
-    let status = g.stop();
-    assert_eq!(status.code(), Some(0), "log:\n{}", g.log());
-    assert!(
-        stopping.elapsed() < GRACE,
-        "shutdown took {:?}",
-        stopping.elapsed()
-    );
+    g.stop_within(GRACE);
 }
 
 /// Drops plugin log lines.

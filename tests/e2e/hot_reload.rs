@@ -7,21 +7,12 @@ use crate::support::{Gateway, kkv, plugin, wait_for, write_atomic};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-fn plugin_names(g: &Gateway) -> Vec<String> {
-    g.json("/v1/plugins")["plugins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 #[test]
 fn hot_add_replace_and_remove() {
     let mut g = Gateway::new();
     std::fs::write(g.path("watched/existing"), "was here first").unwrap();
     g.start();
-    assert!(plugin_names(&g).is_empty());
+    assert!(g.plugin_names().is_empty());
 
     // Add: a plugin dropped in later starts from the current state.
     g.install_event_log("probe");
@@ -74,7 +65,7 @@ fn hot_add_replace_and_remove() {
     // Remove: the plugin goes away, the gateway keeps serving.
     std::fs::remove_file(g.path("plugins.d/probe.wasm")).unwrap();
     wait_for("the unload", DEADLINE, || {
-        plugin_names(&g).is_empty().then_some(())
+        g.plugin_names().is_empty().then_some(())
     });
     std::fs::write(g.path("watched/one"), "nobody listens").unwrap();
     g.install_event_log("witness");
@@ -85,7 +76,7 @@ fn hot_add_replace_and_remove() {
         "hello world",
         "a removed plugin must not run"
     );
-    assert_eq!(plugin_names(&g), vec!["witness".to_owned()]);
+    assert_eq!(g.plugin_names(), vec!["witness".to_owned()]);
     g.assert_running();
 }
 
@@ -144,7 +135,7 @@ fn malformed_wasm_is_rejected_while_the_gateway_keeps_serving() {
     std::fs::write(g.path("watched/after"), "delivered").unwrap();
     let events = g.wait_events("event-log", 1, DEADLINE);
     assert_eq!(events[0]["key"], "after");
-    assert_eq!(plugin_names(&g), vec!["event-log".to_owned()]);
+    assert_eq!(g.plugin_names(), vec!["event-log".to_owned()]);
 
     // Replacing a running plugin with garbage keeps the old version serving.
     write_atomic(&g.path("plugins.d/event-log.wasm"), b"garbage");

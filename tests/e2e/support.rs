@@ -55,6 +55,9 @@ pub fn watchgate(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// The default `shutdown_grace`.
+pub const GRACE: Duration = Duration::from_secs(10);
+
 /// Write a file atomically (temporary hidden file, then rename), the way
 /// deployment tools do.
 pub fn write_atomic(path: &Path, contents: &[u8]) {
@@ -218,6 +221,27 @@ impl Gateway {
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path} ({code}): {e}: {body}"))
     }
 
+    /// The names of the running plugins (the first page of `/v1/plugins`,
+    /// which holds every plugin a test loads).
+    pub fn plugin_names(&self) -> Vec<String> {
+        self.json("/v1/plugins")["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// The `/v1/plugins` report of plugin `name`, if it runs.
+    pub fn plugin_report(&self, name: &str) -> Option<Value> {
+        self.json("/v1/plugins")["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .cloned()
+    }
+
     /// Every sample of the Prometheus text, `name{labels}` → value.
     pub fn metrics(&self) -> BTreeMap<String, f64> {
         let (_, body) = self.get("/metrics").expect("metrics answer");
@@ -266,6 +290,18 @@ impl Gateway {
     /// Run `watchgate ARGS…` to completion: exit code, stdout, stderr.
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
         watchgate(args)
+    }
+
+    /// SIGTERM, and assert the gateway exits 0 within `bound`.
+    pub fn stop_within(&mut self, bound: Duration) {
+        let stopping = std::time::Instant::now();
+        let status = self.stop();
+        assert_eq!(status.code(), Some(0), "log:\n{}", self.log());
+        assert!(
+            stopping.elapsed() < bound,
+            "shutdown took {:?} (bound {bound:?})",
+            stopping.elapsed()
+        );
     }
 
     /// Send SIGTERM and wait for the exit status.

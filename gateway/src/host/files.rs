@@ -471,7 +471,13 @@ mod tests {
         ));
         assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
         // No temporary files are left behind by replace.
-        let names: Vec<_> = std::fs::read_dir(g.root())
+        assert_no_temporary_files(g.root());
+    }
+
+    /// A grant of at most 1000 bytes and 5 entries.
+    /// `replace` left none of its temporary files in `dir`.
+    fn assert_no_temporary_files(dir: &Path) {
+        let names: Vec<_> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
@@ -481,7 +487,6 @@ mod tests {
         );
     }
 
-    /// A grant of at most 1000 bytes and 5 entries.
     fn small(root: &Path) -> FilesGrant {
         FilesGrant::new(
             root,
@@ -588,14 +593,7 @@ mod tests {
         }
         g.replace("conf", &[b'e'; 10]).unwrap();
         quota_message(g.replace("d/new", b"1"));
-        let names: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        assert!(
-            names.iter().all(|n| !n.starts_with(".watchgate-")),
-            "{names:?}"
-        );
+        assert_no_temporary_files(dir.path());
     }
 
     #[test]
