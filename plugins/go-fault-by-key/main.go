@@ -1,0 +1,100 @@
+// Command go-fault-by-key is a test fixture for Go plugins: the key of
+// each event picks what the handler does, so one plugin exercises the
+// host's handling of Go's runtime (traps, loops, memory, the collector,
+// timers, stdout) and the SDK's host calls.
+//
+//	panic    panic (traps the instance)
+//	spin     loop forever (stopped by fuel or the deadline)
+//	alloc    allocate 1 MiB blocks and keep them until memory is refused
+//	error    return an error naming the value
+//	state    increment the state counter "count" and log its new value
+//	settings log the setting named by the value
+//	stdout   print the value to stdout
+//	sleep    time.Sleep for the value in milliseconds, log the elapsed time
+//	gc       allocate about 64 MiB in total (kept 1 MiB at a time) with a
+//	         state read per block, run the collector, and check that the
+//	         strings read from the host survived it
+//	anything else: log "ok <key>"
+package main
+
+import (
+	"errors"
+	"fmt"
+	"runtime"
+	"strconv"
+	"time"
+
+	"watchgate.dev/sdk"
+)
+
+type faults struct{}
+
+var kept [][]byte
+
+func (faults) Handle(e watchgate.Event) error {
+	switch e.Key {
+	case "panic":
+		panic("go-fault-by-key: panic requested")
+	case "spin":
+		for n := 0; ; n++ {
+			if n < 0 {
+				break
+			}
+		}
+	case "alloc":
+		for {
+			kept = append(kept, make([]byte, 1<<20))
+			kept[len(kept)-1][0] = 1
+		}
+	case "error":
+		return errors.New("go-fault-by-key: error requested: " + string(e.Value))
+	case "state":
+		n := 0
+		if v, ok := watchgate.StateGet("count"); ok {
+			n, _ = strconv.Atoi(string(v))
+		}
+		n++
+		if err := watchgate.StateSet("count", []byte(strconv.Itoa(n))); err != nil {
+			return err
+		}
+		watchgate.Log(watchgate.Info, "count="+strconv.Itoa(n))
+	case "settings":
+		v, ok := watchgate.Setting(string(e.Value))
+		watchgate.Log(watchgate.Info, fmt.Sprintf("setting %s=%q set=%v", e.Value, v, ok))
+	case "stdout":
+		fmt.Println(string(e.Value))
+	case "sleep":
+		ms, _ := strconv.Atoi(string(e.Value))
+		start := time.Now()
+		time.Sleep(time.Duration(ms) * time.Millisecond)
+		watchgate.Log(watchgate.Info, fmt.Sprintf("slept %d ms", time.Since(start).Milliseconds()))
+	case "gc":
+		if err := watchgate.StateSet("gc-probe", []byte("0123456789abcdef")); err != nil {
+			return err
+		}
+		var got []string
+		for i := range 64 {
+			block := make([]byte, 1<<20)
+			block[i] = byte(i)
+			v, _ := watchgate.StateGet("gc-probe")
+			got = append(got, string(v))
+			_ = block
+		}
+		runtime.GC()
+		for i, v := range got {
+			if v != "0123456789abcdef" {
+				return fmt.Errorf("go-fault-by-key: state read %d corrupted after GC: %q", i, v)
+			}
+		}
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		watchgate.Log(watchgate.Info, fmt.Sprintf("gc ok: %d collections, heap %d KiB", ms.NumGC, ms.HeapAlloc>>10))
+	default:
+		watchgate.Log(watchgate.Info, "ok "+e.Key)
+	}
+	return nil
+}
+
+func init() { watchgate.Register(faults{}) }
+
+func main() {}
