@@ -14,7 +14,10 @@
 //	gc       allocate about 64 MiB in total (kept 1 MiB at a time) with a
 //	         state read per block, run the collector, and check that the
 //	         strings read from the host survived it
-//	anything else: log "ok <key>"
+//	anything else: nothing
+//
+// A handle-batch call logs "batch <n>: <key>=<value> ..." (so a test can
+// see batches arrive and decode) and then handles each event in order.
 package main
 
 import (
@@ -22,6 +25,7 @@ import (
 	"fmt"
 	"runtime"
 	"strconv"
+	"strings"
 	"time"
 
 	"watchgate.dev/sdk"
@@ -64,7 +68,7 @@ func (faults) Handle(e watchgate.Event) error {
 	case "stdout":
 		fmt.Println(string(e.Value))
 	case "sleep":
-		ms, _ := strconv.Atoi(string(e.Value))
+		ms, _ := strconv.Atoi(strings.TrimSpace(string(e.Value)))
 		start := time.Now()
 		time.Sleep(time.Duration(ms) * time.Millisecond)
 		watchgate.Log(watchgate.Info, fmt.Sprintf("slept %d ms", time.Since(start).Milliseconds()))
@@ -89,10 +93,22 @@ func (faults) Handle(e watchgate.Event) error {
 		var ms runtime.MemStats
 		runtime.ReadMemStats(&ms)
 		watchgate.Log(watchgate.Info, fmt.Sprintf("gc ok: %d collections, heap %d KiB", ms.NumGC, ms.HeapAlloc>>10))
-	default:
-		watchgate.Log(watchgate.Info, "ok "+e.Key)
 	}
 	return nil
+}
+
+func (f faults) HandleBatch(events []watchgate.Event) (int, error) {
+	desc := fmt.Sprintf("batch %d:", len(events))
+	for _, e := range events {
+		desc += fmt.Sprintf(" %s=%s/%d", e.Key, e.Value, e.Revision)
+	}
+	watchgate.Log(watchgate.Info, desc)
+	for i, e := range events {
+		if err := f.Handle(e); err != nil {
+			return i, err
+		}
+	}
+	return 0, nil
 }
 
 func init() { watchgate.Register(faults{}) }
