@@ -14,6 +14,11 @@
 //	gc       allocate about 64 MiB in total (kept 1 MiB at a time) with a
 //	         state read per block, run the collector, and check that the
 //	         strings read from the host survived it
+//	replace  replace replaced.txt in the files grant with the value
+//	http     POST the value to http://hooks.test:8080/x with two headers
+//	kv       put the value at /app/status/x in source etcd, then delete
+//	         /app/status/y
+//	snapshot log the snapshot's value of app/port and the keys under app/
 //	anything else: nothing
 //
 // A handle-batch call logs "batch <n>: <key>=<value> ..." (so a test can
@@ -65,6 +70,38 @@ func (faults) Handle(e watchgate.Event) error {
 	case "settings":
 		v, ok := watchgate.Setting(string(e.Value))
 		watchgate.Log(watchgate.Info, fmt.Sprintf("setting %s=%q set=%v", e.Value, v, ok))
+	case "replace":
+		return watchgate.FilesReplace("replaced.txt", e.Value)
+	case "http":
+		id, err := watchgate.HTTPSend(watchgate.Request{
+			Method:  "POST",
+			URL:     "http://hooks.test:8080/x",
+			Headers: [][2]string{{"content-type", "text/plain"}, {"x-go", "1"}},
+			Body:    e.Value,
+		})
+		if err != nil {
+			return err
+		}
+		watchgate.Log(watchgate.Info, fmt.Sprintf("http id %d", id))
+	case "kv":
+		if err := watchgate.KVPut("etcd", "/app/status/x", e.Value); err != nil {
+			return err
+		}
+		return watchgate.KVDelete("etcd", "/app/status/y")
+	case "snapshot":
+		v, ok, err := watchgate.SnapshotGet(e.Source, "app/port")
+		if err != nil {
+			return err
+		}
+		entries, err := watchgate.SnapshotScan(e.Source, "app/")
+		if err != nil {
+			return err
+		}
+		desc := fmt.Sprintf("snapshot app/port=%q present=%v scan:", v, ok)
+		for _, en := range entries {
+			desc += fmt.Sprintf(" %s=%q", en.Key, en.Value)
+		}
+		watchgate.Log(watchgate.Info, desc)
 	case "stdout":
 		fmt.Println(string(e.Value))
 	case "sleep":
