@@ -14,6 +14,8 @@
 //	gc       allocate about 64 MiB in total (kept 1 MiB at a time) with a
 //	         state read per block, run the collector, and check that the
 //	         strings read from the host survived it
+//	goroutines  sum 1..1000 in 4 goroutines joined by a channel, log it
+//	deadlock receive from a channel nobody sends on
 //	replace  replace replaced.txt in the files grant with the value
 //	http     POST the value to http://hooks.test:8080/x with two headers
 //	kv       put the value at /app/status/x in source etcd, then delete
@@ -70,6 +72,24 @@ func (faults) Handle(e watchgate.Event) error {
 	case "settings":
 		v, ok := watchgate.Setting(string(e.Value))
 		watchgate.Log(watchgate.Info, fmt.Sprintf("setting %s=%q set=%v", e.Value, v, ok))
+	case "goroutines":
+		results := make(chan int)
+		for w := range 4 {
+			go func() {
+				sum := 0
+				for i := w + 1; i <= 1000; i += 4 {
+					sum += i
+				}
+				results <- sum
+			}()
+		}
+		total := 0
+		for range 4 {
+			total += <-results
+		}
+		watchgate.Log(watchgate.Info, fmt.Sprintf("goroutines sum %d", total))
+	case "deadlock":
+		<-make(chan int)
 	case "replace":
 		return watchgate.FilesReplace("replaced.txt", e.Value)
 	case "http":
