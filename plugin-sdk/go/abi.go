@@ -2,7 +2,12 @@
 
 package watchgate
 
-import "unsafe"
+import (
+	"encoding/binary"
+	"strings"
+	"unicode/utf8"
+	"unsafe"
+)
 
 // Memory handed to the host through cabi_realloc (export arguments, import
 // results) must stay reachable for the Go collector until the Go side has
@@ -15,7 +20,7 @@ var live = map[uint32][]byte{}
 // Memory that must outlive the current call: the return area and the error
 // text of the last export, read by the host after the export returns.
 var (
-	retArea  [16]uint64
+	retArea  area
 	retBytes []byte
 )
 
@@ -48,25 +53,33 @@ func release() {
 	clear(live)
 }
 
-// bytesAt returns the n bytes at address p, which the host wrote into
-// memory obtained from cabi_realloc (or which lies in the Go heap anyway).
-func bytesAt(p, n uint32) []byte {
+// mem returns the n bytes the host wrote at address p. Every list and
+// string the host passes in (export arguments, import results) lives in
+// its own cabi_realloc allocation starting at p, so the bytes are read
+// through that Go slice, bounds-checked, never through a raw address.
+func mem(p, n uint32) []byte {
 	if n == 0 {
 		return nil
 	}
-	if b, ok := live[p]; ok && uint32(len(b)) >= n {
-		return b[:n:n]
+	b, ok := live[p]
+	if !ok || uint32(len(b)) < n {
+		panic("watchgate: the host passed memory not allocated by cabi_realloc")
 	}
-	return unsafe.Slice((*byte)(unsafe.Pointer(uintptr(p))), n)
+	return b[:n:n]
 }
 
-func stringAt(p, n uint32) string {
-	return string(bytesAt(p, n))
-}
+func stringAt(p, n uint32) string { return string(mem(p, n)) }
 
-func u32At(p uint32) uint32 { return *(*uint32)(unsafe.Pointer(uintptr(p))) }
-func u64At(p uint32) uint64 { return *(*uint64)(unsafe.Pointer(uintptr(p))) }
-func u8At(p uint32) uint8   { return *(*uint8)(unsafe.Pointer(uintptr(p))) }
+func le32(b []byte, off uint32) uint32 { return binary.LittleEndian.Uint32(b[off:]) }
+func le64(b []byte, off uint32) uint64 { return binary.LittleEndian.Uint64(b[off:]) }
+
+// area is an 8-aligned return area the host writes results into by
+// address, read back through its bytes.
+type area struct{ w [2]uint64 }
+
+func (a *area) at() uint32 { return addr(&a.w[0]) }
+
+func (a *area) bytes() []byte { return unsafe.Slice((*byte)(unsafe.Pointer(&a.w[0])), 16) }
 
 // addr is the linear-memory address of a Go value (the wasm32 heap is below
 // 4 GiB). The caller keeps the value alive across the call that uses it.
@@ -82,12 +95,23 @@ func pin(v any) { pinned = append(pinned, v) }
 
 func unpin() { clear(pinned); pinned = pinned[:0] }
 
-// strArg lowers a string to (ptr, len) of a heap copy pinned until unpin.
+// validUTF8 replaces invalid UTF-8 by U+FFFD: a WIT string must be UTF-8,
+// and the host traps the call when a lowered string is not, where Go
+// strings may hold any bytes.
+func validUTF8(s string) string {
+	if utf8.ValidString(s) {
+		return s
+	}
+	return strings.ToValidUTF8(s, "\uFFFD")
+}
+
+// strArg lowers a string to (ptr, len) of a heap copy pinned until unpin;
+// invalid UTF-8 is replaced (see validUTF8).
 func strArg(s string) (uint32, uint32) {
 	if len(s) == 0 {
 		return 1, 0
 	}
-	b := []byte(s)
+	b := []byte(validUTF8(s))
 	pin(b)
 	return addr(&b[0]), uint32(len(b))
 }

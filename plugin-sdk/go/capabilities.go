@@ -52,25 +52,25 @@ const (
 	Error
 )
 
-// ret is the return area of an import call (16 bytes, 8-aligned, enough
-// for every result in the world). It is a global so that it lives in the
-// heap, not on a stack that could move; import calls never nest.
-type ret struct{ w [2]uint64 }
+// importRet is the return area of an import call (16 bytes, 8-aligned,
+// enough for every result in the world). It is a global so that it lives
+// in the heap, not on a stack that could move; import calls never nest.
+var importRet area
 
-var importRet ret
+type ret struct{ a *area }
 
-func newRet() *ret {
-	importRet = ret{}
-	return &importRet
+func newRet() ret {
+	importRet = area{}
+	return ret{&importRet}
 }
 
-func (r *ret) at() uint32            { return addr(&r.w[0]) }
-func (r *ret) u8(off uint32) uint8   { return u8At(r.at() + off) }
-func (r *ret) u32(off uint32) uint32 { return u32At(r.at() + off) }
-func (r *ret) u64(off uint32) uint64 { return u64At(r.at() + off) }
+func (r ret) at() uint32            { return r.a.at() }
+func (r ret) u8(off uint32) uint8   { return r.a.bytes()[off] }
+func (r ret) u32(off uint32) uint32 { return le32(r.a.bytes(), off) }
+func (r ret) u64(off uint32) uint64 { return le64(r.a.bytes(), off) }
 
 // unitResult reads result<_, string>.
-func (r *ret) unitResult() error {
+func (r ret) unitResult() error {
 	if r.u8(0) == 0 {
 		return nil
 	}
@@ -92,7 +92,7 @@ func StateGet(key string) ([]byte, bool) {
 	if r.u8(0) == 0 {
 		return nil, false
 	}
-	return append([]byte(nil), bytesAt(r.u32(4), r.u32(8))...), true
+	return append([]byte(nil), mem(r.u32(4), r.u32(8))...), true
 }
 
 // StateSet sets a value of the plugin's state.
@@ -218,7 +218,7 @@ func SnapshotGet(source, key string) ([]byte, bool, error) {
 	if r.u8(4) == 0 {
 		return nil, false, nil
 	}
-	return append([]byte(nil), bytesAt(r.u32(8), r.u32(12))...), true, nil
+	return append([]byte(nil), mem(r.u32(8), r.u32(12))...), true, nil
 }
 
 // Entry is one key and value of a snapshot scan.
@@ -237,13 +237,14 @@ func SnapshotScan(source, prefix string) ([]Entry, error) {
 	if r.u8(0) != 0 {
 		return nil, errors.New(stringAt(r.u32(4), r.u32(8)))
 	}
-	p, n := r.u32(4), r.u32(8)
+	n := r.u32(8)
+	els := mem(r.u32(4), n*16)
 	out := make([]Entry, n)
 	for i := range n {
-		el := p + i*16
+		o := i * 16
 		out[i] = Entry{
-			Key:   stringAt(u32At(el), u32At(el+4)),
-			Value: append([]byte(nil), bytesAt(u32At(el+8), u32At(el+12))...),
+			Key:   stringAt(le32(els, o), le32(els, o+4)),
+			Value: append([]byte(nil), mem(le32(els, o+8), le32(els, o+12))...),
 		}
 	}
 	return out, nil

@@ -2,7 +2,7 @@
 
 package watchgate
 
-import "unsafe"
+import "encoding/binary"
 
 // Size and alignment of `event` in linear memory (canonical ABI): source
 // @0, kind @8, key @12, value @20, prev-value @32, revision @48, resync @56,
@@ -13,46 +13,54 @@ func optBytes(disc, p, n uint32) ([]byte, bool) {
 	if disc == 0 {
 		return nil, false
 	}
-	return append([]byte(nil), bytesAt(p, n)...), true
+	return append([]byte(nil), mem(p, n)...), true
 }
 
+// metadataAt reads list<tuple<string, string>>: 16 bytes per element.
 func metadataAt(p, n uint32) [][2]string {
 	if n == 0 {
 		return nil
 	}
+	els := mem(p, n*16)
 	out := make([][2]string, n)
 	for i := range n {
-		el := p + i*16
-		out[i] = [2]string{stringAt(u32At(el), u32At(el+4)), stringAt(u32At(el+8), u32At(el+12))}
+		o := i * 16
+		out[i] = [2]string{
+			stringAt(le32(els, o), le32(els, o+4)),
+			stringAt(le32(els, o+8), le32(els, o+12)),
+		}
 	}
 	return out
 }
 
-func eventAt(p uint32) Event {
+// eventAt reads one `event` of a list from its eventSize bytes.
+func eventAt(b []byte) Event {
 	e := Event{
-		Source:    stringAt(u32At(p), u32At(p+4)),
-		Kind:      EventKind(u8At(p + 8)),
-		Key:       stringAt(u32At(p+12), u32At(p+16)),
-		Revision:  u64At(p + 48),
-		Resync:    u8At(p+56) != 0,
-		Coalesced: u32At(p + 60),
-		Metadata:  metadataAt(u32At(p+64), u32At(p+68)),
+		Source:    stringAt(le32(b, 0), le32(b, 4)),
+		Kind:      EventKind(b[8]),
+		Key:       stringAt(le32(b, 12), le32(b, 16)),
+		Revision:  le64(b, 48),
+		Resync:    b[56] != 0,
+		Coalesced: le32(b, 60),
+		Metadata:  metadataAt(le32(b, 64), le32(b, 68)),
 	}
-	e.Value, e.HasValue = optBytes(uint32(u8At(p+20)), u32At(p+24), u32At(p+28))
-	e.PrevValue, e.HasPrevValue = optBytes(uint32(u8At(p+32)), u32At(p+36), u32At(p+40))
+	e.Value, e.HasValue = optBytes(uint32(b[20]), le32(b, 24), le32(b, 28))
+	e.PrevValue, e.HasPrevValue = optBytes(uint32(b[32]), le32(b, 36), le32(b, 40))
 	return e
 }
 
-// setErr writes a result<_, string>-shaped error into the return area.
-func setErr(off uintptr, msg string) {
-	retBytes = []byte(msg)
-	base := unsafe.Pointer(&retArea[0])
+// setErr writes an error's text (a string at offset off) into the return
+// area; invalid UTF-8 is replaced, so the call fails with an error rather
+// than a trap.
+func setErr(off uint32, msg string) {
+	retBytes = []byte(validUTF8(msg))
 	var p uint32 = 1
 	if len(retBytes) > 0 {
 		p = addr(&retBytes[0])
 	}
-	*(*uint32)(unsafe.Add(base, off)) = p
-	*(*uint32)(unsafe.Add(base, off+4)) = uint32(len(retBytes))
+	b := retArea.bytes()
+	binary.LittleEndian.PutUint32(b[off:], p)
+	binary.LittleEndian.PutUint32(b[off+4:], uint32(len(retBytes)))
 }
 
 // callHandle runs the plugin's handler. A panic is not recovered: it traps
@@ -81,23 +89,24 @@ func exportHandle(srcP, srcN, kind, keyP, keyN, valD, valP, valN, prevD, prevP, 
 	}
 	e.Value, e.HasValue = optBytes(valD, valP, valN)
 	e.PrevValue, e.HasPrevValue = optBytes(prevD, prevP, prevN)
-	retArea = [16]uint64{}
+	retArea = area{}
 	retBytes = nil
 	if err := callHandle(e); err != nil {
-		*(*uint8)(unsafe.Pointer(&retArea[0])) = 1
+		retArea.bytes()[0] = 1
 		setErr(4, err.Error())
 	}
-	return addr(&retArea[0])
+	return retArea.at()
 }
 
 //go:wasmexport handle-batch
 func exportHandleBatch(listP, listN uint32) uint32 {
 	defer release()
+	list := mem(listP, listN*eventSize)
 	events := make([]Event, listN)
 	for i := range listN {
-		events[i] = eventAt(listP + i*eventSize)
+		events[i] = eventAt(list[i*eventSize : (i+1)*eventSize])
 	}
-	retArea = [16]uint64{}
+	retArea = area{}
 	retBytes = nil
 	var idx int
 	var err error
@@ -112,10 +121,10 @@ func exportHandleBatch(listP, listN uint32) uint32 {
 		}
 	}
 	if err != nil {
-		base := unsafe.Pointer(&retArea[0])
-		*(*uint8)(base) = 1
-		*(*uint32)(unsafe.Add(base, 4)) = uint32(idx)
+		b := retArea.bytes()
+		b[0] = 1
+		binary.LittleEndian.PutUint32(b[4:], uint32(idx))
 		setErr(8, err.Error())
 	}
-	return addr(&retArea[0])
+	return retArea.at()
 }

@@ -16,6 +16,7 @@
 //	         strings read from the host survived it
 //	goroutines  sum 1..1000 in 4 goroutines joined by a channel, log it
 //	deadlock receive from a channel nobody sends on
+//	badutf8  log a line and return an error, both with invalid UTF-8
 //	replace  replace replaced.txt in the files grant with the value
 //	http     POST the value to http://hooks.test:8080/x with two headers
 //	kv       put the value at /app/status/x in source etcd, then delete
@@ -90,6 +91,9 @@ func (faults) Handle(e watchgate.Event) error {
 		watchgate.Log(watchgate.Info, fmt.Sprintf("goroutines sum %d", total))
 	case "deadlock":
 		<-make(chan int)
+	case "badutf8":
+		watchgate.Log(watchgate.Info, "bad \xff line")
+		return errors.New("bad \xff error")
 	case "replace":
 		return watchgate.FilesReplace("replaced.txt", e.Value)
 	case "http":
