@@ -11,9 +11,12 @@ compiles a ~19 MB component (about 15-25 s).
 
 import json
 import os
+import socket
 import subprocess
 import tempfile
+import time
 import unittest
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -30,13 +33,35 @@ def need(*paths):
         raise unittest.SkipTest(f"missing {missing}")
 
 
-def plugin_test(wasm, events, *extra):
-    """Run `watchgate plugin test`; its JSON lines and exit code."""
+# The runtime defaults (fuel, memory, deadline) stay as shipped; only the
+# compile deadline is raised, since compiling a ~19 MB component on a busy
+# 2-core machine can pass the default 60 s, and compile time is not what
+# these tests check.
+CONFIG = (
+    '[plugins]\ndir = "plugins.d"\n'
+    '[runtime]\ncompile_timeout = "600s"\n'
+    '[[source]]\nname = "main"\nkind = "file"\npath = "watched"\n'
+)
+
+
+def plugin_test(wasm, events, *extra, sidecar=None):
+    """Run `watchgate plugin test`; its JSON lines, exit code and stderr."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "plugins.d").mkdir()
+        (tmp / "watched").mkdir()
+        (tmp / "gw.toml").write_text(CONFIG)
+        if sidecar is not None:
+            (tmp / "plugins.d" / f"{Path(wasm).stem}.toml").write_text(sidecar)
+        return _plugin_test(wasm, events, "--config", str(tmp / "gw.toml"), *extra)
+
+
+def _plugin_test(wasm, events, *extra):
     result = subprocess.run(
         [str(BINARY), "plugin", "test", str(wasm), "--events", str(events), *extra],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
     lines = [json.loads(l) for l in result.stdout.split("\n") if l.startswith("{")]
     return lines, result.returncode, result.stderr
@@ -72,6 +97,38 @@ class EventLogParity(unittest.TestCase):
         self.assertEqual(lines[0]["capabilities"]["requested"], ["files"])
 
 
+class ConfigGuard(unittest.TestCase):
+    def test_invalid_values_fail_under_dead_letter(self):
+        wasm = DIST / "py-config-guard.wasm"
+        need(BINARY, wasm)
+        events = ROOT / "plugins" / "py-config-guard" / "events.jsonl"
+        lines, code, err = plugin_test(
+            wasm,
+            events,
+            sidecar='[settings]\nprefix = "/app/config/"\non_invalid = "dead-letter"\n',
+        )
+        self.assertEqual(code, 1, err)
+        outcomes = [(l["key"].rsplit("/", 1)[-1], l["outcome"]) for l in lines if "outcome" in l]
+        self.assertEqual(
+            outcomes,
+            [
+                ("db.json", "ok"),
+                ("db.json", "error"),
+                ("app.toml", "ok"),
+                ("app.toml", "error"),
+                ("blob", "error"),
+                ("db.json", "ok"),
+                ("x.json", "ok"),
+                ("nan.json", "error"),
+            ],
+        )
+        messages = [l.get("message", "") for l in lines if l.get("outcome") == "error"]
+        self.assertIn("invalid JSON", messages[0])
+        self.assertIn("invalid TOML", messages[1])
+        self.assertIn("not UTF-8", messages[2])
+        self.assertIn("NaN is not JSON", messages[3])
+
+
 class Faults(unittest.TestCase):
     def test_limits_and_errors_under_default_limits(self):
         wasm = DIST / "py-fault-by-key.wasm"
@@ -101,6 +158,86 @@ class Faults(unittest.TestCase):
         # spin and alloc traps threw away.
         counts = [l["log"]["message"] for l in lines if l.get("log", {}).get("stream") == "log"]
         self.assertEqual(counts, ["count=1", "count=2", "count=3"])
+
+
+class GatewayRun(unittest.TestCase):
+    """py-fault-by-key loaded by `watchgate run` from a watched directory."""
+
+    def test_error_retried_then_dead_lettered_and_a_loop_does_not_stop_it(self):
+        wasm = DIST / "py-fault-by-key.wasm"
+        need(BINARY, wasm)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            for d in ("plugins.d", "watched", "data"):
+                (tmp / d).mkdir()
+            (tmp / "gw.toml").write_text(
+                f'[admin]\nlisten = "127.0.0.1:{port}"\n'
+                '[plugins]\ndir = "plugins.d"\nretry_backoff = "10ms"\nquarantine_after = 0\n'
+                '[state]\ndir = "data"\n'
+                '[runtime]\ncompile_timeout = "600s"\n'
+                '[[source]]\nname = "local"\nkind = "file"\npath = "watched"\n'
+            )
+            (tmp / "plugins.d" / "py-fault-by-key.wasm").write_bytes(wasm.read_bytes())
+            (tmp / "watched" / "count").write_text("1")
+            log = open(tmp / "gateway.log", "w+")
+            gateway = subprocess.Popen(
+                [str(BINARY), "run", "--config", str(tmp / "gw.toml")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=tmp,
+            )
+            try:
+                base = f"http://127.0.0.1:{port}"
+
+                def plugin():
+                    with urllib.request.urlopen(f"{base}/v1/plugins", timeout=5) as r:
+                        doc = json.load(r)
+                    return next(p for p in doc["plugins"] if p["name"] == "py-fault-by-key")
+
+                def wait_for(what, cond, seconds):
+                    deadline = time.monotonic() + seconds
+                    last = None
+                    while time.monotonic() < deadline:
+                        self.assertIsNone(gateway.poll(), "the gateway exited")
+                        try:
+                            last = plugin()
+                            if cond(last):
+                                return last
+                        except (OSError, StopIteration, ValueError):
+                            pass
+                        time.sleep(0.1)
+                    self.fail(f"timed out waiting for {what}; last status: {last}")
+
+                # Compiling the component may take a while on a busy machine.
+                wait_for("the first count event", lambda p: p["invocations"]["ok"] >= 1, 600)
+                # Every attempt at spin runs out of fuel; after the last
+                # one it is dead-lettered and the plugin goes on.
+                (tmp / "watched" / "spin").write_text("1")
+                p = wait_for("spin to be dead-lettered", lambda p: p["dead_letters"] >= 1, 120)
+                self.assertEqual(p["invocations"]["out_of_fuel"], p["retry_attempts"])
+                (tmp / "watched" / "count").write_text("2")
+                wait_for("the second count", lambda p: p["invocations"]["ok"] >= 2, 60)
+                (tmp / "watched" / "error").write_text("1")
+                p = wait_for("error to be dead-lettered", lambda p: p["dead_letters"] >= 2, 60)
+                self.assertEqual(p["invocations"]["error"], p["retry_attempts"])
+                self.assertEqual(p["dead_letters"], 2)
+                with urllib.request.urlopen(
+                    f"{base}/v1/plugins/py-fault-by-key/dead-letters", timeout=5
+                ) as r:
+                    letters = r.read().decode()
+                self.assertIn("ValueError: asked to fail by key 'error'", letters)
+            finally:
+                gateway.terminate()
+                gateway.wait(timeout=30)
+                log.close()
+            text = (tmp / "gateway.log").read_text()
+            # The counter is host state: the spin's traps replaced the
+            # instance in between, and the second count still saw the first.
+            self.assertIn("count=1", text)
+            self.assertIn("count=2", text)
 
 
 if __name__ == "__main__":
