@@ -9,8 +9,10 @@ WATCHGATE_REQUIRE_COMPONENT_TESTS=1 (CI) makes that a failure. Each run
 compiles a ~19 MB component (about 15-25 s).
 """
 
+import base64
 import json
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -158,6 +160,129 @@ class Faults(unittest.TestCase):
         # spin and alloc traps threw away.
         counts = [l["log"]["message"] for l in lines if l.get("log", {}).get("stream") == "log"]
         self.assertEqual(counts, ["count=1", "count=2", "count=3"])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url):
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.load(r)
+
+
+class EtcdParity(unittest.TestCase):
+    """event-log and py-event-log side by side on one etcd source."""
+
+    def etcd(self, path, body):
+        data = json.dumps(
+            {k: base64.b64encode(v).decode() for k, v in body.items()}
+        ).encode()
+        req = urllib.request.Request(f"{self.etcd_url}/v3/kv/{path}", data=data, method="POST")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            r.read()
+
+    def test_same_lines_as_the_rust_event_log_on_etcd_events(self):
+        rust, py = DIST / "event-log.wasm", DIST / "py-event-log.wasm"
+        need(BINARY, rust, py)
+        etcd_bin = shutil.which("etcd")
+        if etcd_bin is None:
+            if REQUIRED:
+                self.fail("etcd is not installed")
+            self.skipTest("etcd is not installed")
+        client, peer, admin = free_port(), free_port(), free_port()
+        self.etcd_url = f"http://127.0.0.1:{client}"
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            etcd = subprocess.Popen(
+                [
+                    etcd_bin, "--name", "wg-py", "--data-dir", str(tmp / "etcd"),
+                    "--listen-client-urls", self.etcd_url,
+                    "--advertise-client-urls", self.etcd_url,
+                    "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                    "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+                    "--initial-cluster", f"wg-py=http://127.0.0.1:{peer}",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            gateway = None
+            try:
+                deadline = time.monotonic() + 30
+                while True:
+                    try:
+                        if get_json(f"{self.etcd_url}/health").get("health") == "true":
+                            break
+                    except OSError:
+                        pass
+                    self.assertLess(time.monotonic(), deadline, "etcd did not start")
+                    time.sleep(0.1)
+                self.etcd("put", {"key": b"/app/before", "value": b"snapshot"})
+                (tmp / "plugins.d").mkdir()
+                for wasm in (rust, py):
+                    out = tmp / "out" / wasm.stem
+                    out.mkdir(parents=True)
+                    (tmp / "plugins.d" / wasm.name).write_bytes(wasm.read_bytes())
+                    (tmp / "plugins.d" / f"{wasm.stem}.toml").write_text(
+                        f'[grants]\nfiles = "{out}"\n'
+                    )
+                (tmp / "gw.toml").write_text(
+                    f'[admin]\nlisten = "127.0.0.1:{admin}"\n'
+                    '[plugins]\ndir = "plugins.d"\n[state]\ndir = "data"\n'
+                    '[runtime]\ncompile_timeout = "600s"\n'
+                    f'[[source]]\nname = "main"\nkind = "etcd"\n'
+                    f'endpoints = ["{self.etcd_url}"]\nprefix = "/app/"\n'
+                )
+                gateway = subprocess.Popen(
+                    [str(BINARY), "run", "--config", str(tmp / "gw.toml")],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    cwd=tmp,
+                )
+                deadline = time.monotonic() + 600
+                while True:
+                    self.assertIsNone(gateway.poll(), "the gateway exited")
+                    try:
+                        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=5):
+                            break
+                    except OSError:
+                        pass
+                    self.assertLess(time.monotonic(), deadline, "the gateway was not ready")
+                    time.sleep(0.2)
+                changes = [
+                    ("put", b"/app/port", b"8080"),
+                    ("put", b"/app/port", b"8081"),
+                    ("put", b"/app/name", "héllo \"q\" \\ \n\t\u2028 😀".encode()),
+                    ("put", b"/app/blob", b"\xff\x00A"),
+                    ("put", b"/app/empty", b""),
+                    ("delete", b"/app/port", None),
+                    ("put", b"/other/skip", b"x"),
+                ]
+                for op, key, value in changes:
+                    if op == "put":
+                        self.etcd("put", {"key": key, "value": value})
+                    else:
+                        self.etcd("deleterange", {"key": key})
+                want_lines = 1 + sum(1 for _, k, _ in changes if k.startswith(b"/app/"))
+                files = [tmp / "out" / w.stem / "events.jsonl" for w in (rust, py)]
+                deadline = time.monotonic() + 60
+                while not all(
+                    f.exists() and f.read_bytes().count(b"\n") >= want_lines for f in files
+                ):
+                    self.assertLess(time.monotonic(), deadline, [f.exists() and f.read_bytes() for f in files])
+                    time.sleep(0.1)
+                time.sleep(0.5)
+                rust_bytes, py_bytes = (f.read_bytes() for f in files)
+                self.assertEqual(rust_bytes.count(b"\n"), want_lines)
+                self.assertIn(b'"value_b64":"/wBB"', rust_bytes)
+                self.assertEqual(py_bytes, rust_bytes)
+            finally:
+                for proc in (gateway, etcd):
+                    if proc is not None:
+                        proc.terminate()
+                        proc.wait(timeout=30)
 
 
 class GatewayRun(unittest.TestCase):
