@@ -35,7 +35,7 @@ from __future__ import annotations
 import enum
 import traceback
 from dataclasses import dataclass, field
-from typing import Iterable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from wit_world.imports import types as _types
 from componentize_py_types import Err as _Err
