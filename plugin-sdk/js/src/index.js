@@ -160,10 +160,32 @@ export class Plugin {
       try {
         this.handle(events[index]);
       } catch (err) {
+        if (isOutOfMemory(err)) throw err;
         throw new BatchError(index, errorMessage(err));
       }
     }
   }
+}
+
+/**
+ * SpiderMonkey reports a refused allocation as the string thrown below.
+ * The instance it happens in still holds whatever filled its memory, so
+ * instead of returning an error the export traps: the host then counts the
+ * call as `memory` and replaces the instance with a fresh one.
+ */
+function isOutOfMemory(err) {
+  return err === 'out of memory' || (err instanceof Error && err.name === 'InternalError' && err.message === 'out of memory');
+}
+
+/**
+ * An error payload componentize-js cannot lower as a string: its glue then
+ * aborts, which is the only trap a JS export can cause on purpose.
+ */
+const TRAP = Symbol('trap');
+
+function trapOutOfMemory(what) {
+  hostLog.log('error', `${what}: out of memory in the JavaScript heap; trapping so the host replaces this instance`);
+  return { tag: 'err', val: TRAP };
 }
 
 function refusePromise(result, what) {
@@ -192,6 +214,7 @@ export function exportsFor(plugin) {
       try {
         refusePromise(instance.handle(new Event(raw)), 'handle');
       } catch (err) {
+        if (isOutOfMemory(err)) return trapOutOfMemory('handle');
         return { tag: 'err', val: errorMessage(err) };
       }
       return { tag: 'ok', val: undefined };
@@ -201,6 +224,7 @@ export function exportsFor(plugin) {
       try {
         refusePromise(batch(events), 'handleBatch');
       } catch (err) {
+        if (isOutOfMemory(err)) return trapOutOfMemory('handleBatch');
         const index = err instanceof BatchError && Number.isInteger(err.index) && err.index >= 0 ? err.index : 0;
         return { tag: 'err', val: { index: Math.min(index, 0xffffffff), message: errorMessage(err) } };
       }
