@@ -33,7 +33,7 @@ async function config() {
   await writeFile(
     file,
     '[plugins]\ndir = "plugins.d"\n[state]\ndir = "data"\n[runtime]\ncompile_timeout = "300s"\n' +
-      '[[source]]\nname = "test"\nkind = "file"\npath = "watched"\n',
+      '[[source]]\nname = "local"\nkind = "file"\npath = "watched"\n',
   );
   return { dir, file };
 }
@@ -54,7 +54,7 @@ function pluginTest(wasm, events, args = []) {
   });
 }
 
-const prerequisites = [gateway, join(plugins, 'event-log.wasm'), join(plugins, 'js-event-log.wasm'), join(plugins, 'js-fault-by-key.wasm')];
+const prerequisites = [gateway, ...['event-log', 'js-event-log', 'js-fault-by-key', 'js-chat-notify'].map((n) => join(plugins, `${n}.wasm`))];
 const missing = prerequisites.filter((p) => !existsSync(p));
 // Missing inputs fail rather than skip, so a CI run cannot pass by testing
 // nothing.
@@ -121,6 +121,32 @@ test('js-fault-by-key: errors, a loop, memory and state under the default limits
   // instances the timeout and the memory trap replaced.
   const counts = run.lines.filter((l) => l.log && /^count=/.test(l.log.message)).map((l) => l.log.message);
   assert.deepEqual(counts, ['count=1', 'count=2', 'count=3']);
+});
+
+test('js-chat-notify posts one formatted message per change', { skip, timeout: 600_000 }, async () => {
+  const { file } = await config();
+  const dir = join(root, 'plugins', 'js-chat-notify');
+  const run = await pluginTest(join(plugins, 'js-chat-notify.wasm'), join(dir, 'events.jsonl'), [
+    '--config',
+    file,
+    '--sidecar',
+    join(dir, 'sidecar.example.toml'),
+  ]);
+  assert.equal(run.code, 0, run.stderr);
+  const requests = run.lines.filter((l) => l.effect === 'http').map((l) => l.detail);
+  assert.deepEqual(
+    requests.map((r) => [r.method, r.url, JSON.parse(r.body).text]),
+    [
+      ['POST', 'http://127.0.0.1:9/hooks/config', 'put app/port: 80 -> 8080 @7'],
+      // Cut at 8 characters, not bytes.
+      ['POST', 'http://127.0.0.1:9/hooks/config', 'put app/motd: - -> ünïcödé … @8'],
+      ['POST', 'http://127.0.0.1:9/hooks/config', 'put app/blob: - -> <3 bytes> @9'],
+      ['POST', 'http://127.0.0.1:9/hooks/config', 'delete app/port: - -> - @10'],
+      // A placeholder inside a value is not expanded again.
+      ['POST', 'http://127.0.0.1:9/hooks/config', 'put app/x: - -> {key} @11'],
+    ],
+  );
+  assert.deepEqual(requests[0].headers, [['content-type', 'application/json']]);
 });
 
 test('the manifest becomes a top-level watchgate-manifest custom section', () => {
