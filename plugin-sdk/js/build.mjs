@@ -13,6 +13,7 @@
 
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -30,6 +31,20 @@ const sdkEntry = join(sdkDir, 'src', 'index.js');
 // stdio stays on: with it a thrown error is printed instead of trapping
 // silently, and console.log reaches the gateway log.
 const DISABLED_FEATURES = ['http', 'fetch-event'];
+
+// Interfaces the host links: its own, and the wasi:*@0.2 that
+// wasmtime_wasi::p2::add_to_linker_sync adds. Anything else would fail to
+// instantiate, so the build refuses it with the interface's name.
+const LINKED = [/^watchgate:plugin\//, /^wasi:(io|clocks|cli|filesystem|random|sockets)\//];
+
+/** The interfaces a component imports, read back with `jco wit`. */
+function componentImports(wasmPath) {
+  const wit = execFileSync(join(sdkDir, 'node_modules', '.bin', 'jco'), ['wit', wasmPath], {
+    encoding: 'utf8',
+    maxBuffer: 16 << 20,
+  });
+  return [...wit.matchAll(/^\s*import ([^;]+);/gm)].map((m) => m[1].trim());
+}
 
 const CAPABILITIES = new Set(['files', 'http', 'kv', 'snapshot']);
 const MANIFEST_SECTION = 'watchgate-manifest';
@@ -118,15 +133,19 @@ async function main() {
     await bundle.write({ file: bundled, format: 'esm', codeSplitting: false });
     await bundle.close();
 
-    const { component, imports } = await componentize({
+    const { component } = await componentize({
       sourcePath: bundled,
       witPath: witDir,
       worldName: 'plugin',
       disableFeatures: DISABLED_FEATURES,
     });
-    const http = (imports ?? []).filter((i) => JSON.stringify(i).includes('wasi:http'));
-    if (http.length > 0) fail(`the component imports wasi:http, which the host does not link: ${JSON.stringify(http)}`);
     const wasm = appendCustomSection(Buffer.from(component), MANIFEST_SECTION, Buffer.from(manifest, 'utf8'));
+    const built = join(work, 'plugin.wasm');
+    await writeFile(built, wasm);
+    const imports = componentImports(built);
+    if (!imports.some((i) => i.startsWith('watchgate:plugin/'))) fail(`could not read the imports of the component: ${imports.join(', ')}`);
+    const unlinked = imports.filter((i) => !LINKED.some((re) => re.test(i)));
+    if (unlinked.length > 0) fail(`the component imports what the host does not link: ${unlinked.join(', ')}`);
     await writeFile(out, wasm);
   } finally {
     await rm(work, { recursive: true, force: true });
