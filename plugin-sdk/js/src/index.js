@@ -47,7 +47,8 @@ function toBytes(data, what) {
  */
 export function errorMessage(err) {
   if (err instanceof Error) {
-    if (err instanceof CapabilityError) return err.message;
+    // These carry a message meant to be the error as it is.
+    if (err instanceof CapabilityError || err instanceof BatchError) return err.message;
     const name = err.name && err.name !== 'Error' ? `${err.name}: ` : '';
     return `${name}${err.message}`;
   }

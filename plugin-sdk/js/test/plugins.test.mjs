@@ -211,6 +211,7 @@ test('on a running gateway: file events give event-log\'s lines, a batch error i
     assert.equal(fault.dead_letters, 1);
     const plain = log.replace(/\x1b\[[0-9;]*m/g, '');
     assert.match(plain, /key=error .*outcome="error" attempts=2/);
+    assert.match(plain, /key=error .*error="boom"/, 'the message as thrown, with nothing added by the batch');
     assert.match(plain, /count=1/);
   } finally {
     child.kill('SIGTERM');
