@@ -1,7 +1,7 @@
 // End-to-end checks of the JavaScript SDK: the real gateway binary runs the
 // real compiled plugins under `watchgate plugin test`.
 //
-//   node --test plugin-sdk/js/test/
+//   node --test plugin-sdk/js/test/*.test.mjs
 //
 // WATCHGATE names the gateway (default target/debug/watchgate) and
 // WATCHGATE_PLUGINS the built plugins (default dist/plugins, as
