@@ -1,0 +1,3 @@
+module watchgate.dev/sdk
+
+go 1.26
