@@ -32,7 +32,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::{Dispatcher, PluginReport};
-use crate::plugin_dir::{LoaderStatus, Rejection};
+use crate::plugin_dir::{CompilingNow, LoaderStatus, Rejection};
 use crate::source::{SourceReport, SourceStatus};
 use crate::store::LetterTally;
 use crate::telemetry::Metrics;
@@ -109,6 +109,9 @@ pub struct PluginsReadiness {
     /// Files rejected (the gateway is still ready: they are reported, not
     /// waited for).
     pub rejected: Vec<Rejection>,
+    /// Plugins whose newest file is compiling; past `[plugins]
+    /// compile_ready_wait` they no longer hold readiness.
+    pub compiling: Vec<CompilingNow>,
 }
 
 impl AdminState {
@@ -138,6 +141,7 @@ impl AdminState {
             loaded: self.loader.is_loaded(),
             running: self.dispatcher.plugin_names(),
             rejected: self.loader.rejected(),
+            compiling: self.loader.compiling(),
         };
         Readiness {
             ready: plugins.loaded

@@ -300,7 +300,7 @@ pub fn check(config_path: &Path) -> i32 {
             return 2;
         }
     };
-    let runtime = match Runtime::new(&config.runtime) {
+    let runtime = match tool_runtime(&config) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
@@ -416,6 +416,7 @@ pub fn check(config_path: &Path) -> i32 {
                     &compiled.digest[..12],
                     compiled.size
                 );
+                println!("  {}", describe_build(&compiled.footprint, compiled.size));
                 let report = crate::manifest::CapabilityReport::new(
                     compiled.manifest.as_deref(),
                     sidecar.grants.names(),
@@ -444,4 +445,47 @@ pub fn check(config_path: &Path) -> i32 {
     } else {
         0
     }
+}
+
+/// One line on what built a plugin and what an instance of it takes.
+fn describe_build(f: &crate::runtime::Footprint, size: usize) -> String {
+    let toolchain = if f.toolchain.is_empty() {
+        "toolchain not recorded".to_owned()
+    } else {
+        f.toolchain.join(", ")
+    };
+    format!(
+        "built from {} ({toolchain}); {}, {} core instance(s), {} memory(ies), {} initial memory per instance",
+        f.language,
+        crate::text::human_bytes(size as u64),
+        f.core_instances,
+        f.memories,
+        crate::text::human_bytes(f.initial_memory_bytes)
+    )
+}
+
+/// The runtime `check` and `plugin test` compile with. With the config's
+/// compile cache on, compiled code is kept where the gateway keeps it
+/// (`compiled/` in its state directory, when that exists) or else in the
+/// user's cache directory, so checking a plugin the gateway already
+/// compiled, or checking it twice, does not pay a compile of tens of
+/// seconds again.
+pub(crate) fn tool_runtime(config: &Config) -> Result<std::sync::Arc<Runtime>, String> {
+    let cache = config
+        .runtime
+        .compile_cache
+        .then(|| {
+            let dir = if config.state.dir.is_dir() {
+                config.state.dir.join("compiled")
+            } else {
+                std::env::var_os("XDG_CACHE_HOME")
+                    .map(PathBuf::from)
+                    .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))?
+                    .join("watchgate/compiled")
+            };
+            std::fs::create_dir_all(&dir).ok()?;
+            std::path::absolute(dir).ok()
+        })
+        .flatten();
+    Runtime::with_cache(&config.runtime, cache.as_deref()).map_err(|e| e.to_string())
 }

@@ -291,6 +291,14 @@ pub struct PluginsConfig {
     /// and `max_dead_letter_bytes` as stored (default 16 MiB); past either,
     /// the oldest are dropped and counted.
     pub dead_letters: DeadLetterCap,
+    /// How long readiness waits for the compiles of the plugin directory's
+    /// first contents. Compiled code from the cache starts in milliseconds;
+    /// a compile still running after this (a new Python or JavaScript
+    /// plugin takes tens of seconds) is listed under `compiling` in
+    /// `/readyz` and does not hold readiness: its plugin starts when the
+    /// compile ends, from its cursor or per its `start` setting. Default
+    /// `"5s"`.
+    pub compile_ready_wait: Duration,
 }
 
 /// One `[[source]]`.

@@ -14,14 +14,13 @@
 //! complaint may quote the file) and counted; the gateway keeps serving.
 //! This module must not run plugin calls.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use bytes::Bytes;
-use parking_lot::Mutex;
-use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -41,6 +40,9 @@ use crate::runtime::{CompileLimits, CompiledPlugin, LoadError, Runtime};
 use crate::source::file::{FileSource, FileSourceConfig};
 use crate::source::{Source, SourceContext, SourceStatus};
 use crate::telemetry::{Metrics, PluginCounter};
+
+mod status;
+pub use status::{CompilingNow, LoaderStatus, Rejection};
 
 /// Why a plugin could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -142,42 +144,6 @@ pub fn effective_subscriptions(
 /// A reloaded configuration for the loader, and where to say that every
 /// plugin has been re-evaluated against it.
 pub type Reconfigure = (Arc<Config>, tokio::sync::oneshot::Sender<()>);
-
-/// What `/readyz` and `/v1/plugins` need to know about the directory.
-#[derive(Default)]
-pub struct LoaderStatus {
-    loaded: AtomicBool,
-    rejected: Mutex<BTreeMap<String, String>>,
-}
-
-/// A rejected plugin file.
-#[derive(Debug, Clone, Serialize)]
-pub struct Rejection {
-    /// Plugin name.
-    pub name: String,
-    /// Why.
-    pub error: String,
-}
-
-impl LoaderStatus {
-    /// The initial contents of the directory were processed.
-    pub fn is_loaded(&self) -> bool {
-        self.loaded.load(Ordering::SeqCst)
-    }
-
-    /// Plugins whose current files are rejected (an older version may still
-    /// run).
-    pub fn rejected(&self) -> Vec<Rejection> {
-        self.rejected
-            .lock()
-            .iter()
-            .map(|(name, error)| Rejection {
-                name: name.clone(),
-                error: error.clone(),
-            })
-            .collect()
-    }
-}
 
 #[derive(Default)]
 struct Files {
@@ -308,12 +274,13 @@ impl PluginLoader {
             if !self.status.is_loaded()
                 && dir_status.is_synced()
                 && rx.is_empty()
-                && self.compiling.is_empty()
+                && !self.compiles_hold_readiness()
             {
                 self.status.loaded.store(true, Ordering::SeqCst);
                 tracing::info!(
                     plugins = ?self.dispatcher.plugin_names(),
                     rejected = self.status.rejected.lock().len(),
+                    still_compiling = ?self.status.compiling.lock().keys().collect::<Vec<_>>(),
                     "Plugin directory loaded."
                 );
             }
@@ -356,6 +323,17 @@ impl PluginLoader {
         }
     }
 
+    /// Whether a compile of the directory's first contents has run for
+    /// less than `compile_ready_wait`, so readiness still waits for it.
+    fn compiles_hold_readiness(&self) -> bool {
+        let wait = self.config.plugins.compile_ready_wait;
+        self.status
+            .compiling
+            .lock()
+            .values()
+            .any(|since| since.elapsed() < wait)
+    }
+
     fn reject(&self, name: &str, error: String) {
         self.metrics.count_plugin(PluginCounter::LoadFailure, name);
         let (error, truncated) = crate::text::clip_owned(error);
@@ -392,6 +370,10 @@ impl PluginLoader {
             }
         });
         tracing::debug!(plugin = %name, digest = %&digest[..12], "Compiling plugin.");
+        self.status
+            .compiling
+            .lock()
+            .insert(name.to_owned(), Instant::now());
         self.compiling.insert(
             name.to_owned(),
             Compiling {
@@ -408,6 +390,7 @@ impl PluginLoader {
         if let Some(c) = self.compiling.remove(name) {
             c.task.abort();
         }
+        self.status.compiling.lock().remove(name);
     }
 
     /// A compile ended: apply it if it is of the plugin's newest file.
@@ -421,6 +404,7 @@ impl PluginLoader {
             return;
         }
         self.compiling.remove(&name);
+        self.status.compiling.lock().remove(&name);
         match result {
             Ok(compiled) => {
                 self.compiled.insert(name.clone(), compiled);
@@ -447,6 +431,7 @@ impl PluginLoader {
             .map(|(name, _)| name.clone());
         if let Some(name) = name {
             self.compiling.remove(&name);
+            self.status.compiling.lock().remove(&name);
             self.reject(&name, format!("compiler task failed: {e}"));
         }
     }
@@ -506,6 +491,20 @@ impl PluginLoader {
             return;
         };
         let limits = self.config.runtime.defaults.merged(sidecar.limits);
+        if let Err(e) = compiled.footprint.fits_memory(limits.memory_mb) {
+            self.metrics.compile_refused(name, "memory_mb");
+            return self.reject(
+                name,
+                format!(
+                    "{}: {e}",
+                    self.config
+                        .plugins
+                        .dir
+                        .join(format!("{name}.wasm"))
+                        .display()
+                ),
+            );
+        }
         let files_grant = match &sidecar.grants.files {
             None => None,
             // Making the grant measures what its directory holds.

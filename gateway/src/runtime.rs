@@ -14,6 +14,7 @@
 
 pub mod compile;
 pub mod config;
+pub mod footprint;
 pub mod instance;
 pub mod limits;
 
@@ -28,6 +29,7 @@ use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 pub use compile::CompileLimits;
 pub use config::RuntimeConfig;
+pub use footprint::Footprint;
 pub use limits::{Limits, PartialLimits};
 
 use crate::host::HostState;
@@ -110,6 +112,9 @@ pub enum LoadError {
     /// Its `watchgate-manifest` section is unreadable.
     #[error("{0}")]
     Manifest(String),
+    /// One instance of it needs more than the instance pool gives a plugin.
+    #[error("does not fit the instance pool: {0}")]
+    DoesNotFit(String),
 }
 
 impl LoadError {
@@ -121,14 +126,19 @@ impl LoadError {
             LoadError::TooManyFunctions { .. } => Some("max_plugin_functions"),
             LoadError::FunctionTooLarge { .. } => Some("max_function_bytes"),
             LoadError::CompileTimeout { .. } => Some("compile_timeout"),
+            LoadError::DoesNotFit(_) => Some("instance_pool"),
             _ => None,
         }
     }
 }
 
 /// A plugin compiled and validated against the world, ready to instantiate.
+/// Cheap to clone: plugins loaded from the same file share one.
 #[derive(Clone)]
-pub struct CompiledPlugin {
+pub struct CompiledPlugin(Arc<Compiled>);
+
+/// What [`CompiledPlugin`] holds.
+pub struct Compiled {
     /// Pre-linked instance template.
     pub pre: PluginPre<HostState>,
     /// SHA-256 of the file, hex.
@@ -137,6 +147,15 @@ pub struct CompiledPlugin {
     pub size: usize,
     /// The manifest the plugin carries, if any.
     pub manifest: Option<Arc<crate::manifest::Manifest>>,
+    /// Its language and what one instance takes.
+    pub footprint: Footprint,
+}
+
+impl std::ops::Deref for CompiledPlugin {
+    type Target = Compiled;
+    fn deref(&self) -> &Compiled {
+        &self.0
+    }
 }
 
 impl std::fmt::Debug for CompiledPlugin {
@@ -181,13 +200,16 @@ impl Runtime {
         let max_memory = usize::try_from(config.max_memory_mb << 20).unwrap_or(usize::MAX);
         let n = config.max_instances.max(1);
         let mut pool = PoolingAllocationConfig::default();
+        // Room for every instance to be as large as one plugin may be: the
+        // totals only count, and memories and tables reserve address space,
+        // not memory, until used.
         pool.total_component_instances(n)
-            .total_core_instances(n * 8)
-            .total_memories(n * 2)
-            .total_tables(n * 8)
-            .max_memories_per_component(4)
-            .max_tables_per_component(16)
-            .max_core_instances_per_component(32)
+            .total_core_instances(n * footprint::MAX_CORE_INSTANCES)
+            .total_memories(n * footprint::MAX_MEMORIES)
+            .total_tables(n * footprint::MAX_TABLES)
+            .max_memories_per_component(footprint::MAX_MEMORIES)
+            .max_tables_per_component(footprint::MAX_TABLES)
+            .max_core_instances_per_component(footprint::MAX_CORE_INSTANCES)
             .max_memory_size(max_memory);
         let mut cfg = wasmtime::Config::new();
         cfg.wasm_component_model(true)
@@ -229,7 +251,7 @@ impl Runtime {
             config: config.clone(),
             ticker: Some(ticker),
             stop,
-            compiles: compile::CompilePool::new(config.compile_concurrency, cache.is_some()),
+            compiles: compile::CompilePool::new(config.compile_concurrency, cache),
         }))
     }
 
@@ -255,7 +277,8 @@ impl Runtime {
     }
 
     fn compile_digest(&self, bytes: &[u8], digest: String) -> Result<CompiledPlugin, LoadError> {
-        check_header(bytes)?;
+        let footprint = compile::scan(bytes, &CompileLimits::NONE)?.footprint;
+        footprint.fits_pool(self.config.max_memory_mb)?;
         let manifest = crate::manifest::read(bytes)
             .map_err(LoadError::Manifest)?
             .map(Arc::new);
@@ -265,12 +288,15 @@ impl Runtime {
             .instantiate_pre(&component)
             .map_err(LoadError::Imports)?;
         let pre = PluginPre::new(instance_pre).map_err(LoadError::Exports)?;
-        Ok(CompiledPlugin {
+        let compiled = CompiledPlugin(Arc::new(Compiled {
             pre,
             digest,
             size: bytes.len(),
             manifest,
-        })
+            footprint,
+        }));
+        self.compiles.share(&compiled);
+        Ok(compiled)
     }
 }
 

@@ -41,6 +41,23 @@ pub fn clip_owned(text: String) -> (String, bool) {
     }
 }
 
+/// A size for people: bytes below 1 KiB, else KiB, MiB or GiB with one
+/// decimal.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 3] = ["KiB", "MiB", "GiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,5 +89,13 @@ mod tests {
         let kept = cut.split('…').next().unwrap();
         assert!(kept.len() <= MAX_TEXT && kept.len() > MAX_TEXT - 3);
         assert!(kept.chars().all(|c| c == '€'), "a character was split");
+    }
+
+    #[test]
+    fn sizes_for_people() {
+        assert_eq!(human_bytes(1000), "1000 B");
+        assert_eq!(human_bytes(75_615), "73.8 KiB");
+        assert_eq!(human_bytes(19_460_757), "18.6 MiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
     }
 }

@@ -228,7 +228,7 @@ fn post_reload_needs_the_token_and_restarts_only_what_changed() {
         std::fs::write(
             g.config_path(),
             format!(
-                "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"s3cret\"\n\n[plugins]\ndir = \"plugins.d\"\n\n{body}"
+                "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"s3cret\"\n\n[plugins]\ndir = \"plugins.d\"\n# Ready means every plugin is running: tests send events at once.\ncompile_ready_wait = \"10m\"\n\n{body}"
             ),
         )
         .unwrap()

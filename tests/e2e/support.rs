@@ -107,7 +107,7 @@ impl Gateway {
         std::fs::write(
             g.config_path(),
             format!(
-                "[admin]\nlisten = \"127.0.0.1:0\"\n\n[plugins]\ndir = \"plugins.d\"\n\n{sources}"
+                "[admin]\nlisten = \"127.0.0.1:0\"\n\n[plugins]\ndir = \"plugins.d\"\n# Ready means every plugin is running: tests send events at once.\ncompile_ready_wait = \"10m\"\n\n{sources}"
             ),
         )
         .expect("write config");

@@ -26,7 +26,7 @@ use crate::host::snapshot::{ScanRequest, Scanned, SnapshotGrant, SnapshotReader}
 use crate::host::{Effects, PluginContext};
 use crate::manifest::CapabilityReport;
 use crate::runtime::instance::{LoadedPlugin, Sandbox};
-use crate::runtime::{CompileLimits, Limits, PartialLimits, Runtime, RuntimeConfig};
+use crate::runtime::{CompileLimits, Limits, PartialLimits};
 use crate::telemetry::Metrics;
 
 /// Arguments of `watchgate plugin test`.
@@ -188,10 +188,7 @@ pub fn plugin_test(args: &TestArgs) -> i32 {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
-    let runtime_config = RuntimeConfig {
-        compile_cache: false,
-        ..config.runtime.clone()
-    };
+    let runtime_config = config.runtime.clone();
     let limits: Limits = runtime_config
         .defaults
         .merged(sidecar.limits)
@@ -201,9 +198,9 @@ pub fn plugin_test(args: &TestArgs) -> i32 {
             memory_mb: args.memory_mb,
             ..PartialLimits::default()
         });
-    let runtime = match Runtime::new(&runtime_config) {
+    let runtime = match super::tool_runtime(&config) {
         Ok(r) => r,
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return fail(e),
     };
     let bytes = match std::fs::read(&args.wasm) {
         Ok(b) => b,
@@ -214,6 +211,9 @@ pub fn plugin_test(args: &TestArgs) -> i32 {
         Ok(c) => c,
         Err(e) => return fail(format!("{}: {e}", args.wasm.display())),
     };
+    if let Err(e) = compiled.footprint.fits_memory(limits.memory_mb) {
+        return fail(format!("{}: {e}", args.wasm.display()));
+    }
     let files_dir = args.files.clone().or_else(|| sidecar.grants.files.clone());
     let files = match files_dir
         .as_deref()

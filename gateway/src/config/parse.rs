@@ -149,6 +149,8 @@ struct RawPluginsConfig {
     quarantine_probe: Option<Duration>,
     max_dead_letters: Option<u64>,
     max_dead_letter_bytes: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    compile_ready_wait: Option<Duration>,
 }
 
 pub(super) fn parse_toml<T: for<'de> Deserialize<'de>>(
@@ -312,6 +314,10 @@ impl Config {
                     .max_dead_letter_bytes
                     .unwrap_or(DeadLetterCap::default().bytes),
             },
+            compile_ready_wait: raw
+                .plugins
+                .compile_ready_wait
+                .unwrap_or(Duration::from_secs(5)),
         };
         let state = StateConfig {
             dir: resolve(&base, raw.state.dir.as_deref().unwrap_or(Path::new("data"))),

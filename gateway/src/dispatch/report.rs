@@ -61,6 +61,9 @@ pub struct PluginReport {
     pub digest: String,
     /// Size of the running file in bytes.
     pub size: usize,
+    /// Its language and toolchain, and what one instance takes.
+    #[serde(flatten)]
+    pub build: crate::runtime::Footprint,
     /// What it receives (empty: everything).
     pub subscriptions: Vec<SubscriptionReport>,
     /// Per-call limits.
@@ -160,6 +163,7 @@ impl Worker {
             version: spec.loaded.version,
             digest: spec.loaded.compiled.digest.clone(),
             size: spec.loaded.compiled.size,
+            build: spec.loaded.compiled.footprint.clone(),
             subscriptions: spec
                 .subscriptions
                 .iter()

@@ -11,8 +11,12 @@
 //! compiling anything. What passes runs on a thread and a rayon pool of its
 //! own: wasmtime compiles functions in parallel on rayon's global pool
 //! otherwise, where a small plugin's functions queue behind every function
-//! of a large one. At most `compile_concurrency` compiles run at once, each
-//! waited for at most `compile_timeout`. wasmtime cannot stop a compile, so
+//! of a large one. Small files and large ones queue apart, so a Rust
+//! plugin never waits behind a Python one; in each lane at most
+//! `compile_concurrency` compiles run at once, each waited for at most
+//! `compile_timeout`. A file already compiled is not compiled again: one
+//! in use is shared, one compiled before comes from the compile cache
+//! without queueing, also after a restart. wasmtime cannot stop a compile, so
 //! one past its time is abandoned: the caller gets
 //! [`LoadError::CompileTimeout`], and the compile runs to its end in the
 //! background, keeping its slot so abandoned compiles cannot pile up, and
@@ -21,7 +25,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
-use std::sync::{Arc, OnceLock};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -30,7 +35,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{Semaphore, oneshot};
 use wasmparser::{Parser, Payload};
 
-use super::{CompiledPlugin, LoadError, Runtime, RuntimeConfig};
+use super::footprint::{Footprint, Reader};
+use super::{Compiled, CompiledPlugin, LoadError, Runtime, RuntimeConfig};
 use crate::background::lower_this_thread;
 
 /// How much nicer than plugin calls and event delivery compile threads run:
@@ -55,6 +61,16 @@ pub struct CompileLimits {
     pub timeout: Duration,
 }
 
+impl CompileLimits {
+    /// No limits: for files the caller trusts.
+    pub const NONE: CompileLimits = CompileLimits {
+        max_bytes: u64::MAX,
+        max_functions: u64::MAX,
+        max_function_bytes: u64::MAX,
+        timeout: Duration::MAX,
+    };
+}
+
 impl From<&RuntimeConfig> for CompileLimits {
     fn from(c: &RuntimeConfig) -> Self {
         CompileLimits {
@@ -67,7 +83,7 @@ impl From<&RuntimeConfig> for CompileLimits {
 }
 
 /// What the pre-scan counted in a file that passed it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Shape {
     /// File size.
     pub bytes: u64,
@@ -76,6 +92,8 @@ pub struct Shape {
     pub functions: u64,
     /// The largest function body, in bytes.
     pub largest_function: u64,
+    /// What it is made of and needs per instance.
+    pub footprint: Footprint,
 }
 
 /// Check `wasm` against `limits` without compiling it: one pass over its
@@ -99,8 +117,11 @@ pub fn scan(wasm: &[u8], limits: &CompileLimits) -> Result<Shape, LoadError> {
         bytes,
         ..Shape::default()
     };
+    let mut reader = Reader::new(bytes);
     for payload in Parser::new(0).parse_all(wasm) {
-        match payload.map_err(|e| LoadError::Malformed(e.to_string()))? {
+        let payload = payload.map_err(|e| LoadError::Malformed(e.to_string()))?;
+        reader.feed(&payload);
+        match payload {
             Payload::CodeSectionStart { count, .. } => shape.functions += u64::from(count),
             Payload::ComponentCanonicalSection(s) => shape.functions += u64::from(s.count()),
             Payload::CodeSectionEntry(body) => {
@@ -122,19 +143,33 @@ pub fn scan(wasm: &[u8], limits: &CompileLimits) -> Result<Shape, LoadError> {
             });
         }
     }
+    shape.footprint = reader.finish();
     Ok(shape)
 }
 
-/// Where compiles run: a fixed number of slots, and the digests that
-/// compiled within the limits before.
+/// Files up to this size compile in a lane of their own, so a small
+/// plugin never waits behind the compile of a large one: the Python and
+/// JavaScript SDKs' components (12 to 20 MB) take tens of seconds each,
+/// a Rust or Go plugin (under 3 MB) well under one.
+const SMALL_FILE: u64 = 4 << 20;
+
+/// Where compiles run: a fixed number of slots per lane, the digests that
+/// compiled within the limits before, and the compiled plugins in use.
 pub(super) struct CompilePool {
-    slots: Arc<Semaphore>,
+    small: Arc<Semaphore>,
+    large: Arc<Semaphore>,
     /// With the compile cache on, a file that compiled here before is a
     /// cache hit: it takes milliseconds and no slot, so it never waits
     /// behind a slow compile. Without the cache it would be a full compile,
     /// and takes a slot like any other.
     cached: bool,
     known: Mutex<HashSet<String>>,
+    /// Where the digests in `known` are kept across restarts (one empty
+    /// file each), so a restart's cache hits take no slot either.
+    known_dir: Option<PathBuf>,
+    /// Compiled plugins still in use by digest: a copy of a running file
+    /// under another name is served from here without compiling at all.
+    live: Mutex<HashMap<String, Weak<Compiled>>>,
     /// Digests whose compile ran past its time, with the limit it passed.
     /// The abandoned compile may still finish and fill the compile cache;
     /// without this, the same file dropped in again would then compile at
@@ -144,26 +179,63 @@ pub(super) struct CompilePool {
 }
 
 impl CompilePool {
-    pub(super) fn new(concurrency: usize, cached: bool) -> CompilePool {
+    pub(super) fn new(concurrency: usize, cache: Option<&Path>) -> CompilePool {
+        let known_dir = cache.map(|c| c.join("known"));
+        if let Some(dir) = &known_dir
+            && let Err(e) = std::fs::create_dir_all(dir)
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "Cannot keep the list of compiled plugins; a restart compiles them in the queue.");
+        }
         CompilePool {
-            slots: Arc::new(Semaphore::new(concurrency.max(1))),
-            cached,
+            small: Arc::new(Semaphore::new(concurrency.max(1))),
+            large: Arc::new(Semaphore::new(concurrency.max(1))),
+            cached: cache.is_some(),
             known: Mutex::default(),
+            known_dir,
+            live: Mutex::default(),
             timed_out: Mutex::default(),
             running: OnceLock::new(),
         }
     }
 
     fn is_known(&self, digest: &str) -> bool {
-        self.cached && self.known.lock().contains(digest)
+        self.cached
+            && (self.known.lock().contains(digest)
+                || self
+                    .known_dir
+                    .as_ref()
+                    .is_some_and(|d| d.join(digest).exists()))
     }
 
     fn remember(&self, digest: &str) {
-        let mut known = self.known.lock();
-        if known.len() >= MAX_KNOWN {
-            known.clear();
+        {
+            let mut known = self.known.lock();
+            if known.len() >= MAX_KNOWN {
+                known.clear();
+            }
+            known.insert(digest.to_owned());
         }
-        known.insert(digest.to_owned());
+        if let Some(dir) = &self.known_dir {
+            let _ = std::fs::write(dir.join(digest), b"");
+        }
+    }
+
+    /// A compiled plugin now in use, for [`CompilePool::in_use`].
+    pub(super) fn share(&self, compiled: &CompiledPlugin) {
+        let mut live = self.live.lock();
+        if live.len() >= MAX_KNOWN {
+            live.retain(|_, c| c.strong_count() > 0);
+        }
+        live.insert(compiled.digest.clone(), Arc::downgrade(&compiled.0));
+    }
+
+    /// The compiled plugin of `digest`, if one is still in use.
+    fn in_use(&self, digest: &str) -> Option<CompiledPlugin> {
+        self.live
+            .lock()
+            .get(digest)
+            .and_then(Weak::upgrade)
+            .map(CompiledPlugin)
     }
 
     /// The compile of `digest` passed `limit`.
@@ -210,18 +282,26 @@ impl Runtime {
         wasm: Bytes,
         limits: &CompileLimits,
     ) -> Result<CompiledPlugin, LoadError> {
-        scan(&wasm, limits)?;
+        let shape = scan(&wasm, limits)?;
+        shape.footprint.fits_pool(self.config.max_memory_mb)?;
         let digest = super::digest(&wasm);
         if self.compiles.too_slow(&digest, limits.timeout) {
             return Err(LoadError::CompileTimeout {
                 limit: limits.timeout,
             });
         }
+        if let Some(compiled) = self.compiles.in_use(&digest) {
+            return Ok(compiled);
+        }
         let known = self.compiles.is_known(&digest);
         let slot = if known {
             None
         } else {
-            let slots = self.compiles.slots.clone();
+            let slots = if shape.bytes <= SMALL_FILE {
+                self.compiles.small.clone()
+            } else {
+                self.compiles.large.clone()
+            };
             // The semaphore is never closed.
             Some(slots.acquire_owned().await.map_err(|e| {
                 LoadError::Compile(wasmtime::format_err!("compile pool closed: {e}"))

@@ -57,10 +57,15 @@ pub struct RuntimeConfig {
     pub max_function_bytes: u64,
     /// How long a compile may take before the plugin is refused. wasmtime
     /// cannot stop a compile: one past its time runs to its end in the
-    /// background, holding its slot, and its result is dropped. Default 60 s.
+    /// background, holding its slot, and its result is dropped. The
+    /// pre-scan limits bound a compile's cost first; this is the last bound
+    /// behind them, set well above the Python SDK's components, which take
+    /// 20 to 30 s alone on two cores and several times that when sharing
+    /// them. Default 300 s.
     #[serde(default = "default_compile_timeout", with = "humantime_serde")]
     pub compile_timeout: Duration,
-    /// Compiles that may run at once (abandoned ones included). Default 2.
+    /// Compiles that may run at once (abandoned ones included), in each of
+    /// the two lanes: files up to 4 MiB, and larger ones. Default 2.
     #[serde(default = "default_compile_concurrency")]
     pub compile_concurrency: usize,
 }
@@ -82,7 +87,7 @@ fn default_max_function_bytes() -> u64 {
 }
 
 fn default_compile_timeout() -> Duration {
-    Duration::from_secs(60)
+    Duration::from_secs(300)
 }
 
 fn default_compile_concurrency() -> usize {

@@ -32,7 +32,7 @@ async function config() {
   const file = join(dir, 'watchgate.toml');
   await writeFile(
     file,
-    '[plugins]\ndir = "plugins.d"\n[state]\ndir = "data"\n[runtime]\ncompile_timeout = "300s"\n' +
+    '[plugins]\ndir = "plugins.d"\ncompile_ready_wait = "600s"\n[state]\ndir = "data"\n[runtime]\ncompile_timeout = "300s"\n' +
       '[[source]]\nname = "local"\nkind = "file"\npath = "watched"\n',
   );
   return { dir, file };

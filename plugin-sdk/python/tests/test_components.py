@@ -41,7 +41,7 @@ def need(*paths):
 # 2-core machine can pass the default 60 s, and compile time is not what
 # these tests check.
 CONFIG = (
-    '[plugins]\ndir = "plugins.d"\n'
+    '[plugins]\ndir = "plugins.d"\ncompile_ready_wait = "600s"\n'
     '[runtime]\ncompile_timeout = "600s"\n'
     '[[source]]\nname = "main"\nkind = "file"\npath = "watched"\n'
 )
@@ -231,7 +231,7 @@ class EtcdParity(unittest.TestCase):
                     )
                 (tmp / "gw.toml").write_text(
                     f'[admin]\nlisten = "127.0.0.1:{admin}"\n'
-                    '[plugins]\ndir = "plugins.d"\n[state]\ndir = "data"\n'
+                    '[plugins]\ndir = "plugins.d"\ncompile_ready_wait = "600s"\n[state]\ndir = "data"\n'
                     '[runtime]\ncompile_timeout = "600s"\n'
                     f'[[source]]\nname = "main"\nkind = "etcd"\n'
                     f'endpoints = ["{self.etcd_url}"]\nprefix = "/app/"\n'
@@ -349,7 +349,7 @@ class GatewayRun(unittest.TestCase):
                 (tmp / d).mkdir()
             (tmp / "gw.toml").write_text(
                 f'[admin]\nlisten = "127.0.0.1:{port}"\n'
-                '[plugins]\ndir = "plugins.d"\nretry_backoff = "10ms"\nquarantine_after = 0\n'
+                '[plugins]\ndir = "plugins.d"\ncompile_ready_wait = "600s"\nretry_backoff = "10ms"\nquarantine_after = 0\n'
                 '[state]\ndir = "data"\n'
                 '[runtime]\ncompile_timeout = "600s"\n'
                 '[[source]]\nname = "local"\nkind = "file"\npath = "watched"\n'
