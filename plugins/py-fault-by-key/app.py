@@ -1,8 +1,9 @@
 """Test fixture: the event's key picks what the Python plugin does.
 
 ``spin`` loops forever, ``alloc`` grows a list until memory runs out,
-``error`` raises, ``recurse`` recurses without end, ``count`` increments the
-host-state counter ``count`` and logs its new value, anything else succeeds.
+``error`` raises, ``recurse`` recurses without end, ``count`` (or ``state``,
+the key the Rust, JavaScript and Go fixtures use) increments the host-state
+counter ``count`` and logs its new value, anything else succeeds.
 The tests use it to see the host's limits and the SDK's error path act on a
 componentize-py component (outcomes out_of_fuel or timeout, memory, error)
 and the next event still served.
@@ -14,7 +15,7 @@ from watchgate import log, state
 MANIFEST = """
 name = "py-fault-by-key"
 version = "0.1.0"
-description = "Test fixture: the key picks a fault (spin, alloc, error, recurse, count)."
+description = "Test fixture: the key picks a fault (spin, alloc, error, recurse, count or state)."
 """
 
 
@@ -36,7 +37,7 @@ class FaultByKey(watchgate.Plugin):
             raise ValueError(f"asked to fail by key {key!r}")
         elif key == "recurse":
             recurse(0)
-        elif key == "count":
+        elif key in ("count", "state"):
             n = int(state.get_text("count") or "0") + 1
             state.set("count", str(n))
             log.info(f"count={n}")

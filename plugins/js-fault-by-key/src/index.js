@@ -8,6 +8,7 @@
 //   spin       loop forever                       -> out_of_fuel or timeout
 //   alloc      keep 4 MiB buffers until refused   -> memory
 //   count      add 1 to state "count", log it     -> ok; survives recycling
+//   state      the same as count (the key the Rust, Python and Go fixtures use)
 //   append     append the value to out.txt        -> error without a grant
 //   anything else                                 -> ok
 
@@ -30,7 +31,8 @@ export default class FaultByKey extends Plugin {
         for (;;) {}
       case 'alloc':
         for (;;) kept.push(new Uint8Array(4 << 20));
-      case 'count': {
+      case 'count':
+      case 'state': {
         const n = Number(state.getText('count') ?? '0') + 1;
         state.set('count', String(n));
         log.info(`count=${n}`);
