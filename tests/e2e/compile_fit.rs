@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{Gateway, wait_for, workspace, write_atomic};
+use crate::support::{Gateway, wait_for, write_atomic};
 
 /// An uncached compile of the Python SDK's component on a busy two-core
 /// machine, with room to spare.
@@ -14,21 +14,13 @@ const PYTHON_COMPILE: Duration = Duration::from_secs(600);
 
 /// Install an event-log plugin as `name` writing to `out/NAME`: the Rust
 /// one as the other e2e tests build it, another language's from
-/// `dist/plugins`, where `scripts/build-plugins` puts it.
+/// `dist/plugins`.
 fn install_logger(g: &Gateway, name: &str, example: &str) {
-    let sidecar = format!("[grants]\nfiles = \"../out/{name}\"\n");
     if example == "event-log" {
-        return g.install(name, example, &sidecar);
+        g.install_event_log(name);
+    } else {
+        crate::support_lang::install_event_log(g, name, example);
     }
-    let built = workspace().join(format!("dist/plugins/{example}.wasm"));
-    let wasm = std::fs::read(&built).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; run scripts/build-plugins to build the Python, JavaScript and Go plugins",
-            built.display()
-        )
-    });
-    write_atomic(&g.path(&format!("plugins.d/{name}.toml")), sidecar.as_bytes());
-    write_atomic(&g.path(&format!("plugins.d/{name}.wasm")), &wasm);
 }
 
 fn compiling(g: &Gateway) -> Vec<String> {
@@ -133,7 +125,11 @@ fn a_slow_compile_holds_up_neither_readiness_nor_other_plugins_and_is_paid_once(
     });
     let copy_start = copied.elapsed();
 
-    // A restart takes compiled code from the cache.
+    // A restart takes compiled code from the cache (without `tiny`, whose
+    // refusal would be a start-up error).
+    for file in ["tiny.wasm", "tiny.toml"] {
+        std::fs::remove_file(g.path(&format!("plugins.d/{file}"))).unwrap();
+    }
     g.stop_within(crate::support::GRACE);
     let restarted = Instant::now();
     g.spawn();
