@@ -31,5 +31,6 @@ mod platform;
 mod plugins;
 mod pool;
 mod runtime_limits;
+mod scaffold;
 mod support;
 mod version;
