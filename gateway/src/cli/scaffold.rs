@@ -161,7 +161,10 @@ fn find_sdk(args: &NewArgs) -> Result<PathBuf, String> {
     let canonical = sdk
         .canonicalize()
         .map_err(|e| format!("{}: {e}", sdk.display()))?;
-    let missing: Vec<&str> = (args.lang.needs().iter())
+    let missing: Vec<&str> = args
+        .lang
+        .needs()
+        .iter()
         .filter(|p| !canonical.join(p).exists())
         .copied()
         .collect();
