@@ -15,8 +15,10 @@ use crate::plugin_dir::compile_plugin;
 use crate::runtime::Runtime;
 
 pub mod plugin_tools;
+pub mod scaffold;
 
-pub use plugin_tools::{plugin_new, plugin_test};
+pub use plugin_tools::plugin_test;
+pub use scaffold::plugin_new;
 
 /// watchgate: watch configuration and discovery stores, hand every change to
 /// sandboxed WebAssembly plugins.
@@ -285,9 +287,10 @@ pub enum PluginCommand {
     /// with `--perform`. Exits 1 when any call failed, 2 when the input is
     /// unusable.
     Test(plugin_tools::TestArgs),
-    /// Create a new plugin crate (Cargo.toml, src/lib.rs with a manifest
-    /// and a handler, a sidecar example and recorded events to test with).
-    New(plugin_tools::NewArgs),
+    /// Create a new plugin in Rust, Python, JavaScript or Go: a manifest
+    /// and a handler that logs each change, `build.sh` (builds NAME.wasm),
+    /// a README, a sidecar example and recorded events to test with.
+    New(scaffold::NewArgs),
 }
 
 /// Validate a config and every plugin in its directory. Prints one line per

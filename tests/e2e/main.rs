@@ -33,6 +33,7 @@ mod platform;
 mod plugins;
 mod pool;
 mod runtime_limits;
+mod scaffold;
 mod support;
 mod support_lang;
 mod version;

@@ -488,51 +488,6 @@ fn plugin_test_prints_effects_and_performs_them_only_when_asked() {
 }
 
 #[test]
-fn plugin_new_scaffolds_a_crate_that_builds_and_passes_plugin_test() {
-    let g = Gateway::new();
-    let dir = g.path("my-plugin");
-    let (code, out, err) = g.cli(&["plugin", "new", "my-plugin", "--dir", dir.to_str().unwrap()]);
-    assert_eq!(code, 0, "{out}{err}");
-    // Building it shares the e2e plugins' target directory, so the SDK's
-    // dependencies are compiled once.
-    let target = crate::support::workspace()
-        .join("target")
-        .join("e2e-scaffold");
-    let status =
-        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(&dir)
-            .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2"])
-            .arg("--target-dir")
-            .arg(&target)
-            .status()
-            .unwrap();
-    assert!(status.success(), "the scaffold does not build");
-    let wasm = target.join("wasm32-wasip2/release/my_plugin.wasm");
-    let (code, out, err) = g.cli(&[
-        "plugin",
-        "test",
-        wasm.to_str().unwrap(),
-        "--events",
-        dir.join("events.jsonl").to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{out}{err}");
-    let lines: Vec<Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(lines[0]["manifest"]["name"], "my-plugin", "{out}");
-    assert_eq!(
-        lines.iter().filter(|l| l["outcome"] == "ok").count(),
-        3,
-        "{out}"
-    );
-    // A second `new` into the same place is refused.
-    let (code, _, err) = g.cli(&["plugin", "new", "my-plugin", "--dir", dir.to_str().unwrap()]);
-    assert_eq!(code, 2);
-    assert!(err.contains("already exists"), "{err}");
-}
-
-#[test]
 fn http_requests_in_flight_are_bounded_per_plugin() {
     // A server that never answers: the kernel accepts connections into the
     // backlog, nobody reads them, so every request waits for its timeout.

@@ -1,15 +1,12 @@
 #!/usr/bin/env sh
-# Build {name}.wasm: installs the pinned componentize-py into .venv on first
-# use (or takes $COMPONENTIZE_PY), then runs the watchgate Python SDK's build.
+# Build {{name}}.wasm with the watchgate repository's Python plugin build,
+# which installs the pinned componentize-py into the repository's .tools/py
+# on first use (Python 3.11 or later with venv needed).
 set -eu
 cd "$(dirname "$0")"
-sdk="{sdk}"
-if [ -z "${{COMPONENTIZE_PY:-}}" ]; then
-    if [ ! -x .venv/bin/componentize-py ]; then
-        python3 -m venv .venv
-        .venv/bin/pip install --quiet -r "$sdk/requirements.txt"
-    fi
-    COMPONENTIZE_PY=.venv/bin/componentize-py
+build="{{repo}}/scripts/build-python-plugins"
+if [ ! -x "$build" ]; then
+    echo "build.sh: $build is missing; this plugin was made from a watchgate repository that is no longer there (run 'watchgate plugin new --lang python --sdk PATH' again with the repository's plugin-sdk)" >&2
+    exit 1
 fi
-python3 "$sdk/build.py" . -o {name}.wasm --componentize-py "$COMPONENTIZE_PY"
-echo "built {name}.wasm"
+exec "$build" --plugin . --output {{name}}.wasm

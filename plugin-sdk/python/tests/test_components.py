@@ -15,7 +15,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import unittest
@@ -284,54 +283,6 @@ class EtcdParity(unittest.TestCase):
                     if proc is not None:
                         proc.terminate()
                         proc.wait(timeout=30)
-
-
-class Scaffold(unittest.TestCase):
-    """plugin-sdk/python/new.py: the new plugin builds with its build.sh and
-    passes `plugin test` on its own sample events."""
-
-    def test_a_new_plugin_builds_and_passes_its_sample_events(self):
-        need(BINARY)
-        componentize_py = os.environ.get("COMPONENTIZE_PY") or shutil.which("componentize-py")
-        if componentize_py is None:
-            if REQUIRED:
-                self.fail("componentize-py not found (set COMPONENTIZE_PY)")
-            self.skipTest("componentize-py not found")
-        sdk = ROOT / "plugin-sdk" / "python"
-        with tempfile.TemporaryDirectory() as tmp:
-            target = Path(tmp) / "my-plugin"
-            subprocess.run(
-                [sys.executable, str(sdk / "new.py"), "my-plugin", "--dir", str(target)],
-                check=True,
-                capture_output=True,
-            )
-            self.assertEqual(
-                sorted(p.name for p in target.iterdir()),
-                [".gitignore", "app.py", "build.sh", "events.jsonl", "sidecar.example.toml"],
-            )
-            build = subprocess.run(
-                [str(target / "build.sh")],
-                env={**os.environ, "COMPONENTIZE_PY": componentize_py},
-                capture_output=True,
-                text=True,
-            )
-            self.assertEqual(build.returncode, 0, build.stdout + build.stderr)
-            lines, code, err = plugin_test(target / "my-plugin.wasm", target / "events.jsonl")
-        self.assertEqual(code, 0, err)
-        self.assertEqual(lines[0]["manifest"]["name"], "my-plugin")
-        self.assertEqual([l["outcome"] for l in lines if "outcome" in l], ["ok"] * 3)
-        logs = [l["log"]["message"] for l in lines if "log" in l]
-        self.assertEqual(logs[0], "put main app/port = 8080")
-
-    def test_refuses_a_bad_name_and_a_used_directory(self):
-        sdk = ROOT / "plugin-sdk" / "python"
-        with tempfile.TemporaryDirectory() as tmp:
-            for args in (["../x", "--dir", f"{tmp}/a"], ["ok", "--dir", tmp]):
-                (Path(tmp) / "keep").write_text("")
-                r = subprocess.run(
-                    [sys.executable, str(sdk / "new.py"), *args], capture_output=True, text=True
-                )
-                self.assertEqual(r.returncode, 1, r.stderr)
 
 
 class GatewayRun(unittest.TestCase):
