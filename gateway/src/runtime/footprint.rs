@@ -266,9 +266,9 @@ impl Reader {
         let mut add = |name: &str, version: &str| {
             let version = version.split(" (").next().unwrap_or_default();
             let entry = format!("{name} {version}").trim_end().to_owned();
-            if !(name == language && version.is_empty())
-                && !toolchain.iter().any(|t| t.split(' ').next() == Some(name))
-            {
+            let bare_language = name == language && version.is_empty();
+            let listed = toolchain.iter().any(|t| t.split(' ').next() == Some(name));
+            if !bare_language && !listed {
                 toolchain.push(entry);
             }
         };
