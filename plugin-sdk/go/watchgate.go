@@ -4,7 +4,7 @@
 // from an init function of package main. The gateway hands it one [Event]
 // per change of a watched key; the plugin reacts through the host
 // capabilities ([Log], [StateGet], [FilesAppend], [HTTPSend], [KVPut],
-// [SnapshotGet], ...). Build with upstream Go (1.24 or newer) as a wasip1
+// [SnapshotGet], ...). Build with upstream Go (1.26 or newer) as a wasip1
 // reactor and turn the core module into a component with the WASI preview1
 // reactor adapter; scripts/build-go-plugins does both.
 //
