@@ -469,11 +469,11 @@ pub(super) fn languages(args: &BenchArgs) -> anyhow::Result<CaseResult> {
                 if let Some(v) = s.median(&format!("{lang}_warm_call_to_rust_paired")) {
                     r.insert(format!("{lang} warm call to rust (paired)"), v);
                 }
-                for (figure, label) in [("uncached_compile_s", "uncached compile")] {
-                    let rust = s.median(&format!("rust_{figure}")).unwrap_or(0.0);
-                    if let (Some(v), true) = (s.median(&format!("{lang}_{figure}")), rust > 0.0) {
-                        r.insert(format!("{lang} {label} to rust"), v / rust);
-                    }
+                let rust = s.median("rust_uncached_compile_s").unwrap_or(0.0);
+                if let (Some(v), true) =
+                    (s.median(&format!("{lang}_uncached_compile_s")), rust > 0.0)
+                {
+                    r.insert(format!("{lang} uncached compile to rust"), v / rust);
                 }
             }
             r
