@@ -23,7 +23,7 @@ const SOURCE: &str = "bench";
 const DELIVERY: usize = 64;
 
 /// A sink that drops plugin log lines.
-struct Quiet;
+pub(crate) struct Quiet;
 impl LogSink for Quiet {
     fn line(&self, _: &str, _: Level, _: Stream, _: &str) {}
 }

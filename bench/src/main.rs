@@ -16,7 +16,9 @@
 
 mod etcd;
 mod inproc;
+mod languages;
 mod process;
+mod tiers;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -65,6 +67,19 @@ fn main() -> ExitCode {
 }
 
 impl BenchArgs {
+    /// Whether case `name` runs. `languages` compiles the Python and
+    /// JavaScript components (tens of seconds each), so `--quick` leaves it
+    /// out unless it is named; `compile_tiers` is an experiment that runs
+    /// only when named.
+    fn selects(&self, name: &str) -> bool {
+        let named = self.only.iter().any(|o| name.contains(o.as_str()));
+        match name {
+            "compile_tiers" => self.only.iter().any(|o| o == name),
+            "languages" if self.quick => named,
+            _ => self.only.is_empty() || named,
+        }
+    }
+
     fn runs(&self) -> usize {
         if self.quick { 2 } else { 5 }
     }
@@ -131,6 +146,24 @@ pub struct CaseResult {
     /// What explains the figures (a missed target, a skipped reference).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// Verdicts per subject (a language), when the case judges several.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<Check>,
+}
+
+/// One subject's figure against its target.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// What is judged (a language).
+    pub subject: String,
+    /// The figure's name, without the subject.
+    pub figure: String,
+    /// Its median.
+    pub value: f64,
+    /// The bar.
+    pub target: &'static str,
+    /// Whether the median met it.
+    pub met: bool,
 }
 
 /// Collects the per-run values of one case.
@@ -160,6 +193,21 @@ impl Samples {
         self.values.get(name).map(|(_, v)| percentile(v, 50.0))
     }
 
+    /// The result of a case judged per subject: met when every check is.
+    fn finish_with_checks(
+        self,
+        case: &'static str,
+        what: &'static str,
+        target: &'static str,
+        checks: Vec<Check>,
+        ratios: impl Fn(&Samples) -> BTreeMap<String, f64>,
+    ) -> CaseResult {
+        let met = (!checks.is_empty()).then(|| checks.iter().all(|c| c.met));
+        let mut r = self.finish(case, what, target, |s| (None, ratios(s), met));
+        r.checks = checks;
+        r
+    }
+
     fn finish(
         self,
         case: &'static str,
@@ -169,6 +217,7 @@ impl Samples {
     ) -> CaseResult {
         let (ratio_to_floor, ratios, met) = judge(&self);
         CaseResult {
+            checks: Vec::new(),
             case,
             what,
             figures: self
@@ -274,7 +323,7 @@ fn run(args: &BenchArgs) -> i32 {
         );
     }
     type CaseFn = fn(&BenchArgs) -> anyhow::Result<CaseResult>;
-    let cases: [(&str, CaseFn); 10] = [
+    let cases: [(&str, CaseFn); 12] = [
         ("dispatch", inproc::dispatch),
         ("trap_recovery", inproc::trap_recovery),
         ("fanout", inproc::fanout),
@@ -285,15 +334,14 @@ fn run(args: &BenchArgs) -> i32 {
         ("e2e_latency", etcd::e2e_latency),
         ("scale_sync", etcd::scale_sync),
         ("scale_churn", etcd::scale_churn),
+        ("languages", languages::languages),
+        ("compile_tiers", tiers::compile_tiers),
     ];
     let mut results = Vec::new();
     let mut failed = 0;
-    let total = cases
-        .iter()
-        .filter(|(n, _)| args.only.is_empty() || args.only.iter().any(|o| n.contains(o.as_str())))
-        .count();
+    let total = cases.iter().filter(|(n, _)| args.selects(n)).count();
     for (name, case) in cases {
-        if !args.only.is_empty() && !args.only.iter().any(|o| name.contains(o.as_str())) {
+        if !args.selects(name) {
             continue;
         }
         eprintln!("[{}/{total}] {name} …", results.len() + failed + 1);
@@ -353,7 +401,7 @@ fn write_report(args: &BenchArgs, machine: &Machine, cases: &[CaseResult]) -> an
     Ok(())
 }
 
-fn fmt(v: f64) -> String {
+pub(crate) fn fmt(v: f64) -> String {
     if v.abs() >= 1000.0 {
         format!("{:.0}", v)
     } else if v.abs() >= 10.0 {
@@ -423,6 +471,20 @@ fn markdown(date: &str, args: &BenchArgs, m: &Machine, cases: &[CaseResult]) -> 
     s.push_str("\n## Cases\n\n");
     for c in cases {
         s.push_str(&format!("### {}\n\n{}\n\n", c.case, c.what));
+        if !c.checks.is_empty() {
+            s.push_str("| subject | figure | median | target | met |\n|---|---|---:|---|---|\n");
+            for k in &c.checks {
+                s.push_str(&format!(
+                    "| {} | {} | {} | {} | {} |\n",
+                    k.subject,
+                    k.figure,
+                    fmt(k.value),
+                    k.target,
+                    if k.met { "PASS" } else { "**MISS**" }
+                ));
+            }
+            s.push('\n');
+        }
         for n in &c.notes {
             s.push_str(&format!("- {n}\n"));
         }
