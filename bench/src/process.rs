@@ -35,7 +35,9 @@ impl Proc {
         std::fs::write(
             dir.path().join("watchgate.toml"),
             format!(
-                "[admin]\nlisten = \"127.0.0.1:{port}\"\n\n[plugins]\ndir = \"plugins.d\"\n\n\
+                "[admin]\nlisten = \"127.0.0.1:{port}\"\n\n[plugins]\ndir = \"plugins.d\"\n\
+                 # Ready means every plugin runs: the cases time that.\n\
+                 compile_ready_wait = \"10m\"\n\n\
                  [runtime]\nmax_instances = 1024\n\n{sources}"
             ),
         )?;
