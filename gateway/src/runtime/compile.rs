@@ -165,7 +165,9 @@ pub(super) struct CompilePool {
     cached: bool,
     known: Mutex<HashSet<String>>,
     /// Where the digests in `known` are kept across restarts (one empty
-    /// file each), so a restart's cache hits take no slot either.
+    /// file each), so a restart's cache hits take no slot either. Should
+    /// the cache have dropped the code since, the file compiles without a
+    /// slot; it compiled within the limits before, so its cost is bounded.
     known_dir: Option<PathBuf>,
     /// Compiled plugins still in use by digest: a copy of a running file
     /// under another name is served from here without compiling at all.
