@@ -143,9 +143,13 @@ fn compile_limits_have_defaults_and_must_be_positive() {
     assert_eq!(c.runtime.max_function_bytes, 512 << 10);
     assert_eq!(
         c.runtime.compile_timeout,
-        std::time::Duration::from_secs(60)
+        std::time::Duration::from_secs(300)
     );
     assert_eq!(c.runtime.compile_concurrency, 2);
+    assert_eq!(
+        c.plugins.compile_ready_wait,
+        std::time::Duration::from_secs(5)
+    );
     let c = parse("[runtime]\ncompile_timeout = \"1500ms\"\nmax_plugin_functions = 7\n").unwrap();
     assert_eq!(
         c.runtime.compile_timeout,
