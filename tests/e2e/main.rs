@@ -36,4 +36,5 @@ mod runtime_limits;
 mod scaffold;
 mod support;
 mod support_lang;
+mod templates;
 mod version;

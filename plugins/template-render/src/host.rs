@@ -8,12 +8,7 @@
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use watchgate_sdk::{files, log, settings, snapshot, state};
-
-// Until the SDK wraps `commands` and `files.read/rename/remove` (branch
-// `commands`), call the generated bindings, which have the same shape.
-use watchgate_sdk::wit::watchgate::plugin::commands;
-use watchgate_sdk::wit::watchgate::plugin::files as files_next;
+use watchgate_sdk::{commands, files, log, settings, snapshot, state};
 
 /// How a command run ended (the host's `run-result`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -114,7 +109,7 @@ impl Host for Sdk {
     }
 
     fn read_file(&self, path: &str) -> Result<Option<Vec<u8>>, String> {
-        files_next::read(path)
+        files::read(path)
     }
 
     fn replace_file(&self, path: &str, data: &[u8]) -> Result<(), String> {
@@ -122,11 +117,11 @@ impl Host for Sdk {
     }
 
     fn rename_file(&self, from: &str, to: &str) -> Result<(), String> {
-        files_next::rename(from, to)
+        files::rename(from, to)
     }
 
     fn remove_file(&self, path: &str) -> Result<(), String> {
-        files_next::remove(path)
+        files::remove(path)
     }
 
     fn run(&self, name: &str, file: Option<&str>) -> Result<RunResult, String> {

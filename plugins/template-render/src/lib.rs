@@ -69,8 +69,8 @@ watchgate_sdk::manifest!(concat!(
     "version = \"",
     env!("CARGO_PKG_VERSION"),
     "\"\n",
-    "description = \"Renders Jinja templates from the store into files, checked and reloaded by granted commands.\"\n",
-    "capabilities = [\"files\", \"commands\", \"snapshot\"]\n",
+    "description = \"Renders Jinja templates from the store into files, checked and reloaded by granted commands (wait needs the snapshot grant).\"\n",
+    "capabilities = [\"files\", \"commands\"]\n",
 ));
 
 /// Why a call failed, and the first of its events not handled.
