@@ -81,7 +81,8 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         "m" => number * 60.0,
         _ => return None,
     };
-    (seconds.is_finite() && seconds >= 0.0 && seconds < 86_400.0)
+    (0.0..86_400.0)
+        .contains(&seconds)
         .then(|| Duration::from_secs_f64(seconds))
 }
 

@@ -9,6 +9,9 @@ use watchgate_sdk::EventKind;
 use super::*;
 use crate::host::RunResult;
 
+/// Keys with their values.
+type Keys = BTreeMap<String, Vec<u8>>;
+
 /// In-memory host: state, settings, files, commands, a snapshot that moves
 /// on a virtual clock, and log lines.
 #[derive(Default)]
@@ -24,7 +27,7 @@ struct Fake {
     /// Virtual time.
     clock: Cell<Duration>,
     /// The snapshot: (from this time on, keys) steps, in time order.
-    snapshot: RefCell<Vec<(Duration, BTreeMap<String, Vec<u8>>)>>,
+    snapshot: RefCell<Vec<(Duration, Keys)>>,
     scans: Cell<usize>,
 }
 
