@@ -367,15 +367,24 @@ fn plugin_test_reports_commands_and_runs_them_only_when_asked() {
         ),
     );
     let events = g.path("events.jsonl");
-    let op = serde_json::json!({"op": "run", "name": "touch", "file": "x.conf"}).to_string();
-    std::fs::write(
-        &events,
+    let root = g.path("out/probe");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("old.conf"), "old").unwrap();
+    let lines: String = [
+        serde_json::json!({"op": "run", "name": "touch", "file": "x.conf"}),
+        serde_json::json!({"op": "read", "path": "old.conf"}),
+        serde_json::json!({"op": "rename", "from": "old.conf", "to": "new.conf"}),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, op)| {
         format!(
             "{}\n",
-            serde_json::json!({"source": "local", "key": "k", "kind": "put", "value": op})
-        ),
-    )
-    .unwrap();
+            serde_json::json!({"source": "local", "key": format!("k{i}"), "kind": "put", "value": op.to_string()})
+        )
+    })
+    .collect();
+    std::fs::write(&events, lines).unwrap();
     let wasm = g.path("plugins.d/probe.wasm");
     let config = g.config_path();
     let args = [
@@ -402,6 +411,15 @@ fn plugin_test_reports_commands_and_runs_them_only_when_asked() {
         root.join("x.conf").display().to_string()
     );
     assert!(!marker.exists(), "ran without --perform");
+    // A read is carried out; a rename is reported, not performed.
+    assert!(out.contains("probe read ok old"), "{out}");
+    let rename = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["effect"] == "files" && v["detail"]["op"] == "rename")
+        .unwrap_or_else(|| panic!("no rename effect in\n{out}"));
+    assert_eq!(rename["performed"], false);
+    assert!(root.join("old.conf").exists() && !root.join("new.conf").exists());
     let mut performing = args.to_vec();
     performing.push("--perform");
     let (code, out, err) = g.cli(&performing);
@@ -410,4 +428,6 @@ fn plugin_test_reports_commands_and_runs_them_only_when_asked() {
         std::fs::read_to_string(&marker).unwrap().trim(),
         root.join("x.conf").display().to_string()
     );
+    assert!(!root.join("old.conf").exists());
+    assert_eq!(std::fs::read_to_string(root.join("new.conf")).unwrap(), "old");
 }
