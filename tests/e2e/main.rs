@@ -13,6 +13,7 @@ mod adversarial_panics;
 mod adversarial_strings;
 mod cli;
 mod cluster;
+mod commands;
 mod compile_fit;
 mod consul_source;
 mod durable;
