@@ -487,6 +487,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Arc::new(TracingSink),
     );
     let loader_status = loader.status();
+    let commands = loader.commands();
     let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
     let admin_state = Arc::new(AdminState {
         metrics: metrics.clone(),
@@ -631,6 +632,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let grace = app.config.gateway.shutdown_grace;
     tracing::info!(grace_ms = grace.as_millis() as u64, "Shutting down.");
+    // Granted commands still running when the grace is nearly over are
+    // killed, process group and all, leaving a moment to reap them.
+    let grace_end = Instant::now() + grace;
+    commands.stop_all(grace_end - (grace / 10).min(Duration::from_millis(500)));
     tasks_token.cancel();
     let mut tasks = std::mem::take(&mut app.tasks);
     let drain = async {
@@ -639,6 +644,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         // stay behind the cursors and are delivered after a restart.
         let d = dispatcher.clone();
         let _ = tokio::task::spawn_blocking(move || d.shutdown()).await;
+        let c = commands.clone();
+        let _ = tokio::task::spawn_blocking(move || c.wait_idle(grace_end)).await;
     };
     if tokio::time::timeout(grace, drain).await.is_err() {
         tracing::warn!(

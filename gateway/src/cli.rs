@@ -399,6 +399,12 @@ pub fn check(config_path: &Path) -> i32 {
                 if sidecar.grants.snapshot {
                     grants.push("snapshot".to_owned());
                 }
+                for (name, argv) in &sidecar.grants.commands {
+                    grants.push(format!("command:{name}={}", argv.join(" ")));
+                }
+                for (name, pid_file) in &sidecar.grants.signals {
+                    grants.push(format!("signal:{name}={}", pid_file.display()));
+                }
                 let grants = if grants.is_empty() {
                     "none".to_owned()
                 } else {

@@ -15,6 +15,7 @@
 //! built.
 
 pub mod bindings;
+pub mod commands;
 pub mod files;
 pub mod grants;
 pub mod http;
@@ -34,6 +35,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::telemetry::Metrics;
 use bindings::watchgate::plugin as wit;
+use commands::CommandsGrant;
 use files::FilesGrant;
 pub use grants::Grants;
 use http::HttpGrant;
@@ -56,6 +58,8 @@ pub struct PluginContext {
     pub kv: Option<KvWriter>,
     /// `snapshot` grant, if the operator gave one.
     pub snapshot: Option<SnapshotGrant>,
+    /// `commands` and `signals` grants, if the operator gave any.
+    pub commands: Option<CommandsGrant>,
     /// The sidecar's `[settings]`.
     pub settings: BTreeMap<String, String>,
     /// Host-kept state.
@@ -82,6 +86,7 @@ impl PluginContext {
             http: None,
             kv: None,
             snapshot: None,
+            commands: None,
             settings: BTreeMap::new(),
             state,
             log,
@@ -105,11 +110,14 @@ impl PluginContext {
         if self.snapshot.is_some() {
             v.push("snapshot");
         }
+        if self.commands.is_some() {
+            v.push("commands");
+        }
         v
     }
 }
 
-/// What granted `files`, `http` and `kv` requests do: in the gateway they
+/// What granted `files`, `http`, `kv` and `commands` requests do: in the gateway they
 /// are performed; `watchgate plugin test` reports them and performs them
 /// only when asked.
 #[derive(Clone)]
@@ -289,13 +297,18 @@ impl HostState {
         message
     }
 
-    fn files_op(
+    /// A `files` operation `op_name` on `path` (`data` for a write, the
+    /// second path of a rename): reported to `plugin test`, carried out
+    /// unless it is an effect (`effect`) not to be performed, then counted
+    /// by outcome.
+    fn files_op<T: Default>(
         &mut self,
         op_name: &'static str,
         path: &str,
-        data: &[u8],
-        op: impl FnOnce(&FilesGrant) -> Result<(), files::FilesError>,
-    ) -> Result<(), String> {
+        data: FileData<'_>,
+        effect: bool,
+        op: impl FnOnce(&FilesGrant) -> Result<T, files::FilesError>,
+    ) -> Result<T, String> {
         let Some(grant) = &self.ctx.files else {
             return Err(self.not_granted("files"));
         };
@@ -304,23 +317,36 @@ impl HostState {
                 self.count("files", "denied");
                 return Err(e.to_string());
             }
-            let detail = serde_json::json!({
+            let mut detail = serde_json::json!({
                 "op": op_name,
                 "path": grant.root().join(path),
-                "bytes": data.len(),
-                "data": String::from_utf8_lossy(data),
             });
+            match data {
+                FileData::None => {}
+                FileData::Bytes(data) => {
+                    detail["bytes"] = data.len().into();
+                    detail["data"] = String::from_utf8_lossy(data).into();
+                }
+                FileData::To(to) => {
+                    if let Err(e) = files::clean_path(to) {
+                        self.count("files", "denied");
+                        return Err(e.to_string());
+                    }
+                    detail["to"] = serde_json::json!(grant.root().join(to));
+                }
+            }
             self.ctx.effects.report(&self.ctx.name, "files", detail);
-            if !self.ctx.effects.perform {
+            if effect && !self.ctx.effects.perform {
                 self.count("files", "ok");
-                return Ok(());
+                return Ok(T::default());
             }
         }
         let r = op(grant);
         match &r {
-            Ok(()) => self.count("files", "ok"),
+            Ok(_) => self.count("files", "ok"),
             Err(files::FilesError::BadPath { .. }) => self.count("files", "denied"),
             Err(files::FilesError::Quota { .. }) => self.count("files", "quota"),
+            Err(files::FilesError::TooLarge { .. }) => self.count("files", "too_large"),
             Err(_) => self.count("files", "error"),
         }
         let used = grant.usage();
@@ -331,13 +357,40 @@ impl HostState {
     }
 }
 
+/// What a `files` operation carries besides its path, for its report.
+#[derive(Clone, Copy)]
+enum FileData<'a> {
+    None,
+    Bytes(&'a [u8]),
+    To(&'a str),
+}
+
 impl wit::files::Host for HostState {
     fn append(&mut self, path: String, data: Vec<u8>) -> Result<(), String> {
-        self.files_op("append", &path, &data, |g| g.append(&path, &data))
+        self.files_op("append", &path, FileData::Bytes(&data), true, |g| {
+            g.append(&path, &data)
+        })
     }
 
     fn replace(&mut self, path: String, data: Vec<u8>) -> Result<(), String> {
-        self.files_op("replace", &path, &data, |g| g.replace(&path, &data))
+        self.files_op("replace", &path, FileData::Bytes(&data), true, |g| {
+            g.replace(&path, &data)
+        })
+    }
+
+    fn read(&mut self, path: String) -> Result<Option<Vec<u8>>, String> {
+        // Not an effect: `plugin test` reads without `--perform` too.
+        self.files_op("read", &path, FileData::None, false, |g| g.read(&path))
+    }
+
+    fn rename(&mut self, from: String, to: String) -> Result<(), String> {
+        self.files_op("rename", &from, FileData::To(&to), true, |g| {
+            g.rename(&from, &to)
+        })
+    }
+
+    fn remove(&mut self, path: String) -> Result<(), String> {
+        self.files_op("remove", &path, FileData::None, true, |g| g.remove(&path))
     }
 }
 

@@ -29,6 +29,8 @@ pub enum Capability {
     Kv,
     /// Read current values of subscribed keys.
     Snapshot,
+    /// Run granted commands, signal granted processes.
+    Commands,
 }
 
 impl Capability {
@@ -39,6 +41,7 @@ impl Capability {
             Capability::Http => "http",
             Capability::Kv => "kv",
             Capability::Snapshot => "snapshot",
+            Capability::Commands => "commands",
         }
     }
 }

@@ -29,6 +29,7 @@ use crate::config::{Config, ConfigError, Sidecar};
 use crate::dispatch::{Dispatcher, PluginSpec};
 use crate::event::{ChannelSink, Event, EventKind, Subscription};
 use crate::host::PluginContext;
+use crate::host::commands::{CommandsGrant, Supervisor};
 use crate::host::files::FilesGrant;
 use crate::host::http::HttpGrant;
 use crate::host::kv::KvWriter;
@@ -181,6 +182,7 @@ pub struct PluginLoader {
     compiles: JoinSet<Compiled>,
     next_version: u64,
     next_ticket: u64,
+    commands: Supervisor,
 }
 
 impl PluginLoader {
@@ -207,7 +209,14 @@ impl PluginLoader {
             compiles: JoinSet::new(),
             next_version: 1,
             next_ticket: 1,
+            commands: Supervisor::default(),
         }
+    }
+
+    /// What reaches the granted commands of every plugin it loads, to stop
+    /// them at shutdown.
+    pub fn commands(&self) -> Supervisor {
+        self.commands.clone()
     }
 
     /// The status handle (readiness, rejections).
@@ -588,6 +597,7 @@ impl PluginLoader {
         }
         let version = self.next_version;
         self.next_version += 1;
+        let files_root = files_grant.as_ref().map(|g| g.root().to_owned());
         let digest = compiled.digest.clone();
         let spec = PluginSpec {
             loaded: LoadedPlugin {
@@ -608,6 +618,14 @@ impl PluginLoader {
                         let reader: Arc<dyn SnapshotReader> = self.dispatcher.clone();
                         SnapshotGrant::new(Arc::downgrade(&reader), subscriptions.clone())
                     }),
+                    commands: CommandsGrant::new(
+                        &sidecar.grants,
+                        files_root.as_deref(),
+                        log.clone(),
+                        self.metrics.clone(),
+                        self.config.gateway.shutdown_grace,
+                        Some(&self.commands),
+                    ),
                     settings: sidecar.settings_text(),
                     ..PluginContext::new(name, state, log, self.metrics.clone())
                 }),

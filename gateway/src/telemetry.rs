@@ -17,12 +17,17 @@ mod labels;
 mod repeat;
 
 pub use labels::{
-    CapabilityLabels, CompileRefusalLabels, OUTCOMES, OriginLabels, Outcome, OutcomeLabels,
-    PanicSite, PluginCounter, PluginLabels, SourceLabels,
+    CapabilityLabels, CommandLabels, CompileRefusalLabels, OUTCOMES, OriginLabels, Outcome,
+    OutcomeLabels, PanicSite, PluginCounter, PluginLabels, SourceLabels,
 };
 pub use repeat::RepeatLog;
 
 type HistogramFamily = Family<PluginLabels, Histogram, fn() -> Histogram>;
+
+fn command_histogram() -> Histogram {
+    // 1 ms … ~65 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
 
 fn call_histogram() -> Histogram {
     // 50 µs … ~1.6 s
@@ -98,6 +103,13 @@ pub struct Metrics {
     /// `state.set` calls that waited for the state writer because the
     /// plugin had as many writes pending as it may.
     pub state_waits: Family<PluginLabels, Counter>,
+    /// Granted command runs, by plugin and command.
+    pub command_runs: Family<CommandLabels, Counter>,
+    /// Granted command runs that failed: a non-zero exit, a kill, a
+    /// signal, or no start.
+    pub command_failures: Family<CommandLabels, Counter>,
+    /// How long granted commands ran.
+    pub command_seconds: Family<CommandLabels, Histogram, fn() -> Histogram>,
     /// Live tokio tasks, refreshed on every scrape.
     pub runtime_alive_tasks: Gauge,
     /// Live replicas of the cluster, as this replica sees them.
@@ -151,6 +163,9 @@ impl Metrics {
             files_bytes: Family::default(),
             files_entries: Family::default(),
             state_waits: Family::default(),
+            command_runs: Family::default(),
+            command_failures: Family::default(),
+            command_seconds: Family::new_with_constructor(command_histogram),
             runtime_alive_tasks: Gauge::default(),
             cluster_replicas: Gauge::default(),
             cluster_owned_plugins: Gauge::default(),
@@ -310,6 +325,21 @@ impl Metrics {
             "watchgate_plugin_state_waits",
             "state.set calls that waited for the state writer because the plugin had as many writes pending as it may",
             m.state_waits.clone(),
+        );
+        registry.register(
+            "watchgate_plugin_command_runs",
+            "Runs of a plugin's granted command (run and trigger)",
+            m.command_runs.clone(),
+        );
+        registry.register(
+            "watchgate_plugin_command_failures",
+            "Runs of a granted command that failed: a non-zero exit, killed (timeout, stop), or not started",
+            m.command_failures.clone(),
+        );
+        registry.register(
+            "watchgate_plugin_command_seconds",
+            "Wall-clock time of one run of a granted command",
+            m.command_seconds.clone(),
         );
         registry.register(
             "watchgate_runtime_alive_tasks",
@@ -500,6 +530,19 @@ impl Metrics {
         self.state_waits.get_or_create(&Self::plugin(plugin)).inc();
     }
 
+    /// Record one run of `plugin`'s granted `command`.
+    pub fn command_ran(&self, plugin: &str, command: &str, seconds: f64, failed: bool) {
+        let labels = CommandLabels {
+            plugin: plugin.to_owned(),
+            command: command.to_owned(),
+        };
+        self.command_runs.get_or_create(&labels).inc();
+        if failed {
+            self.command_failures.get_or_create(&labels).inc();
+        }
+        self.command_seconds.get_or_create(&labels).observe(seconds);
+    }
+
     /// Record one capability call.
     pub fn capability(&self, plugin: &str, capability: &str, outcome: &str) {
         self.capability_calls
@@ -619,6 +662,7 @@ mod tests {
         m.host_panic("p", PanicSite::Call, "boom");
         m.files_used("p", 9, 2);
         m.state_waited("p");
+        m.command_ran("p", "reload", 0.5, true);
         let text = m.encode();
         for name in [
             "watchgate_source_events_total{source=\"s\"} 1",
@@ -639,6 +683,9 @@ mod tests {
             "watchgate_plugin_files_entries{plugin=\"p\"} 2",
             "watchgate_plugin_state_waits_total{plugin=\"p\"} 1",
             "watchgate_plugin_call_seconds_count{plugin=\"p\"} 1",
+            "watchgate_plugin_command_runs_total{plugin=\"p\",command=\"reload\"} 1",
+            "watchgate_plugin_command_failures_total{plugin=\"p\",command=\"reload\"} 1",
+            "watchgate_plugin_command_seconds_count{plugin=\"p\",command=\"reload\"} 1",
             "watchgate_runtime_alive_tasks",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");

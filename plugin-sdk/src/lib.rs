@@ -3,7 +3,8 @@
 //! A plugin is a type that implements [`Plugin`] and is registered with
 //! [`export!`]. The gateway hands it one typed [`Event`] per change of a
 //! watched key; the plugin reacts through the host capabilities in
-//! [`log`](mod@log), [`state`], [`files`], [`http`], [`kv`] and [`snapshot`],
+//! [`log`](mod@log), [`state`], [`files`], [`http`], [`kv`], [`snapshot`]
+//! and [`commands`],
 //! and declares itself with [`manifest!`]. Build it for `wasm32-wasip2`
 //! as a `cdylib`: the output is a WebAssembly component the gateway loads.
 //!
@@ -413,11 +414,13 @@ pub mod settings {
 }
 
 pub mod files {
-    //! Write-only access to the directory the operator granted.
+    //! Access to the directory the operator granted.
     //!
     //! Available only with `[grants] files = "DIR"` in the plugin's sidecar.
-    //! Paths are relative to that directory; absolute paths and `..` are
-    //! refused by the host. There is no read or delete.
+    //! Paths are relative to that directory; absolute paths, `..` and
+    //! symlinks leading out are refused by the host. Writes count against
+    //! the grant's quota (`limits.files_mb`, `limits.files_count`). There is
+    //! no listing.
 
     use crate::wit::watchgate::plugin::files as host;
 
@@ -442,6 +445,137 @@ pub mod files {
     /// temporary file counts beside the old contents), or the write fails.
     pub fn replace(path: &str, data: &[u8]) -> Result<(), String> {
         host::replace(path, data)
+    }
+
+    /// A file's contents; `None` when it does not exist.
+    ///
+    /// # Errors
+    ///
+    /// Fails with the host's message when the plugin has no files grant, the
+    /// path is refused, the file is larger than a read may return (the
+    /// grant's `limits.files_mb`, at most 16 MiB; the message names the
+    /// bound), or the read fails.
+    pub fn read(path: &str) -> Result<Option<Vec<u8>>, String> {
+        host::read(path)
+    }
+
+    /// Rename file `from` over `to` atomically, both inside the grant,
+    /// creating the directories `to` needs.
+    ///
+    /// # Errors
+    ///
+    /// Fails with the host's message when the plugin has no files grant, a
+    /// path is refused, `from` does not exist, the new directories would
+    /// pass the quota, or the rename fails.
+    pub fn rename(from: &str, to: &str) -> Result<(), String> {
+        host::rename(from, to)
+    }
+
+    /// Remove a file; a file that does not exist is not an error.
+    ///
+    /// # Errors
+    ///
+    /// Fails with the host's message when the plugin has no files grant, the
+    /// path is refused (a directory, a symlink) or the removal fails.
+    pub fn remove(path: &str) -> Result<(), String> {
+        host::remove(path)
+    }
+}
+
+pub mod commands {
+    //! Run the commands, and signal the processes, the operator granted by
+    //! name.
+    //!
+    //! Available only with `[grants] commands = { NAME = [ARGV…] }` and
+    //! `[grants] signals = { NAME = "PID FILE" }` in the plugin's sidecar.
+    //! The plugin names an entry; the operator's grant fixes the argv, the
+    //! environment and the working directory. `file`, a path inside the
+    //! plugin's files grant, replaces `{file}` in the granted argv by its
+    //! absolute path. A typical use renders a file, [`run`]s a check on it,
+    //! renames it into place and [`trigger`]s a reload:
+    //!
+    //! ```no_run
+    //! use watchgate_sdk::{commands, files};
+    //!
+    //! fn publish(conf: &[u8]) -> Result<(), String> {
+    //!     files::replace("nginx.conf.new", conf)?;
+    //!     let check = commands::run("check", Some("nginx.conf.new"))?;
+    //!     if check.exit_code != Some(0) {
+    //!         files::remove("nginx.conf.new")?;
+    //!         return Err(format!("nginx -t failed: {}", check.stderr_tail));
+    //!     }
+    //!     files::rename("nginx.conf.new", "nginx.conf")?;
+    //!     commands::trigger("reload", None)
+    //! }
+    //! ```
+
+    use crate::wit::watchgate::plugin::commands as host;
+
+    /// How a command run ended.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct RunResult {
+        /// Its exit code; `None` when it was killed or ended by a signal.
+        pub exit_code: Option<i32>,
+        /// Killed for passing its timeout (`command_timeout`, 30 s by
+        /// default) or the call's deadline, or by the plugin's unload.
+        pub timed_out: bool,
+        /// The end of its standard output (at most 4 KiB).
+        pub stdout_tail: String,
+        /// The end of its standard error (at most 4 KiB).
+        pub stderr_tail: String,
+        /// How long it ran, in milliseconds.
+        pub duration_ms: u64,
+    }
+
+    impl RunResult {
+        /// It exited with code 0.
+        pub fn success(&self) -> bool {
+            self.exit_code == Some(0) && !self.timed_out
+        }
+    }
+
+    /// Run command `name` and wait for it to end, at most its timeout and
+    /// the call's deadline (`limits.timeout_ms`; raise it for slow checks).
+    /// A non-zero exit is a result, not an error.
+    ///
+    /// # Errors
+    ///
+    /// Fails with the host's message when the command is not granted (the
+    /// message names the granted ones), `file` is refused or missing for a
+    /// command whose argv has `{file}`, the plugin already runs its maximum
+    /// of commands, or the command cannot start.
+    pub fn run(name: &str, file: Option<&str>) -> Result<RunResult, String> {
+        host::run(name, file).map(|r| RunResult {
+            exit_code: r.exit_code,
+            timed_out: r.timed_out,
+            stdout_tail: r.stdout_tail,
+            stderr_tail: r.stderr_tail,
+            duration_ms: r.duration_ms,
+        })
+    }
+
+    /// Start command `name` in the background and return at once. Asked
+    /// again while it runs, it runs once more after it ends (with the
+    /// latest `file`), however often it was asked. Its outcome is logged
+    /// and counted by the host.
+    ///
+    /// # Errors
+    ///
+    /// As for [`run`], except that the command's own failure is not seen.
+    pub fn trigger(name: &str, file: Option<&str>) -> Result<(), String> {
+        host::trigger(name, file)
+    }
+
+    /// Send SIGHUP to the process whose id is in the pid file granted as
+    /// `name`.
+    ///
+    /// # Errors
+    ///
+    /// Fails with the host's message when the signal is not granted, the
+    /// pid file is missing or holds no process id, or there is no such
+    /// process.
+    pub fn signal(name: &str) -> Result<(), String> {
+        host::signal(name)
     }
 }
 
@@ -585,7 +719,7 @@ pub mod snapshot {
 /// ```
 ///
 /// Keys: `name`, `version`, `description`, `capabilities` (any of `files`,
-/// `http`, `kv`, `snapshot`) and `[[subscribe]]` tables with `source` and
+/// `http`, `kv`, `snapshot`, `commands`) and `[[subscribe]]` tables with `source` and
 /// `prefix`, as in a sidecar.
 #[macro_export]
 macro_rules! manifest {

@@ -44,7 +44,7 @@ fn hot_add_replace_and_remove() {
     let logged_before = g.events("probe").len();
     write_atomic(
         &g.path("watched/templates/greeting.tmpl"),
-        b"hello {{ key \"one\" }}",
+        b"hello {{ key(\"one\") }}",
     );
     std::fs::write(g.path("watched/one"), "world").unwrap();
     let rendered = wait_for("the template to render", DEADLINE, || {

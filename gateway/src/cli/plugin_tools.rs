@@ -2,8 +2,8 @@
 //!
 //! Owns running one plugin on recorded events, with the limits, grants and
 //! settings the gateway would give it (`plugin new` is in
-//! [`super::scaffold`]). It reports every effect (files, HTTP, kv) as a
-//! JSON line and performs effects only with `--perform`; the values
+//! [`super::scaffold`]). It reports every effect (files, HTTP, kv,
+//! commands) as a JSON line and performs effects only with `--perform`; the values
 //! `snapshot` reads come from the recorded events seen so far.
 
 use std::collections::BTreeMap;
@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use crate::config::{Config, Sidecar};
 use crate::event::{Event, EventKind, EventLine};
+use crate::host::commands::CommandsGrant;
 use crate::host::files::FilesGrant;
 use crate::host::http::HttpGrant;
 use crate::host::kv::KvWriter;
@@ -60,7 +61,8 @@ pub struct TestArgs {
     #[arg(long)]
     pub memory_mb: Option<u64>,
     /// Carry out the effects (write the files, send the requests, make the
-    /// kv writes) instead of only printing them.
+    /// kv writes, run the commands, send the signals) instead of only
+    /// printing them.
     #[arg(long)]
     pub perform: bool,
 }
@@ -251,6 +253,20 @@ pub fn plugin_test(args: &TestArgs) -> i32 {
     let reader: Arc<dyn SnapshotReader> = recorded.clone();
     let effect_sink = sink.clone();
     let subscriptions = sidecar.subscribe.clone();
+    let log = Arc::new(PluginLog::new(
+        &name,
+        u32::MAX,
+        sink.clone(),
+        metrics.clone(),
+    ));
+    let commands = CommandsGrant::new(
+        &sidecar.grants,
+        files.as_ref().map(FilesGrant::root),
+        log.clone(),
+        metrics.clone(),
+        config.gateway.shutdown_grace,
+        None,
+    );
     let ctx = PluginContext {
         files,
         http,
@@ -267,22 +283,13 @@ pub fn plugin_test(args: &TestArgs) -> i32 {
             .grants
             .snapshot
             .then(|| SnapshotGrant::new(Arc::downgrade(&reader), subscriptions)),
+        commands,
         settings: sidecar.settings_text(),
         effects: Effects {
             perform: args.perform,
             report: Some(Arc::new(move |v| effect_sink.print(&v))),
         },
-        ..PluginContext::new(
-            &name,
-            Arc::default(),
-            Arc::new(PluginLog::new(
-                &name,
-                u32::MAX,
-                sink.clone(),
-                metrics.clone(),
-            )),
-            metrics.clone(),
-        )
+        ..PluginContext::new(&name, Arc::default(), log, metrics.clone())
     };
     let report = CapabilityReport::new(compiled.manifest.as_deref(), ctx.granted());
     sink.print(&serde_json::json!({
@@ -337,6 +344,13 @@ pub fn plugin_test(args: &TestArgs) -> i32 {
     }
     if args.perform {
         wait_for_effects(&metrics, &name);
+        if let Some(c) = &plugin.ctx.commands
+            && !c
+                .runner()
+                .wait_idle(Instant::now() + Duration::from_secs(60))
+        {
+            eprintln!("warning: some commands were still running after 60 s");
+        }
     }
     if bad_input > 0 {
         2

@@ -118,8 +118,16 @@ impl Sidecar {
     pub fn parse(path: &Path, text: &str, config: &Config) -> Result<Sidecar, ConfigError> {
         let mut sidecar: Sidecar = parse_toml(path, text)?;
         validate::sidecar(&sidecar, config).map_err(|message| ConfigError::whole(path, message))?;
-        if let Some(dir) = &sidecar.grants.files {
-            sidecar.grants.files = Some(resolve(&base_dir(path), dir));
+        let base = base_dir(path);
+        let g = &mut sidecar.grants;
+        if let Some(dir) = &g.files {
+            g.files = Some(resolve(&base, dir));
+        }
+        if let Some(dir) = &g.command_dir {
+            g.command_dir = Some(resolve(&base, dir));
+        }
+        for pid_file in g.signals.values_mut() {
+            *pid_file = resolve(&base, pid_file);
         }
         Ok(sidecar)
     }

@@ -164,5 +164,5 @@ pub(super) fn sidecar(sidecar: &Sidecar, config: &Config) -> Result<(), String> 
             return Err(format!("grants.kv[{i}].prefix must not be empty"));
         }
     }
-    Ok(())
+    crate::host::commands::validate(&sidecar.grants)
 }

@@ -1,13 +1,16 @@
-//! The `files` capability: write-only access rooted in one granted
-//! directory, within a disk quota.
+//! The `files` capability: access rooted in one granted directory, within
+//! a disk quota.
 //!
 //! Owns path validation (relative, normal components only, no escape through
-//! symlinks), the two write operations and the grant's quota: bytes of file
-//! contents and the number of files and directories under the granted
-//! directory. Usage is measured on disk when the grant is made (a restart or
-//! a new version does not reset it) and kept up to date by the writes; a
-//! write that would pass the quota is refused before it touches the disk. It
-//! must not offer reads, listing, deletion or any path outside the grant.
+//! symlinks), the operations (append, replace, read, rename, remove) and the
+//! grant's quota: bytes of file contents and the number of files and
+//! directories under the granted directory. Usage is measured on disk when
+//! the grant is made (a restart or a new version does not reset it) and kept
+//! up to date by every operation; a write that would pass the quota is
+//! refused before it touches the disk, and a read is bounded by the quota
+//! and [`MAX_READ`]. It also resolves the `{file}` of a granted command
+//! ([`FilesGrant::resolve`]). It must not offer listing or any path outside
+//! the grant.
 
 use std::ffi::OsStr;
 use std::io::Write as _;
@@ -43,6 +46,10 @@ pub struct FilesUsage {
 /// they leave is found within this long, and a plugin that keeps hitting
 /// its quota cannot make the host walk its directory on every call.
 const REMEASURE: Duration = Duration::from_secs(1);
+
+/// Largest file one `read` returns, below the grant's byte quota: a larger
+/// file is refused, never loaded.
+pub const MAX_READ: u64 = 16 << 20;
 
 #[derive(Debug)]
 struct Counted {
@@ -86,7 +93,17 @@ pub enum FilesError {
         /// Which limit, its value, the usage and what the write needed.
         detail: String,
     },
-    /// The write failed.
+    /// The file is larger than a read may return; nothing was read.
+    #[error("{op} {path:?} refused: {detail}")]
+    TooLarge {
+        /// `read`.
+        op: &'static str,
+        /// The path as given.
+        path: String,
+        /// The file's size and the bound.
+        detail: String,
+    },
+    /// The operation failed.
     #[error("{op} {path:?}: {source}")]
     Io {
         /// `append` or `replace`.
@@ -422,222 +439,159 @@ impl FilesGrant {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+impl FilesGrant {
+    /// The absolute path `path` names inside the grant, resolved like a
+    /// write's target (no `..`, no absolute path, no way out through a
+    /// symlink); the file need not exist. Creates nothing.
+    ///
+    /// # Errors
+    /// [`FilesError::BadPath`] when the path is refused.
+    pub fn resolve(&self, path: &str) -> Result<PathBuf, FilesError> {
+        let _counted = self.counted.lock();
+        self.target(path).map(|t| t.file)
+    }
 
-    const ROOMY: FilesQuota = FilesQuota {
-        bytes: 1 << 20,
-        entries: 100,
-    };
+    /// The most one read returns: the grant's byte quota, at most
+    /// [`MAX_READ`].
+    pub fn read_bound(&self) -> u64 {
+        self.quota.bytes.min(MAX_READ)
+    }
 
-    #[test]
-    fn writes_inside_and_refuses_escapes() {
-        let dir = tempfile::tempdir().unwrap();
-        let outside = tempfile::tempdir().unwrap();
-        let g = FilesGrant::new(&dir.path().join("grant"), ROOMY).unwrap();
-        g.append("a/log.txt", b"one\n").unwrap();
-        g.append("a/log.txt", b"two\n").unwrap();
-        g.replace("out.conf", b"v1").unwrap();
-        g.replace("./out.conf", b"v2").unwrap();
-        assert_eq!(
-            std::fs::read_to_string(g.root().join("a/log.txt")).unwrap(),
-            "one\ntwo\n"
-        );
-        assert_eq!(
-            std::fs::read_to_string(g.root().join("out.conf")).unwrap(),
-            "v2"
-        );
-        for bad in ["", "../x", "a/../../x", "/etc/passwd", ".", "a/\0b"] {
-            assert!(
-                matches!(g.append(bad, b"x"), Err(FilesError::BadPath { .. })),
-                "{bad:?} was accepted"
-            );
+    /// The contents of `path`; `None` when it does not exist. A file larger
+    /// than [`FilesGrant::read_bound`] is refused without being read.
+    ///
+    /// # Errors
+    /// [`FilesError`] when the path is refused, the file is too large, or
+    /// the read fails.
+    pub fn read(&self, path: &str) -> Result<Option<Vec<u8>>, FilesError> {
+        use std::io::Read as _;
+        let target = {
+            let _counted = self.counted.lock();
+            self.target(path)?
+        };
+        if target.len.is_none() || target.new_dirs > 0 {
+            return Ok(None);
         }
-        std::os::unix::fs::symlink(outside.path(), g.root().join("escape")).unwrap();
-        assert!(matches!(
-            g.replace("escape/x", b"x"),
-            Err(FilesError::BadPath { .. })
-        ));
-        std::os::unix::fs::symlink(outside.path().join("f"), g.root().join("link")).unwrap();
-        assert!(matches!(
-            g.append("link", b"x"),
-            Err(FilesError::BadPath { .. })
-        ));
-        // Through a file, as if it were a directory.
-        assert!(matches!(
-            g.append("out.conf/x", b"x"),
-            Err(FilesError::BadPath { .. })
-        ));
-        assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
-        // No temporary files are left behind by replace.
-        assert_no_temporary_files(g.root());
-    }
-
-    /// A grant of at most 1000 bytes and 5 entries.
-    /// `replace` left none of its temporary files in `dir`.
-    fn assert_no_temporary_files(dir: &Path) {
-        let names: Vec<_> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        assert!(
-            names.iter().all(|n| !n.starts_with(".watchgate-")),
-            "{names:?}"
-        );
-    }
-
-    fn small(root: &Path) -> FilesGrant {
-        FilesGrant::new(
-            root,
-            FilesQuota {
-                bytes: 1000,
-                entries: 5,
-            },
-        )
-        .unwrap()
-    }
-
-    fn quota_message(r: Result<(), FilesError>) -> String {
-        match r {
-            Err(e @ FilesError::Quota { .. }) => e.to_string(),
-            other => panic!("expected a quota refusal, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn append_stops_at_the_byte_quota_and_writes_nothing_past_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let g = small(dir.path());
-        for _ in 0..9 {
-            g.append("log", &[b'x'; 100]).unwrap();
-        }
-        g.append("log", &[b'x'; 100]).unwrap();
-        let message = quota_message(g.append("log", b"y"));
-        assert!(
-            message.contains("1000 bytes are in use of the 1000 allowed (limits.files_mb")
-                && message.contains("needs 1 more")
-                && message.starts_with("append \"log\" refused"),
-            "{message}"
-        );
-        assert_eq!(
-            std::fs::metadata(dir.path().join("log")).unwrap().len(),
-            1000
-        );
-        assert_eq!(
-            g.usage(),
-            FilesUsage {
-                bytes: 1000,
-                entries: 1
-            }
-        );
-        // Writing nothing needs no room.
-        g.append("log", b"").unwrap();
-    }
-
-    #[test]
-    fn files_and_the_directories_made_for_them_count_as_entries() {
-        let dir = tempfile::tempdir().unwrap();
-        let g = small(dir.path());
-        // a, a/b, a/b/c, a/b/c/f: four entries.
-        g.append("a/b/c/f", b"1").unwrap();
-        assert_eq!(g.usage().entries, 4);
-        // Two more directories and a file would make seven.
-        let message = quota_message(g.append("a/x/y/f", b"1"));
-        assert!(
-            message.contains(
-                "4 files and directories are in use of the 5 allowed (limits.files_count); this write needs 3 more"
+        let io = |source| FilesError::Io {
+            op: "read",
+            path: path.to_owned(),
+            source,
+        };
+        let bound = self.read_bound();
+        let too_large = |len: u64| FilesError::TooLarge {
+            op: "read",
+            path: path.to_owned(),
+            detail: format!(
+                "the file is {len} bytes or more; a read returns at most {bound} bytes \
+                 (limits.files_mb = {}, and never more than {} MiB)",
+                self.quota.bytes >> 20,
+                MAX_READ >> 20
             ),
-            "{message}"
-        );
-        assert!(
-            !dir.path().join("a/x").exists(),
-            "a refused write made a directory"
-        );
-        g.append("a/g", b"1").unwrap();
-        // Full: appending to a file that exists still works.
-        g.append("a/b/c/f", b"2").unwrap();
-        quota_message(g.append("a/h", b"1"));
-        assert_eq!(g.usage(), measure(dir.path()));
-    }
-
-    #[test]
-    fn replace_counts_the_new_size_less_the_old_and_its_temporary_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let g = small(dir.path());
-        g.replace("conf", &[b'a'; 600]).unwrap();
-        assert_eq!(
-            g.usage(),
-            FilesUsage {
-                bytes: 600,
-                entries: 1
-            }
-        );
-        // 600 more beside the old 600 do not fit while both exist.
-        let message = quota_message(g.replace("conf", &[b'b'; 600]));
-        assert!(
-            message.contains("600 bytes are in use") && message.contains("beside the old ones"),
-            "{message}"
-        );
-        assert_eq!(std::fs::read(dir.path().join("conf")).unwrap(), [b'a'; 600]);
-        // Smaller contents fit, and the count drops to them.
-        g.replace("conf", &[b'c'; 300]).unwrap();
-        assert_eq!(g.usage().bytes, 300);
-        g.replace("conf", &[b'd'; 700]).unwrap();
-        assert_eq!(g.usage().bytes, 700);
-        assert_eq!(g.usage(), measure(dir.path()));
-        // Four entries in use: a replace of an existing file needs one more
-        // for its temporary file, a new file in a new directory three.
-        for f in ["x", "y", "z"] {
-            g.append(f, b"").unwrap();
+        };
+        let f = match std::fs::File::open(&target.file) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(e)),
+        };
+        let meta = f.metadata().map_err(io)?;
+        if !meta.is_file() {
+            return Err(FilesError::BadPath {
+                path: path.to_owned(),
+                reason: "not a regular file",
+            });
         }
-        g.replace("conf", &[b'e'; 10]).unwrap();
-        quota_message(g.replace("d/new", b"1"));
-        assert_no_temporary_files(dir.path());
+        if meta.len() > bound {
+            return Err(too_large(meta.len()));
+        }
+        // The file may grow while it is read: never more than the bound.
+        let mut data = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+        f.take(bound + 1).read_to_end(&mut data).map_err(io)?;
+        if data.len() as u64 > bound {
+            return Err(too_large(data.len() as u64));
+        }
+        Ok(Some(data))
     }
 
-    #[test]
-    fn what_is_on_disk_counts_from_the_start() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("old")).unwrap();
-        std::fs::write(dir.path().join("old/data"), [0; 900]).unwrap();
-        // A leftover temporary file of an interrupted replace.
-        std::fs::write(dir.path().join(".watchgate-abc"), [0; 50]).unwrap();
-        let g = small(dir.path());
-        assert_eq!(
-            g.usage(),
-            FilesUsage {
-                bytes: 950,
-                entries: 3
+    /// Rename `from` over `to` atomically, both inside the grant, creating
+    /// the directories `to` needs. A file `to` replaces stops counting.
+    ///
+    /// # Errors
+    /// [`FilesError`] when a path is refused, `from` does not exist, the
+    /// directories `to` needs do not fit the quota, or the rename fails.
+    pub fn rename(&self, from: &str, to: &str) -> Result<(), FilesError> {
+        let mut counted = self.counted.lock();
+        let source = self.target(from)?;
+        let dest = self.target(to)?;
+        let io = |source| FilesError::Io {
+            op: "rename",
+            path: from.to_owned(),
+            source,
+        };
+        if source.len.is_none() {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no such file",
+            )));
+        }
+        if source.file == dest.file {
+            return Ok(());
+        }
+        let need = Need {
+            bytes: 0,
+            entries: dest.new_dirs,
+        };
+        self.admit(&mut counted, "rename", to, need)?;
+        let done = self
+            .make_dirs(&dest, to)
+            .and_then(|()| std::fs::rename(&source.file, &dest.file).map_err(io));
+        match done {
+            Ok(()) => {
+                let u = &mut counted.usage;
+                u.entries += dest.new_dirs;
+                if let Some(old) = dest.len {
+                    // The file it replaced is gone; the moved one stays.
+                    u.bytes = u.bytes.saturating_sub(old);
+                    u.entries = u.entries.saturating_sub(1);
+                }
             }
-        );
-        quota_message(g.append("new", &[0; 51]));
-        g.append("new", &[0; 50]).unwrap();
-        // A new grant on the same directory (a restart) starts from the
-        // disk, not from zero.
-        let again = small(dir.path());
-        assert_eq!(again.usage(), g.usage());
-        quota_message(again.append("new", b"1"));
+            Err(_) => counted.measured = None,
+        }
+        done
     }
 
-    #[test]
-    fn room_the_operator_makes_is_found_by_the_next_refused_write() {
-        let dir = tempfile::tempdir().unwrap();
-        let g = small(dir.path());
-        g.append("events.log", &[b'x'; 1000]).unwrap();
-        quota_message(g.append("events.log", b"y"));
-        // The operator rotates the log away.
-        std::fs::remove_file(dir.path().join("events.log")).unwrap();
-        // Within REMEASURE of the last look, the count stands.
-        quota_message(g.append("events.log", b"y"));
-        g.counted.lock().measured = Some(Instant::now() - REMEASURE);
-        g.append("events.log", b"y").unwrap();
-        assert_eq!(
-            g.usage(),
-            FilesUsage {
-                bytes: 1,
-                entries: 1
+    /// Remove `path`; a file that does not exist is not an error.
+    ///
+    /// # Errors
+    /// [`FilesError`] when the path is refused (a directory, a symlink) or
+    /// the removal fails.
+    pub fn remove(&self, path: &str) -> Result<(), FilesError> {
+        let mut counted = self.counted.lock();
+        let target = self.target(path)?;
+        let Some(len) = target.len else {
+            return Ok(());
+        };
+        match std::fs::remove_file(&target.file) {
+            Ok(()) => {
+                let u = &mut counted.usage;
+                u.bytes = u.bytes.saturating_sub(len);
+                u.entries = u.entries.saturating_sub(1);
+                Ok(())
             }
-        );
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                counted.measured = None;
+                Ok(())
+            }
+            Err(source) => {
+                counted.measured = None;
+                Err(FilesError::Io {
+                    op: "remove",
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -5,7 +5,9 @@
 //! they stand for. Each capability checks its own grant on every call; this
 //! module must not check or perform anything.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -28,6 +30,28 @@ pub struct Grants {
     /// Read the current values of subscribed keys.
     #[serde(default)]
     pub snapshot: bool,
+    /// Commands the plugin may run, by name: each an argv whose first
+    /// element is an absolute path (`reload = ["/usr/sbin/nginx", "-s",
+    /// "reload"]`). `{file}` in any later element stands for the absolute
+    /// path of a file the plugin names inside its `files` grant. No shell.
+    #[serde(default)]
+    pub commands: BTreeMap<String, Vec<String>>,
+    /// The whole environment of every granted command (empty by default).
+    #[serde(default)]
+    pub command_env: BTreeMap<String, String>,
+    /// The working directory of every granted command: the `files` grant's
+    /// directory when there is one, else `/`. Relative paths are relative
+    /// to the sidecar file.
+    pub command_dir: Option<PathBuf>,
+    /// How long one command may run before its process group is killed
+    /// (default 30s); a `run` also ends at its call's deadline.
+    #[serde(default, with = "humantime_serde")]
+    pub command_timeout: Option<Duration>,
+    /// Pid files of processes the plugin may send SIGHUP to, by name
+    /// (`nginx = "/run/nginx.pid"`). Relative paths are relative to the
+    /// sidecar file.
+    #[serde(default)]
+    pub signals: BTreeMap<String, PathBuf>,
 }
 
 impl Grants {
@@ -45,6 +69,9 @@ impl Grants {
         }
         if self.snapshot {
             v.push("snapshot");
+        }
+        if !self.commands.is_empty() || !self.signals.is_empty() {
+            v.push("commands");
         }
         v
     }

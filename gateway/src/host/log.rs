@@ -168,6 +168,11 @@ impl PluginLog {
         }
     }
 
+    /// The plugin's name.
+    pub fn plugin(&self) -> &str {
+        &self.plugin
+    }
+
     /// Emit one line if the budget allows; otherwise count it. Once per
     /// second at most, a line that finds drops not yet reported is preceded
     /// by a summary of how many, which takes a place in the budget.

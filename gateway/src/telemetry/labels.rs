@@ -134,3 +134,13 @@ pub struct CompileRefusalLabels {
     /// The `[runtime]` key of the limit (`max_plugin_functions`, …).
     pub limit: String,
 }
+
+/// Labels of a granted command: bounded, since the operator's grant names
+/// the commands.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommandLabels {
+    /// Plugin name.
+    pub plugin: String,
+    /// The command's name in the plugin's `[grants] commands`.
+    pub command: String,
+}

@@ -8,14 +8,20 @@
 //!   `{"op": "kv_delete", "source": S, "key": K}` write back;
 //! - `{"op": "snapshot_get", "source": S, "key": K}` and
 //!   `{"op": "snapshot_scan", "source": S, "prefix": P}` read;
-//! - `{"op": "setting", "name": N}` reads a setting.
+//! - `{"op": "setting", "name": N}` reads a setting;
+//! - `{"op": "run", "name": N, "file": F}` runs a granted command (`file`
+//!   optional) and logs `exit=… timed_out=… stdout=… stderr=…`;
+//! - `{"op": "trigger", "name": N, "file": F}` triggers one;
+//! - `{"op": "signal", "name": N}` sends a granted signal;
+//! - `{"op": "read", "path": P}`, `{"op": "rename", "from": A, "to": B}` and
+//!   `{"op": "remove", "path": P}` use the files grant.
 //!
 //! Each call logs one line `probe <op> ok <detail>` or
 //! `probe <op> err <message>`, and a refused call makes the event fail, so
 //! tests see it in the outcome metrics too. Other values are ignored.
 
 use serde_json::Value;
-use watchgate_sdk::{Event, Plugin, export, http, kv, log, settings, snapshot};
+use watchgate_sdk::{Event, Plugin, commands, export, files, http, kv, log, settings, snapshot};
 
 watchgate_sdk::manifest!(concat!(
     "name = \"capability-probe\"\n",
@@ -79,6 +85,28 @@ impl Plugin for Probe {
                 })
             }
             "setting" => Ok(settings::get(field(&v, "name")).unwrap_or_else(|| "none".to_owned())),
+            "run" => {
+                commands::run(field(&v, "name"), v.get("file").and_then(Value::as_str)).map(|r| {
+                    format!(
+                        "exit={} timed_out={} ms={} stdout={:?} stderr={:?}",
+                        r.exit_code
+                            .map_or_else(|| "none".to_owned(), |c| c.to_string()),
+                        r.timed_out,
+                        r.duration_ms,
+                        r.stdout_tail,
+                        r.stderr_tail
+                    )
+                })
+            }
+            "trigger" => {
+                commands::trigger(field(&v, "name"), v.get("file").and_then(Value::as_str))
+                    .map(|()| String::new())
+            }
+            "signal" => commands::signal(field(&v, "name")).map(|()| String::new()),
+            "read" => files::read(field(&v, "path"))
+                .map(|data| data.map_or_else(|| "none".to_owned(), |b| text(&b))),
+            "rename" => files::rename(field(&v, "from"), field(&v, "to")).map(|()| String::new()),
+            "remove" => files::remove(field(&v, "path")).map(|()| String::new()),
             _ => return Ok(()),
         };
         match result {

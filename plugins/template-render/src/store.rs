@@ -5,7 +5,10 @@
 //! layout adds an index:
 //!
 //! - `index`: a JSON array of every known key (data and templates), sorted;
-//! - `v:KEY`: the value of `KEY` as stored in the source.
+//! - `v:KEY`: the value of `KEY` as stored in the source;
+//! - `d:TEMPLATE`: what the last render of `TEMPLATE` read (JSON
+//!   [`Deps`]), so a data change re-renders only the templates it can
+//!   affect.
 //!
 //! Writes are ordered so a trap between two of them leaves at worst an
 //! unindexed value, which the next put of that key repairs: a put writes the
@@ -13,16 +16,17 @@
 //! This module owns that layout; it does not know about templates beyond
 //! telling them apart from data.
 
-use std::collections::BTreeSet;
-use std::ops::Bound;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::host::Host;
-use crate::template::{self, Data};
+use crate::template::{self, Data, Deps};
 
 /// State key of the JSON index of known keys.
 const INDEX_KEY: &str = "index";
 /// Prefix of the state key holding a source key's value.
 const VALUE_PREFIX: &str = "v:";
+/// Prefix of the state key holding what a template's last render read.
+const DEPS_PREFIX: &str = "d:";
 
 /// The stored keys, read through a [`Host`].
 pub struct Store<'h, H: Host> {
@@ -85,29 +89,51 @@ impl<'h, H: Host> Store<'h, H> {
             .filter(|k| template::is_template(k))
     }
 
+    /// Every known key (data and templates) with its value, in key order.
+    pub fn all(&self) -> BTreeMap<String, Vec<u8>> {
+        self.index
+            .iter()
+            .filter_map(|k| Some((k.clone(), self.raw(k)?)))
+            .collect()
+    }
+
+    /// The data keys with their values as text, as templates see them.
+    pub fn data(&self) -> Data {
+        self.index
+            .iter()
+            .filter(|k| !template::is_template(k))
+            .filter_map(|k| {
+                let v = self.raw(k)?;
+                Some((k.clone(), String::from_utf8_lossy(&v).into_owned()))
+            })
+            .collect()
+    }
+
+    /// What the last render of template `tmpl` read; `None` before its
+    /// first render (or when the record is unreadable).
+    pub fn deps(&self, tmpl: &str) -> Option<Deps> {
+        let bytes = self.host.state_get(&format!("{DEPS_PREFIX}{tmpl}"))?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Records what the last render of `tmpl` read (`None`: forget it).
+    ///
+    /// # Errors
+    ///
+    /// The host's message when the state write fails.
+    pub fn set_deps(&self, tmpl: &str, deps: Option<&Deps>) -> Result<(), String> {
+        let json = deps
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|e| format!("cannot encode dependencies: {e}"))?;
+        self.host
+            .state_set(&format!("{DEPS_PREFIX}{tmpl}"), json.as_deref())
+    }
+
     fn save_index(&self) -> Result<(), String> {
         let json = serde_json::to_vec(&self.index)
             .map_err(|e| format!("cannot encode the key index: {e}"))?;
         self.host.state_set(INDEX_KEY, Some(&json))
-    }
-}
-
-impl<H: Host> Data for Store<'_, H> {
-    fn get(&self, key: &str) -> Option<String> {
-        if template::is_template(key) || !self.index.contains(key) {
-            return None;
-        }
-        self.raw(key)
-            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-    }
-
-    fn under(&self, prefix: &str) -> Vec<(String, String)> {
-        self.index
-            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
-            .take_while(|k| k.starts_with(prefix))
-            .filter(|k| !template::is_template(k))
-            .filter_map(|k| Some((k.clone(), self.get(k)?)))
-            .collect()
     }
 }
 

@@ -1,26 +1,44 @@
-//! The template language: parsing, rendering and key naming rules.
+//! The template language: Jinja (minijinja) with functions over the store.
 //!
 //! Pure Rust with no host calls, so it is unit-tested natively. It owns the
-//! syntax and what a template references; it must not know where values are
-//! stored (that is [`crate::store`]) or write files.
+//! syntax, the functions templates call and what a render read; it must not
+//! know where values are stored (that is [`crate::store`]) or write files.
 //!
-//! Syntax: literal text with actions in `{{ … }}`. An action is a function
-//! name followed by double-quoted arguments (`\"` and `\\` escape inside
-//! them):
+//! Templates are Jinja as implemented by minijinja, with `trim_blocks` and
+//! `lstrip_blocks` on (a line holding only a `{% … %}` tag leaves nothing
+//! in the output), the trailing newline kept, no HTML escaping, and
+//! undefined values strict (printing or iterating `x.missing` is an error;
+//! `default` and `is defined` work). Functions:
 //!
-//! - `{{ key "a/b" }}`: the value of key `a/b`; rendering fails if it is
-//!   missing.
-//! - `{{ key_or_default "a/b" "fallback" }}`: the value of `a/b`, or
-//!   `fallback` when it is missing.
-//! - `{{ keys "prefix/" }}`: one line `name=value` per key under `prefix/`,
-//!   sorted by key, where `name` is the key with the prefix removed.
+//! - `key(k)`: the value of key `k`; rendering fails when it is missing.
+//! - `key_or_default(k, d)`: the value of `k`, or `d` when it is missing.
+//! - `keys(prefix)`: a mapping from name (the key with `prefix` removed) to
+//!   value, for every key under `prefix`, in key order.
+//! - `instances(prefix)`: the service instances under `prefix` (values as
+//!   the Consul and Nacos sources write them, or any JSON object with an
+//!   address and a port), in key order; see [`instance`].
+//! - `services(name)`: `instances("services/" ~ name ~ "/")`; without an
+//!   argument, the names of the services under `services/`, sorted.
+//! - `json(s)`, `yaml(s)`: parse text (also as filters:
+//!   `key("a") | json`).
+//!
+//! Every function records what it read ([`Deps`]), so the plugin knows
+//! which changes can change a template's output.
 
-use std::fmt;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use minijinja::value::Rest;
+use minijinja::{AutoEscape, Environment, Error, ErrorKind, UndefinedBehavior, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as Json};
 
 /// Keys under this prefix that end in [`TEMPLATE_SUFFIX`] are templates.
 pub const TEMPLATE_PREFIX: &str = "templates/";
 /// Suffix that marks a key under [`TEMPLATE_PREFIX`] as a template.
 pub const TEMPLATE_SUFFIX: &str = ".tmpl";
+/// Where `services(name)` looks: the keys the Consul and Nacos sources use.
+pub const SERVICES_PREFIX: &str = "services/";
 
 /// True when `key` names a template rather than data.
 pub fn is_template(key: &str) -> bool {
@@ -37,374 +55,287 @@ pub fn output_path(key: &str) -> Option<&str> {
     (!path.is_empty()).then_some(path)
 }
 
-/// Read access to the data keys a template can use.
-pub trait Data {
-    /// The value of `key` as text; `None` when the key does not exist.
-    fn get(&self, key: &str) -> Option<String>;
-    /// Every data key starting with `prefix` with its value, in any order.
-    fn under(&self, prefix: &str) -> Vec<(String, String)>;
+/// The data keys a template can read (templates are not data), with their
+/// values as text, in key order.
+pub type Data = BTreeMap<String, String>;
+
+/// What one render read: keys and prefixes. A change to a key in `keys`,
+/// or under a prefix in `prefixes`, may change the output; no other can.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deps {
+    /// Keys read one by one (`key`, `key_or_default`).
+    pub keys: BTreeSet<String>,
+    /// Prefixes listed (`keys`, `instances`, `services`).
+    pub prefixes: BTreeSet<String>,
 }
 
-/// One piece of a parsed template.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Node {
-    /// Literal text, copied as is.
-    Text(String),
-    /// `{{ key "k" }}`.
-    Key(String),
-    /// `{{ key_or_default "k" "default" }}`.
-    KeyOrDefault(String, String),
-    /// `{{ keys "prefix" }}`.
-    Keys(String),
-}
-
-/// A parsed template, ready to render many times.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Template {
-    nodes: Vec<Node>,
-}
-
-/// Why a template could not be parsed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParseError {
-    /// 1-based line of the offending action.
-    pub line: usize,
-    /// What is wrong.
-    pub message: String,
-}
-
-impl fmt::Display for ParseError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "line {}: {}", self.line, self.message)
-    }
-}
-
-/// Why a template could not be rendered.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RenderError {
-    /// `{{ key "…" }}` named a key that does not exist.
-    MissingKey(String),
-}
-
-impl fmt::Display for RenderError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::MissingKey(key) => write!(f, "missing key {key:?}"),
-        }
-    }
-}
-
-impl Template {
-    /// Parses template source.
-    ///
-    /// # Errors
-    ///
-    /// Fails on an unclosed `{{`, an unterminated string, an unknown
-    /// function or a wrong number of arguments, naming the line.
-    pub fn parse(src: &str) -> Result<Self, ParseError> {
-        let mut nodes = Vec::new();
-        let mut rest = src;
-        let mut consumed = 0;
-        while let Some(open) = rest.find("{{") {
-            if open > 0 {
-                nodes.push(Node::Text(rest[..open].to_owned()));
-            }
-            let line = line_of(src, consumed + open);
-            let body = &rest[open + 2..];
-            let (args, used) = lex_action(body).map_err(|message| ParseError { line, message })?;
-            nodes.push(build_node(args).map_err(|message| ParseError { line, message })?);
-            let advance = open + 2 + used;
-            consumed += advance;
-            rest = &rest[advance..];
-        }
-        if !rest.is_empty() {
-            nodes.push(Node::Text(rest.to_owned()));
-        }
-        Ok(Self { nodes })
-    }
-
-    /// True when rendering may change after data key `key` changes.
+impl Deps {
+    /// True when a change of `key` may change the output.
     pub fn depends_on(&self, key: &str) -> bool {
-        self.nodes.iter().any(|node| match node {
-            Node::Text(_) => false,
-            Node::Key(k) | Node::KeyOrDefault(k, _) => k == key,
-            Node::Keys(prefix) => key.starts_with(prefix.as_str()),
-        })
-    }
-
-    /// Renders the template against `data`.
-    ///
-    /// # Errors
-    ///
-    /// Fails with [`RenderError::MissingKey`] for the first `key` action
-    /// whose key does not exist.
-    pub fn render(&self, data: &impl Data) -> Result<String, RenderError> {
-        let mut out = String::new();
-        for node in &self.nodes {
-            match node {
-                Node::Text(text) => out.push_str(text),
-                Node::Key(key) => {
-                    let value = data
-                        .get(key)
-                        .ok_or_else(|| RenderError::MissingKey(key.clone()))?;
-                    out.push_str(&value);
-                }
-                Node::KeyOrDefault(key, default) => {
-                    out.push_str(data.get(key).as_deref().unwrap_or(default));
-                }
-                Node::Keys(prefix) => {
-                    let mut entries = data.under(prefix);
-                    entries.sort();
-                    for (key, value) in entries {
-                        let name = key.strip_prefix(prefix.as_str()).unwrap_or(&key);
-                        out.push_str(name);
-                        out.push('=');
-                        out.push_str(&value);
-                        out.push('\n');
-                    }
-                }
-            }
-        }
-        Ok(out)
+        self.keys.contains(key) || self.prefixes.iter().any(|p| key.starts_with(p.as_str()))
     }
 }
 
-/// 1-based line number of byte offset `at` in `src`.
-fn line_of(src: &str, at: usize) -> usize {
-    src[..at].matches('\n').count() + 1
+/// A render's text, or why it failed, with what it read either way.
+#[derive(Debug)]
+pub struct Rendered {
+    /// The output, or the error (with its line when known).
+    pub output: Result<String, String>,
+    /// What the render read before it ended.
+    pub deps: Deps,
 }
 
-/// A lexed word of an action: a bare identifier or a quoted string.
-#[derive(Debug, PartialEq, Eq)]
-enum Word {
-    Ident(String),
-    Str(String),
+/// Renders template `name` (its key, used in error messages) from `src`.
+pub fn render(name: &str, src: &str, data: &Arc<Data>) -> Rendered {
+    let deps = Arc::new(Mutex::new(Deps::default()));
+    let env = environment(data, &deps);
+    let output = env
+        .template_from_named_str(name, src)
+        .and_then(|t| t.render(()))
+        .map_err(|e| describe(&e));
+    let deps = deps.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    Rendered { output, deps }
 }
 
-/// Lexes the inside of an action up to and including its closing `}}`.
-/// Returns the words and how many bytes of `body` were used.
-fn lex_action(body: &str) -> Result<(Vec<Word>, usize), String> {
-    let mut words = Vec::new();
-    let mut chars = body.char_indices().peekable();
-    while let Some(&(at, c)) = chars.peek() {
-        if c.is_whitespace() {
-            chars.next();
-        } else if body[at..].starts_with("}}") {
-            return Ok((words, at + 2));
-        } else if c == '"' {
-            chars.next();
-            let mut text = String::new();
-            loop {
-                match chars.next() {
-                    None => return Err("unterminated string".to_owned()),
-                    Some((_, '"')) => break,
-                    Some((_, '\\')) => match chars.next() {
-                        Some((_, escaped @ ('"' | '\\'))) => text.push(escaped),
-                        Some((_, other)) => return Err(format!("unknown escape \\{other}")),
-                        None => return Err("unterminated string".to_owned()),
-                    },
-                    Some((_, other)) => text.push(other),
-                }
-            }
-            words.push(Word::Str(text));
-        } else if c.is_ascii_alphabetic() || c == '_' {
-            let mut ident = String::new();
-            while let Some(&(_, c)) = chars.peek() {
-                if !(c.is_ascii_alphanumeric() || c == '_') {
-                    break;
-                }
-                ident.push(c);
-                chars.next();
-            }
-            words.push(Word::Ident(ident));
-        } else {
-            return Err(format!("unexpected character {c:?} in action"));
-        }
+/// An error as one line: what went wrong and where.
+fn describe(e: &Error) -> String {
+    let what = e
+        .detail()
+        .map_or_else(|| e.kind().to_string(), str::to_owned);
+    match e.line() {
+        Some(line) => format!("line {line}: {what}"),
+        None => what,
     }
-    Err("unclosed {{".to_owned())
 }
 
-/// Turns the words of one action into a node, checking the function and
-/// its arguments.
-fn build_node(words: Vec<Word>) -> Result<Node, String> {
-    let mut words = words.into_iter();
-    let name = match words.next() {
-        Some(Word::Ident(name)) => name,
-        Some(Word::Str(s)) => return Err(format!("expected a function name, found string {s:?}")),
-        None => return Err("empty action".to_owned()),
+/// The environment a render runs in: settings, functions and filters.
+fn environment(data: &Arc<Data>, deps: &Arc<Mutex<Deps>>) -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.set_auto_escape_callback(|_| AutoEscape::None);
+    let syntax = minijinja::syntax::SyntaxConfig::builder()
+        .trim_blocks(true)
+        .lstrip_blocks(true)
+        .keep_trailing_newline(true)
+        .build();
+    if let Ok(syntax) = syntax {
+        env.set_syntax(syntax);
+    }
+
+    let read = Reader {
+        data: Arc::clone(data),
+        deps: Arc::clone(deps),
     };
-    let args = words
-        .map(|w| match w {
-            Word::Str(s) => Ok(s),
-            Word::Ident(i) => Err(format!(
-                "{name}: arguments must be quoted strings, found {i}"
+    let r = read.clone();
+    env.add_function("key", move |k: String| {
+        r.key(&k)
+            .map(Value::from)
+            .ok_or_else(|| Error::new(ErrorKind::InvalidOperation, format!("missing key {k:?}")))
+    });
+    let r = read.clone();
+    env.add_function("key_or_default", move |k: String, d: Value| {
+        r.key(&k).map_or(d, Value::from)
+    });
+    let r = read.clone();
+    env.add_function("keys", move |prefix: String| {
+        let named: BTreeMap<String, String> = r
+            .under(&prefix)
+            .into_iter()
+            .map(|(k, v)| (k[prefix.len()..].to_owned(), v))
+            .collect();
+        to_value(&named)
+    });
+    let r = read.clone();
+    env.add_function("instances", move |prefix: String| r.instances(&prefix));
+    let r = read;
+    env.add_function("services", move |name: Rest<String>| {
+        match name.as_slice() {
+            [] => Ok(r.service_names()),
+            [name] => r.instances(&format!("{SERVICES_PREFIX}{name}/")),
+            _ => Err(Error::new(
+                ErrorKind::TooManyArguments,
+                "services takes at most one argument (a service name)",
             )),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let arity = |n: usize| format!("{name} takes {n} argument(s), found {}", args.len());
-    match (name.as_str(), args.as_slice()) {
-        ("key", [key]) => Ok(Node::Key(key.clone())),
-        ("key_or_default", [key, default]) => Ok(Node::KeyOrDefault(key.clone(), default.clone())),
-        ("keys", [prefix]) => Ok(Node::Keys(prefix.clone())),
-        ("key" | "keys", _) => Err(arity(1)),
-        ("key_or_default", _) => Err(arity(2)),
-        _ => Err(format!("unknown function {name:?}")),
+        }
+    });
+    env.add_function("json", parse_json);
+    env.add_filter("json", parse_json);
+    env.add_function("yaml", parse_yaml);
+    env.add_filter("yaml", parse_yaml);
+    env
+}
+
+/// The functions' view of the data, recording what they read.
+#[derive(Clone)]
+struct Reader {
+    data: Arc<Data>,
+    deps: Arc<Mutex<Deps>>,
+}
+
+impl Reader {
+    fn deps(&self) -> std::sync::MutexGuard<'_, Deps> {
+        self.deps.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    fn key(&self, key: &str) -> Option<String> {
+        self.deps().keys.insert(key.to_owned());
+        self.data.get(key).cloned()
+    }
+
+    fn under(&self, prefix: &str) -> Vec<(String, String)> {
+        self.deps().prefixes.insert(prefix.to_owned());
+        self.data
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    fn instances(&self, prefix: &str) -> Result<Value, Error> {
+        let mut out = Vec::new();
+        for (key, value) in self.under(prefix) {
+            let name = &key[prefix.len()..];
+            let inst = instance(&key, name, &value).map_err(|e| {
+                Error::new(ErrorKind::InvalidOperation, format!("instance {key}: {e}"))
+            })?;
+            out.push(inst);
+        }
+        Ok(to_value(&out))
+    }
+
+    fn service_names(&self) -> Value {
+        let names: BTreeSet<String> = self
+            .under(SERVICES_PREFIX)
+            .into_iter()
+            .filter_map(|(k, _)| {
+                let rest = &k[SERVICES_PREFIX.len()..];
+                rest.split_once('/').map(|(s, _)| s.to_owned())
+            })
+            .collect();
+        to_value(&names)
+    }
+}
+
+/// One service instance from its key and JSON value, with normalized fields
+/// added to the source's own:
+///
+/// - `key`: the whole key; `name`: the key with the prefix removed (Consul:
+///   the instance id; Nacos: `ip:port`);
+/// - `address`: `address` (Consul, etcd), else `ip` (Nacos), else `host`;
+/// - `port`: a number;
+/// - `healthy`: Consul `status` `passing` or `warning`; Nacos `healthy`;
+///   else `healthy` when it is a boolean, else true;
+/// - `tags` (else `[]`), `meta` (Consul `meta`, Nacos `metadata`, else `{}`),
+///   `weight` (else 1), `id` (else `instance_id`, else `name`).
+///
+/// # Errors
+///
+/// The value is not a JSON object, or has no address or port.
+pub fn instance(key: &str, name: &str, value: &str) -> Result<Json, String> {
+    let Json::Object(mut obj) =
+        serde_json::from_str::<Json>(value).map_err(|e| format!("not JSON: {e}"))?
+    else {
+        return Err("not a JSON object".to_owned());
+    };
+    let text = |obj: &Map<String, Json>, field: &str| {
+        obj.get(field)
+            .and_then(Json::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
+    let address = text(&obj, "address")
+        .or_else(|| text(&obj, "ip"))
+        .or_else(|| text(&obj, "host"))
+        .ok_or("no address, ip or host")?;
+    let port = match obj.get("port") {
+        Some(Json::Number(n)) => n.as_u64(),
+        Some(Json::String(s)) => s.parse().ok(),
+        _ => None,
+    }
+    .filter(|p| (1..=65_535).contains(p))
+    .ok_or("no port from 1 to 65535")?;
+    let healthy = match (obj.get("status"), obj.get("healthy")) {
+        (Some(Json::String(s)), _) => s == "passing" || s == "warning",
+        (_, Some(Json::Bool(b))) => *b,
+        _ => true,
+    };
+    let meta = obj
+        .get("meta")
+        .or_else(|| obj.get("metadata"))
+        .filter(|m| m.is_object())
+        .cloned()
+        .unwrap_or_else(|| Json::Object(Map::new()));
+    let id = text(&obj, "id")
+        .or_else(|| text(&obj, "instance_id"))
+        .unwrap_or_else(|| name.to_owned());
+    obj.insert("key".into(), key.into());
+    obj.insert("name".into(), name.into());
+    obj.insert("address".into(), address.into());
+    obj.insert("port".into(), port.into());
+    obj.insert("healthy".into(), healthy.into());
+    obj.insert("meta".into(), meta);
+    obj.insert("id".into(), id.into());
+    obj.entry("tags").or_insert_with(|| Json::Array(Vec::new()));
+    obj.entry("weight").or_insert_with(|| 1.into());
+    Ok(Json::Object(obj))
+}
+
+/// Any serializable value as a template value.
+fn to_value<T: Serialize>(v: &T) -> Value {
+    Value::from(minijinja::value::Serde(v))
+}
+
+/// `json(s)`: the value of JSON text.
+fn parse_json(text: &str) -> Result<Value, Error> {
+    serde_json::from_str::<Json>(text)
+        .map(|v| to_value(&v))
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("invalid JSON: {e}")))
+}
+
+/// `yaml(s)`: the value of YAML text (one document; several are an error).
+fn parse_yaml(text: &str) -> Result<Value, Error> {
+    use saphyr::LoadableYamlNode as _;
+    let invalid = |m: String| Error::new(ErrorKind::InvalidOperation, format!("invalid YAML: {m}"));
+    let docs = saphyr::Yaml::load_from_str(text).map_err(|e| invalid(e.to_string()))?;
+    match docs.as_slice() {
+        [] => Ok(Value::from(())),
+        [doc] => yaml_to_json(doc).map(|v| to_value(&v)).map_err(invalid),
+        _ => Err(invalid(format!("{} documents, expected one", docs.len()))),
+    }
+}
+
+/// A YAML node as JSON, so templates see one kind of value.
+fn yaml_to_json(node: &saphyr::Yaml<'_>) -> Result<Json, String> {
+    use saphyr::{Scalar, Yaml};
+    Ok(match node {
+        Yaml::Value(Scalar::Null) => Json::Null,
+        Yaml::BadValue => return Err("a value that cannot be read".to_owned()),
+        Yaml::Value(Scalar::Boolean(b)) => Json::Bool(*b),
+        Yaml::Value(Scalar::Integer(i)) => Json::from(*i),
+        Yaml::Value(Scalar::FloatingPoint(f)) => {
+            serde_json::Number::from_f64(f.into_inner()).map_or(Json::Null, Json::Number)
+        }
+        Yaml::Value(Scalar::String(s)) => Json::String(s.to_string()),
+        Yaml::Sequence(items) => {
+            Json::Array(items.iter().map(yaml_to_json).collect::<Result<_, _>>()?)
+        }
+        Yaml::Mapping(map) => {
+            let mut obj = Map::new();
+            for (k, v) in map {
+                let key = match yaml_to_json(k)? {
+                    Json::String(s) => s,
+                    Json::Null => "null".to_owned(),
+                    other => other.to_string(),
+                };
+                obj.insert(key, yaml_to_json(v)?);
+            }
+            Json::Object(obj)
+        }
+        Yaml::Representation(text, _, _) => Json::String(text.to_string()),
+        Yaml::Tagged(_, inner) => yaml_to_json(inner)?,
+        Yaml::Alias(_) => return Err("aliases are not supported".to_owned()),
+    })
 }
 
 #[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-
-    use super::*;
-
-    struct Map(BTreeMap<&'static str, &'static str>);
-
-    impl Data for Map {
-        fn get(&self, key: &str) -> Option<String> {
-            self.0.get(key).map(|v| (*v).to_owned())
-        }
-        fn under(&self, prefix: &str) -> Vec<(String, String)> {
-            // Reverse order on purpose: rendering must sort.
-            self.0
-                .iter()
-                .rev()
-                .filter(|(k, _)| k.starts_with(prefix))
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect()
-        }
-    }
-
-    fn data() -> Map {
-        Map(BTreeMap::from([
-            ("app/port", "8080"),
-            ("app/host", "example.org"),
-            ("db/b", "2"),
-            ("db/a", "1"),
-            ("db/nested/c", "3"),
-        ]))
-    }
-
-    fn render(src: &str) -> Result<String, RenderError> {
-        Template::parse(src).unwrap().render(&data())
-    }
-
-    #[test]
-    fn plain_text_is_copied() {
-        assert_eq!(render("no actions\n").unwrap(), "no actions\n");
-        assert_eq!(render("").unwrap(), "");
-        assert_eq!(render("a } b { c }").unwrap(), "a } b { c }");
-    }
-
-    #[test]
-    fn key_is_substituted() {
-        assert_eq!(
-            render("listen {{ key \"app/host\" }}:{{key \"app/port\"}};\n").unwrap(),
-            "listen example.org:8080;\n"
-        );
-    }
-
-    #[test]
-    fn missing_key_fails_with_its_name() {
-        let err = render("x={{ key \"app/missing\" }}").unwrap_err();
-        assert_eq!(err, RenderError::MissingKey("app/missing".to_owned()));
-        assert_eq!(err.to_string(), "missing key \"app/missing\"");
-    }
-
-    #[test]
-    fn key_or_default_falls_back() {
-        assert_eq!(
-            render(
-                "{{ key_or_default \"app/port\" \"80\" }} {{ key_or_default \"app/tls\" \"off\" }}"
-            )
-            .unwrap(),
-            "8080 off"
-        );
-    }
-
-    #[test]
-    fn keys_lists_sorted_relative_names() {
-        assert_eq!(
-            render("[db]\n{{ keys \"db/\" }}end\n").unwrap(),
-            "[db]\na=1\nb=2\nnested/c=3\nend\n"
-        );
-        assert_eq!(render("{{ keys \"none/\" }}").unwrap(), "");
-    }
-
-    #[test]
-    fn strings_support_escapes() {
-        let t = Template::parse(r#"{{ key_or_default "x" "say \"hi\" \\ }}" }}"#).unwrap();
-        assert_eq!(t.render(&data()).unwrap(), r#"say "hi" \ }}"#);
-    }
-
-    #[test]
-    fn parse_errors_name_the_line() {
-        let cases = [
-            ("a\nb {{ key \"x\"", 2, "unclosed {{"),
-            ("{{ key \"x }}", 1, "unterminated string"),
-            ("\n\n{{ nope \"x\" }}", 3, "unknown function \"nope\""),
-            ("{{ key }}", 1, "key takes 1 argument(s), found 0"),
-            (
-                "{{ key \"a\" \"b\" }}",
-                1,
-                "key takes 1 argument(s), found 2",
-            ),
-            (
-                "{{ key_or_default \"a\" }}",
-                1,
-                "key_or_default takes 2 argument(s), found 1",
-            ),
-            ("{{ }}", 1, "empty action"),
-            (
-                "{{ key x }}",
-                1,
-                "key: arguments must be quoted strings, found x",
-            ),
-            (
-                "{{ \"x\" }}",
-                1,
-                "expected a function name, found string \"x\"",
-            ),
-            ("{{ key \"\\n\" }}", 1, "unknown escape \\n"),
-            ("{{ key | \"x\" }}", 1, "unexpected character '|' in action"),
-        ];
-        for (src, line, message) in cases {
-            let err = Template::parse(src).unwrap_err();
-            assert_eq!(
-                err,
-                ParseError {
-                    line,
-                    message: message.to_owned()
-                },
-                "source {src:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn dependencies_follow_keys_and_prefixes() {
-        let t =
-            Template::parse("{{ key \"a/x\" }}{{ key_or_default \"b\" \"d\" }}{{ keys \"c/\" }}")
-                .unwrap();
-        assert!(t.depends_on("a/x"));
-        assert!(t.depends_on("b"));
-        assert!(t.depends_on("c/anything/deep"));
-        assert!(!t.depends_on("a/y"));
-        assert!(!t.depends_on("c"));
-        assert!(!Template::parse("static").unwrap().depends_on("a/x"));
-    }
-
-    #[test]
-    fn template_keys_map_to_output_paths() {
-        assert_eq!(
-            output_path("templates/app/app.conf.tmpl"),
-            Some("app/app.conf")
-        );
-        assert_eq!(output_path("templates/x.tmpl"), Some("x"));
-        assert_eq!(output_path("templates/.tmpl"), None);
-        assert_eq!(output_path("templates/app/app.conf"), None);
-        assert_eq!(output_path("other/app.conf.tmpl"), None);
-        assert!(is_template("templates/a.tmpl"));
-        assert!(!is_template("templates/a.txt"));
-    }
-}
+mod tests;

@@ -1,3 +1,4 @@
+/// <reference path="./interfaces/watchgate-plugin-commands.d.ts" />
 /// <reference path="./interfaces/watchgate-plugin-files.d.ts" />
 /// <reference path="./interfaces/watchgate-plugin-http.d.ts" />
 /// <reference path="./interfaces/watchgate-plugin-kv.d.ts" />
@@ -9,6 +10,7 @@
 declare module 'watchgate:plugin/plugin@0.1.0' {
   export type Event = import('watchgate:plugin/types@0.1.0').Event;
   export type BatchError = import('watchgate:plugin/types@0.1.0').BatchError;
+  export type * as WatchgatePluginCommands010 from 'watchgate:plugin/commands@0.1.0'; // import watchgate:plugin/commands@0.1.0
   export type * as WatchgatePluginFiles010 from 'watchgate:plugin/files@0.1.0'; // import watchgate:plugin/files@0.1.0
   export type * as WatchgatePluginHttp010 from 'watchgate:plugin/http@0.1.0'; // import watchgate:plugin/http@0.1.0
   export type * as WatchgatePluginKv010 from 'watchgate:plugin/kv@0.1.0'; // import watchgate:plugin/kv@0.1.0
