@@ -429,5 +429,8 @@ fn plugin_test_reports_commands_and_runs_them_only_when_asked() {
         root.join("x.conf").display().to_string()
     );
     assert!(!root.join("old.conf").exists());
-    assert_eq!(std::fs::read_to_string(root.join("new.conf")).unwrap(), "old");
+    assert_eq!(
+        std::fs::read_to_string(root.join("new.conf")).unwrap(),
+        "old"
+    );
 }
