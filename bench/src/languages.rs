@@ -439,13 +439,15 @@ pub(super) fn languages(args: &BenchArgs) -> anyhow::Result<CaseResult> {
          and debounce, whose share is about Rust's figure.",
     );
     s.note(
-        "Where the memory goes: each copy loads its own compiled code from the cache (copies \
-         of one file share nothing), and after its first event holds one instance with its \
-         initial memory touched. So a Python or JavaScript plugin costs roughly its compiled \
-         artifact plus its initial memory, well over 32 MiB; sharing the code of copies of one \
-         digest would take the artifact off every copy after the first. Later copies grew the \
-         RSS more than the first did, for every language but Rust (not explained yet: \
-         allocator retention from the cache loads is a guess).",
+        "Where the memory goes: the first copy loads the compiled code from the cache and \
+         holds one instance; later copies of the same file share that code (the runtime \
+         keeps compiled plugins in use by digest) and add their instance: its initial memory \
+         and whatever the interpreter's first event dirties (CPython's and SpiderMonkey's \
+         heaps). So a distinct Python or JavaScript plugin costs roughly its compiled \
+         artifact plus its instance, over 32 MiB, and a copy its instance alone: about 37 MiB \
+         for JavaScript and 80-100 MiB for Python, which stays over the bound (not yet \
+         measured: how much of that is the interpreter's heap and how much the pooling \
+         allocator keeps resident per slot).",
     );
     s.note(
         "Tried, as an experiment (`--only compile_tiers`, run only when named): Cranelift at \
