@@ -24,8 +24,9 @@
 //	snapshot log the snapshot's value of app/port and the keys under app/
 //	anything else: nothing
 //
-// A handle-batch call logs "batch <n>: <key>=<value> ..." (so a test can
-// see batches arrive and decode) and then handles each event in order.
+// A handle-batch call logs "batch <n>: <key>=<value>/<revision> ..." (so a
+// test can see batches arrive and decode; a value over 32 bytes is logged
+// as "<N bytes>") and then handles each event in order.
 package main
 
 import (
@@ -161,7 +162,11 @@ func (faults) Handle(e watchgate.Event) error {
 func (f faults) HandleBatch(events []watchgate.Event) (int, error) {
 	desc := fmt.Sprintf("batch %d:", len(events))
 	for _, e := range events {
-		desc += fmt.Sprintf(" %s=%s/%d", e.Key, e.Value, e.Revision)
+		v := string(e.Value)
+		if len(v) > 32 {
+			v = fmt.Sprintf("<%d bytes>", len(v))
+		}
+		desc += fmt.Sprintf(" %s=%s/%d", e.Key, v, e.Revision)
 	}
 	watchgate.Log(watchgate.Info, desc)
 	for i, e := range events {
