@@ -22,6 +22,7 @@
 //	kv       put the value at /app/status/x in source etcd, then delete
 //	         /app/status/y
 //	snapshot log the snapshot's value of app/port and the keys under app/
+//	arena    watchgate.ReserveArena(value MiB), log "arena <value> MiB"
 //	anything else: nothing
 //
 // A handle-batch call logs "batch <n>: <key>=<value>/<revision> ..." (so a
@@ -127,6 +128,13 @@ func (faults) Handle(e watchgate.Event) error {
 			desc += fmt.Sprintf(" %s=%q", en.Key, en.Value)
 		}
 		watchgate.Log(watchgate.Info, desc)
+	case "arena":
+		mib, err := strconv.Atoi(strings.TrimSpace(string(e.Value)))
+		if err != nil {
+			return err
+		}
+		watchgate.ReserveArena(mib << 20)
+		watchgate.Log(watchgate.Info, fmt.Sprintf("arena %d MiB", mib))
 	case "stdout":
 		fmt.Println(string(e.Value))
 	case "sleep":
