@@ -9,63 +9,91 @@ import (
 	"unsafe"
 )
 
-// Memory handed to the host through cabi_realloc (export arguments, import
-// results) must stay reachable for the Go collector until the Go side has
-// read it; the host only holds integer addresses, which the collector does
-// not see. Every allocation is kept here, by address, until the export call
-// that caused it has returned. The Go heap does not move objects, so an
-// address stays valid while the slice is referenced.
-var live = map[uint32][]byte{}
+// ArenaBytes is the size of the arena reserved in the module itself (see
+// arena.go): the most bytes the host may pass in one piece, that is all
+// the arguments of one export call (a batch of events with their values
+// and previous values, keys and metadata) or all the results of one import
+// call (a snapshot scan, a state value), plus up to 7 bytes of alignment
+// per list. ReserveArena makes it larger.
+const ArenaBytes = 16 << 20
 
-// Memory that must outlive the current call: the return area and the error
-// text of the last export, read by the host after the export returns.
+// The arena's first memory: a global without pointers, so it lies in the
+// module's zero-initialised data (its pages count in the instance's initial
+// memory but are only backed once written), outside the Go heap: the
+// collector neither scans nor counts it, and it never moves.
+var arenaStatic [ArenaBytes]byte
+
+var hostArena = newArena(arenaStatic[:], addr(&arenaStatic[0]))
+
+// ReserveArena makes the arena hold at least n bytes (see ArenaBytes), for
+// a plugin that receives larger events or scans: the memory is taken from
+// the Go heap now, so call it from init (or a handler), never more than
+// needed, as it is kept for good. A smaller n changes nothing.
+func ReserveArena(n int) {
+	if n <= len(hostArena.buf) {
+		return
+	}
+	if hostArena.used != 0 {
+		panic("watchgate: ReserveArena while the host's data is being read")
+	}
+	buf := make([]byte, n)
+	hostArena = newArena(buf, addr(&buf[0]))
+}
+
+// The memory of the call in progress that must outlive it: the return area
+// and the error text of the last export, read by the host after the export
+// returns.
 var (
 	retArea  area
 	retBytes []byte
 )
 
+// cabiRealloc runs while the host lowers values into linear memory, when
+// calling any import traps the instance. It is nosplit (no stack check, so
+// no stack growth and no preemption point) and calls only hostArena.alloc
+// (nosplit, which allocates nothing and calls only runtime.memmove) and,
+// when the arena is full, arenaExhausted (a trap in the adapter): none of
+// these reach an import.
+//
 //go:wasmexport cabi_realloc
+//go:nosplit
 func cabiRealloc(oldPtr, oldSize, align, newSize uint32) uint32 {
-	if newSize == 0 {
-		return align
+	p := hostArena.alloc(oldPtr, oldSize, align, newSize)
+	if p == 0 {
+		arenaExhausted()
 	}
-	if align < 1 {
-		align = 1
-	}
-	// Over-allocate so the start can be aligned for any align up to the
-	// buffer's own (Go aligns byte slices only by their size class).
-	buf := make([]byte, newSize+align)
-	base := uint32(uintptr(unsafe.Pointer(&buf[0])))
-	start := (base + align - 1) &^ (align - 1)
-	buf = buf[start-base : start-base+newSize]
-	if oldPtr != 0 {
-		if old, ok := live[oldPtr]; ok {
-			copy(buf, old[:min(oldSize, uint32(len(old)))])
-			delete(live, oldPtr)
-		}
-	}
-	live[start] = buf
-	return start
+	return p
 }
 
-// release forgets every allocation made for the call that just finished.
+// arenaExhausted traps the instance with `unreachable` (in the adapter;
+// Go code cannot trap without its runtime, which prints through an
+// import): the host passed more than the arena holds in one piece. The
+// trap's backtrace names this import. Nothing was written: the host
+// writes only where cabi_realloc pointed.
+//
+//go:wasmimport wasi_snapshot_preview1 watchgate_arena_exhausted
+func arenaExhausted()
+
+// release empties the arena once the host's data has been read (copied
+// into Go memory).
 func release() {
-	clear(live)
+	hostArena.reset()
 }
 
 // mem returns the n bytes the host wrote at address p. Every list and
-// string the host passes in (export arguments, import results) lives in
-// its own cabi_realloc allocation starting at p, so the bytes are read
-// through that Go slice, bounds-checked, never through a raw address.
+// string the host passes in (export arguments, import results) lies in the
+// arena, in what cabi_realloc handed out since the last release, so the
+// bytes are read through the arena's slice, bounds-checked, never through
+// a raw address.
 func mem(p, n uint32) []byte {
 	if n == 0 {
 		return nil
 	}
-	b, ok := live[p]
-	if !ok || uint32(len(b)) < n {
+	b, ok := hostArena.bytes(p, n)
+	if !ok {
 		panic("watchgate: the host passed memory not allocated by cabi_realloc")
 	}
-	return b[:n:n]
+	return b
 }
 
 func stringAt(p, n uint32) string { return string(mem(p, n)) }
@@ -93,7 +121,13 @@ var pinned []any
 
 func pin(v any) { pinned = append(pinned, v) }
 
-func unpin() { clear(pinned); pinned = pinned[:0] }
+// unpin ends an import call: its arguments are unpinned, and its results,
+// read by now, are released from the arena.
+func unpin() {
+	clear(pinned)
+	pinned = pinned[:0]
+	release()
+}
 
 // validUTF8 replaces invalid UTF-8 by U+FFFD: a WIT string must be UTF-8,
 // and the host traps the call when a lowered string is not, where Go

@@ -79,6 +79,7 @@ func (r ret) unitResult() error {
 
 // Log writes one line into the gateway's log (rate limited per plugin).
 func Log(level Level, msg string) {
+	defer unpin()
 	p, n := strArg(msg)
 	wgLog(uint32(level), p, n)
 }

@@ -89,6 +89,7 @@ func exportHandle(srcP, srcN, kind, keyP, keyN, valD, valP, valN, prevD, prevP, 
 	}
 	e.Value, e.HasValue = optBytes(valD, valP, valN)
 	e.PrevValue, e.HasPrevValue = optBytes(prevD, prevP, prevN)
+	release() // copied: the handler's import calls get the whole arena
 	retArea = area{}
 	retBytes = nil
 	if err := callHandle(e); err != nil {
@@ -106,6 +107,7 @@ func exportHandleBatch(listP, listN uint32) uint32 {
 	for i := range listN {
 		events[i] = eventAt(list[i*eventSize : (i+1)*eventSize])
 	}
+	release() // copied: the handler's import calls get the whole arena
 	retArea = area{}
 	retBytes = nil
 	var idx int

@@ -22,10 +22,12 @@
 //	kv       put the value at /app/status/x in source etcd, then delete
 //	         /app/status/y
 //	snapshot log the snapshot's value of app/port and the keys under app/
+//	arena    watchgate.ReserveArena(value MiB), log "arena <value> MiB"
 //	anything else: nothing
 //
-// A handle-batch call logs "batch <n>: <key>=<value> ..." (so a test can
-// see batches arrive and decode) and then handles each event in order.
+// A handle-batch call logs "batch <n>: <key>=<value>/<revision> ..." (so a
+// test can see batches arrive and decode; a value over 32 bytes is logged
+// as "<N bytes>") and then handles each event in order.
 package main
 
 import (
@@ -126,6 +128,13 @@ func (faults) Handle(e watchgate.Event) error {
 			desc += fmt.Sprintf(" %s=%q", en.Key, en.Value)
 		}
 		watchgate.Log(watchgate.Info, desc)
+	case "arena":
+		mib, err := strconv.Atoi(strings.TrimSpace(string(e.Value)))
+		if err != nil {
+			return err
+		}
+		watchgate.ReserveArena(mib << 20)
+		watchgate.Log(watchgate.Info, fmt.Sprintf("arena %d MiB", mib))
 	case "stdout":
 		fmt.Println(string(e.Value))
 	case "sleep":
@@ -161,7 +170,11 @@ func (faults) Handle(e watchgate.Event) error {
 func (f faults) HandleBatch(events []watchgate.Event) (int, error) {
 	desc := fmt.Sprintf("batch %d:", len(events))
 	for _, e := range events {
-		desc += fmt.Sprintf(" %s=%s/%d", e.Key, e.Value, e.Revision)
+		v := string(e.Value)
+		if len(v) > 32 {
+			v = fmt.Sprintf("<%d bytes>", len(v))
+		}
+		desc += fmt.Sprintf(" %s=%s/%d", e.Key, v, e.Revision)
 	}
 	watchgate.Log(watchgate.Info, desc)
 	for i, e := range events {
