@@ -3,55 +3,26 @@
 //! of each language's `event-log` with Cranelift at its default opt level
 //! (`speed`, the gateway's) and at `none`, and the warm call under each.
 //!
-//! The engine here mirrors the one `watchgate::runtime::Runtime` builds
-//! (fuel, epoch interruption, the wasm stack, the memory reservation, the
-//! pooling allocator) with the opt level as the one difference, since the
-//! gateway's own engine takes no opt level.
+//! The engine is the gateway's (`watchgate::runtime::engine_config`) with
+//! the opt level as the one difference.
 
 use std::time::Instant;
 
-use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Engine, InstanceAllocationStrategy, OptLevel, PoolingAllocationConfig, Store};
+use wasmtime::component::Component;
+use wasmtime::{Engine, OptLevel, Store};
 use watchgate::host::HostState;
-use watchgate::host::bindings::{Plugin, PluginPre};
+use watchgate::host::bindings::PluginPre;
 use watchgate::runtime::RuntimeConfig;
 use watchgate::runtime::instance::to_wit;
 
 use super::languages::{LANGUAGES, cpu_seconds, files_context, puts, read_all};
 use super::{BenchArgs, CaseResult, Samples, percentile, us};
 
-/// An engine like the gateway's, compiling at `opt`.
+/// The gateway's engine, compiling at `opt`.
 fn engine(opt: OptLevel) -> anyhow::Result<Engine> {
-    let config = RuntimeConfig::default();
-    let max_memory = usize::try_from(config.max_memory_mb << 20)?;
-    let n = 16;
-    let mut pool = PoolingAllocationConfig::default();
-    pool.total_component_instances(n)
-        .total_core_instances(n * 8)
-        .total_memories(n * 2)
-        .total_tables(n * 8)
-        .max_memories_per_component(4)
-        .max_tables_per_component(16)
-        .max_core_instances_per_component(32)
-        .max_memory_size(max_memory);
-    let mut cfg = wasmtime::Config::new();
-    cfg.wasm_component_model(true)
-        .consume_fuel(true)
-        .epoch_interruption(true)
-        .max_wasm_stack(config.max_wasm_stack_kb * 1024)
-        .memory_reservation(max_memory as u64)
-        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
-        .cranelift_opt_level(opt);
+    let mut cfg = watchgate::runtime::engine_config(&RuntimeConfig::default());
+    cfg.cranelift_opt_level(opt);
     Ok(Engine::new(&cfg)?)
-}
-
-/// The gateway's host imports for `engine`.
-fn linker(engine: &Engine) -> anyhow::Result<Linker<HostState>> {
-    let mut linker = Linker::new(engine);
-    wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
-    watchgate::host::wait::add_to_linker(&mut linker)?;
-    Plugin::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
-    Ok(linker)
 }
 
 /// The experiment.
@@ -64,7 +35,7 @@ pub(super) fn compile_tiers(args: &BenchArgs) -> anyhow::Result<CaseResult> {
         for (tier, opt) in [("speed", OptLevel::Speed), ("none", OptLevel::None)] {
             eprintln!("  {lang}: {name}, opt level {tier} …");
             let engine = engine(opt)?;
-            let linker = linker(&engine)?;
+            let linker = watchgate::runtime::linker(&engine)?;
             let (cpu, started) = (cpu_seconds(), Instant::now());
             let component = Component::new(&engine, wasm)?;
             s.add(

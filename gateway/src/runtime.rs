@@ -197,27 +197,7 @@ impl Runtime {
         config: &RuntimeConfig,
         cache: Option<&std::path::Path>,
     ) -> Result<Arc<Runtime>, RuntimeError> {
-        let max_memory = usize::try_from(config.max_memory_mb << 20).unwrap_or(usize::MAX);
-        let n = config.max_instances.max(1);
-        let mut pool = PoolingAllocationConfig::default();
-        // Room for every instance to be as large as one plugin may be: the
-        // totals only count, and memories and tables reserve address space,
-        // not memory, until used.
-        pool.total_component_instances(n)
-            .total_core_instances(n * footprint::MAX_CORE_INSTANCES)
-            .total_memories(n * footprint::MAX_MEMORIES)
-            .total_tables(n * footprint::MAX_TABLES)
-            .max_memories_per_component(footprint::MAX_MEMORIES)
-            .max_tables_per_component(footprint::MAX_TABLES)
-            .max_core_instances_per_component(footprint::MAX_CORE_INSTANCES)
-            .max_memory_size(max_memory);
-        let mut cfg = wasmtime::Config::new();
-        cfg.wasm_component_model(true)
-            .consume_fuel(true)
-            .epoch_interruption(true)
-            .max_wasm_stack(config.max_wasm_stack_kb * 1024)
-            .memory_reservation(max_memory as u64)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let mut cfg = engine_config(config);
         if let Some(dir) = cache {
             let mut c = wasmtime::CacheConfig::new();
             c.with_directory(dir);
@@ -225,12 +205,7 @@ impl Runtime {
             cfg.cache(Some(cache));
         }
         let engine = Engine::new(&cfg).map_err(RuntimeError::Engine)?;
-        let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(RuntimeError::Linker)?;
-        // Its waits, bounded by the call's deadline, over WASI's own.
-        crate::host::wait::add_to_linker(&mut linker).map_err(RuntimeError::Linker)?;
-        Plugin::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)
-            .map_err(RuntimeError::Linker)?;
+        let linker = linker(&engine).map_err(RuntimeError::Linker)?;
         let stop = Arc::new(AtomicBool::new(false));
         let ticker = {
             let engine = engine.clone();
@@ -298,6 +273,49 @@ impl Runtime {
         self.compiles.share(&compiled);
         Ok(compiled)
     }
+}
+
+/// The engine settings every plugin runs under: the component model, fuel,
+/// epoch interruption, the bounded wasm stack and the pooling allocator
+/// sized by `config` (no compile cache). Public so experiments can vary one
+/// setting and keep the rest.
+pub fn engine_config(config: &RuntimeConfig) -> wasmtime::Config {
+    let max_memory = usize::try_from(config.max_memory_mb << 20).unwrap_or(usize::MAX);
+    let n = config.max_instances.max(1);
+    let mut pool = PoolingAllocationConfig::default();
+    // Room for every instance to be as large as one plugin may be: the
+    // totals only count, and memories and tables reserve address space,
+    // not memory, until used.
+    pool.total_component_instances(n)
+        .total_core_instances(n * footprint::MAX_CORE_INSTANCES)
+        .total_memories(n * footprint::MAX_MEMORIES)
+        .total_tables(n * footprint::MAX_TABLES)
+        .max_memories_per_component(footprint::MAX_MEMORIES)
+        .max_tables_per_component(footprint::MAX_TABLES)
+        .max_core_instances_per_component(footprint::MAX_CORE_INSTANCES)
+        .max_memory_size(max_memory);
+    let mut cfg = wasmtime::Config::new();
+    cfg.wasm_component_model(true)
+        .consume_fuel(true)
+        .epoch_interruption(true)
+        .max_wasm_stack(config.max_wasm_stack_kb * 1024)
+        .memory_reservation(max_memory as u64)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    cfg
+}
+
+/// The host imports plugins are linked against on `engine`: WASI, its
+/// waits replaced by ones bounded by the call's deadline, and the
+/// `watchgate:plugin` interfaces.
+///
+/// # Errors
+/// When an import cannot be added.
+pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+    crate::host::wait::add_to_linker(&mut linker)?;
+    Plugin::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)?;
+    Ok(linker)
 }
 
 /// A component, not a core module or something else.
