@@ -1,6 +1,6 @@
 #!/usr/bin/env sh
 # Build {{name}}.wasm with the watchgate repository's Go plugin build: go
-# (1.24 or later, from PATH, /usr/local/go/bin/go or $GO) makes a wasip1
+# (1.26 or later, from PATH, /usr/local/go/bin/go or $GO) makes a wasip1
 # reactor, and the pinned wasm-tools (installed into the repository's
 # .tools/venv on first use) makes it a component with the SDK's adapter.
 set -eu
