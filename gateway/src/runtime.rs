@@ -248,12 +248,18 @@ impl Runtime {
     /// # Errors
     /// [`LoadError`] saying why the file is not a usable plugin.
     pub fn compile(&self, bytes: &[u8]) -> Result<CompiledPlugin, LoadError> {
-        self.compile_digest(bytes, digest(bytes))
-    }
-
-    fn compile_digest(&self, bytes: &[u8], digest: String) -> Result<CompiledPlugin, LoadError> {
         let footprint = compile::scan(bytes, &CompileLimits::NONE)?.footprint;
         footprint.fits_pool(self.config.max_memory_mb)?;
+        self.compile_digest(bytes, digest(bytes), footprint)
+    }
+
+    /// Compile a file that passed the pre-scan, which gave `footprint`.
+    fn compile_digest(
+        &self,
+        bytes: &[u8],
+        digest: String,
+        footprint: Footprint,
+    ) -> Result<CompiledPlugin, LoadError> {
         let manifest = crate::manifest::read(bytes)
             .map_err(LoadError::Manifest)?
             .map(Arc::new);

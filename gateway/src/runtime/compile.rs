@@ -309,6 +309,7 @@ impl Runtime {
                 LoadError::Compile(wasmtime::format_err!("compile pool closed: {e}"))
             })?)
         };
+        let footprint = shape.footprint;
         let (tx, rx) = oneshot::channel();
         let runtime = self.clone();
         let waited_for = digest.clone();
@@ -319,9 +320,9 @@ impl Runtime {
             .spawn(move || {
                 lower_this_thread(COMPILE_NICE, "watchgate-compile");
                 let result = if known {
-                    runtime.compile_digest(&wasm, digest)
+                    runtime.compile_digest(&wasm, digest, footprint)
                 } else {
-                    on_own_pool(|| runtime.compile_digest(&wasm, digest))
+                    on_own_pool(|| runtime.compile_digest(&wasm, digest, footprint))
                 };
                 drop(slot);
                 runtime.compiles.gauge(-1);
