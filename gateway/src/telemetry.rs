@@ -92,7 +92,8 @@ pub struct Metrics {
     pub capability_calls: Family<CapabilityLabels, Counter>,
     /// Bytes of keys plus values `snapshot` scans copied into a plugin.
     pub snapshot_scan_bytes: Family<PluginLabels, Counter>,
-    /// Plugin files refused by a compile limit, by limit.
+    /// Plugin files refused by a compile limit, the instance pool or
+    /// their `memory_mb`, by limit.
     pub plugin_compile_refused: Family<CompileRefusalLabels, Counter>,
     /// Plugin compiles running, abandoned ones included.
     pub compiles_running: Gauge,
