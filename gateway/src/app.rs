@@ -346,8 +346,9 @@ impl App {
         for name in running {
             match wanted.get(name.as_str()) {
                 None => {
+                    let revision = self.sources[&name].status.report().revision;
                     self.stop_source(&name).await;
-                    self.dispatcher.remove_source(&name);
+                    self.dispatcher.retire_source(&name, revision);
                     report.sources_removed.push(name);
                 }
                 Some(entry) if **entry != self.sources[&name].entry => {

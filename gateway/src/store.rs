@@ -318,11 +318,6 @@ impl Store {
         v.push(probe);
     }
 
-    /// Stop writing the index of `source` (removed by a reload).
-    pub fn unregister_index(&self, source: &str) {
-        self.indexes.lock().retain(|p| &*p.source() != source);
-    }
-
     /// Ask the writer to commit soon (an index changed).
     pub fn wake(&self) {
         self.send(Op::Wake);

@@ -210,6 +210,19 @@ fn post_reload(g: &Gateway, token: Option<&str>) -> (u16, Value) {
     (code, serde_json::from_str(&body).unwrap())
 }
 
+/// Write `body`'s sources under an admin section with the reload token.
+fn write_config(g: &Gateway, body: &str) {
+    std::fs::write(
+        g.config_path(),
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"s3cret\"\n\n[plugins]\ndir = \"plugins.d\"\n\
+             # Ready means every plugin is running: tests send events at once.\n\
+             compile_ready_wait = \"10m\"\n\n{body}"
+        ),
+    )
+    .unwrap()
+}
+
 fn file_source(name: &str, debounce: u32) -> String {
     format!(
         "[[source]]\nname = \"{name}\"\nkind = \"file\"\npath = \"{name}\"\ndebounce_ms = {debounce}\n"
@@ -224,15 +237,6 @@ fn post_reload_needs_the_token_and_restarts_only_what_changed() {
         std::fs::write(g.path(&format!("{d}/key")), d).unwrap();
     }
     g.install_event_log("event-log");
-    let write_config = |g: &Gateway, body: &str| {
-        std::fs::write(
-            g.config_path(),
-            format!(
-                "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"s3cret\"\n\n[plugins]\ndir = \"plugins.d\"\n# Ready means every plugin is running: tests send events at once.\ncompile_ready_wait = \"10m\"\n\n{body}"
-            ),
-        )
-        .unwrap()
-    };
     write_config(
         &g,
         &format!("{}{}", file_source("a", 20), file_source("b", 20)),
@@ -344,6 +348,127 @@ fn post_reload_needs_the_token_and_restarts_only_what_changed() {
     let events = g.wait_events("event-log", 5, DEADLINE);
     assert_eq!(events[4]["value"], "a2");
     g.assert_running();
+}
+
+#[test]
+fn a_source_removed_by_a_reload_deletes_its_keys_in_its_plugins() {
+    let sources = format!("{}{}", file_source("a", 20), file_source("b", 20));
+    let mut g = Gateway::with_sources(&sources);
+    for d in ["a", "b"] {
+        std::fs::create_dir_all(g.path(d)).unwrap();
+    }
+    std::fs::write(g.path("a/one"), "1").unwrap();
+    std::fs::write(g.path("a/two"), "2").unwrap();
+    std::fs::write(g.path("b/key"), "b").unwrap();
+    g.install_event_log("event-log");
+    write_config(&g, &sources);
+    g.start();
+    g.wait_events("event-log", 3, DEADLINE);
+
+    // a goes: its two keys are deleted in the plugin, flagged resync; b's
+    // key is untouched.
+    write_config(&g, &file_source("b", 20));
+    let (code, report) = post_reload(&g, Some("s3cret"));
+    assert_eq!(code, 200, "{report}");
+    assert_eq!(report["sources_removed"], serde_json::json!(["a"]));
+    let events = g.wait_events("event-log", 5, DEADLINE);
+    let deletes: Vec<&Value> = events[3..].iter().collect();
+    for (e, key) in deletes.iter().zip(["one", "two"]) {
+        assert_eq!(e["source"], "a", "{events:#?}");
+        assert_eq!(e["key"], key, "{events:#?}");
+        assert_eq!(e["kind"], "delete", "{events:#?}");
+        assert_eq!(e["resync"], true, "{events:#?}");
+    }
+
+    // a comes back: its keys are delivered again, as a first sync (the
+    // index forgot them), even one that did not change meanwhile.
+    std::fs::write(g.path("a/two"), "2b").unwrap();
+    write_config(&g, &sources);
+    let (code, report) = post_reload(&g, Some("s3cret"));
+    assert_eq!(code, 200, "{report}");
+    assert_eq!(report["sources_added"], serde_json::json!(["a"]));
+    let events = g.wait_events("event-log", 7, DEADLINE);
+    let mut back: Vec<(String, String, String)> = events[5..]
+        .iter()
+        .map(|e| {
+            (
+                e["key"].as_str().unwrap().into(),
+                e["kind"].as_str().unwrap().into(),
+                e["value"].as_str().unwrap_or_default().into(),
+            )
+        })
+        .collect();
+    back.sort();
+    assert_eq!(
+        back,
+        vec![
+            ("one".into(), "put".into(), "1".into()),
+            ("two".into(), "put".into(), "2b".into())
+        ],
+        "{events:#?}"
+    );
+    assert!(events.iter().filter(|e| e["source"] == "b").count() == 1);
+
+    // What the plugin was given is what the index committed: a restart
+    // delivers nothing again.
+    assert!(g.stop().success());
+    g.start();
+    std::fs::write(g.path("b/key"), "b2").unwrap();
+    let events = g.wait_events("event-log", 8, DEADLINE);
+    assert_eq!(events.len(), 8, "{events:#?}");
+    assert_eq!(events[7]["value"], "b2");
+    g.assert_running();
+}
+
+#[test]
+fn an_etcd_source_removed_and_added_again_relists_rather_than_resumes() {
+    let etcd = Etcd::start();
+    let mut store = crate::etcd_source::Store::connect(&[etcd.client_url()]);
+    store.put("/wg/kept", "1").unwrap();
+    store.put("/wg/changed", "1").unwrap();
+    let etcd_config = crate::etcd_source::etcd_source(&[etcd.client_url()], "");
+    let mut g = Gateway::with_sources(&etcd_config);
+    g.install_event_log("event-log");
+    write_config(&g, &etcd_config);
+    g.start();
+    g.wait_events("event-log", 2, DEADLINE);
+
+    write_config(&g, "");
+    let (code, report) = post_reload(&g, Some("s3cret"));
+    assert_eq!(code, 200, "{report}");
+    let events = g.wait_events("event-log", 4, DEADLINE);
+    assert!(
+        events[2..]
+            .iter()
+            .all(|e| e["kind"] == "delete" && e["resync"] == true),
+        "{events:#?}"
+    );
+
+    // Added again: a resumed watch would give only the change made
+    // meanwhile; the relist gives both keys.
+    store.put("/wg/changed", "2").unwrap();
+    write_config(&g, &etcd_config);
+    let (code, report) = post_reload(&g, Some("s3cret"));
+    assert_eq!(code, 200, "{report}");
+    let events = g.wait_events("event-log", 6, DEADLINE);
+    let mut back: Vec<(String, String)> = events[4..]
+        .iter()
+        .map(|e| {
+            (
+                e["key"].as_str().unwrap().into(),
+                e["value"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    back.sort();
+    assert_eq!(
+        back,
+        vec![
+            ("/wg/changed".into(), "2".into()),
+            ("/wg/kept".into(), "1".into())
+        ],
+        "{events:#?}"
+    );
 }
 
 #[test]

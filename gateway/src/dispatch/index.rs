@@ -253,6 +253,14 @@ impl SourceKeys {
         self.live = true;
     }
 
+    /// Positions of this index mean nothing any more (its source was
+    /// removed): the next start relists rather than resumes.
+    pub(super) fn forget_identity(&mut self) {
+        self.meta.identity = String::new();
+        self.pending_identity = None;
+        self.meta_dirty = true;
+    }
+
     /// The index entries `spec` has not been given: in `scope`, changed
     /// after `from` and before `upto`, as resync events at `upto`.
     pub(super) fn missed(
@@ -380,12 +388,26 @@ impl Dispatcher {
         });
     }
 
-    /// Forget a source removed by a reload (its keys are not deleted in the
-    /// plugins: a removed source says nothing about its keys).
-    pub fn remove_source(&self, name: &str) {
-        self.caches.remove(name);
-        self.store.unregister_index(name);
-        self.durable.remove(name);
+    /// A source removed by a reload: its subscribed plugins get a delete
+    /// (flagged `resync`, at `revision`, the last one it delivered) for
+    /// every key it held, as if it had relisted empty. A plugin's view is
+    /// the keys of the sources it subscribes to; a source that is gone has
+    /// none, and a consumer left holding them would act on keys no store
+    /// backs any more.
+    ///
+    /// The emptied index stays registered, so those deletes are committed
+    /// and delivered like any relist's, and a source added again under the
+    /// same name starts from a full snapshot: its positions are wiped too,
+    /// so an etcd watch cannot resume past keys the index no longer holds.
+    pub fn retire_source(&self, name: &str, revision: u64) {
+        if !self.caches.contains_key(name) {
+            return;
+        }
+        crate::event::EventSink::deliver_snapshot(self, name, &|_| true, revision, Vec::new());
+        if let Some(cache) = self.caches.get(name) {
+            cache.keys.lock().forget_identity();
+            cache.wake(&self.store);
+        }
     }
 
     /// The highest position `source` reached, in this run or an earlier one.
