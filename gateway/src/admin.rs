@@ -97,6 +97,9 @@ pub struct SourceReadiness {
     pub connected: bool,
     /// Why not, when known.
     pub last_error: Option<String>,
+    /// How far the initial sync got, while it runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync: Option<crate::source::SyncProgress>,
 }
 
 /// The plugin directory in `/readyz`.
@@ -134,6 +137,7 @@ impl AdminState {
                     synced: r.synced,
                     connected: r.connected,
                     last_error: r.last_error,
+                    sync: r.sync,
                 }
             })
             .collect();

@@ -17,6 +17,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -144,10 +145,40 @@ pub struct SourceStatus {
     last_error: Mutex<Option<String>>,
     metrics: Arc<Metrics>,
     handles: SourceHandles,
+    sync: Mutex<SyncTracker>,
+}
+
+/// How the initial sync is going: what was listed, and when the source last
+/// moved forward (connected, or received a page). The start-up deadline
+/// measures the time since that, so a large store that keeps answering is
+/// never cut off, while one that stops answering is.
+struct SyncTracker {
+    started: Instant,
+    progress_at: Instant,
+    logged_at: Instant,
+    keys: u64,
+    pages: u64,
+}
+
+/// The initial sync while it runs, as served by `/v1/sources` and
+/// `/readyz`.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct SyncProgress {
+    /// Keys listed so far.
+    pub keys_listed: u64,
+    /// Pages (store replies) received so far.
+    pub pages: u64,
+    /// Keys listed per second since the sync started.
+    pub keys_per_second: f64,
+    /// Milliseconds since the sync started.
+    pub elapsed_ms: u64,
+    /// Milliseconds since the source last made progress (connected or
+    /// received a page); the start-up deadline applies to this.
+    pub idle_ms: u64,
 }
 
 /// A point-in-time copy of [`SourceStatus`], as served by `/v1/sources`.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct SourceReport {
     /// Source name.
     pub name: String,
@@ -161,6 +192,9 @@ pub struct SourceReport {
     pub reconnects: u64,
     /// The most recent error, cleared on a healthy reconnect.
     pub last_error: Option<String>,
+    /// The initial sync's progress while it runs; absent once synced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncProgress>,
 }
 
 impl SourceStatus {
@@ -175,6 +209,7 @@ impl SourceStatus {
             last_error: Mutex::new(None),
             handles,
             metrics,
+            sync: Mutex::new(SyncTracker::new()),
         }
     }
 
@@ -184,7 +219,43 @@ impl SourceStatus {
         self.handles.connected.set(i64::from(connected));
         if connected {
             self.last_error.lock().take();
+            self.sync.lock().progress_at = Instant::now();
         }
+    }
+
+    /// A page of the initial listing (or of a relist) arrived with `keys`
+    /// keys. Counts as progress for the start-up deadline; while the
+    /// initial sync runs, a line every few seconds says how far it got.
+    pub fn listed(&self, keys: usize) {
+        let now = Instant::now();
+        let mut sync = self.sync.lock();
+        sync.pages += 1;
+        sync.keys += keys as u64;
+        sync.progress_at = now;
+        if !self.is_synced() && now.duration_since(sync.logged_at) >= SYNC_LOG_INTERVAL {
+            sync.logged_at = now;
+            let p = sync.progress(now);
+            tracing::info!(
+                source = %self.name,
+                keys_listed = p.keys_listed,
+                pages = p.pages,
+                keys_per_second = p.keys_per_second.round() as u64,
+                elapsed_ms = p.elapsed_ms,
+                "Initial sync in progress."
+            );
+        }
+    }
+
+    /// The source got an answer from its store (one watch of several, for
+    /// example): progress for the start-up deadline, without a page count.
+    pub fn progressed(&self) {
+        self.sync.lock().progress_at = Instant::now();
+    }
+
+    /// How long since the source last made progress (started, connected,
+    /// or received a page).
+    pub fn idle_for(&self) -> Duration {
+        self.sync.lock().progress_at.elapsed()
     }
 
     /// The initial sync has been delivered: the readiness latch opens. Later
@@ -192,7 +263,14 @@ impl SourceStatus {
     pub fn set_synced(&self) {
         if !self.synced.swap(true, Ordering::SeqCst) {
             self.handles.synced.set(1);
-            tracing::info!(source = %self.name, "Source finished its initial sync.");
+            let sync = self.sync.lock();
+            tracing::info!(
+                source = %self.name,
+                keys_listed = sync.keys,
+                pages = sync.pages,
+                elapsed_ms = sync.started.elapsed().as_millis() as u64,
+                "Source finished its initial sync."
+            );
         }
     }
 
@@ -247,6 +325,34 @@ impl SourceStatus {
             revision: self.revision.load(Ordering::SeqCst),
             reconnects: self.reconnects.load(Ordering::SeqCst),
             last_error: self.last_error.lock().clone(),
+            sync: (!self.is_synced()).then(|| self.sync.lock().progress(Instant::now())),
+        }
+    }
+}
+
+/// Least time between two "Initial sync in progress." lines of a source.
+const SYNC_LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+impl SyncTracker {
+    fn new() -> SyncTracker {
+        let now = Instant::now();
+        SyncTracker {
+            started: now,
+            progress_at: now,
+            logged_at: now,
+            keys: 0,
+            pages: 0,
+        }
+    }
+
+    fn progress(&self, now: Instant) -> SyncProgress {
+        let elapsed = now.duration_since(self.started);
+        SyncProgress {
+            keys_listed: self.keys,
+            pages: self.pages,
+            keys_per_second: self.keys as f64 / elapsed.as_secs_f64().max(1e-3),
+            elapsed_ms: elapsed.as_millis() as u64,
+            idle_ms: now.duration_since(self.progress_at).as_millis() as u64,
         }
     }
 }
@@ -337,6 +443,7 @@ impl WatchGroup {
 
     /// Watch `i` fetched successfully (its first time: it is synced).
     pub fn succeeded(&self, i: usize) {
+        self.status.progressed();
         self.synced[i].store(true, Ordering::SeqCst);
         self.ok[i].store(true, Ordering::SeqCst);
         if self.ok.iter().all(|o| o.load(Ordering::SeqCst)) {

@@ -304,6 +304,14 @@ impl Gateway {
         );
     }
 
+    /// Wait for the gateway to exit on its own, within `deadline`.
+    pub fn wait_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("started");
+        wait_for("watchgate to exit", deadline, || {
+            child.try_wait().ok().flatten()
+        })
+    }
+
     /// Send SIGTERM and wait for the exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("started");

@@ -549,6 +549,7 @@ impl Watcher {
                     self.cluster_id = Some(h.cluster_id());
                 }
             }
+            self.ctx.status.listed(resp.kvs().len());
             for kv in resp.kvs() {
                 seen.insert(
                     utf8_key(kv),
