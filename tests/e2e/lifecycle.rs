@@ -95,18 +95,20 @@ fn an_unreachable_etcd_with_startup_fail_exits_1_with_the_reason() {
 }
 
 /// An etcd source behind a proxy that delays every chunk, listing small
-/// pages: its initial sync takes several start-up timeouts in all, with
+/// pages (a message limit that holds about three of these keys keeps them
+/// small): its initial sync takes several start-up timeouts in all, with
 /// each page well within one.
 fn slow_etcd(etcd: &Etcd) -> (FaultProxy, String) {
+    const KEYS: usize = 75;
     let mut store = crate::etcd_source::Store::connect(&[etcd.client_url()]);
-    for i in 0..40 {
-        store.put(&format!("/wg/k{i:02}"), "v").unwrap();
+    for i in 0..KEYS {
+        store.put(&format!("/wg/k{i:02}"), "v".repeat(300)).unwrap();
     }
     let proxy = FaultProxy::start(etcd.client_addr());
     proxy.set_mode(Mode::Delay(Duration::from_millis(150)));
     let config = crate::etcd_source::etcd_source(
         &[proxy.url()],
-        "page_size = 2\nstartup_timeout = \"1500ms\"\n",
+        "page_size = 2\nmax_message_bytes = 4096\nstartup_timeout = \"1500ms\"\n",
     );
     (proxy, config)
 }
@@ -137,8 +139,9 @@ fn a_slow_initial_sync_that_keeps_progressing_outlives_the_startup_timeout() {
         ready["sources"][0]["sync"]["pages"].as_u64().unwrap() >= 3,
         "{ready}"
     );
-    // 21 pages at two delayed hops each: far longer than 1.5 s in all.
-    g.wait_events("event-log", 40, DEADLINE);
+    // 25 pages at two delayed hops each: far longer than 1.5 s in all,
+    // and longer than the 5 s between progress lines.
+    g.wait_events("event-log", 75, DEADLINE);
     let main = wait_for("the source to be synced", DEADLINE, || {
         g.assert_running();
         let v = g.json("/v1/sources");

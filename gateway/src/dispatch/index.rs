@@ -233,7 +233,13 @@ impl SourceKeys {
             let was_tombstone = match self.map.entry(e.key.clone()) {
                 std::collections::btree_map::Entry::Occupied(mut slot) => {
                     e.key = slot.key().clone();
-                    Some(slot.insert(entry).value.is_none())
+                    let old = slot.insert(entry);
+                    // A source that does not know the previous value (etcd
+                    // once it is compacted) gets the one delivered before.
+                    if e.prev_value.is_none() && old.seq < e.seq {
+                        e.prev_value = old.value.clone();
+                    }
+                    Some(old.value.is_none())
                 }
                 std::collections::btree_map::Entry::Vacant(slot) => {
                     slot.insert(entry);

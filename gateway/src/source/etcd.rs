@@ -14,7 +14,6 @@
 //! changes or revisions go back (E9); cancel the watch explicitly on
 //! shutdown (E10). It must not know about plugins or queues.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -66,7 +65,10 @@ pub struct EtcdSourceConfig {
     /// responses larger than gRPC's 4 MiB default). Default 64 MiB.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
-    /// Keys per range request while reading the snapshot. Default 1000.
+    /// Keys of the first range request while reading the snapshot; later
+    /// ones grow to about 8 MiB of keys and values each (at most 100,000
+    /// keys), because etcd's cost per request grows with the keys left to
+    /// list, not with the page. Default 1000.
     #[serde(default = "default_page_size")]
     pub page_size: i64,
     /// First reconnect delay in milliseconds; doubles up to
@@ -193,7 +195,6 @@ impl Source for EtcdSource {
                 config: self.config,
                 options,
                 ctx,
-                index: BTreeMap::new(),
                 next_rev: resume.map(|r| r as i64 + 1),
                 check_resume: resume.is_some(),
                 sync_target: None,
@@ -242,16 +243,59 @@ enum SessionEnd {
     Inconsistent(String),
 }
 
-/// A key as read by a range request: mod revision, value, metadata.
-type Listed = (i64, Bytes, Vec<(String, String)>);
+/// The limit of each range request of a listing. etcd 3.4 walks every
+/// key from a page's start to the end of the range to answer it, whatever
+/// the limit, so a listing costs it about keys² / (2 × page) steps: a
+/// million keys in pages of 1000 keep it busy for minutes. Pages therefore
+/// start at `page_size` keys and grow to what fits in [`PAGE_BYTES`] at the
+/// sizes seen so far, never past a quarter of the message limit.
+struct PageSize {
+    first: i64,
+    limit: i64,
+    cap_bytes: usize,
+    keys: usize,
+    bytes: usize,
+}
+
+/// Bytes aimed at per range reply while listing.
+const PAGE_BYTES: usize = 8 << 20;
+
+/// Most keys per range request while listing.
+const PAGE_KEYS_MAX: i64 = 100_000;
+
+impl PageSize {
+    fn new(first: i64, max_message_bytes: usize) -> PageSize {
+        PageSize {
+            first,
+            limit: first,
+            cap_bytes: PAGE_BYTES.min(max_message_bytes / 4),
+            keys: 0,
+            bytes: 0,
+        }
+    }
+
+    fn next(&self) -> i64 {
+        self.limit
+    }
+
+    fn observe(&mut self, kvs: &[KeyValue]) {
+        self.keys += kvs.len();
+        self.bytes += kvs
+            .iter()
+            .map(|kv| kv.key().len() + kv.value().len() + 32)
+            .sum::<usize>();
+        if self.keys > 0 {
+            let per_key = (self.bytes / self.keys).max(1);
+            let fits = i64::try_from(self.cap_bytes / per_key).unwrap_or(i64::MAX);
+            self.limit = fits.clamp(self.first, PAGE_KEYS_MAX.max(self.first));
+        }
+    }
+}
 
 struct Watcher {
     config: EtcdSourceConfig,
     options: ConnectOptions,
     ctx: SourceContext,
-    /// key → (mod_revision, value) of every key under the prefix as last
-    /// delivered; the base for diffs after compaction.
-    index: BTreeMap<String, (i64, Bytes)>,
     /// The next revision to deliver; `None` before the first snapshot.
     next_rev: Option<i64>,
     /// Resumed from plugins' cursors: check on connecting that the store
@@ -513,11 +557,15 @@ impl Watcher {
             .max_decoding_message_size(self.config.max_message_bytes);
         let (mut start, end) = prefix_range(&self.config.prefix);
         let mut revision = 0i64;
-        let mut seen: BTreeMap<String, Listed> = BTreeMap::new();
+        let name = self.ctx.name.clone();
+        // etcd returns each page in key order and the next page starts past
+        // the last key, so the pages concatenate into the sorted snapshot.
+        let mut batch: Vec<Event> = Vec::new();
+        let mut pages = PageSize::new(self.config.page_size, self.config.max_message_bytes);
         loop {
             let mut opts = GetOptions::new()
                 .with_range(end.clone())
-                .with_limit(self.config.page_size);
+                .with_limit(pages.next());
             if revision > 0 {
                 opts = opts.with_revision(revision);
             }
@@ -550,15 +598,13 @@ impl Watcher {
                 }
             }
             self.ctx.status.listed(resp.kvs().len());
+            pages.observe(resp.kvs());
+            batch.reserve(resp.kvs().len());
             for kv in resp.kvs() {
-                seen.insert(
-                    utf8_key(kv),
-                    (
-                        kv.mod_revision(),
-                        Bytes::copy_from_slice(kv.value()),
-                        metadata(kv),
-                    ),
-                );
+                let value = Bytes::copy_from_slice(kv.value());
+                let mut e = Event::put(&name, utf8_key(kv), value, kv.mod_revision().max(1) as u64);
+                e.metadata = metadata(kv);
+                batch.push(e);
             }
             match resp.kvs().last() {
                 Some(last) if resp.more() => {
@@ -576,21 +622,11 @@ impl Watcher {
             // snapshot, and diff against it.
             tracing::warn!(source = %self.ctx.name, snapshot = revision, delivered = next - 1, "etcd revision went backwards; resynchronizing.");
         }
-        let name = self.ctx.name.clone();
         let first = self.next_rev.is_none();
-        let batch: Vec<Event> = seen
-            .iter()
-            .map(|(key, (mod_rev, value, meta))| {
-                let mut e = Event::put(&name, key.clone(), value.clone(), (*mod_rev).max(1) as u64);
-                e.metadata = meta.clone();
-                e
-            })
-            .collect();
         if !first {
             self.ctx.status.resynced();
             tracing::info!(source = %name, revision, keys = batch.len(), "etcd source relisted; the dispatcher diffs it.");
         }
-        self.index = seen.into_iter().map(|(k, (r, v, _))| (k, (r, v))).collect();
         self.ctx.emit_snapshot_at(revision.max(0) as u64, batch);
         self.sync_target = None;
         self.ctx.status.set_revision(revision.max(0) as u64);
@@ -622,23 +658,17 @@ impl Watcher {
             // response that carries a backlog (a watch catching up).
             batch_rev = rev;
             let key = utf8_key(kv);
-            let known_prev = self.index.get(&key).map(|(_, v)| v.clone());
-            let prev = ev
-                .prev_kv()
-                .map(|p| Bytes::copy_from_slice(p.value()))
-                .or(known_prev);
+            // Without etcd's previous value (compacted away), the
+            // dispatcher gives the one it indexed.
+            let prev = ev.prev_kv().map(|p| Bytes::copy_from_slice(p.value()));
             let e = match ev.event_type() {
                 EventType::Put => {
                     let value = Bytes::copy_from_slice(kv.value());
-                    self.index.insert(key.clone(), (rev, value.clone()));
                     let mut e = Event::put(&name, key, value, rev as u64).with_prev(prev);
                     e.metadata = metadata(kv);
                     e
                 }
-                EventType::Delete => {
-                    self.index.remove(&key);
-                    Event::delete(&name, key, rev as u64).with_prev(prev)
-                }
+                EventType::Delete => Event::delete(&name, key, rev as u64).with_prev(prev),
             };
             batch.push(e);
         }
