@@ -121,6 +121,13 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Memory the store may use to cache its file. The dispatcher keeps the
+/// index it routes by in memory and reads the file only when it starts, so
+/// the file's pages are written once and seldom read: redb's default (1 GiB)
+/// would hold a copy of every index page beside the dispatcher's own, which
+/// at a million keys doubles the gateway's size for nothing.
+const CACHE_BYTES: usize = 32 << 20;
+
 impl Store {
     /// Open (or create) the store in `dir`.
     ///
@@ -133,7 +140,10 @@ impl Store {
             source,
         })?;
         let path = dir.join(FILE_NAME);
-        let db = Database::create(&path).map_err(|e| classify(&path, e))?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| classify(&path, e))?;
         Self::start(db, Some(path))
     }
 
