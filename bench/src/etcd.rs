@@ -10,7 +10,7 @@ use etcd_client::{Client, Txn, TxnOp};
 use parking_lot::Mutex;
 
 use super::process::{Proc, wait_file};
-use super::{BenchArgs, CaseResult, Samples, free_port, percentile};
+use super::{BenchArgs, CaseResult, Check, Samples, free_port, percentile};
 
 /// `etcd --version`, when etcd is installed.
 pub(super) fn version() -> Option<String> {
@@ -294,44 +294,132 @@ fn fill(
     Ok(())
 }
 
-/// Scale: the initial sync of many keys.
+/// Scale: the initial sync of many keys, next to etcd holding them.
 pub(super) fn scale_sync(args: &BenchArgs) -> anyhow::Result<CaseResult> {
-    let n = if args.quick { 2_000 } else { 100_000 };
+    let sizes: &[usize] = if args.quick {
+        &[2_000]
+    } else {
+        &[100_000, 1_000_000]
+    };
     let noop = std::fs::read(args.plugin("noop")?)?;
-    let etcd = Etcd::start()?;
-    let rt = runtime()?;
-    let mut client = rt.block_on(Client::connect([etcd.url.as_str()], None))?;
-    fill(&rt, &mut client, "/scale/", n)?;
     let mut s = Samples::default();
-    for _ in 0..args.runs().min(3) {
-        let mut gw = Proc::new(args, Some(&etcd_source(&etcd.url, "/scale/")))?;
-        gw.install("noop", &noop, "queue_capacity = 1_000_000\n")?;
-        let started = Instant::now();
-        let ready = gw.start()?;
-        let sample = "watchgate_plugin_invocations_total{plugin=\"noop\",outcome=\"ok\"}";
-        while gw.metric(sample) < n as f64 {
-            anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(600),
-                "the plugin did not get every key"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        s.add("ready_s", "s", ready.as_secs_f64());
-        s.add("all_handled_s", "s", started.elapsed().as_secs_f64());
-        s.add("rss_mib", "MiB", gw.rss_kib()? / 1024.0);
+    let mut checks = Vec::new();
+    // The gateway with the same plugin and a one-file source: what the
+    // keys' memory is measured over.
+    let base_kib = {
+        let mut gw = Proc::new(args, None)?;
+        gw.install("noop", &noop, "")?;
+        gw.start()?;
+        let kib = gw.rss_kib()?;
         gw.stop()?;
+        kib
+    };
+    s.add("base_rss_mib", "MiB", base_kib / 1024.0);
+    for &n in sizes {
+        let etcd = Etcd::start()?;
+        let rt = runtime()?;
+        let mut client = rt.block_on(Client::connect([etcd.url.as_str()], None))?;
+        let filling = Instant::now();
+        fill(&rt, &mut client, "/scale/", n)?;
+        eprintln!(
+            "scale_sync: {n} keys written in {:.1}s",
+            filling.elapsed().as_secs_f64()
+        );
+        let label = if n >= 1_000_000 {
+            format!("{}m", n / 1_000_000)
+        } else {
+            format!("{}k", n / 1_000)
+        };
+        // A million keys take a minute to write and a gigabyte of memory:
+        // one run of that size, more of the smaller.
+        let runs = if n >= 1_000_000 {
+            1
+        } else {
+            args.runs().min(3)
+        };
+        for _ in 0..runs {
+            let mut gw = Proc::new(args, Some(&etcd_source(&etcd.url, "/scale/")))?;
+            gw.install("noop", &noop, "queue_capacity = 2_000_000\n")?;
+            let started = Instant::now();
+            let ready = gw.start()?;
+            let sample = "watchgate_plugin_invocations_total{plugin=\"noop\",outcome=\"ok\"}";
+            while gw.metric(sample) < n as f64 {
+                anyhow::ensure!(
+                    started.elapsed() < Duration::from_secs(900),
+                    "the plugin did not get every key"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let handled = started.elapsed();
+            let gw_kib = gw.rss_kib()?;
+            let etcd_kib = rss_kib(etcd.child.id())?;
+            let ratio = gw_kib / etcd_kib;
+            eprintln!(
+                "scale_sync: {n} keys: ready {:.1}s, handled {:.1}s, gateway {:.0} MiB, etcd {:.0} MiB",
+                ready.as_secs_f64(),
+                handled.as_secs_f64(),
+                gw_kib / 1024.0,
+                etcd_kib / 1024.0
+            );
+            s.add(&format!("{label}_ready_s"), "s", ready.as_secs_f64());
+            s.add(
+                &format!("{label}_all_handled_s"),
+                "s",
+                handled.as_secs_f64(),
+            );
+            s.add(&format!("{label}_rss_mib"), "MiB", gw_kib / 1024.0);
+            s.add(&format!("{label}_etcd_rss_mib"), "MiB", etcd_kib / 1024.0);
+            s.add(&format!("{label}_rss_to_etcd"), "×", ratio);
+            s.add(
+                &format!("{label}_bytes_per_key"),
+                "B",
+                (gw_kib - base_kib).max(0.0) * 1024.0 / n as f64,
+            );
+            gw.stop()?;
+            if n >= 1_000_000 {
+                checks.push(Check {
+                    subject: label.clone(),
+                    figure: "ready_s".into(),
+                    value: ready.as_secs_f64(),
+                    target: "≤ 30 s",
+                    met: ready.as_secs_f64() <= 30.0,
+                });
+                checks.push(Check {
+                    subject: label.clone(),
+                    figure: "rss_to_etcd".into(),
+                    value: ratio,
+                    target: "≤ 1.5 × etcd",
+                    met: ratio <= 1.5,
+                });
+            }
+        }
     }
-    s.note(format!(
-        "{n} keys of 100-byte values, listed page by page at one revision; ready is `/readyz` \
-         200 (the snapshot delivered), handled is the no-op plugin having been called for every \
-         key."
-    ));
-    Ok(s.finish(
+    s.note(
+        "Keys of 100-byte values under one prefix, listed page by page at one revision, into one \
+         no-op plugin. ready is `/readyz` 200 (the snapshot delivered), handled is the plugin \
+         having been called for every key; resident memory of the gateway and of the etcd \
+         holding the same keys are read once every key is handled, in the same run. Bytes per \
+         key is the gateway's growth over its resident memory with no source (`base_rss_mib`: \
+         the same plugin over a one-file source), divided by the keys.",
+    );
+    Ok(s.finish_with_checks(
         "scale_sync",
-        "Initial sync of 100,000 etcd keys into the gateway and one no-op plugin.",
-        "reported (no target set)",
-        |_| (None, Default::default(), None),
+        "Initial sync of 100,000 and 1,000,000 etcd keys into the gateway and one no-op \
+         plugin, beside etcd's own memory for them.",
+        "1,000,000 keys: ready ≤ 30 s, resident memory ≤ 1.5 × etcd's",
+        checks,
+        |_| Default::default(),
     ))
+}
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS for {pid}"))
 }
 
 /// Scale: many distinct keys changing at a steady rate.
