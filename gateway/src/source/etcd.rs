@@ -284,8 +284,8 @@ impl PageSize {
             .iter()
             .map(|kv| kv.key().len() + kv.value().len() + 32)
             .sum::<usize>();
-        if self.keys > 0 {
-            let per_key = (self.bytes / self.keys).max(1);
+        if let Some(per_key) = self.bytes.checked_div(self.keys) {
+            let per_key = per_key.max(1);
             let fits = i64::try_from(self.cap_bytes / per_key).unwrap_or(i64::MAX);
             self.limit = fits.clamp(self.first, PAGE_KEYS_MAX.max(self.first));
         }
