@@ -264,8 +264,15 @@ fn nats_gateway_kill_9_while_changes_happen_loses_nothing() {
         back.values().all(|&n| n <= KILLS),
         "a key went back more often than the gateway was killed: {back:?}"
     );
+    // Duplicates come only from events handled after the last committed
+    // cursor (one commit interval's worth per crash).
+    let duplicates = delivered.len() - history.len();
+    assert!(
+        duplicates <= KILLS * 500,
+        "{duplicates} duplicates for {KILLS} crashes"
+    );
     eprintln!(
-        "{} changes, {} delivered after {KILLS} kills",
+        "{} changes, {} delivered ({duplicates} duplicates) after {KILLS} kills",
         history.len(),
         delivered.len()
     );
@@ -276,11 +283,9 @@ fn nats_a_20_second_outage_logs_a_bounded_number_of_lines() {
     let mut nats = Nats::start();
     let kv = Kv::connect(&nats.url(), BUCKET, HISTORY);
     kv.put("a", "1").unwrap();
-    // Retry often (every 50–200 ms) so a bound on lines means something.
-    let mut g = gateway(&nats_source(
-        &nats.url(),
-        "reconnect_initial_ms = 50\nreconnect_max_ms = 200\n",
-    ));
+    // Retry often (delays of 50 ms growing to at most 500 ms, jittered) so
+    // a bound on lines means something.
+    let mut g = gateway(&nats_source(&nats.url(), "reconnect_initial_ms = 50\n"));
     g.wait_events("event-log", 1, DEADLINE);
     let warn_lines = |g: &Gateway| {
         g.log()
@@ -300,7 +305,7 @@ fn nats_a_20_second_outage_logs_a_bounded_number_of_lines() {
     let attempts = metric(&g, "watchgate_source_reconnects_total");
     let lines = warn_lines(&g) - before;
     assert!(
-        attempts >= 50.0,
+        attempts >= 30.0,
         "only {attempts} reconnect attempts in 20 s"
     );
     assert!(
