@@ -489,3 +489,60 @@ fn nats_a_recreated_bucket_is_relisted_with_resync_deletes() {
     assert_eq!(last["revision"], end);
     assert_eq!(last["resync"], false);
 }
+
+#[test]
+fn nats_history_gone_while_cut_off_relists_with_resync() {
+    let nats = Nats::start();
+    // One value per key: every new value pushes the key's old one out.
+    let kv = Kv::connect(&nats.url(), BUCKET, 1);
+    kv.put("a", "1").unwrap();
+    kv.put("b", "2").unwrap();
+    kv.put("c", "3").unwrap();
+    let proxy = FaultProxy::start(nats.addr());
+    let url = format!("nats://{}", proxy.addr());
+    let mut g = gateway(&nats_source(&url, "reconnect_initial_ms = 50\n"));
+    g.wait_events("event-log", 3, DEADLINE);
+
+    proxy.set_mode(crate::fault_proxy::Mode::Refuse);
+    proxy.reset_all();
+    wait_for("the loss to be noticed", DEADLINE, || {
+        (metric(&g, "watchgate_source_connected") == 0.0).then_some(())
+    });
+    // The entries right after the last delivered revision are pushed out:
+    // the bucket no longer holds everything a resume would need.
+    kv.put("a", "1b").unwrap();
+    kv.put("a", "1c").unwrap();
+    kv.delete("b").unwrap();
+    kv.put("c", "3b").unwrap();
+    proxy.set_mode(crate::fault_proxy::Mode::Pass);
+    let events = wait_for("the relist", DEADLINE, || {
+        g.assert_running();
+        let e = g.events("event-log");
+        (e.len() >= 6).then_some(e)
+    });
+    let mut relist: Vec<(String, String, Option<String>, bool)> = events[3..]
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap().to_owned(),
+                e["key"].as_str().unwrap().to_owned(),
+                e["value"].as_str().map(str::to_owned),
+                e["resync"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    relist.sort();
+    assert_eq!(
+        relist,
+        vec![
+            ("delete".into(), "b".into(), None, true),
+            ("put".into(), "a".into(), Some("1c".into()), true),
+            ("put".into(), "c".into(), Some("3b".into()), true),
+        ]
+    );
+    assert_eq!(metric(&g, "watchgate_source_resyncs_total"), 1.0);
+    let end = kv.put(SENTINEL, "end").unwrap();
+    let last = wait_sentinel(&mut g).last().cloned().unwrap();
+    assert_eq!(last["revision"], end);
+    assert_eq!(last["resync"], false);
+}
