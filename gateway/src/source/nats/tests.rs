@@ -103,3 +103,33 @@ fn delete_and_purge_markers_are_deletes() {
     ttl.insert("Nats-Marker-Reason", "MaxAge");
     assert_eq!(operation(Some(&ttl)), Operation::Delete);
 }
+
+#[test]
+fn the_config_file_resolves_paths_and_names_the_line_of_a_bad_value() {
+    use crate::config::{Config, SourceConfig};
+    let path = std::path::Path::new("/etc/watchgate/watchgate.toml");
+    let text = "[[source]]\nname = \"kv\"\nkind = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\n\
+                bucket = \"config\"\ncredentials_file = \"app.creds\"\n\
+                tls = { ca_file = \"ca.pem\" }\n";
+    let config = Config::parse(path, text).unwrap();
+    let SourceConfig::Nats(c) = &config.sources[0].spec else {
+        panic!("not a NATS source: {:?}", config.sources[0].spec);
+    };
+    assert_eq!(
+        c.credentials_file.as_deref(),
+        Some(std::path::Path::new("/etc/watchgate/app.creds"))
+    );
+    let ca = c.tls.as_ref().and_then(|t| t.ca_file.as_deref());
+    assert_eq!(ca, Some(std::path::Path::new("/etc/watchgate/ca.pem")));
+    assert!(config.sources[0].spec.history_identity().is_some());
+
+    // A bad value names the source's table and the key; an unknown key
+    // names its own line.
+    let bad = text.replace("bucket = \"config\"", "bucket = \"con fig\"");
+    let e = Config::parse(path, &bad).unwrap_err().to_string();
+    assert!(e.starts_with("/etc/watchgate/watchgate.toml:1:"), "{e}");
+    assert!(e.contains("source[0]: bucket: \"con fig\""), "{e}");
+    let unknown = text.replace("bucket = \"config\"", "bucket = \"config\"\nbukket = 1");
+    let e = Config::parse(path, &unknown).unwrap_err().to_string();
+    assert!(e.starts_with("/etc/watchgate/watchgate.toml:6:"), "{e}");
+}
