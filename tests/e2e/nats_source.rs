@@ -546,3 +546,36 @@ fn nats_history_gone_while_cut_off_relists_with_resync() {
     assert_eq!(last["revision"], end);
     assert_eq!(last["resync"], false);
 }
+
+#[test]
+fn nats_a_blackholed_connection_is_detected_by_pings_and_resumed() {
+    let nats = Nats::start();
+    let kv = Kv::connect(&nats.url(), BUCKET, HISTORY);
+    kv.put("a", "1").unwrap();
+    let proxy = FaultProxy::start(nats.addr());
+    let url = format!("nats://{}", proxy.addr());
+    let mut g = gateway(&nats_source(
+        &url,
+        "ping_interval_s = 1\ndial_timeout_s = 2\nreconnect_initial_ms = 50\n",
+    ));
+    g.wait_events("event-log", 1, DEADLINE);
+    // Nothing passes either way, but the connection stays open.
+    proxy.set_mode(crate::fault_proxy::Mode::Blackhole);
+    let cut = Instant::now();
+    wait_for("the dead connection to be noticed", DEADLINE, || {
+        (metric(&g, "watchgate_source_connected") == 0.0).then_some(())
+    });
+    let detected = cut.elapsed();
+    // Two unanswered pings a second apart, plus the ping timer's slack.
+    assert!(
+        detected <= Duration::from_secs(6),
+        "detection took {detected:?} with 1 s pings"
+    );
+    kv.put("b", "2").unwrap();
+    proxy.set_mode(crate::fault_proxy::Mode::Pass);
+    kv.put(SENTINEL, "end").unwrap();
+    let events = wait_sentinel(&mut g);
+    assert_eq!(changes(&events), kv.history(SENTINEL));
+    assert!(events.iter().all(|e| e["resync"] == false));
+    eprintln!("a blackholed connection noticed after {detected:?}");
+}
