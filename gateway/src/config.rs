@@ -35,6 +35,7 @@ use crate::source::consul::ConsulSourceConfig;
 use crate::source::etcd::EtcdSourceConfig;
 use crate::source::file::FileSourceConfig;
 use crate::source::nacos::NacosSourceConfig;
+use crate::source::nats::NatsSourceConfig;
 use crate::store::DeadLetterCap;
 
 pub use parse::resolve;
@@ -312,6 +313,8 @@ pub enum SourceConfig {
     Consul(ConsulSourceConfig),
     /// `kind = "nacos"`.
     Nacos(NacosSourceConfig),
+    /// `kind = "nats"`.
+    Nats(NatsSourceConfig),
 }
 
 impl SourceConfig {
@@ -322,11 +325,12 @@ impl SourceConfig {
             SourceConfig::Etcd(c) => &c.name,
             SourceConfig::Consul(c) => &c.name,
             SourceConfig::Nacos(c) => &c.name,
+            SourceConfig::Nats(c) => &c.name,
         }
     }
 
     /// Whether the store keeps a revision history a watch can resume in
-    /// (etcd); other sources relist after a gap.
+    /// (etcd, NATS key-value); other sources relist after a gap.
     pub fn has_history(&self) -> bool {
         self.history_identity().is_some()
     }
@@ -337,6 +341,11 @@ impl SourceConfig {
     pub fn history_identity(&self) -> Option<String> {
         match self {
             SourceConfig::Etcd(c) => Some(format!("etcd prefix={:?}", c.prefix)),
+            // A recreated bucket keeps this identity; the source notices
+            // it from the stream itself (J3).
+            SourceConfig::Nats(c) => {
+                Some(format!("nats bucket={:?} prefix={:?}", c.bucket, c.prefix))
+            }
             _ => None,
         }
     }

@@ -30,6 +30,8 @@ mod languages;
 mod lifecycle;
 mod loopback;
 mod nacos_source;
+mod nats_harness;
+mod nats_source;
 mod platform;
 mod plugins;
 mod pool;

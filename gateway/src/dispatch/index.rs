@@ -212,7 +212,10 @@ impl SourceKeys {
     /// Record `events` in the index (the store takes them from there). Each
     /// event's key becomes the index's own copy of it, so queueing copies
     /// no key and no thread frees a key another thread allocated (a
-    /// cross-thread free takes the allocator's arena lock).
+    /// cross-thread free takes the allocator's arena lock). An event of a
+    /// source with history that comes without its previous value (a store
+    /// whose changes do not carry it) gets the indexed value, when the index
+    /// holds the key at an earlier revision: that is the value it replaces.
     pub(super) fn apply(&mut self, events: &mut [Event]) {
         for e in events {
             let entry = KeyEntry {
@@ -233,13 +236,15 @@ impl SourceKeys {
             let was_tombstone = match self.map.entry(e.key.clone()) {
                 std::collections::btree_map::Entry::Occupied(mut slot) => {
                     e.key = slot.key().clone();
-                    let old = slot.insert(entry);
-                    // A source that does not know the previous value (etcd
-                    // once it is compacted) gets the one delivered before.
-                    if e.prev_value.is_none() && old.seq < e.seq {
-                        e.prev_value = old.value.clone();
+                    // A source with history that does not know the previous
+                    // value (etcd once it is compacted, NATS KV always)
+                    // gets the one delivered before; a replay of what the
+                    // index already holds learns nothing.
+                    if self.revisioned && e.prev_value.is_none() && slot.get().revision < e.revision
+                    {
+                        e.prev_value = slot.get().value.clone();
                     }
-                    Some(old.value.is_none())
+                    Some(slot.insert(entry).value.is_none())
                 }
                 std::collections::btree_map::Entry::Vacant(slot) => {
                     slot.insert(entry);
@@ -484,6 +489,35 @@ mod tests {
         // Put back, the tombstone is gone.
         k.apply(&mut [Event::put(&src, "a", Bytes::from_static(b"4"), 5)]);
         assert_eq!(k.tombstones, 0);
+    }
+
+    #[test]
+    fn a_change_without_its_previous_value_gets_the_indexed_one() {
+        let src: Arc<str> = Arc::from("s");
+        let mut k = keys();
+        k.apply(&mut [Event::put(&src, "a", Bytes::from_static(b"1"), 1)]);
+        let mut later = vec![
+            Event::put(&src, "a", Bytes::from_static(b"2"), 2),
+            Event::delete(&src, "a", 3),
+            Event::put(&src, "a", Bytes::from_static(b"4"), 4),
+            // A replay of what the index already holds learns nothing.
+            Event::put(&src, "a", Bytes::from_static(b"2"), 2),
+            // A previous value the store sent is kept.
+            Event::put(&src, "a", Bytes::from_static(b"5"), 5)
+                .with_prev(Some(Bytes::from_static(b"store"))),
+        ];
+        k.apply(&mut later);
+        let prev: Vec<Option<&[u8]>> = later.iter().map(|e| e.prev_value.as_deref()).collect();
+        assert_eq!(
+            prev,
+            [
+                Some(&b"1"[..]),
+                Some(&b"2"[..]),
+                None,
+                None,
+                Some(&b"store"[..])
+            ]
+        );
     }
 
     #[test]
