@@ -34,6 +34,7 @@ use crate::source::consul::ConsulSource;
 use crate::source::etcd::EtcdSource;
 use crate::source::file::FileSource;
 use crate::source::nacos::NacosSource;
+use crate::source::zookeeper::ZookeeperSource;
 use crate::source::{Source, SourceContext, SourceStatus};
 use crate::store::Store;
 use crate::telemetry::{Metrics, RepeatLog};
@@ -69,6 +70,7 @@ fn build_source(config: &SourceConfig) -> Box<dyn Source> {
         SourceConfig::Etcd(c) => Box::new(EtcdSource::new(c.clone())),
         SourceConfig::Consul(c) => Box::new(ConsulSource::new(c.clone())),
         SourceConfig::Nacos(c) => Box::new(NacosSource::new(c.clone())),
+        SourceConfig::Zookeeper(c) => Box::new(ZookeeperSource::new(c.clone())),
     }
 }
 

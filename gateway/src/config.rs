@@ -35,6 +35,7 @@ use crate::source::consul::ConsulSourceConfig;
 use crate::source::etcd::EtcdSourceConfig;
 use crate::source::file::FileSourceConfig;
 use crate::source::nacos::NacosSourceConfig;
+use crate::source::zookeeper::ZookeeperSourceConfig;
 use crate::store::DeadLetterCap;
 
 pub use parse::resolve;
@@ -312,6 +313,8 @@ pub enum SourceConfig {
     Consul(ConsulSourceConfig),
     /// `kind = "nacos"`.
     Nacos(NacosSourceConfig),
+    /// `kind = "zookeeper"`.
+    Zookeeper(ZookeeperSourceConfig),
 }
 
 impl SourceConfig {
@@ -322,6 +325,7 @@ impl SourceConfig {
             SourceConfig::Etcd(c) => &c.name,
             SourceConfig::Consul(c) => &c.name,
             SourceConfig::Nacos(c) => &c.name,
+            SourceConfig::Zookeeper(c) => &c.name,
         }
     }
 

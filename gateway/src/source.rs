@@ -11,6 +11,7 @@ pub mod consul;
 pub mod etcd;
 pub mod file;
 pub mod nacos;
+pub mod zookeeper;
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -25,6 +25,7 @@ use crate::source::consul::ConsulSourceConfig;
 use crate::source::etcd::EtcdSourceConfig;
 use crate::source::file::FileSourceConfig;
 use crate::source::nacos::NacosSourceConfig;
+use crate::source::zookeeper::ZookeeperSourceConfig;
 use crate::store::DeadLetterCap;
 
 impl ConfigError {
@@ -232,7 +233,7 @@ impl Config {
                 Some(_) => return Err(err("`kind` must be a string".into())),
                 None => {
                     return Err(err(
-                        "missing key `kind` (one of: \"file\", \"etcd\", \"consul\", \"nacos\")"
+                        "missing key `kind` (one of: \"file\", \"etcd\", \"consul\", \"nacos\", \"zookeeper\")"
                             .into(),
                     ));
                 }
@@ -269,9 +270,16 @@ impl Config {
                     c.validate().map_err(err)?;
                     SourceConfig::Nacos(c)
                 }
+                "zookeeper" => {
+                    let c: ZookeeperSourceConfig = table
+                        .try_into()
+                        .map_err(|e: toml::de::Error| err(e.message().trim().to_owned()))?;
+                    c.validate().map_err(err)?;
+                    SourceConfig::Zookeeper(c)
+                }
                 other => {
                     return Err(err(format!(
-                        "unknown source kind {other:?} (known: \"file\", \"etcd\", \"consul\", \"nacos\")"
+                        "unknown source kind {other:?} (known: \"file\", \"etcd\", \"consul\", \"nacos\", \"zookeeper\")"
                     )));
                 }
             };
