@@ -291,37 +291,28 @@ impl Watcher {
         }
     }
 
-    /// One session: arm the watch, then list and follow, listing again
-    /// after every reconnection, until the session ends.
+    /// One session: arm the watch, then list and follow, arming and
+    /// listing again after every reconnection, until the session ends.
     async fn session(&mut self, client: &Client) -> End {
-        // Z1: the watch is armed before the first listing, so nothing
-        // that changes while listing goes unnoticed.
-        let mut watch = tokio::select! {
-            _ = self.ctx.shutdown.cancelled() => return End::Shutdown,
-            w = client.watch(&self.config.root, AddWatchMode::PersistentRecursive) => match w {
-                Ok(w) => w,
-                Err(e) => return match End::of(client, &e) {
-                    End::Failed(e) => End::Failed(format!("cannot watch {:?}: {e}", self.config.root)),
-                    other => other,
-                },
-            },
-        };
         let mut state = client.state_watcher();
         let mut lost_logged = false;
         loop {
-            let end = match self.sync(client, &mut watch).await {
-                Ok(()) => {
-                    self.ctx.status.set_connected(true);
-                    self.ctx.status.set_synced();
-                    lost_logged = false;
-                    self.follow(client, &mut watch).await
-                }
+            let end = match self.watch(client).await {
+                Ok(mut watch) => match self.sync(client, &mut watch).await {
+                    Ok(()) => {
+                        self.ctx.status.set_connected(true);
+                        self.ctx.status.set_synced();
+                        lost_logged = false;
+                        self.follow(client, &mut watch).await
+                    }
+                    Err(end) => end,
+                },
                 Err(end) => end,
             };
             match end {
-                // Z4: the client reconnects by itself and re-arms the
-                // watch, but what changed meanwhile was never notified:
-                // wait for the connection, then list again.
+                // Z4: the client reconnects by itself, keeping the
+                // session, but what changed meanwhile was never notified:
+                // wait for the connection, then arm and list again.
                 End::Disconnected => {
                     self.ctx.status.set_connected(false);
                     self.ctx
@@ -352,9 +343,31 @@ impl Watcher {
                             _ = state.changed() => {}
                         }
                     }
+                    tracing::debug!(source = %self.ctx.name, "Reconnected to ZooKeeper; listing again.");
                 }
                 other => return other,
             }
+        }
+    }
+
+    /// Z1: arm the persistent recursive watch on the root, before any
+    /// listing, so nothing that changes while listing goes unnoticed. Armed
+    /// anew after every reconnection (Z4): zookeeper-client 0.11.2 re-sends
+    /// only one-shot watches when it reconnects (its `resend_watches`
+    /// never picks SetWatches2), so the server would otherwise forget the
+    /// persistent watch. The previous watcher is dropped before this is
+    /// called, so a removal it may send reaches the server first; adding
+    /// the same watch twice is harmless either way.
+    async fn watch(&self, client: &Client) -> Result<PersistentWatcher, End> {
+        let root = &self.config.root;
+        tokio::select! {
+            _ = self.ctx.shutdown.cancelled() => Err(End::Shutdown),
+            w = client.watch(root, AddWatchMode::PersistentRecursive) => w.map_err(|e| {
+                match End::of(client, &e) {
+                    End::Failed(e) => End::Failed(format!("cannot watch {root:?}: {e}")),
+                    other => other,
+                }
+            }),
         }
     }
 
@@ -391,6 +404,7 @@ impl Watcher {
             .map(|(path, n)| Event::put(&self.ctx.name, path.as_str(), n.value.clone(), n.mzxid))
             .collect();
         self.nodes = nodes;
+        tracing::debug!(source = %self.ctx.name, znodes = self.nodes.len(), revision, "Listed the subtree.");
         self.ctx.emit_snapshot_at(revision, events);
         Ok(())
     }

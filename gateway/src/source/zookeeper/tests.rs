@@ -72,7 +72,7 @@ fn validation_names_the_problem() {
         ),
         (
             "servers = [\"h:1\"]\nroot = \"/a\"\nsession_timeout = 5\n",
-            "session_timeout",
+            "expected a duration",
         ),
         (
             "servers = [\"h:1\"]\nroot = \"/a\"\nusername = \"u\"\n",
