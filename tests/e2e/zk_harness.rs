@@ -165,11 +165,22 @@ fn ruok(port: u16) -> Option<bool> {
 pub struct Zk {
     rt: tokio::runtime::Runtime,
     client: Client,
+    acls: zookeeper_client::Acls<'static>,
 }
 
 impl Zk {
     /// Connect to `server` (`host:port`).
     pub fn connect(server: &str) -> Zk {
+        Self::connect_with(server, None)
+    }
+
+    /// Connect to `server` with digest credentials `user:password`; the
+    /// znodes it creates are then readable only by that identity.
+    pub fn connect_as(server: &str, credentials: &str) -> Zk {
+        Self::connect_with(server, Some(credentials))
+    }
+
+    fn connect_with(server: &str, credentials: Option<&str>) -> Zk {
         // The client's connection task must run between calls too (it
         // answers the server's pings), so not a current-thread runtime.
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -177,21 +188,26 @@ impl Zk {
             .enable_all()
             .build()
             .unwrap();
+        let mut connector = Client::connector().with_session_timeout(Duration::from_secs(4));
+        if let Some(c) = credentials {
+            connector = connector.with_auth("digest", c.as_bytes());
+        }
         let client = rt
-            .block_on(
-                Client::connector()
-                    .with_session_timeout(Duration::from_secs(4))
-                    .connect(server),
-            )
+            .block_on(connector.connect(server))
             .expect("connect to ZooKeeper");
-        Zk { rt, client }
+        let acls = if credentials.is_some() {
+            zookeeper_client::Acls::creator_all()
+        } else {
+            zookeeper_client::Acls::anyone_all()
+        };
+        Zk { rt, client, acls }
     }
 
     /// Create `path` (and missing parents, with empty data) holding
     /// `data`; an existing znode gets `data` set. Returns its mzxid.
     pub fn put(&self, path: &str, data: &str) -> i64 {
         self.rt.block_on(async {
-            let options = CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+            let options = CreateMode::Persistent.with_acls(self.acls);
             let mut at = String::new();
             let parts: Vec<&str> = path[1..].split('/').collect();
             for (i, part) in parts.iter().enumerate() {

@@ -414,3 +414,29 @@ fn zookeeper_a_hundred_reconnects_leave_tasks_and_fds_flat() {
     assert!(lines <= 5, "{lines} warnings for 100 identical resets");
     assert!(g.metric("watchgate_log_suppressed_total{origin=\"source/zk\"}") >= 90.0);
 }
+
+#[test]
+fn zookeeper_digest_credentials_read_a_protected_subtree() {
+    let server = Zookeeper::start();
+    let owner = Zk::connect_as(&server.server(), "reader:s3cret");
+    owner.put("/config/secret", "v1");
+    // Without the credentials the subtree cannot be read: the source says
+    // so and stays unsynced.
+    let mut denied = Gateway::with_sources(&source(&server.server(), "startup = \"degraded\"\n"));
+    denied.spawn();
+    wait_for("the refusal to be reported", DEADLINE, || {
+        let (code, body) = denied.get("/readyz")?;
+        (code == 503 && body.contains("cannot read \\\"/config\\\": not authorized")).then_some(())
+    });
+    drop(denied);
+    let mut g = gateway(
+        &server.server(),
+        "username = \"reader\"\npassword = \"s3cret\"\n",
+    );
+    let events = g.wait_events("event-log", 2, DEADLINE);
+    assert_eq!(fold(&events), owner.tree(ROOT));
+    owner.put("/config/secret", "v2");
+    wait_for("the change", DEADLINE, || {
+        (fold(&g.events("event-log")).get("/config/secret")? == "v2").then_some(())
+    });
+}

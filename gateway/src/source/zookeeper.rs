@@ -208,6 +208,17 @@ impl End {
     }
 }
 
+impl End {
+    /// A failure while reading `path` names it (a missing permission is
+    /// per znode).
+    fn reading(self, path: &str) -> End {
+        match self {
+            End::Failed(e) => End::Failed(format!("cannot read {path:?}: {e}")),
+            other => other,
+        }
+    }
+}
+
 struct Watcher {
     config: ZookeeperSourceConfig,
     ctx: SourceContext,
@@ -377,13 +388,16 @@ impl Watcher {
         let root = self.config.root.clone();
         let listed = tokio::select! {
             _ = self.ctx.shutdown.cancelled() => return Err(End::Shutdown),
-            l = list(client, &root) => l.map_err(|e| End::of(client, &e))?,
+            l = list(client, &root) => l.map_err(|e| End::of(client, &e).reading(&root))?,
         };
         let mut nodes = listed.nodes;
         let mut revision = listed.revision;
         // The listing's deletes (made by the dispatcher's diff) need a
         // revision no lower than the removal of the root itself.
-        revision = revision.max(self.call(client, removal_zxid(client, &root)).await?);
+        revision = revision.max(
+            self.call(client, &root, removal_zxid(client, &root))
+                .await?,
+        );
         let mut fetched = BTreeMap::new();
         self.settle(client, watch, BTreeSet::new(), &mut fetched)
             .await?;
@@ -445,7 +459,7 @@ impl Watcher {
     ) -> Result<(), End> {
         for _ in 0..MAX_ROUNDS {
             for path in std::mem::take(&mut pending) {
-                let f = self.call(client, fetch(client, &path)).await?;
+                let f = self.call(client, &path, fetch(client, &path)).await?;
                 fetched.insert(path, f);
             }
             drain(watch, &mut pending)?;
@@ -454,21 +468,22 @@ impl Watcher {
             }
         }
         for path in pending {
-            let f = self.call(client, fetch(client, &path)).await?;
+            let f = self.call(client, &path, fetch(client, &path)).await?;
             fetched.insert(path, f);
         }
         Ok(())
     }
 
-    /// Await one request, or shutdown.
+    /// Await one request about `path`, or shutdown.
     async fn call<T>(
         &self,
         client: &Client,
+        path: &str,
         request: impl Future<Output = Result<T, zookeeper_client::Error>>,
     ) -> Result<T, End> {
         tokio::select! {
             _ = self.ctx.shutdown.cancelled() => Err(End::Shutdown),
-            r = request => r.map_err(|e| End::of(client, &e)),
+            r = request => r.map_err(|e| End::of(client, &e).reading(path)),
         }
     }
 
