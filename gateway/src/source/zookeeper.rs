@@ -206,9 +206,7 @@ impl End {
             _ => End::Failed(e.to_string()),
         }
     }
-}
 
-impl End {
     /// A failure while reading `path` names it (a missing permission is
     /// per znode).
     fn reading(self, path: &str) -> End {
