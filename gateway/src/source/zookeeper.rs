@@ -233,6 +233,8 @@ impl Watcher {
             let started = Instant::now();
             let end = match self.connect().await {
                 Ok(client) => {
+                    // A session is a sign of life for the start-up deadline.
+                    self.ctx.status.progressed();
                     let end = self.session(&client).await;
                     // Dropping the last handle closes the session and ends
                     // the client's connection task.
@@ -384,9 +386,14 @@ impl Watcher {
     /// to the dispatcher as a snapshot (Z1, Z4).
     async fn sync(&mut self, client: &Client, watch: &mut PersistentWatcher) -> Result<(), End> {
         let root = self.config.root.clone();
+        // Each level of the listing is progress for the start-up deadline.
+        let status = self.ctx.status.clone();
+        let mut on_level = |n| status.listed(n);
         let listed = tokio::select! {
             _ = self.ctx.shutdown.cancelled() => return Err(End::Shutdown),
-            l = list(client, &root) => l.map_err(|e| End::of(client, &e).reading(&root))?,
+            l = list(client, &root, &mut on_level) => {
+                l.map_err(|e| End::of(client, &e).reading(&root))?
+            }
         };
         let mut nodes = listed.nodes;
         let mut revision = listed.revision;

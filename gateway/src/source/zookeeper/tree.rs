@@ -53,12 +53,17 @@ pub(super) fn parent(path: &str) -> &str {
 
 /// Every znode under `root`, the root included, level by level. The
 /// requests of a level are sent together (the client sends them in call
-/// order), so a level costs one round trip. A znode removed between the
-/// listing of its parent and its own read is simply left out.
+/// order), so a level costs one round trip; `on_level` hears how many
+/// znodes each level had. A znode removed between the listing of its
+/// parent and its own read is simply left out.
 ///
 /// # Errors
 /// A failed request other than "no node".
-pub(super) async fn list(client: &Client, root: &str) -> Result<Listing, Error> {
+pub(super) async fn list(
+    client: &Client,
+    root: &str,
+    on_level: &mut (dyn FnMut(usize) + Send),
+) -> Result<Listing, Error> {
     let mut nodes = BTreeMap::new();
     let mut revision = 0;
     let mut level = vec![root.to_owned()];
@@ -89,6 +94,7 @@ pub(super) async fn list(client: &Client, root: &str) -> Result<Listing, Error> 
                 Err(e) => return Err(e),
             }
         }
+        on_level(level.len());
         level = next;
     }
     Ok(Listing { nodes, revision })
