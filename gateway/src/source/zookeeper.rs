@@ -233,8 +233,6 @@ impl Watcher {
             let started = Instant::now();
             let end = match self.connect().await {
                 Ok(client) => {
-                    // A session is a sign of life for the start-up deadline.
-                    self.ctx.status.progressed();
                     let end = self.session(&client).await;
                     // Dropping the last handle closes the session and ends
                     // the client's connection task.
