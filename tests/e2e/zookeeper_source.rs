@@ -426,6 +426,19 @@ fn zookeeper_digest_credentials_read_a_protected_subtree() {
         (code == 503 && body.contains("cannot read \\\"/config\\\": not authorized")).then_some(())
     });
     drop(denied);
+    // Under startup = "fail" the refusal ends the process, naming it.
+    let fail = Gateway::with_sources(&source(&server.server(), "startup_timeout = \"2s\"\n"));
+    let out = Command::new(env!("CARGO_BIN_EXE_watchgate"))
+        .args(["run", "--config"])
+        .arg(fail.config_path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot read \"/config\": not authorized"),
+        "{err}"
+    );
     let mut g = gateway(
         &server.server(),
         "username = \"reader\"\npassword = \"s3cret\"\n",
