@@ -35,6 +35,7 @@ use crate::source::etcd::EtcdSource;
 use crate::source::file::FileSource;
 use crate::source::nacos::NacosSource;
 use crate::source::nats::NatsSource;
+use crate::source::zookeeper::ZookeeperSource;
 use crate::source::{Source, SourceContext, SourceStatus};
 use crate::store::Store;
 use crate::telemetry::{Metrics, RepeatLog};
@@ -71,6 +72,7 @@ fn build_source(config: &SourceConfig) -> Box<dyn Source> {
         SourceConfig::Consul(c) => Box::new(ConsulSource::new(c.clone())),
         SourceConfig::Nacos(c) => Box::new(NacosSource::new(c.clone())),
         SourceConfig::Nats(c) => Box::new(NatsSource::new(c.clone())),
+        SourceConfig::Zookeeper(c) => Box::new(ZookeeperSource::new(c.clone())),
     }
 }
 

@@ -36,6 +36,7 @@ use crate::source::etcd::EtcdSourceConfig;
 use crate::source::file::FileSourceConfig;
 use crate::source::nacos::NacosSourceConfig;
 use crate::source::nats::NatsSourceConfig;
+use crate::source::zookeeper::ZookeeperSourceConfig;
 use crate::store::DeadLetterCap;
 
 pub use parse::resolve;
@@ -315,6 +316,8 @@ pub enum SourceConfig {
     Nacos(NacosSourceConfig),
     /// `kind = "nats"`.
     Nats(NatsSourceConfig),
+    /// `kind = "zookeeper"`.
+    Zookeeper(ZookeeperSourceConfig),
 }
 
 impl SourceConfig {
@@ -326,6 +329,7 @@ impl SourceConfig {
             SourceConfig::Consul(c) => &c.name,
             SourceConfig::Nacos(c) => &c.name,
             SourceConfig::Nats(c) => &c.name,
+            SourceConfig::Zookeeper(c) => &c.name,
         }
     }
 

@@ -12,8 +12,9 @@ use watchgate::cli::{Cli, Command, LogFormat, PluginCommand, StateCommand};
 use watchgate::config::Config;
 
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("WATCHGATE_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,wasmtime=warn,cranelift=warn"));
+    let filter = EnvFilter::try_from_env("WATCHGATE_LOG").unwrap_or_else(|_| {
+        EnvFilter::new("info,wasmtime=warn,cranelift=warn,zookeeper_client=warn")
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

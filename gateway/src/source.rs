@@ -12,6 +12,7 @@ pub mod etcd;
 pub mod file;
 pub mod nacos;
 pub mod nats;
+pub mod zookeeper;
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -41,3 +41,5 @@ mod support;
 mod support_lang;
 mod templates;
 mod version;
+mod zk_harness;
+mod zookeeper_source;

@@ -26,6 +26,7 @@ use crate::source::etcd::EtcdSourceConfig;
 use crate::source::file::FileSourceConfig;
 use crate::source::nacos::NacosSourceConfig;
 use crate::source::nats::NatsSourceConfig;
+use crate::source::zookeeper::ZookeeperSourceConfig;
 use crate::store::DeadLetterCap;
 
 impl ConfigError {
@@ -233,7 +234,7 @@ impl Config {
                 Some(_) => return Err(err("`kind` must be a string".into())),
                 None => {
                     return Err(err(
-                        "missing key `kind` (one of: \"file\", \"etcd\", \"consul\", \"nacos\", \"nats\")"
+                        "missing key `kind` (one of: \"file\", \"etcd\", \"consul\", \"nacos\", \"nats\", \"zookeeper\")"
                             .into(),
                     ));
                 }
@@ -280,9 +281,16 @@ impl Config {
                     }
                     SourceConfig::Nats(c)
                 }
+                "zookeeper" => {
+                    let c: ZookeeperSourceConfig = table
+                        .try_into()
+                        .map_err(|e: toml::de::Error| err(e.message().trim().to_owned()))?;
+                    c.validate().map_err(err)?;
+                    SourceConfig::Zookeeper(c)
+                }
                 other => {
                     return Err(err(format!(
-                        "unknown source kind {other:?} (known: \"file\", \"etcd\", \"consul\", \"nacos\", \"nats\")"
+                        "unknown source kind {other:?} (known: \"file\", \"etcd\", \"consul\", \"nacos\", \"nats\", \"zookeeper\")"
                     )));
                 }
             };

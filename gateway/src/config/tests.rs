@@ -63,10 +63,10 @@ fn unknown_source_key_names_the_source_and_line() {
 
 #[test]
 fn rejects_unknown_kind_and_duplicate_names() {
-    let err = parse("[[source]]\nname = \"a\"\nkind = \"zookeeper\"\n")
+    let err = parse("[[source]]\nname = \"a\"\nkind = \"redis\"\n")
         .unwrap_err()
         .to_string();
-    assert!(err.contains("unknown source kind \"zookeeper\""), "{err}");
+    assert!(err.contains("unknown source kind \"redis\""), "{err}");
     let err = parse(
         "[[source]]\nname = \"a\"\nkind = \"file\"\npath = \"x\"\n[[source]]\nname = \"a\"\nkind = \"file\"\npath = \"y\"\n",
     )
