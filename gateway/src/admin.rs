@@ -2,7 +2,7 @@
 //!
 //! Owns the hyper server and the routes `GET /livez`, `/readyz`,
 //! `/metrics`, `/v1/plugins`, `/v1/sources`, `/v1/cluster`,
-//! `/v1/plugins/NAME/dead-letters`,
+//! `/v1/plugins/NAME/dead-letters`, `/v1/trace` ([`trace`]),
 //! and, with the bearer token, `POST /v1/reload`,
 //! `POST /v1/plugins/NAME/dead-letters/replay` and
 //! `DELETE /v1/plugins/NAME/dead-letters`. Read handlers only read shared status; they must never
@@ -30,6 +30,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+mod trace;
 
 use crate::dispatch::{Dispatcher, PluginReport};
 use crate::plugin_dir::{CompilingNow, LoaderStatus, Rejection};
@@ -591,8 +593,11 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned);
                     let (path, query) = (req.uri().path(), req.uri().query());
+                    let read = req.method() == Method::GET || req.method() == Method::HEAD;
                     let r = if req.method() == Method::POST && path == "/v1/reload" {
                         reload(&state, auth.as_deref()).await
+                    } else if read && path == "/v1/trace" {
+                        trace::trace(&state, query)
                     } else if let Some(r) =
                         dead_letters(&state, req.method(), path, query, auth.as_deref())
                     {

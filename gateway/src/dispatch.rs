@@ -32,6 +32,7 @@
 //! * [`failure`]: retries, dead letters, quarantine.
 //! * [`ownership`]: cluster park, activate and fencing.
 //! * [`report`]: what `/v1/plugins` shows.
+//! * [`trace`]: where one change stands for every plugin (`/v1/trace`).
 //!
 //! This module must not parse files or compile code.
 
@@ -45,6 +46,7 @@ mod report;
 mod route;
 mod state;
 mod thread;
+pub mod trace;
 mod worker;
 
 use std::sync::Arc;

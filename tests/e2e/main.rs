@@ -38,4 +38,5 @@ mod scaffold;
 mod support;
 mod support_lang;
 mod templates;
+mod trace;
 mod version;
