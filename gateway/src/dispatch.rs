@@ -32,6 +32,7 @@
 //! * [`failure`]: retries, dead letters, quarantine.
 //! * [`ownership`]: cluster park, activate and fencing.
 //! * [`report`]: what `/v1/plugins` shows.
+//! * [`tail`]: every delivered change, for the live tail.
 //! * [`trace`]: where one change stands for every plugin (`/v1/trace`).
 //!
 //! This module must not parse files or compile code.
@@ -45,6 +46,7 @@ pub mod queue;
 mod report;
 mod route;
 mod state;
+pub mod tail;
 mod thread;
 pub mod trace;
 mod worker;
@@ -87,6 +89,8 @@ pub struct Dispatcher {
     /// Threads shared by quick plugins once there are more plugins than
     /// cores.
     pool: Arc<pool::Pool<Worker>>,
+    /// Every delivered change, for the live tail.
+    tail: tail::TailSender,
 }
 
 impl Drop for Dispatcher {
@@ -131,6 +135,7 @@ impl Dispatcher {
             pool: pool::Pool::start(
                 std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
             ),
+            tail: tail::channel(),
         })
     }
 

@@ -137,6 +137,8 @@ impl SourceContext {
 /// Live health of one source. Cheap to read from any thread.
 pub struct SourceStatus {
     name: Arc<str>,
+    /// The configured kind (`file`, `etcd`, …), set once when it starts.
+    kind: std::sync::OnceLock<&'static str>,
     connected: AtomicBool,
     synced: AtomicBool,
     revision: AtomicU64,
@@ -151,6 +153,8 @@ pub struct SourceStatus {
 pub struct SourceReport {
     /// Source name.
     pub name: String,
+    /// Its kind (`file`, `etcd`, `consul`, `nacos`), when known.
+    pub kind: Option<&'static str>,
     /// Holding a live connection or watch.
     pub connected: bool,
     /// Initial sync delivered.
@@ -168,6 +172,7 @@ impl SourceStatus {
         let handles = SourceHandles::new(&metrics, &name);
         SourceStatus {
             name,
+            kind: std::sync::OnceLock::new(),
             connected: AtomicBool::new(false),
             synced: AtomicBool::new(false),
             revision: AtomicU64::new(0),
@@ -176,6 +181,11 @@ impl SourceStatus {
             handles,
             metrics,
         }
+    }
+
+    /// Record the source's configured kind (the first call counts).
+    pub fn set_kind(&self, kind: &'static str) {
+        let _ = self.kind.set(kind);
     }
 
     /// The source connected (or lost its connection).
@@ -242,6 +252,7 @@ impl SourceStatus {
     pub fn report(&self) -> SourceReport {
         SourceReport {
             name: self.name.to_string(),
+            kind: self.kind.get().copied(),
             connected: self.is_connected(),
             synced: self.is_synced(),
             revision: self.revision.load(Ordering::SeqCst),

@@ -257,3 +257,31 @@ impl Worker {
             .find(|l| l.seq >= at && l.event.source == source && l.event.key == key)
     }
 }
+
+/// How far the plugins of one source are behind it.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct SourceLag {
+    /// The highest position the source reached.
+    pub position: u64,
+    /// Positions the slowest running plugin subscribed to it has not
+    /// handled yet (0 when every one is caught up, or none subscribes).
+    pub lag: u64,
+}
+
+impl Dispatcher {
+    /// How far the running plugins of `source` are behind it.
+    pub fn source_lag(&self, source: &str) -> SourceLag {
+        let position = self.last_position(source);
+        let slowest = self
+            .roster
+            .load()
+            .iter()
+            .filter(|w| w.takes_from(source))
+            .filter_map(|w| w.cursor(source))
+            .min();
+        SourceLag {
+            position,
+            lag: slowest.map_or(0, |c| position.saturating_sub(c)),
+        }
+    }
+}
