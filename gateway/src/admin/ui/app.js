@@ -69,6 +69,15 @@ function bytes(n) {
   return (n / (1 << 20)).toFixed(1) + " MiB";
 }
 
+// A long message (a trap with its backtrace) as its first and last lines,
+// where the cause is, at most 200 characters; the plugin page shows it
+// whole.
+function firstLine(text) {
+  const lines = String(text).split("\n").map((l) => l.trim()).filter(Boolean);
+  const line = lines.length > 1 ? lines[0] + " … " + lines[lines.length - 1] : lines[0] || "";
+  return line.length > 200 ? "…" + line.slice(line.length - 199) : line;
+}
+
 function ago(unixSeconds) {
   if (!unixSeconds) return "–";
   const s = Math.max(0, Date.now() / 1000 - unixSeconds);
@@ -443,7 +452,7 @@ async function loadTrace(out, source, key, revision) {
           p.attempts ? p.attempts + " attempt(s)" : null,
           p.queue_position !== null && p.queue_position !== undefined ? p.queue_position + " ahead in its queue" : null,
           p.dead_letter ? "dead letter " + p.dead_letter : null,
-          p.error ? "error: " + p.error : null,
+          p.error ? "error: " + firstLine(p.error) : null,
         ].filter(Boolean).join(" · ")),
         ui.data.cluster ? h("td", {}, p.owner || "–") : null)))));
 }
