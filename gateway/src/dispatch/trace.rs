@@ -49,7 +49,7 @@ pub struct PluginTrace {
     /// Events ahead of it in the queue (for `queued`), when it is within
     /// the first [`QUEUE_SCAN`].
     pub queue_position: Option<usize>,
-    /// The dead letter's id and message (for `dead_letter`).
+    /// The dead letter's id (for `dead_letter`).
     pub dead_letter: Option<u64>,
     /// The error of the last failed attempt, when known.
     pub error: Option<String>,
@@ -233,13 +233,14 @@ impl Worker {
             t.attempts = Some(r.attempts);
         }
         t.queue_position = self.queue.find(source, key, at, QUEUE_SCAN);
-        if t.status != "queued" || t.queue_position.is_some() {
+        if t.status != "queued" {
+            // Why it is held up, when its last failure was on this key.
             t.error = self
                 .stats
                 .last_failure
                 .lock()
                 .as_ref()
-                .filter(|f| f.key == key && t.status != "queued")
+                .filter(|f| f.key == key)
                 .map(|f| f.message.clone());
         }
         t
