@@ -2,7 +2,8 @@
 //!
 //! Owns the hyper server and the routes `GET /livez`, `/readyz`,
 //! `/metrics`, `/v1/plugins`, `/v1/sources`, `/v1/cluster`,
-//! `/v1/plugins/NAME/dead-letters`,
+//! `/v1/plugins/NAME/dead-letters`, `/v1/trace` ([`trace`]), the live
+//! tail `/v1/events/stream` ([`stream`]), the console under `/ui/` ([`ui`]),
 //! and, with the bearer token, `POST /v1/reload`,
 //! `POST /v1/plugins/NAME/dead-letters/replay` and
 //! `DELETE /v1/plugins/NAME/dead-letters`. Read handlers only read shared status; they must never
@@ -31,6 +32,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+mod stream;
+mod trace;
+mod ui;
+
 use crate::dispatch::{Dispatcher, PluginReport};
 use crate::plugin_dir::{CompilingNow, LoaderStatus, Rejection};
 use crate::source::{SourceReport, SourceStatus};
@@ -48,6 +53,8 @@ pub struct AdminSettings {
     pub token: Option<String>,
     /// Whether a degraded source makes `/readyz` answer 503.
     pub degraded_is_unready: bool,
+    /// Whether the live tail shows values.
+    pub reveal_values: bool,
 }
 
 /// What the handlers read.
@@ -69,6 +76,8 @@ pub struct AdminState {
     /// True until the configured sources have been started (before that the
     /// source list is incomplete and readiness would be vacuous).
     pub starting: std::sync::atomic::AtomicBool,
+    /// Live tail streams open now.
+    pub streams: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The `/readyz` body.
@@ -233,10 +242,20 @@ struct PluginsBody {
     next: Option<String>,
 }
 
+/// A source in `/v1/sources`: its report, and how far its plugins are
+/// behind it.
+#[derive(Debug, Serialize)]
+struct SourceRow {
+    #[serde(flatten)]
+    report: SourceReport,
+    #[serde(flatten)]
+    lag: crate::dispatch::trace::SourceLag,
+}
+
 /// The `/v1/sources` body.
 #[derive(Debug, Serialize)]
 struct SourcesBody {
-    sources: Vec<SourceReport>,
+    sources: Vec<SourceRow>,
     /// The next page, when more sources follow.
     next: Option<String>,
 }
@@ -302,6 +321,13 @@ fn sources_page(state: &AdminState, path: &str, page: &Page) -> Response<Full<By
     let next = more
         .then(|| sources.last().map(|last| page.next(path, &last.name)))
         .flatten();
+    let sources = sources
+        .into_iter()
+        .map(|report| SourceRow {
+            lag: state.dispatcher.source_lag(&report.name),
+            report,
+        })
+        .collect();
     json(StatusCode::OK, &SourcesBody { sources, next })
 }
 
@@ -595,8 +621,16 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned);
                     let (path, query) = (req.uri().path(), req.uri().query());
+                    let read = req.method() == Method::GET || req.method() == Method::HEAD;
+                    if read && path == "/v1/events/stream" {
+                        return Ok::<_, Infallible>(stream::stream(&state));
+                    }
                     let r = if req.method() == Method::POST && path == "/v1/reload" {
                         reload(&state, auth.as_deref()).await
+                    } else if read && path == "/v1/trace" {
+                        trace::trace(&state, query)
+                    } else if let Some(r) = ui::route(req.method(), path) {
+                        r
                     } else if let Some(r) =
                         dead_letters(&state, req.method(), path, query, auth.as_deref())
                     {
@@ -604,7 +638,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
                     } else {
                         route(&state, req.method(), path, query)
                     };
-                    Ok::<_, Infallible>(r)
+                    Ok::<_, Infallible>(r.map(http_body_util::BodyExt::boxed))
                 }
             });
             let _ = hyper::server::conn::http1::Builder::new()

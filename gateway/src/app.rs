@@ -181,6 +181,7 @@ impl App {
             self.metrics.clone(),
             token.clone(),
         );
+        ctx.status.set_kind(entry.spec.kind());
         ctx.resume = entry
             .spec
             .history_identity()
@@ -386,6 +387,7 @@ impl App {
         *self.admin.settings.write() = AdminSettings {
             token: effective.admin.effective_token(),
             degraded_is_unready: effective.gateway.degraded_is_unready,
+            reveal_values: effective.admin.reveal_values,
         };
         self.config = effective.clone();
         // Plugins are re-evaluated against the new config by the loader;
@@ -516,10 +518,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         settings: parking_lot::RwLock::new(AdminSettings {
             token: config.admin.effective_token(),
             degraded_is_unready: config.gateway.degraded_is_unready,
+            reveal_values: config.admin.reveal_values,
         }),
         reload: reload_tx,
         cluster: cluster_report.clone(),
         starting: std::sync::atomic::AtomicBool::new(true),
+        streams: Default::default(),
     });
     {
         let (token, state) = (tasks_token.clone(), admin_state.clone());

@@ -1,5 +1,5 @@
 //! The command line: `run`, `check`, `plugin test`, `plugin new`,
-//! `state reset` and `dead-letters`.
+//! `state reset`, `dead-letters` and `trace`.
 //!
 //! Owns argument parsing and the commands that do not run the gateway
 //! (`check`, `plugin test`, `state reset`, and `dead-letters`, which talks to
@@ -16,9 +16,11 @@ use crate::runtime::Runtime;
 
 pub mod plugin_tools;
 pub mod scaffold;
+pub mod trace;
 
 pub use plugin_tools::plugin_test;
 pub use scaffold::plugin_new;
+pub use trace::trace;
 
 /// watchgate: watch configuration and discovery stores, hand every change to
 /// sandboxed WebAssembly plugins.
@@ -87,6 +89,10 @@ pub enum Command {
         #[command(subcommand)]
         command: DeadLetterCommand,
     },
+    /// Where the latest change of a key (or its change at a revision)
+    /// stands for every plugin of a running gateway: handled, queued,
+    /// retrying, dead-lettered, quarantined, parked or not subscribed.
+    Trace(trace::TraceArgs),
 }
 
 /// `watchgate state …`.

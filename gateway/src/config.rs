@@ -246,6 +246,11 @@ pub struct AdminConfig {
     /// environment variable `WATCHGATE_ADMIN_TOKEN` takes precedence. Without
     /// either, mutating endpoints are disabled.
     pub token: Option<String>,
+    /// Show values (and only then) in the live tail of the console and
+    /// `/v1/events/stream`. Default false: keys, kinds and revisions only.
+    /// Allowed only on a loopback `listen`, so values never leave the host.
+    #[serde(default)]
+    pub reveal_values: bool,
 }
 
 impl AdminConfig {
@@ -267,6 +272,7 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: default_admin_listen(),
             token: None,
+            reveal_values: false,
         }
     }
 }
@@ -330,6 +336,18 @@ impl SourceConfig {
             SourceConfig::Nacos(c) => &c.name,
             SourceConfig::Nats(c) => &c.name,
             SourceConfig::Zookeeper(c) => &c.name,
+        }
+    }
+
+    /// The `kind` as written in the config.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceConfig::File(_) => "file",
+            SourceConfig::Etcd(_) => "etcd",
+            SourceConfig::Consul(_) => "consul",
+            SourceConfig::Nacos(_) => "nacos",
+            SourceConfig::Nats(_) => "nats",
+            SourceConfig::Zookeeper(_) => "zookeeper",
         }
     }
 

@@ -32,6 +32,8 @@
 //! * [`failure`]: retries, dead letters, quarantine.
 //! * [`ownership`]: cluster park, activate and fencing.
 //! * [`report`]: what `/v1/plugins` shows.
+//! * [`tail`]: every delivered change, for the live tail.
+//! * [`trace`]: where one change stands for every plugin (`/v1/trace`).
 //!
 //! This module must not parse files or compile code.
 
@@ -44,7 +46,9 @@ pub mod queue;
 mod report;
 mod route;
 mod state;
+pub mod tail;
 mod thread;
+pub mod trace;
 mod worker;
 
 use std::sync::Arc;
@@ -85,6 +89,8 @@ pub struct Dispatcher {
     /// Threads shared by quick plugins once there are more plugins than
     /// cores.
     pool: Arc<pool::Pool<Worker>>,
+    /// Every delivered change, for the live tail.
+    tail: tail::TailSender,
 }
 
 impl Drop for Dispatcher {
@@ -129,6 +135,7 @@ impl Dispatcher {
             pool: pool::Pool::start(
                 std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
             ),
+            tail: tail::channel(),
         })
     }
 

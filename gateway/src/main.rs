@@ -34,6 +34,7 @@ fn main() -> ExitCode {
             command: StateCommand::Reset { config },
         } => watchgate::cli::state_reset(&config),
         Command::DeadLetters { command } => watchgate::cli::dead_letters(command),
+        Command::Trace(args) => watchgate::cli::trace(&args),
         Command::Plugin {
             command: PluginCommand::Test(args),
         } => watchgate::cli::plugin_test(&args),

@@ -140,6 +140,8 @@ impl SourceContext {
 /// Live health of one source. Cheap to read from any thread.
 pub struct SourceStatus {
     name: Arc<str>,
+    /// The configured kind (`file`, `etcd`, …), set once when it starts.
+    kind: std::sync::OnceLock<&'static str>,
     connected: AtomicBool,
     synced: AtomicBool,
     revision: AtomicU64,
@@ -184,6 +186,8 @@ pub struct SyncProgress {
 pub struct SourceReport {
     /// Source name.
     pub name: String,
+    /// Its kind (`file`, `etcd`, `consul`, `nacos`), when known.
+    pub kind: Option<&'static str>,
     /// Holding a live connection or watch.
     pub connected: bool,
     /// Initial sync delivered.
@@ -204,6 +208,7 @@ impl SourceStatus {
         let handles = SourceHandles::new(&metrics, &name);
         SourceStatus {
             name,
+            kind: std::sync::OnceLock::new(),
             connected: AtomicBool::new(false),
             synced: AtomicBool::new(false),
             revision: AtomicU64::new(0),
@@ -213,6 +218,11 @@ impl SourceStatus {
             metrics,
             sync: Mutex::new(SyncTracker::new()),
         }
+    }
+
+    /// Record the source's configured kind (the first call counts).
+    pub fn set_kind(&self, kind: &'static str) {
+        let _ = self.kind.set(kind);
     }
 
     /// The source connected (or lost its connection).
@@ -322,6 +332,7 @@ impl SourceStatus {
     pub fn report(&self) -> SourceReport {
         SourceReport {
             name: self.name.to_string(),
+            kind: self.kind.get().copied(),
             connected: self.is_connected(),
             synced: self.is_synced(),
             revision: self.revision.load(Ordering::SeqCst),

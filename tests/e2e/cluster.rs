@@ -401,3 +401,47 @@ fn replicas_joining_and_leaving_rebalance_ownership() {
         stopping.elapsed()
     );
 }
+
+#[test]
+fn trace_names_the_owning_replica_of_each_plugin() {
+    let etcd = Etcd::start();
+    let url = etcd.client_url();
+    let mut plugins = names(4);
+    plugins.push("all".into());
+    let mut a = replica(&url, &url, "gw-a", &plugins, "3s");
+    let mut b = replica(&url, &url, "gw-b", &plugins, "3s");
+    a.start();
+    b.start();
+    let four = names(4);
+    let ownership = wait_settled(&mut [&mut a, &mut b], &four);
+    let mut store = Store::connect(std::slice::from_ref(&url));
+    store.put(SENTINEL, "end").unwrap();
+    let path = format!("/v1/trace?source=main&key={}", SENTINEL.replace('/', "%2F"));
+    for (g, mine) in [(&a, &ownership[0]), (&b, &ownership[1])] {
+        let trace = wait_for("the owners to handle the change", DEADLINE, || {
+            let (code, body) = g.get(&path)?;
+            let t: Value = serde_json::from_str(&body).ok().filter(|_| code == 200)?;
+            let settled = t["plugins"].as_array()?.iter().all(|p| {
+                let name = p["plugin"].as_str().unwrap_or("");
+                let want = if name == "all" || mine.contains(name) {
+                    "handled"
+                } else {
+                    "parked"
+                };
+                p["status"] == want
+            });
+            settled.then_some(t)
+        });
+        for p in trace["plugins"].as_array().unwrap() {
+            let name = p["plugin"].as_str().unwrap();
+            let owner = if ownership[0].contains(name) {
+                Some("gw-a")
+            } else if ownership[1].contains(name) {
+                Some("gw-b")
+            } else {
+                None
+            };
+            assert_eq!(p["owner"].as_str(), owner, "{name}: {p}");
+        }
+    }
+}

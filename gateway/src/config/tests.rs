@@ -195,3 +195,24 @@ fn dead_letter_caps_default_and_are_overridden_per_plugin() {
         }
     );
 }
+
+#[test]
+fn reveal_values_is_off_by_default_and_only_on_loopback() {
+    assert!(!parse("").unwrap().admin.reveal_values);
+    let on = parse("[admin]\nlisten = \"127.0.0.1:0\"\nreveal_values = true\n").unwrap();
+    assert!(on.admin.reveal_values);
+    let err = parse("[admin]\nlisten = \"0.0.0.0:9464\"\nreveal_values = true\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("admin.reveal_values") && err.contains("loopback"),
+        "{err}"
+    );
+    let err = parse("[admin]\nreveal_values = \"yes\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("watchgate.toml:2:") && err.contains("boolean"),
+        "{err}"
+    );
+}

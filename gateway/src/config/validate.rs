@@ -17,6 +17,13 @@ use crate::host::http::HostPort;
 /// # Errors
 /// The first problem, naming its key.
 pub(super) fn gateway(config: &Config) -> Result<(), String> {
+    if config.admin.reveal_values && !config.admin.listen.ip().is_loopback() {
+        return Err(format!(
+            "admin.reveal_values: values may be shown only on a loopback admin listener, \
+             not on {}; set admin.listen to 127.0.0.1 or ::1, or leave reveal_values off",
+            config.admin.listen
+        ));
+    }
     if let Some(c) = &config.cluster {
         if c.etcd.is_empty()
             || c.etcd

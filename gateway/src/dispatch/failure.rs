@@ -134,22 +134,30 @@ impl Worker {
             let spec = self.spec.load_full();
             let k = spec.retry.quarantine_after;
             if k > 0 && r.traps >= k {
+                if attempt > 1 {
+                    self.set_retrying(None);
+                }
                 self.enter_quarantine(r.traps, &report);
                 return Handled::Quarantined;
             }
             if report.outcome == Outcome::ok || attempt >= spec.retry.attempts {
                 break;
             }
+            self.set_retrying(Some((event, attempt)));
             if !self.pause(backoff.next_delay()) {
                 // Stopped or parked while waiting to retry: the event stays
                 // pending and is delivered again after a restart (or by the
                 // next owner).
+                self.set_retrying(None);
                 return Handled::Interrupted;
             }
             self.metrics.count_plugin(PluginCounter::Retry, &self.name);
             attempt += 1;
             report = r.sandbox.call(&spec.loaded, event);
             self.record(event, &report);
+        }
+        if attempt > 1 {
+            self.set_retrying(None);
         }
         // The caller completes the event in the queue (with the others of
         // its round).
@@ -289,6 +297,26 @@ impl Worker {
         if let Some(id) = event.dead_letter {
             self.store.remove_dead_letter(&self.name, id);
         }
+        if event.seq > 0 {
+            let ms = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            self.stats
+                .recent
+                .lock()
+                .add(&event.source, &event.key, event.seq, ms);
+        }
+    }
+
+    /// Say (for a trace) that `event` is being retried after `attempts`
+    /// attempts; `None` once it is done with.
+    fn set_retrying(&self, event: Option<(&Event, u32)>) {
+        *self.stats.retrying.lock() = event.map(|(e, attempts)| super::report::Retrying {
+            source: e.source.clone(),
+            key: e.key.clone(),
+            seq: e.seq,
+            attempts,
+        });
     }
 
     /// Wait `delay` unless stopped or parked meanwhile; false then.

@@ -248,6 +248,18 @@ impl EventQueue {
         self.inner.lock().cursors.positions()
     }
 
+    /// Where the first queued event of `key` in `source` at or after
+    /// position `seq` stands (0: next to be taken), looking at no more than
+    /// the first `cap` entries so a trace never holds the lock for long.
+    pub fn find(&self, source: &str, key: &str, seq: u64, cap: usize) -> Option<usize> {
+        let inner = self.inner.lock();
+        inner
+            .entries
+            .iter()
+            .take(cap)
+            .position(|e| e.seq >= seq && *e.source == *source && *e.key == *key)
+    }
+
     fn push_upto(
         &self,
         upto: Option<(&Arc<str>, u64)>,

@@ -37,6 +37,59 @@ pub(super) struct WorkerStats {
     /// Calls by outcome, in the order of [`OUTCOMES`].
     pub(super) calls: [AtomicU64; OUTCOMES.len()],
     pub(super) last_failure: Mutex<Option<LastFailure>>,
+    /// The event being retried now, for `/v1/trace`.
+    pub(super) retrying: Mutex<Option<Retrying>>,
+    /// When recent events were handled, for `/v1/trace`.
+    pub(super) recent: Mutex<RecentHandled>,
+}
+
+/// The event a worker is retrying: its source, key and position, and the
+/// attempts made so far.
+pub(super) struct Retrying {
+    pub(super) source: std::sync::Arc<str>,
+    pub(super) key: std::sync::Arc<str>,
+    pub(super) seq: u64,
+    pub(super) attempts: u32,
+}
+
+/// How many handled events a worker remembers the time of. A trace of an
+/// older change still says it was handled (the cursor is past it), only
+/// without the time.
+pub(super) const RECENT_HANDLED: usize = 256;
+
+/// A ring of the most recently handled events: (source, key, position,
+/// Unix milliseconds). Cheap to add to on the worker's thread (one
+/// uncontended lock, no allocation once full), read only by a trace.
+#[derive(Default)]
+pub(super) struct RecentHandled {
+    ring: std::collections::VecDeque<(std::sync::Arc<str>, std::sync::Arc<str>, u64, u64)>,
+}
+
+impl RecentHandled {
+    /// `seq` of `key` was handled at `at_ms`.
+    pub(super) fn add(
+        &mut self,
+        source: &std::sync::Arc<str>,
+        key: &std::sync::Arc<str>,
+        seq: u64,
+        at_ms: u64,
+    ) {
+        if self.ring.len() == RECENT_HANDLED {
+            self.ring.pop_front();
+        }
+        self.ring
+            .push_back((source.clone(), key.clone(), seq, at_ms));
+    }
+
+    /// When the newest handling of `key` at or after position `seq` was,
+    /// if it is still remembered.
+    pub(super) fn when(&self, source: &str, key: &str, seq: u64) -> Option<u64> {
+        self.ring
+            .iter()
+            .rev()
+            .find(|(s, k, at, _)| **s == *source && **k == *key && *at >= seq)
+            .map(|(_, _, _, ms)| *ms)
+    }
 }
 
 /// The quarantine in `/v1/plugins`.

@@ -174,6 +174,12 @@ impl EventSink for Dispatcher {
         let (mut changes, had_scope) = keys.diff(&name, scope, revision, upto, events);
         keys.apply(&mut changes);
         cache.wake(&self.store);
+        let roster = self.roster.load();
+        self.publish_tail(
+            source,
+            &changes,
+            roster.iter().filter(|w| !w.skips(source, &w.spec.load())),
+        );
         for w in self.workers.iter() {
             let spec = w.spec.load();
             if w.skips(source, &spec) {
@@ -211,6 +217,7 @@ impl EventSink for Dispatcher {
             .iter()
             .filter(|w| !w.skips(source, &w.spec.load()))
             .collect();
+        self.publish_tail(source, &events, takers.iter().copied());
         // Every plugin but the last gets copies; the last takes the events.
         let mut events = Some(events);
         for (i, w) in takers.iter().enumerate() {

@@ -268,4 +268,19 @@ impl Store {
         })
         .unwrap_or_default()
     }
+
+    /// The newest `limit` dead letters of `plugin`, newest first (only
+    /// they are read).
+    pub fn newest_dead_letters(&self, plugin: &str, limit: usize) -> Vec<DeadLetter> {
+        self.read(|r| {
+            let t = r.open_table(DEAD_LETTERS)?;
+            let mut out = Vec::new();
+            for item in t.range((plugin, 0)..=(plugin, u64::MAX))?.rev().take(limit) {
+                let (_, v) = item?;
+                out.extend(decode_dead_letter(v.value()));
+            }
+            Ok(out)
+        })
+        .unwrap_or_default()
+    }
 }

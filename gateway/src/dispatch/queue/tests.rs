@@ -343,3 +343,20 @@ fn folding_still_works_after_the_queue_drained_and_filled_again() {
         );
     }
 }
+
+#[test]
+fn find_gives_a_keys_place_within_the_cap() {
+    let src: Arc<str> = Arc::from("s");
+    let q = EventQueue::new(100);
+    let at = |k: &str, seq| {
+        let mut e = put(k, "v", seq);
+        e.seq = seq;
+        e
+    };
+    q.push_batch(&src, 3, [at("a", 1), at("b", 2), at("a", 3)]);
+    assert_eq!(q.find("s", "b", 2, 10), Some(1));
+    // The change at or after position 3 of `a`, not its older one.
+    assert_eq!(q.find("s", "a", 3, 10), Some(2));
+    assert_eq!(q.find("s", "a", 3, 2), None, "beyond the cap");
+    assert_eq!(q.find("t", "a", 1, 10), None, "another source");
+}
