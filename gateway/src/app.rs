@@ -278,27 +278,7 @@ impl App {
                 && r.entry.common.startup == StartupPolicy::Fail
                 && !r.status.is_synced()
                 && r.status.idle_for() >= timeout;
-            overdue.then(|| {
-                let report = r.status.report();
-                let reason = report.last_error.as_deref().unwrap_or("no error reported");
-                let sync = report.sync.unwrap_or_default();
-                if !report.connected && sync.pages == 0 {
-                    anyhow::anyhow!(
-                        "source {:?} did not connect within {timeout:?} (startup = \"fail\"): {reason}",
-                        report.name,
-                    )
-                } else {
-                    anyhow::anyhow!(
-                        "source {:?} made no progress in its initial sync for {timeout:?} \
-                         (startup = \"fail\"): {} keys in {} pages listed in {:.1}s, connected: {}; {reason}",
-                        report.name,
-                        sync.keys_listed,
-                        sync.pages,
-                        sync.elapsed_ms as f64 / 1000.0,
-                        report.connected,
-                    )
-                }
-            })
+            overdue.then(|| anyhow::anyhow!("{}", r.status.stalled_sync(timeout)))
         })
     }
 

@@ -264,6 +264,30 @@ impl SourceStatus {
         self.sync.lock().progress_at = Instant::now();
     }
 
+    /// Why a fail-policy start gives up after `timeout` without progress:
+    /// it never connected, or how far its listing got.
+    pub fn stalled_sync(&self, timeout: Duration) -> String {
+        let report = self.report();
+        let reason = report.last_error.as_deref().unwrap_or("no error reported");
+        let sync = report.sync.unwrap_or_default();
+        if !report.connected && sync.pages == 0 {
+            format!(
+                "source {:?} did not connect within {timeout:?} (startup = \"fail\"): {reason}",
+                report.name,
+            )
+        } else {
+            format!(
+                "source {:?} made no progress in its initial sync for {timeout:?} \
+                 (startup = \"fail\"): {} keys in {} pages listed in {:.1}s, connected: {}; {reason}",
+                report.name,
+                sync.keys_listed,
+                sync.pages,
+                sync.elapsed_ms as f64 / 1000.0,
+                report.connected,
+            )
+        }
+    }
+
     /// How long since the source last made progress (started, connected,
     /// or received a page).
     pub fn idle_for(&self) -> Duration {
