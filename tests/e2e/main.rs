@@ -39,6 +39,7 @@ mod plugins;
 mod pool;
 mod runtime_limits;
 mod scaffold;
+mod scale;
 mod support;
 mod support_lang;
 mod templates;
