@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use etcd_client::{Client, Txn, TxnOp};
 use parking_lot::Mutex;
 
-use super::process::{Proc, wait_file};
+use super::process::{Proc, rss_kib, wait_file};
 use super::{BenchArgs, CaseResult, Check, Samples, free_port, percentile};
 
 /// `etcd --version`, when etcd is installed.
@@ -410,16 +410,6 @@ pub(super) fn scale_sync(args: &BenchArgs) -> anyhow::Result<CaseResult> {
         checks,
         |_| Default::default(),
     ))
-}
-
-/// Resident memory of process `pid`, in KiB.
-fn rss_kib(pid: u32) -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS for {pid}"))
 }
 
 /// Scale: many distinct keys changing at a steady rate.

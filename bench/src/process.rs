@@ -130,13 +130,7 @@ impl Proc {
 
     /// Resident memory of the process, KiB.
     pub(super) fn rss_kib(&self) -> anyhow::Result<f64> {
-        let pid = self.child.as_ref().map(Child::id).unwrap_or(0);
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("no VmRSS for {pid}"))
+        rss_kib(self.child.as_ref().map(Child::id).unwrap_or(0))
     }
 
     /// SIGTERM and wait.
@@ -313,4 +307,14 @@ pub(super) fn cold_start(args: &BenchArgs) -> anyhow::Result<CaseResult> {
             (None, r, Some(cached < 300.0))
         },
     ))
+}
+
+/// Resident memory of process `pid`, in KiB.
+pub(super) fn rss_kib(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS for {pid}"))
 }
