@@ -152,6 +152,8 @@ impl Runner {
             Scan::Replaced => return Err(fail(&"it was replaced during the initial scan")),
         };
         self.ctx.status.set_connected(true);
+        // The scan is the listing: one page, for the sync's report.
+        self.ctx.status.listed(snapshot.files.len());
         // The initial snapshot is the first revision (1, or one past what an
         // earlier run reached) even when it is empty, and is delivered as
         // the source's full state (the dispatcher diffs it against what an
