@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::etcd_source::{Change, changes};
 use crate::fault_proxy::FaultProxy;
 use crate::nats_harness::{Kv, Nats};
 use crate::support::{Gateway, wait_for};
@@ -22,9 +23,6 @@ const SENTINEL: &str = "zz-sentinel";
 /// Values kept per key: enough that no test's writes push one out, so a
 /// resume never has a reason to relist.
 const HISTORY: i64 = 64;
-
-/// (kind, key, value, revision).
-type Change = (String, String, Option<String>, u64);
 
 fn nats_source(url: &str, extra: &str) -> String {
     format!(
@@ -38,20 +36,6 @@ fn gateway(sources: &str) -> Gateway {
     g.install_event_log("event-log");
     g.start();
     g
-}
-
-fn changes(events: &[Value]) -> Vec<Change> {
-    events
-        .iter()
-        .map(|e| {
-            (
-                e["kind"].as_str().unwrap().to_owned(),
-                e["key"].as_str().unwrap().to_owned(),
-                e["value"].as_str().map(str::to_owned),
-                e["revision"].as_u64().unwrap(),
-            )
-        })
-        .collect()
 }
 
 fn change(kind: &str, key: &str, value: Option<&str>, rev: u64) -> Change {
