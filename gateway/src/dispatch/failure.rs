@@ -13,6 +13,7 @@
 //! first), but for trimming the dead letters to the caps of a version being
 //! installed, and must not route events.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -240,22 +241,36 @@ impl Worker {
     /// A probe trapped: wait longer for the next one; the event is probed
     /// again, or dead-lettered once it trapped on as many probes as the
     /// plugin's retry attempts.
-    pub(super) fn probe_failed(&self, event: &Event, report: &CallReport, spec: &PluginSpec) {
+    ///
+    /// A probe of a version replaced during the call says nothing about
+    /// the new one: the event goes back, uncounted, and the new version is
+    /// probed at once. The check is made under the quarantine lock, which
+    /// [`Worker::probe_now`] takes after the new version is stored, so a
+    /// replacement is either seen here or resets the wait after it.
+    pub(super) fn probe_failed(&self, event: &Event, report: &CallReport, spec: &Arc<PluginSpec>) {
         let id = (event.source.clone(), event.seq, event.key.to_string());
-        let (attempts, probes) = {
+        let counted = {
             let mut q = self.quarantine.lock();
             let Some(q) = q.as_mut() else {
                 return;
             };
-            q.probes += 1;
-            q.next_probe = Instant::now() + q.backoff.next_delay();
-            if q.head.as_ref() == Some(&id) {
-                q.head_attempts += 1;
+            if Arc::ptr_eq(spec, &self.spec.load()) {
+                q.probes += 1;
+                q.next_probe = Instant::now() + q.backoff.next_delay();
+                if q.head.as_ref() == Some(&id) {
+                    q.head_attempts += 1;
+                } else {
+                    q.head = Some(id);
+                    q.head_attempts = 1;
+                }
+                Some((q.head_attempts, q.probes))
             } else {
-                q.head = Some(id);
-                q.head_attempts = 1;
+                None
             }
-            (q.head_attempts, q.probes)
+        };
+        let Some((attempts, probes)) = counted else {
+            self.queue.requeue_front(vec![event.clone()]);
+            return;
         };
         if attempts >= spec.retry.attempts {
             let letter = self.dead_letter(event, report, attempts).letter.id;
