@@ -187,17 +187,18 @@ impl SourceKeys {
         let had_scope = self.map.keys().any(|k| scope(k));
         let fresh: std::collections::HashSet<Arc<str>> =
             events.iter().map(|e| e.key.clone()).collect();
-        let mut changes: Vec<Event> = Vec::new();
-        for mut e in events {
+        // In place: a large listing is not held twice.
+        let mut changes = events;
+        changes.retain_mut(|e| {
             let old = self.map.get(&e.key).and_then(|c| c.value.clone());
             if old.is_some() && old == e.value {
-                continue;
+                return false;
             }
             e.prev_value = old;
             e.resync = had_scope;
             e.seq = upto;
-            changes.push(e);
-        }
+            true
+        });
         for (k, c) in &self.map {
             if c.value.is_some() && scope(k) && !fresh.contains(k) {
                 let mut e = Event::delete(name, k.clone(), revision).with_prev(c.value.clone());

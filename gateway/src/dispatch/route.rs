@@ -180,20 +180,30 @@ impl EventSink for Dispatcher {
             &changes,
             roster.iter().filter(|w| !w.skips(source, &w.spec.load())),
         );
-        for w in self.workers.iter() {
+        let takers: Vec<_> = self
+            .workers
+            .iter()
+            .filter(|w| !w.skips(source, &w.spec.load()))
+            .map(|w| w.clone())
+            .collect();
+        // Every plugin but the last gets copies; the last takes the changes
+        // (a large listing is not held twice).
+        let mut changes = Some(changes);
+        for (i, w) in takers.iter().enumerate() {
             let spec = w.spec.load();
-            if w.skips(source, &spec) {
-                continue;
-            }
             let from = w.queue.enqueued(source).unwrap_or(0);
             // The first sync of a scope is the state before any change:
             // a plugin that starts at "now" never sees it.
             let first_for_now = !had_scope && spec.start == StartPosition::Now;
-            let mut out: Vec<Event> = changes
-                .iter()
-                .filter(|e| !first_for_now && spec.matches(source, &e.key))
-                .cloned()
-                .collect();
+            let wanted = |e: &Event| !first_for_now && spec.matches(source, &e.key);
+            let mut out: Vec<Event> = if i + 1 == takers.len() {
+                let mut all = changes.take().unwrap_or_default();
+                all.retain(|e| wanted(e));
+                all
+            } else {
+                let all = changes.as_deref().unwrap_or_default();
+                all.iter().filter(|e| wanted(e)).cloned().collect()
+            };
             out.extend(keys.missed(&name, &spec, scope, from, upto));
             out.sort_by(|a, b| a.key.cmp(&b.key));
             w.enqueue(&name, upto, out);
