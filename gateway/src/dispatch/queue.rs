@@ -64,6 +64,8 @@ struct Inner {
     /// [`EventQueue::complete_and_retire`]), and how many.
     spent: Vec<Vec<Event>>,
     spent_len: usize,
+    /// Waits in a row that found nothing (see [`EventQueue::idle`]).
+    idle_waits: u32,
 }
 
 impl Inner {
@@ -116,6 +118,31 @@ pub struct EventQueue {
 /// Most handled events left for the producer to drop (see
 /// [`EventQueue::complete_and_retire`]).
 const SPENT_MAX: usize = 1024;
+/// After a backlog has drained and its queue shrunk, hand the memory the
+/// allocator keeps from it back to the system. glibc's malloc keeps freed
+/// memory for reuse; after the initial sync of a large store (the listing,
+/// its diff and the queues, all transient) that is most of the process's
+/// resident memory, and nothing else returns it. This runs when a queue
+/// shrinks, so rarely, on the worker's thread, outside any lock.
+#[allow(unsafe_code)]
+fn give_back_freed_memory() {
+    // The one call the workspace's `deny(unsafe_code)` lets through: a
+    // foreign function with no Rust wrapper. Elsewhere (musl) it is left
+    // out: that allocator has no such call.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes no pointer and has no precondition; glibc
+    // locks each arena while it walks it, so it is safe beside other
+    // threads' allocations.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Empty waits in a row (each up to the worker's idle wait, 200 ms) after
+/// which a queue gives back the room of a past backlog.
+const SHRINK_AFTER_IDLE_WAITS: u32 = 25;
+/// Entries' room a queue keeps when it shrinks.
+const SHRINK_KEEP: usize = 1024;
 
 /// Whether a queued event may absorb a later change of the same key.
 fn can_absorb(queued: &Event, later: &Event) -> bool {
@@ -354,6 +381,9 @@ impl EventQueue {
 
     fn take_up_to(&self, inner: &mut Inner, max: usize) -> Vec<Event> {
         let n = inner.entries.len().min(max.max(1));
+        if n > 0 {
+            inner.idle_waits = 0;
+        }
         if inner.indexed {
             return (0..n).filter_map(|_| self.take_front(inner)).collect();
         }
@@ -382,9 +412,12 @@ impl EventQueue {
         }
         if inner.entries.is_empty() {
             self.hot.store(false, Ordering::Relaxed);
-            let _ = self.ready.wait_for(&mut inner, wait);
+            let timed_out = self.ready.wait_for(&mut inner, wait).timed_out();
             if inner.closed {
                 return Vec::new();
+            }
+            if timed_out && Self::idle_wait(&mut inner) {
+                parking_lot::MutexGuard::unlocked(&mut inner, give_back_freed_memory);
             }
         } else {
             self.hot.store(true, Ordering::Relaxed);
@@ -410,6 +443,35 @@ impl EventQueue {
             let spent = inner.take_spent();
             parking_lot::MutexGuard::unlocked(inner, || drop(spent));
         }
+    }
+
+    /// The consumer waited for events (on its own thread, or asleep while
+    /// a pool runs its rounds) and none came. A queue keeps the room its
+    /// largest backlog needed (an initial sync of a million keys leaves
+    /// hundreds of MiB), so once it has stayed empty for
+    /// [`SHRINK_AFTER_IDLE_WAITS`] waits in a row it gives the room back.
+    /// Not sooner: a plugin that drains a burst and gets the next one a
+    /// moment later would pay for growing it every time.
+    pub fn idle(&self) {
+        let shrunk = Self::idle_wait(&mut self.inner.lock());
+        if shrunk {
+            give_back_freed_memory();
+        }
+    }
+
+    /// Count an empty wait; whether the queue gave its room back.
+    fn idle_wait(inner: &mut Inner) -> bool {
+        if !inner.entries.is_empty() {
+            inner.idle_waits = 0;
+            return false;
+        }
+        inner.idle_waits = inner.idle_waits.saturating_add(1);
+        let shrink =
+            inner.idle_waits >= SHRINK_AFTER_IDLE_WAITS && inner.entries.capacity() > SHRINK_KEEP;
+        if shrink {
+            inner.entries.shrink_to(SHRINK_KEEP);
+        }
+        shrink
     }
 
     /// Wait briefly for an event without sleeping (see [`spin_while`]).

@@ -254,6 +254,7 @@ impl Worker {
                 WorkerState::Stopped | WorkerState::Failed => break,
                 WorkerState::Pooled if !self.pool.is_closed() => {
                     std::thread::park_timeout(IDLE_WAIT);
+                    self.queue.idle();
                     continue;
                 }
                 WorkerState::Pooled => {

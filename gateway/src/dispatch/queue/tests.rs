@@ -360,3 +360,35 @@ fn find_gives_a_keys_place_within_the_cap() {
     assert_eq!(q.find("s", "a", 3, 2), None, "beyond the cap");
     assert_eq!(q.find("t", "a", 1, 10), None, "another source");
 }
+
+#[test]
+fn a_queue_gives_back_the_room_of_a_backlog_only_after_staying_idle() {
+    let src: Arc<str> = Arc::from("s");
+    let q = EventQueue::new(100_000);
+    let backlog = |q: &EventQueue, from: u64| {
+        let events: Vec<Event> = (from..from + 20_000)
+            .map(|i| seq(put(&format!("k{i}"), "v", i), i))
+            .collect();
+        q.push_batch(&src, from + 19_999, events);
+        while !q.take_many(5_000).is_empty() {}
+    };
+    let room = |q: &EventQueue| q.inner.lock().entries.capacity();
+    backlog(&q, 1);
+    assert!(room(&q) >= 20_000);
+    // Idle, but not for long: the room stays for the next burst.
+    for _ in 0..SHRINK_AFTER_IDLE_WAITS - 1 {
+        q.idle();
+    }
+    assert!(room(&q) >= 20_000);
+    // A take in between starts the count again.
+    backlog(&q, 20_001);
+    for _ in 0..SHRINK_AFTER_IDLE_WAITS - 1 {
+        q.idle();
+    }
+    assert!(room(&q) >= 20_000);
+    q.idle();
+    assert!(room(&q) <= SHRINK_KEEP, "{} entries of room kept", room(&q));
+    // Still a working queue.
+    q.push_batch(&src, 40_001, [seq(put("after", "v", 40_001), 40_001)]);
+    assert_eq!(q.take_many(10).len(), 1);
+}
