@@ -18,6 +18,7 @@ mod etcd;
 mod inproc;
 mod languages;
 mod process;
+mod scale;
 mod tiers;
 
 use std::collections::BTreeMap;
@@ -323,7 +324,7 @@ fn run(args: &BenchArgs) -> i32 {
         );
     }
     type CaseFn = fn(&BenchArgs) -> anyhow::Result<CaseResult>;
-    let cases: [(&str, CaseFn); 12] = [
+    let cases: [(&str, CaseFn); 13] = [
         ("dispatch", inproc::dispatch),
         ("trap_recovery", inproc::trap_recovery),
         ("fanout", inproc::fanout),
@@ -333,7 +334,8 @@ fn run(args: &BenchArgs) -> i32 {
         ("cold_start", process::cold_start),
         ("e2e_latency", etcd::e2e_latency),
         ("scale_sync", etcd::scale_sync),
-        ("scale_churn", etcd::scale_churn),
+        ("scale_churn", scale::scale_churn),
+        ("scale_files", scale::scale_files),
         ("languages", languages::languages),
         ("compile_tiers", tiers::compile_tiers),
     ];

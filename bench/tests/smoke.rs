@@ -79,7 +79,8 @@ fn the_quick_benchmark_runs_every_case_and_writes_its_report() {
             "cold_start",
             "e2e_latency",
             "scale_sync",
-            "scale_churn"
+            "scale_churn",
+            "scale_files"
         ]
     );
     for c in cases {
