@@ -15,10 +15,20 @@ use super::{BenchArgs, CaseResult, Check, Samples, percentile};
 /// Churn: distinct keys written by many concurrent writers, unpaced, so the
 /// rate is what etcd accepts; every change must reach the plugin.
 pub(super) fn scale_churn(args: &BenchArgs) -> anyhow::Result<CaseResult> {
-    let (keys, writers, duration) = if args.quick {
-        (1_000, 4, Duration::from_secs(1))
+    let (keys, concurrency, probe_for, duration): (usize, &[usize], _, _) = if args.quick {
+        (
+            1_000,
+            &[2, 4],
+            Duration::from_millis(300),
+            Duration::from_secs(1),
+        )
     } else {
-        (10_000, 64, Duration::from_secs(30))
+        (
+            10_000,
+            &[8, 16, 32, 64, 128],
+            Duration::from_secs(3),
+            Duration::from_secs(30),
+        )
     };
     let probe = std::fs::read(args.plugin("bench-probe")?)?;
     let etcd = Etcd::start()?;
@@ -35,43 +45,31 @@ pub(super) fn scale_churn(args: &BenchArgs) -> anyhow::Result<CaseResult> {
         .enable_all()
         .build()?;
     let client = rt.block_on(Client::connect([etcd.url.as_str()], None))?;
+    // etcd fsyncs every commit and groups the writes that arrive meanwhile,
+    // so the rate it accepts is set by how many writes wait at once: a few
+    // seconds at each concurrency first, then the measured run at the best.
+    let mut earlier = 0;
+    let mut best = (0.0, 1);
+    for &writers in concurrency {
+        let t = Instant::now();
+        let n = rt.block_on(write(&client, writers, keys, probe_for)).len();
+        earlier += n;
+        let rate = n as f64 / t.elapsed().as_secs_f64();
+        eprintln!("scale_churn: {writers} writers: {rate:.0} puts/s");
+        if rate > best.0 {
+            best = (rate, writers);
+        }
+    }
+    let writers = best.1;
     let started = Instant::now();
-    // Each writer puts its next key as soon as the last put is
-    // acknowledged: etcd fsyncs every commit and groups the writes that
-    // arrive meanwhile, so its rate is set by how many wait at once.
-    let acks: Vec<(String, u128, u128)> = rt.block_on(async {
-        let mut tasks = Vec::new();
-        for w in 0..writers {
-            let mut c = client.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut acks = Vec::new();
-                let mut n = 0usize;
-                let start = Instant::now();
-                while start.elapsed() < duration {
-                    let key = format!("/churn/k{:05}", (n * writers + w) % keys);
-                    let sent = now_ns();
-                    if c.put(key.clone(), sent.to_string(), None).await.is_err() {
-                        break;
-                    }
-                    acks.push((key, sent, now_ns()));
-                    n += 1;
-                }
-                acks
-            }));
-        }
-        let mut all = Vec::new();
-        for t in tasks {
-            all.extend(t.await.unwrap_or_default());
-        }
-        all
-    });
+    let acks = rt.block_on(write(&client, writers, keys, duration));
     let wrote_for = started.elapsed();
     let sent = acks.len();
     let probe_log = gw.path("out/probe/entries.log");
     let deadline = Instant::now() + Duration::from_secs(120);
     let entries = loop {
         let e = entries(&probe_log);
-        if e.len() >= sent || Instant::now() > deadline {
+        if e.len() >= earlier + sent || Instant::now() > deadline {
             break e;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -94,6 +92,7 @@ pub(super) fn scale_churn(args: &BenchArgs) -> anyhow::Result<CaseResult> {
         "changes/s",
         sent as f64 / wrote_for.as_secs_f64(),
     );
+    s.add("writers", "writers", writers as f64);
     s.add("sent", "changes", sent as f64);
     s.add("delivered", "changes", delivered.len() as f64);
     s.add("etcd_put_p50_ms", "ms", percentile(&put, 50.0));
@@ -103,9 +102,11 @@ pub(super) fn scale_churn(args: &BenchArgs) -> anyhow::Result<CaseResult> {
     s.add("rss_mib", "MiB", gw.rss_kib()? / 1024.0);
     gw.stop()?;
     s.note(format!(
-        "{keys} distinct keys, {writers} concurrent writers for {duration:?}, each putting its \
+        "{keys} distinct keys written for {duration:?} by concurrent writers, each putting its \
          next key as soon as etcd acknowledged the last (no pacing: the rate is what etcd 3.4, \
-         which fsyncs every commit, accepts here beside the gateway). Latency is put sent → \
+         which fsyncs every commit, accepts here beside the gateway); {probe_for:?} at each of \
+         {concurrency:?} writers first, and the measured run with as many as gave the highest \
+         rate (`writers`). Latency is put sent → \
          entry into the bench-probe plugin, which appends a line per change; `etcd_put` is the \
          same put's own acknowledgement, sent → acknowledged, the anchor for how late a change \
          can be at all. A change counts as delivered when the plugin's line names its key and \
@@ -122,6 +123,41 @@ pub(super) fn scale_churn(args: &BenchArgs) -> anyhow::Result<CaseResult> {
             (None, Default::default(), Some(got >= sent && got > 0.0))
         },
     ))
+}
+
+/// `writers` concurrent writers putting `keys` distinct keys for
+/// `duration`, each as soon as its last put was acknowledged:
+/// `(key, sent_ns, acknowledged_ns)` per put.
+async fn write(
+    client: &Client,
+    writers: usize,
+    keys: usize,
+    duration: Duration,
+) -> Vec<(String, u128, u128)> {
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let mut c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut acks = Vec::new();
+            let mut n = 0usize;
+            let start = Instant::now();
+            while start.elapsed() < duration {
+                let key = format!("/churn/k{:05}", (n * writers + w) % keys);
+                let sent = now_ns();
+                if c.put(key.clone(), sent.to_string(), None).await.is_err() {
+                    break;
+                }
+                acks.push((key, sent, now_ns()));
+                n += 1;
+            }
+            acks
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap_or_default());
+    }
+    all
 }
 
 /// `(key, entered_ns, sent_ns)` from the bench-probe's `entries.log`.
