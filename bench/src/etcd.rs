@@ -304,16 +304,7 @@ pub(super) fn scale_sync(args: &BenchArgs) -> anyhow::Result<CaseResult> {
     let noop = std::fs::read(args.plugin("noop")?)?;
     let mut s = Samples::default();
     let mut checks = Vec::new();
-    // The gateway with the same plugin and a one-file source: what the
-    // keys' memory is measured over.
-    let base_kib = {
-        let mut gw = Proc::new(args, None)?;
-        gw.install("noop", &noop, "")?;
-        gw.start()?;
-        let kib = gw.rss_kib()?;
-        gw.stop()?;
-        kib
-    };
+    let base_kib = super::scale::base_rss_kib(args, &noop)?;
     s.add("base_rss_mib", "MiB", base_kib / 1024.0);
     for &n in sizes {
         let etcd = Etcd::start()?;

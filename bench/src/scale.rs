@@ -197,6 +197,17 @@ fn disk_bytes(root: &Path) -> anyhow::Result<(u64, u64)> {
     Ok((allocated, apparent))
 }
 
+/// The resident memory of a gateway with `plugin` over a one-file source:
+/// what the memory of many keys is measured over.
+pub(super) fn base_rss_kib(args: &BenchArgs, plugin: &[u8]) -> anyhow::Result<f64> {
+    let mut gw = Proc::new(args, None)?;
+    gw.install("noop", plugin, "")?;
+    gw.start()?;
+    let kib = gw.rss_kib()?;
+    gw.stop()?;
+    Ok(kib)
+}
+
 /// Scale: a file source over a directory of many small files, beside the
 /// bytes those files take on disk.
 pub(super) fn scale_files(args: &BenchArgs) -> anyhow::Result<CaseResult> {
@@ -205,14 +216,7 @@ pub(super) fn scale_files(args: &BenchArgs) -> anyhow::Result<CaseResult> {
     let noop = std::fs::read(args.plugin("noop")?)?;
     let mut s = Samples::default();
     let sources = "[[source]]\nname = \"tree\"\nkind = \"file\"\npath = \"tree\"\n";
-    let base_kib = {
-        let mut gw = Proc::new(args, None)?;
-        gw.install("noop", &noop, "")?;
-        gw.start()?;
-        let kib = gw.rss_kib()?;
-        gw.stop()?;
-        kib
-    };
+    let base_kib = base_rss_kib(args, &noop)?;
     s.add("base_rss_mib", "MiB", base_kib / 1024.0);
     for _ in 0..args.runs().min(3) {
         let mut gw = Proc::new(args, Some(sources))?;
