@@ -46,7 +46,7 @@ function componentImports(wasmPath) {
   return [...wit.matchAll(/^\s*import ([^;]+);/gm)].map((m) => m[1].trim());
 }
 
-const CAPABILITIES = new Set(['files', 'http', 'kv', 'snapshot']);
+const CAPABILITIES = new Set(['files', 'http', 'kv', 'snapshot', 'commands']);
 const MANIFEST_SECTION = 'watchgate-manifest';
 
 function fail(message) {

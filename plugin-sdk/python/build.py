@@ -39,7 +39,7 @@ MAX_SECTION = 64 * 1024
 COMPONENT_HEADER = b"\x00asm\x0d\x00\x01\x00"
 
 MANIFEST_KEYS = {"name", "version", "description", "capabilities", "subscribe"}
-CAPABILITIES = {"files", "http", "kv", "snapshot"}
+CAPABILITIES = {"files", "http", "kv", "snapshot", "commands"}
 
 
 class BuildError(Exception):

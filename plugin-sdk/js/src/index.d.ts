@@ -102,6 +102,27 @@ export const settings: {
 export const files: {
   append(path: string, data: Bytes): void;
   replace(path: string, data: Bytes): void;
+  read(path: string): Uint8Array | undefined;
+  readText(path: string): string | undefined;
+  rename(from: string, to: string): void;
+  remove(path: string): void;
+};
+
+export interface RunResult {
+  /** `undefined` when the command was killed. */
+  exitCode?: number;
+  timedOut: boolean;
+  stdoutTail: string;
+  stderrTail: string;
+  durationMs: bigint;
+}
+
+export const commands: {
+  run(name: string, file?: string): RunResult;
+  /** `run`, throwing `CapabilityError` unless the command exited 0. */
+  check(name: string, file?: string): RunResult;
+  trigger(name: string, file?: string): void;
+  signal(name: string): void;
 };
 
 export interface HttpRequest {

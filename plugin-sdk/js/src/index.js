@@ -4,7 +4,8 @@
 // an object with a `handle(event)` method); `build.mjs` wraps it into the
 // `handle` and `handle-batch` exports of the `watchgate:plugin@0.1.0` world
 // and componentize-js turns the bundle into a component. The plugin reacts
-// through `log`, `state`, `settings`, `files`, `http`, `kv` and `snapshot`.
+// through `log`, `state`, `settings`, `files`, `http`, `kv`, `snapshot` and
+// `commands`.
 //
 // This module owns the mapping between the bindings componentize-js gives
 // (camelCase records, `bigint` for u64, thrown values for `result` errors)
@@ -17,6 +18,7 @@ import * as hostFiles from 'watchgate:plugin/files@0.1.0';
 import * as hostHttp from 'watchgate:plugin/http@0.1.0';
 import * as hostKv from 'watchgate:plugin/kv@0.1.0';
 import * as hostSnapshot from 'watchgate:plugin/snapshot@0.1.0';
+import * as hostCommands from 'watchgate:plugin/commands@0.1.0';
 
 const utf8Strict = new TextDecoder('utf-8', { fatal: true });
 const utf8Encoder = new TextEncoder();
@@ -294,8 +296,9 @@ export const settings = {
 };
 
 /**
- * Write-only access to the directory granted with `[grants] files`. Paths
- * are relative to it. Throws `CapabilityError` when refused.
+ * The directory granted with `[grants] files`: write, read, rename and
+ * remove files in it. Paths are relative to it. Throws `CapabilityError`
+ * when refused.
  */
 export const files = {
   /** Append a string or bytes to a file, creating it and its parents. */
@@ -307,6 +310,67 @@ export const files = {
   replace(path, data) {
     const bytes = toBytes(data, 'file data');
     hostCall('files', () => hostFiles.replace(path, bytes));
+  },
+  /** A file's contents as bytes; `undefined` when it does not exist. */
+  read(path) {
+    return hostCall('files', () => hostFiles.read(path));
+  },
+  /** A file's contents as text; `undefined` when absent or not valid UTF-8. */
+  readText(path) {
+    return decodeUtf8(files.read(path));
+  },
+  /**
+   * Rename `from` over `to` atomically, both inside the grant (render to a
+   * temporary name, check it, then put it in place).
+   */
+  rename(from, to) {
+    hostCall('files', () => hostFiles.rename(from, to));
+  },
+  /** Remove a file; one that does not exist is not an error. */
+  remove(path) {
+    hostCall('files', () => hostFiles.remove(path));
+  },
+};
+
+/**
+ * Commands and signals the operator granted by name (`[grants] commands`,
+ * `[grants] signals`). A plugin names an entry; it never chooses the argv.
+ * `file`, a path inside the `files` grant, replaces `{file}` in the granted
+ * argv. Throws `CapabilityError` when refused.
+ */
+export const commands = {
+  /**
+   * Run command `name` and wait for it to end. Returns `{ exitCode,
+   * timedOut, stdoutTail, stderrTail, durationMs }` (`exitCode` is
+   * `undefined` when it was killed, `durationMs` a `bigint`); a command
+   * that fails is a result, not an error.
+   */
+  run(name, file) {
+    return hostCall('commands', () => hostCommands.run(name, file ?? undefined));
+  },
+  /**
+   * `run`, throwing `CapabilityError` unless the command exited 0; its
+   * message names the command, how it ended and the end of its stderr.
+   */
+  check(name, file) {
+    const result = commands.run(name, file);
+    if (result.exitCode !== 0) {
+      const how = result.timedOut ? 'timed out' : result.exitCode === undefined ? 'was killed' : `exited ${result.exitCode}`;
+      const tail = result.stderrTail.trim() || result.stdoutTail.trim();
+      throw new CapabilityError('commands', `command ${JSON.stringify(name)} ${how}${tail ? `: ${tail}` : ''}`);
+    }
+    return result;
+  },
+  /**
+   * Start command `name` in the background (a reload) and return at once;
+   * asked again while it runs, it runs once more after it ends.
+   */
+  trigger(name, file) {
+    hostCall('commands', () => hostCommands.trigger(name, file ?? undefined));
+  },
+  /** Send SIGHUP to the process whose pid file is granted as `name`. */
+  signal(name) {
+    hostCall('commands', () => hostCommands.signal(name));
   },
 };
 

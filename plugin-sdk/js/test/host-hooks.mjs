@@ -8,10 +8,11 @@ const FUNCTIONS = {
   log: ['log'],
   state: ['get', 'set'],
   settings: ['get'],
-  files: ['append', 'replace'],
+  files: ['append', 'replace', 'read', 'rename', 'remove'],
   http: ['send'],
   kv: ['put', 'delete'],
   snapshot: ['get', 'scan'],
+  commands: ['run', 'trigger', 'signal'],
 };
 
 export async function resolve(specifier, context, next) {

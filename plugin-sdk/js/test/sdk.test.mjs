@@ -10,6 +10,8 @@ register('./host-hooks.mjs', import.meta.url);
 
 const calls = [];
 const stateStore = new Map();
+const enc = (s) => new TextEncoder().encode(s);
+let runResult;
 globalThis.__watchgateHost = {
   log: { log: (level, message) => calls.push(['log', level, message]) },
   state: {
@@ -26,6 +28,18 @@ globalThis.__watchgateHost = {
     replace: () => {
       throw { payload: 'capability `files` is not granted to this plugin' };
     },
+    read: (path) => (calls.push(['read', path]), path === 'nginx.conf' ? enc('old') : undefined),
+    rename: (from, to) => calls.push(['rename', from, to]),
+    remove: (path) => calls.push(['remove', path]),
+  },
+  commands: {
+    run: (name, file) => {
+      calls.push(['run', name, file]);
+      if (name === 'missing') throw { payload: 'command `missing` is not granted; granted: check' };
+      return runResult;
+    },
+    trigger: (name, file) => calls.push(['trigger', name, file]),
+    signal: (name) => calls.push(['signal', name]),
   },
   http: { send: (req) => (calls.push(['send', req]), 7n) },
   kv: { put: () => {}, delete: (s, k) => calls.push(['kv.delete', s, k]) },
@@ -36,7 +50,6 @@ const sdk = await import('../src/index.js');
 const { jsonLine, base64 } = await import('../../../plugins/js-event-log/src/index.js');
 const { message } = await import('../../../plugins/js-chat-notify/src/index.js');
 
-const enc = (s) => new TextEncoder().encode(s);
 function raw(overrides = {}) {
   return {
     source: 'etcd',
@@ -125,6 +138,42 @@ test('capabilities: bytes in, host errors out as CapabilityError', () => {
   assert.deepEqual(sdk.snapshot.scan('main', ''), [['a', new Uint8Array([2])]]);
   sdk.log.warn('w');
   assert.deepEqual(calls.at(-1), ['log', 'warn', 'w']);
+});
+
+test('render, check and reload: files and commands reach the host', () => {
+  calls.length = 0;
+  const result = (exitCode, extra = {}) => ({ exitCode, timedOut: false, stdoutTail: '', stderrTail: '', durationMs: 3n, ...extra });
+  assert.equal(sdk.files.readText('nginx.conf'), 'old');
+  assert.equal(sdk.files.read('missing'), undefined);
+  runResult = result(0);
+  assert.equal(sdk.commands.check('check', 'nginx.conf.new').durationMs, 3n);
+  sdk.files.rename('nginx.conf.new', 'nginx.conf');
+  sdk.commands.trigger('reload');
+  sdk.commands.signal('nginx');
+  sdk.files.remove('stale.conf');
+  assert.deepEqual(calls, [
+    ['read', 'nginx.conf'],
+    ['read', 'missing'],
+    ['run', 'check', 'nginx.conf.new'],
+    ['rename', 'nginx.conf.new', 'nginx.conf'],
+    ['trigger', 'reload', undefined],
+    ['signal', 'nginx'],
+    ['remove', 'stale.conf'],
+  ]);
+  // A failing check is a result from run and an error from check, naming
+  // the command and ending with its stderr.
+  runResult = result(1, { stderrTail: 'emerg: unknown directive\n' });
+  assert.equal(sdk.commands.run('check').exitCode, 1);
+  assert.throws(
+    () => sdk.commands.check('check'),
+    (e) => e instanceof sdk.CapabilityError && e.capability === 'commands' && e.message === 'command "check" exited 1: emerg: unknown directive',
+  );
+  runResult = result(undefined, { timedOut: true });
+  assert.throws(() => sdk.commands.check('check'), { message: 'command "check" timed out' });
+  assert.throws(
+    () => sdk.commands.run('missing'),
+    (e) => e instanceof sdk.CapabilityError && /not granted; granted: check/.test(e.message),
+  );
 });
 
 test('js-event-log lines: as the Rust unit tests state them', () => {

@@ -40,9 +40,11 @@ class Host:
 
     def __init__(self):
         from componentize_py_types import Err
-        from wit_world.imports import files, http, kv, log, settings, snapshot, state
+        from wit_world.imports import commands, files, http, kv, log, settings, snapshot, state
 
         self.calls = []
+        self.files = {}
+        self.run_result = None
         self.refuse = None  # a message: every fallible call fails with it
         self.state = {}
         self.settings = {}
@@ -69,6 +71,12 @@ class Host:
             (settings, "get"): lambda name: self.settings.get(name),
             (files, "append"): fallible("files.append"),
             (files, "replace"): fallible("files.replace"),
+            (files, "read"): fallible("files.read", lambda p: self.files.get(p)),
+            (files, "rename"): fallible("files.rename"),
+            (files, "remove"): fallible("files.remove"),
+            (commands, "run"): fallible("commands.run", lambda n, f: self.run_result),
+            (commands, "trigger"): fallible("commands.trigger"),
+            (commands, "signal"): fallible("commands.signal"),
             (http, "send"): fallible("http.send", lambda req: 7),
             (kv, "put"): fallible("kv.put"),
             (kv, "delete"): fallible("kv.delete"),
@@ -271,9 +279,59 @@ class CapabilityTest(unittest.TestCase):
         self.assertEqual(req.body, '{"a":"é"}'.encode())
         self.assertEqual(calls[6], ("kv.put", "main", "/k", b"1"))
 
+    def test_render_check_and_reload_reach_the_host(self):
+        import watchgate
+        from watchgate import commands, files
+
+        def result(code, timed_out=False, stderr=""):
+            return commands.RunResult(
+                exit_code=code,
+                timed_out=timed_out,
+                stdout_tail="",
+                stderr_tail=stderr,
+                duration_ms=3,
+            )
+
+        with Host() as host:
+            host.files["nginx.conf"] = "old".encode()
+            self.assertEqual(files.read("nginx.conf"), b"old")
+            self.assertEqual(files.read_text("nginx.conf"), "old")
+            self.assertIsNone(files.read("missing"))
+            files.replace("nginx.conf.new", "new")
+            host.run_result = result(0)
+            self.assertEqual(commands.check("check", "nginx.conf.new").duration_ms, 3)
+            files.rename("nginx.conf.new", "nginx.conf")
+            commands.trigger("reload")
+            commands.signal("nginx")
+            files.remove("stale.conf")
+            # A failing check is a result from run, and an error from check
+            # that names the command and ends with its stderr.
+            host.run_result = result(1, stderr="emerg: unknown directive\n")
+            self.assertEqual(commands.run("check").exit_code, 1)
+            with self.assertRaises(watchgate.HostError) as cm:
+                commands.check("check", "x")
+            self.assertEqual(str(cm.exception), "command 'check' exited 1: emerg: unknown directive")
+            host.run_result = result(None, timed_out=True)
+            with self.assertRaisesRegex(watchgate.HostError, "^command 'check' timed out$"):
+                commands.check("check")
+        self.assertEqual(
+            host.calls[:8],
+            [
+                ("files.read", "nginx.conf"),
+                ("files.read", "nginx.conf"),
+                ("files.read", "missing"),
+                ("files.replace", "nginx.conf.new", b"new"),
+                ("commands.run", "check", "nginx.conf.new"),
+                ("files.rename", "nginx.conf.new", "nginx.conf"),
+                ("commands.trigger", "reload", None),
+                ("commands.signal", "nginx"),
+            ],
+        )
+        self.assertEqual(host.calls[8], ("files.remove", "stale.conf"))
+
     def test_a_refusal_is_a_host_error_with_the_hosts_message(self):
         import watchgate
-        from watchgate import files, kv, snapshot
+        from watchgate import commands, files, kv, snapshot
 
         with Host() as host:
             host.refuse = "files: not granted"
@@ -281,6 +339,9 @@ class CapabilityTest(unittest.TestCase):
                 lambda: files.append("a", b""),
                 lambda: kv.delete("s", "k"),
                 lambda: snapshot.scan("s", ""),
+                lambda: files.read("a"),
+                lambda: commands.run("c"),
+                lambda: commands.signal("c"),
             ):
                 with self.assertRaises(watchgate.HostError) as cm:
                     call()

@@ -56,6 +56,7 @@ __all__ = [
     "http",
     "kv",
     "snapshot",
+    "commands",
 ]
 
 
@@ -251,4 +252,4 @@ def _call(fn, *args):
         raise HostError(str(e.value)) from None
 
 
-from . import files, http, kv, log, settings, snapshot, state  # noqa: E402
+from . import commands, files, http, kv, log, settings, snapshot, state  # noqa: E402
