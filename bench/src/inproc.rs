@@ -152,7 +152,10 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
     // One unrecorded run first: the first pays the page faults of the
     // queue growing to hold the backlog, which later runs reuse.
     let mut warm_up = Samples::default();
-    for run in 0..=args.runs() {
+    // More runs than other cases: the headline is a ratio of two busy
+    // threads to one, and its spread over the runs is part of the result.
+    let runs = if args.quick { args.runs() } else { 9 };
+    for run in 0..=runs {
         let out = if run == 0 { &mut warm_up } else { &mut s };
         // The floor just before and just after the one-call-per-event run:
         // the machine's speed drifts by tens of percent within seconds, so
@@ -257,38 +260,57 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
          the median of per-run ratios, each run's `dispatch` figure over the mean of the \
          floor measured just before and just after it: on this shared machine the floor \
          alone drifts by tens of percent between seconds, so medians taken apart can pair a \
-         fast floor with a slow dispatch. The producer makes each delivery's events as it \
-         goes (as a source does while it reads a response), all sharing one value buffer; \
-         `fresh_values` gives every event its own (as decoding makes them)."
+         fast floor with a slow dispatch. The case runs {runs} times (more than the others), \
+         and the lowest and highest per-run ratios are given with the median as its spread. \
+         The producer makes each delivery's events as it goes (as a source does while it \
+         reads a response), all sharing one value buffer; `fresh_values` gives every event \
+         its own (as decoding makes them). The floor lowers each event the way generated \
+         bindings are used plainly, building the guest's strings and lists afresh per call; \
+         the gateway refills buffers it keeps (see below), so on the worker's side part of \
+         what separates the two is that lowering."
     ));
     s.note(
         "Where the time goes. `sandboxed_loop` is the floor with the gateway's per-call \
-         isolation (fuel and deadline armed before each call, guest output flushed after): \
-         it costs about 5 to 10 % of the floor. `dispatch_after_producer` is the plugin \
-         worker's pace once the producer has delivered everything: with the queue, the \
-         metrics and the cursor, it runs close to the sandboxed loop. \
+         isolation (fuel and deadline armed before each call, guest output flushed after). \
+         `dispatch_after_producer` is the plugin worker's pace once the producer has \
+         delivered everything: with the queue, the metrics and the cursor. \
          `dispatch_beside_producer` is its pace while the producer runs on the other core, \
-         and this is where the rest of the gap is: with both threads busy, the worker runs \
-         20 to 40 % slower, and the producer takes twice as long as `route_only` alone. The \
-         two share no lock for longer than a queue round, so this is the cost of two busy \
-         threads on the two cores of this virtual machine (shared cache and memory \
-         traffic, and a third thread, the state writer, taking turns). Done so far, each \
-         measured with this case: the producer wakes a busy worker without a system call (it \
-         spins briefly before it sleeps); the worker takes a backlog in one queue round, calls \
-         a healthy plugin straight through it, completes the round under one lock and \
-         counts its successful calls at once; pending positions are runs in a deque; the \
-         index that folds changes of a key is kept only while a queue is full; event keys \
-         are shared with the key index, so the worker frees nothing the producer allocated, \
-         and handled events are dropped by the producer's next push, where their reference \
-         counts live (about 6 % more beside the producer in A/B runs); \
-         the state writer keeps to about an eighth of a core and runs at a lower priority; \
-         the flush after a call looks at a flag instead of two locks; deliveries walk a \
-         cached worker list, and the last plugin takes the events instead of a copy. Tried \
-         and dropped: mimalloc (a faster producer, but a fan-out p99 ten times worse with 100 \
-         plugin threads and nearly twice the memory per plugin); making the deliveries \
-         before the clock starts (slower: events made ahead are cold in the cache, where a \
-         source's fresh events are not); reserving each queue's full capacity up front (no \
-         change: the queue growing is not what slows the worker).",
+         and this is where most of the gap is: with both threads busy, the worker runs 20 to \
+         50 % slower, and the producer takes twice as long as `route_only` alone. The two \
+         share no lock for longer than a queue round, so this is the cost of two busy threads \
+         on the two cores of this virtual machine (shared cache and memory traffic, and a \
+         third thread, the state writer, taking turns); on a machine that is busy with other \
+         work as well, the producer and the worker also take turns on one core, and the ratio \
+         falls to about half. Instruction counts (`valgrind --tool=callgrind` on \
+         `dispatch-probe MODE 20000`, the same inputs for every build) say what the worker \
+         itself does per event: the bare floor takes about 7,760 instructions per event, \
+         nearly all of it in wasmtime (lowering the event, three calls into the guest's \
+         allocator for its strings and bytes, the call); the worker's round takes 8,800 \
+         one call per event and 7,550 batched. Done so far, each measured with this case: \
+         the producer wakes a busy worker without a system call (it spins briefly before it \
+         sleeps); the worker takes a backlog in one queue round, calls a healthy plugin \
+         straight through it, completes the round under one lock and counts its successful \
+         calls at once; pending positions are runs in a deque; the index that folds changes \
+         of a key is kept only while a queue is full; event keys are shared with the key \
+         index, so the worker frees nothing the producer allocated, and handled events are \
+         dropped by the producer's next push, where their reference counts live (about 6 % \
+         more beside the producer in A/B runs); the ring of recently handled events that a \
+         trace reads is filled once per round, naming each event by a hash of its source and \
+         key, where each call used to clone both (four atomic changes per event on lines the \
+         producer writes) and read the wall clock; the guest's view of an event is refilled \
+         in buffers the sandbox keeps between calls instead of built and freed per call \
+         (9,340 to 8,800 instructions per event one call per event, 9,080 to 7,550 \
+         batched); the state writer keeps to about an eighth of a core and runs at a lower \
+         priority; the flush after a call looks at a flag instead of two locks; deliveries \
+         walk a cached worker list, and the last plugin takes the events instead of a copy. \
+         Tried and dropped: mimalloc (a faster producer, but a fan-out p99 ten times worse \
+         with 100 plugin threads and nearly twice the memory per plugin); making the \
+         deliveries before the clock starts (slower: events made ahead are cold in the \
+         cache, where a source's fresh events are not); reserving each queue's full capacity \
+         up front (no change: the queue growing is not what slows the worker). Measured and \
+         left: the per-call clock read is about 1 % of the worker's instructions and the \
+         histogram's lock under 0.5 %; the producer's key index is about three quarters of \
+         its 2,160 instructions per event.",
     );
     Ok(s.finish(
         "dispatch",
@@ -296,7 +318,7 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
          the Wasm call into a no-op plugin, one call per event (`dispatch`) and with batching \
          (`batched`, up to 64 events per `handle-batch` call), next to the same plugin called \
          in a loop with plain wasmtime (the floor) and a native closure.",
-        "dispatch ≥ 0.8 × floor; batched ≥ 1,000,000 events/s",
+        "dispatch ≥ 0.9 × floor; batched ≥ 1,500,000 events/s",
         |s| {
             let floor = s.median("floor_bare_wasmtime_events_per_s").unwrap_or(0.0);
             let batched = s.median("batched_events_per_s").unwrap_or(0.0);
@@ -317,7 +339,19 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
                     r.insert(name.to_owned(), v / floor);
                 }
             }
-            (Some(ratio), r, Some(ratio >= 0.8 && batched >= 1_000_000.0))
+            // The spread of the paired ratio over the runs.
+            let paired = s.runs("dispatch_to_floor_paired");
+            if !paired.is_empty() {
+                r.insert(
+                    "paired ratio, lowest run".to_owned(),
+                    paired.iter().copied().fold(f64::INFINITY, f64::min),
+                );
+                r.insert(
+                    "paired ratio, highest run".to_owned(),
+                    paired.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                );
+            }
+            (Some(ratio), r, Some(ratio >= 0.9 && batched >= 1_500_000.0))
         },
     ))
 }

@@ -194,6 +194,11 @@ impl Samples {
         self.values.get(name).map(|(_, v)| percentile(v, 50.0))
     }
 
+    /// Every run's value of `name`.
+    pub(crate) fn runs(&self, name: &str) -> &[f64] {
+        self.values.get(name).map_or(&[], |(_, v)| v.as_slice())
+    }
+
     /// The result of a case judged per subject: met when every check is.
     fn finish_with_checks(
         self,

@@ -57,38 +57,46 @@ pub(super) struct Retrying {
 /// without the time.
 pub(super) const RECENT_HANDLED: usize = 256;
 
-/// A ring of the most recently handled events: (source, key, position,
-/// Unix milliseconds). Cheap to add to on the worker's thread (one
-/// uncontended lock, no allocation once full), read only by a trace.
+/// A ring of the most recently handled events: (hash of source and key,
+/// position, Unix milliseconds), read only by a trace. Added to once per
+/// round on the worker's thread (one uncontended lock, one clock read, no
+/// allocation once full). It names each event by a hash rather than by
+/// clones of its source and key: their reference counts live on cache
+/// lines the producer writes for every event it queues, and touching them
+/// for every call moved those lines between cores. A collision of the
+/// 64-bit hash could only lend a trace another key's time.
 #[derive(Default)]
 pub(super) struct RecentHandled {
-    ring: std::collections::VecDeque<(std::sync::Arc<str>, std::sync::Arc<str>, u64, u64)>,
+    ring: std::collections::VecDeque<(u64, u64, u64)>,
+    hasher: foldhash::fast::FixedState,
 }
 
 impl RecentHandled {
-    /// `seq` of `key` was handled at `at_ms`.
-    pub(super) fn add(
-        &mut self,
-        source: &std::sync::Arc<str>,
-        key: &std::sync::Arc<str>,
-        seq: u64,
-        at_ms: u64,
-    ) {
-        if self.ring.len() == RECENT_HANDLED {
-            self.ring.pop_front();
+    fn id(&self, source: &str, key: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one((source, key))
+    }
+
+    /// Each of `events` with a position was handled at `at_ms`.
+    pub(super) fn add(&mut self, events: &[crate::event::Event], at_ms: u64) {
+        for e in events.iter().filter(|e| e.seq > 0) {
+            if self.ring.len() == RECENT_HANDLED {
+                self.ring.pop_front();
+            }
+            let id = self.id(&e.source, &e.key);
+            self.ring.push_back((id, e.seq, at_ms));
         }
-        self.ring
-            .push_back((source.clone(), key.clone(), seq, at_ms));
     }
 
     /// When the newest handling of `key` at or after position `seq` was,
     /// if it is still remembered.
     pub(super) fn when(&self, source: &str, key: &str, seq: u64) -> Option<u64> {
+        let id = self.id(source, key);
         self.ring
             .iter()
             .rev()
-            .find(|(s, k, at, _)| **s == *source && **k == *key && *at >= seq)
-            .map(|(_, _, _, ms)| *ms)
+            .find(|(i, at, _)| *i == id && *at >= seq)
+            .map(|(_, _, ms)| *ms)
     }
 }
 

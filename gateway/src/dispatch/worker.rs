@@ -505,10 +505,10 @@ impl Worker {
     fn call_batch(&self, r: &mut Runner, spec: &PluginSpec, batch: &[Event]) -> BatchReport {
         let report = r.sandbox.call_batch(&spec.loaded, batch);
         let each = report.elapsed.as_secs_f64() / batch.len() as f64;
-        for e in &batch[..report.handled] {
+        for _ in 0..report.handled {
             self.handles.seconds.observe(each);
-            self.succeeded(e);
         }
+        self.succeeded(&batch[..report.handled]);
         self.count_ok(report.handled);
         report
     }
@@ -540,9 +540,9 @@ impl Worker {
                 break;
             }
             self.handles.seconds.observe(report.elapsed.as_secs_f64());
-            self.succeeded(e);
             done += 1;
         }
+        self.succeeded(&batch[..done]);
         self.count_ok(done);
         (done, failure)
     }
