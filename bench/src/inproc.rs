@@ -15,7 +15,7 @@ use watchgate::telemetry::Metrics;
 
 use super::{BenchArgs, CaseResult, Samples, percentile, us};
 
-const SOURCE: &str = "bench";
+pub(super) const SOURCE: &str = "bench";
 
 /// Events per delivery from the in-process source in the dispatch case: a
 /// source hands over what it has ready at once (a watch stream with several
@@ -28,7 +28,7 @@ impl LogSink for Quiet {
     fn line(&self, _: &str, _: Level, _: Stream, _: &str) {}
 }
 
-fn loaded(
+pub(super) fn loaded(
     runtime: &Runtime,
     wasm: &[u8],
     name: &str,
@@ -48,7 +48,7 @@ fn loaded(
     })
 }
 
-fn spec(loaded: LoadedPlugin, batch_max: usize, capacity: usize) -> PluginSpec {
+pub(super) fn spec(loaded: LoadedPlugin, batch_max: usize, capacity: usize) -> PluginSpec {
     PluginSpec {
         loaded,
         subscriptions: Vec::new(),
@@ -70,7 +70,7 @@ fn spec(loaded: LoadedPlugin, batch_max: usize, capacity: usize) -> PluginSpec {
 /// A dispatcher for one source with a revision history (like etcd: its
 /// events reach plugins without waiting for the index commit, since the
 /// watch can replay them).
-fn dispatcher(runtime: &Arc<Runtime>) -> Arc<Dispatcher> {
+pub(super) fn dispatcher(runtime: &Arc<Runtime>) -> Arc<Dispatcher> {
     Dispatcher::new(
         runtime.clone(),
         Metrics::shared(),
@@ -80,7 +80,7 @@ fn dispatcher(runtime: &Arc<Runtime>) -> Arc<Dispatcher> {
 }
 
 /// `n` puts over `keys` keys.
-fn events(n: usize, keys: usize, value: &Bytes) -> Vec<Event> {
+pub(super) fn events(n: usize, keys: usize, value: &Bytes) -> Vec<Event> {
     let src: Arc<str> = Arc::from(SOURCE);
     (0..n)
         .map(|i| Event::put(&src, format!("k{}", i % keys), value.clone(), i as u64 + 1))
@@ -124,7 +124,7 @@ fn runtime() -> anyhow::Result<Arc<Runtime>> {
 }
 
 /// A 100-byte value, as in the reference measurements.
-fn value() -> Bytes {
+pub(super) fn value() -> Bytes {
     Bytes::from(vec![b'v'; 100])
 }
 
@@ -282,7 +282,7 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
          third thread, the state writer, taking turns); on a machine that is busy with other \
          work as well, the producer and the worker also take turns on one core, and the ratio \
          falls to about half. Instruction counts (`valgrind --tool=callgrind` on \
-         `dispatch-probe MODE 20000`, the same inputs for every build) say what the worker \
+         `watchgate-bench --probe MODE`, the same inputs for every build) say what the worker \
          itself does per event: the bare floor takes about 7,760 instructions per event, \
          nearly all of it in wasmtime (lowering the event, three calls into the guest's \
          allocator for its strings and bytes, the call); the worker's round takes 8,800 \
@@ -680,6 +680,6 @@ pub(super) fn isolation(args: &BenchArgs) -> anyhow::Result<CaseResult> {
 }
 
 /// The default per-call limits.
-fn default_limits() -> Limits {
+pub(super) fn default_limits() -> Limits {
     RuntimeConfig::default().defaults
 }

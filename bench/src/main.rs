@@ -17,6 +17,7 @@
 mod etcd;
 mod inproc;
 mod languages;
+mod probe;
 mod process;
 mod scale;
 mod tiers;
@@ -53,6 +54,14 @@ pub struct BenchArgs {
     /// Only the cases whose names contain this (repeatable).
     #[arg(long)]
     pub only: Vec<String>,
+    /// Instead of the cases, one small fixed run of the dispatch path for
+    /// `valgrind --tool=callgrind`: `dispatch`, `batched`, `route` (the
+    /// producer alone), `sandboxed` or `floor`. Writes no report.
+    #[arg(long, value_name = "MODE")]
+    pub probe: Option<String>,
+    /// Events of a `--probe` run.
+    #[arg(long, default_value_t = 20_000)]
+    pub probe_events: usize,
 }
 
 fn main() -> ExitCode {
@@ -64,6 +73,15 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    if let Some(mode) = &args.probe {
+        return match probe::probe(&args, mode, args.probe_events) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("probe {mode}: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     ExitCode::from(u8::try_from(run(&args)).unwrap_or(1))
 }
 
