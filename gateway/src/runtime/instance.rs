@@ -73,6 +73,12 @@ pub struct Sandbox {
 /// Above this, a lowered key or value buffer is not kept for the next
 /// call: one large value would otherwise stay allocated per batch slot.
 const KEEP_BUFFER: usize = 64 << 10;
+/// The most the kept buffers of the slots one call filled may hold
+/// together, so that an idle plugin whose values are just under
+/// [`KEEP_BUFFER`] does not keep a batch's worth of them (64 slots × 3
+/// buffers) allocated. Slots a call did not fill keep what their own last
+/// call left them, so the whole stays under about twice this.
+const KEEP_TOTAL: usize = 256 << 10;
 
 /// The arguments of a call in the guest's types, refilled in place for
 /// each call: the strings and byte lists keep their buffers, so lowering
@@ -135,14 +141,21 @@ impl Args {
         &self.events[..events.len()]
     }
 
-    /// Let go of the large buffers the last call needed.
-    fn trim(&mut self) {
-        for slot in &mut self.events {
-            if slot.key.capacity() > KEEP_BUFFER {
+    /// Let go of the large buffers the last call, of `used` events,
+    /// needed (only its slots: the others were trimmed after theirs, and
+    /// walking all of them would cost a one-event call as much as a batch).
+    fn trim(&mut self, used: usize) {
+        let mut kept = 0usize;
+        let mut keep = |capacity: usize| {
+            kept += capacity;
+            capacity <= KEEP_BUFFER && kept <= KEEP_TOTAL
+        };
+        for slot in self.events.iter_mut().take(used) {
+            if !keep(slot.key.capacity()) {
                 slot.key = String::new();
             }
             for v in [&mut slot.value, &mut slot.prev_value] {
-                if v.as_ref().is_some_and(|b| b.capacity() > KEEP_BUFFER) {
+                if !keep(v.as_ref().map_or(0, Vec::capacity)) {
                     *v = None;
                 }
             }
@@ -444,7 +457,7 @@ impl Sandbox {
         let result = self.invoke(plugin, fuel, start, |b, store| {
             b.call_handle_batch(store, lowered)
         });
-        args.trim();
+        args.trim(events.len());
         self.args = args;
         match result {
             Ok(Ok(())) => BatchReport {
@@ -490,7 +503,7 @@ impl Sandbox {
         let result = self.invoke(plugin, plugin.limits.fuel, start, |b, store| {
             b.call_handle(store, &lowered[0])
         });
-        args.trim();
+        args.trim(1);
         self.args = args;
         let (outcome, message) = match result {
             Ok(Ok(())) => (Outcome::ok, None),
@@ -532,6 +545,34 @@ mod tests {
     }
 
     #[test]
+    fn the_kept_buffers_stay_within_their_total_after_a_batch_of_large_values() {
+        let src: Arc<str> = Arc::from("s");
+        let mut args = Args::default();
+        let batch: Vec<Event> = (0..64)
+            .map(|i| Event::put(&src, format!("k{i}"), Bytes::from(vec![1u8; 32 << 10]), i))
+            .collect();
+        args.fill(&batch);
+        args.trim(batch.len());
+        let kept: usize = args
+            .events
+            .iter()
+            .map(|e| {
+                e.key.capacity()
+                    + e.value.as_ref().map_or(0, Vec::capacity)
+                    + e.prev_value.as_ref().map_or(0, Vec::capacity)
+            })
+            .sum();
+        assert!(kept <= KEEP_TOTAL, "{kept} bytes kept");
+        // The first slots keep theirs: a batch of small events costs nothing.
+        assert!(args.events[0].value.is_some());
+        // And a refill after the trim is whole again.
+        assert_eq!(
+            args.fill(&batch)[63].value.as_deref(),
+            Some(&[1u8; 32 << 10][..])
+        );
+    }
+
+    #[test]
     fn a_refilled_slot_holds_only_its_new_event() {
         let src: Arc<str> = Arc::from("s");
         let mut args = Args::default();
@@ -542,7 +583,7 @@ mod tests {
         first.resync = true;
         let big = Event::put(&src, "k", Bytes::from(vec![1u8; KEEP_BUFFER + 1]), 2);
         assert_eq!(args.fill(&[first.clone(), big]).len(), 2);
-        args.trim();
+        args.trim(2);
         let later = [
             Event::delete(&src, "b", 3),
             Event::put(&src, "c", Bytes::new(), 4),
