@@ -180,11 +180,9 @@ impl EventSink for Dispatcher {
             &changes,
             roster.iter().filter(|w| !w.skips(source, &w.spec.load())),
         );
-        let takers: Vec<_> = self
-            .workers
+        let takers: Vec<&Arc<Worker>> = roster
             .iter()
             .filter(|w| !w.skips(source, &w.spec.load()))
-            .map(|w| w.clone())
             .collect();
         // Every plugin but the last gets copies; the last takes the changes
         // (a large listing is not held twice).
