@@ -423,5 +423,10 @@ fn state_survives_instance_recycling(lang: Lang) {
         );
     }
     assert_eq!(counts(&g), ["count=1", "count=2", "count=3"]);
+    // The plugin logs its count during the call; the call is counted once
+    // it has returned.
+    wait_for("the third call counted", DEADLINE, || {
+        (invocations(&g, "st", "ok") >= 3.0).then_some(())
+    });
     assert_eq!(invocations(&g, "st", "ok"), 3.0);
 }
