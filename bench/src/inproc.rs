@@ -79,25 +79,46 @@ pub(super) fn dispatcher(runtime: &Arc<Runtime>) -> Arc<Dispatcher> {
     )
 }
 
-/// `n` puts over `keys` keys.
+/// `n` puts over `keys` keys. Each put after a key's first carries the
+/// value it replaced, as an etcd watch sends it (the gateway asks for
+/// `prev_kv`), so the floor lowers the same event the plugin is given.
 pub(super) fn events(n: usize, keys: usize, value: &Bytes) -> Vec<Event> {
     let src: Arc<str> = Arc::from(SOURCE);
     (0..n)
-        .map(|i| Event::put(&src, format!("k{}", i % keys), value.clone(), i as u64 + 1))
+        .map(|i| {
+            Event::put(&src, format!("k{}", i % keys), value.clone(), i as u64 + 1)
+                .with_prev((i >= keys).then(|| value.clone()))
+        })
         .collect()
 }
 
+/// How the producer makes the events of a delivery.
+#[derive(Clone, Copy)]
+enum Made {
+    /// All sharing one value buffer (no allocation per value).
+    Shared,
+    /// Each value and previous value in its own buffer, as decoding makes
+    /// them.
+    Fresh,
+    /// Without previous values, as a source with history that does not
+    /// send them (NATS KV): the dispatcher's key index fills them in.
+    NoPrev,
+}
+
 /// One delivery of `chunk`, each event new, as a source makes them while
-/// it reads a response (so in the producer's share of the time). With
-/// `fresh`, each value gets its own buffer, as decoding makes them;
-/// otherwise all share one (no allocation per value).
-fn delivery(chunk: &[Event], fresh: bool) -> Vec<Event> {
+/// it reads a response (so in the producer's share of the time).
+fn delivery(chunk: &[Event], made: Made) -> Vec<Event> {
     chunk
         .iter()
         .map(|e| {
             let mut e = e.clone();
-            if fresh {
-                e.value = e.value.as_deref().map(Bytes::copy_from_slice);
+            match made {
+                Made::Shared => {}
+                Made::Fresh => {
+                    e.value = e.value.as_deref().map(Bytes::copy_from_slice);
+                    e.prev_value = e.prev_value.as_deref().map(Bytes::copy_from_slice);
+                }
+                Made::NoPrev => e.prev_value = None,
             }
             e
         })
@@ -162,18 +183,19 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
         // the headline ratio pairs each run with its own floor.
         let before = floor(out)?;
         let mut paired = None;
-        for (figure, batch_max, per_delivery, fresh) in [
-            ("dispatch_events_per_s", 1, DELIVERY, false),
-            ("batched_events_per_s", 64, DELIVERY, false),
-            ("single_delivery_events_per_s", 1, 1, false),
-            ("fresh_values_events_per_s", 1, DELIVERY, true),
+        for (figure, batch_max, per_delivery, made) in [
+            ("dispatch_events_per_s", 1, DELIVERY, Made::Shared),
+            ("batched_events_per_s", 64, DELIVERY, Made::Shared),
+            ("single_delivery_events_per_s", 1, 1, Made::Shared),
+            ("fresh_values_events_per_s", 1, DELIVERY, Made::Fresh),
+            ("index_prev_events_per_s", 1, DELIVERY, Made::NoPrev),
         ] {
             let d = dispatcher(&runtime);
             let l = loaded(&runtime, &wasm, "noop", default_limits())?;
             d.upsert(spec(l, batch_max, n + 1))?;
             let start = Instant::now();
             for chunk in input.chunks(per_delivery) {
-                d.deliver(SOURCE, delivery(chunk, fresh));
+                d.deliver(SOURCE, delivery(chunk, made));
             }
             let produced = start.elapsed();
             let during = d.handled("noop").unwrap_or(0);
@@ -227,7 +249,7 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
         let d = dispatcher(&runtime);
         let start = Instant::now();
         for chunk in input.chunks(DELIVERY) {
-            d.deliver(SOURCE, delivery(chunk, false));
+            d.deliver(SOURCE, delivery(chunk, Made::Shared));
         }
         out.add(
             "route_only_events_per_s",
@@ -264,7 +286,10 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
          and the lowest and highest per-run ratios are given with the median as its spread. \
          The producer makes each delivery's events as it goes (as a source does while it \
          reads a response), all sharing one value buffer; `fresh_values` gives every event \
-         its own (as decoding makes them). The floor lowers each event the way generated \
+         its own (as decoding makes them). Each put after a key's first carries the value it \
+         replaced, as an etcd watch with `prev_kv` delivers it, so the plugin and the floor \
+         lower the same two values per event; `index_prev` delivers the puts without it (as \
+         NATS KV does), and the dispatcher's key index fills it in. The floor lowers each event the way generated \
          bindings are used plainly, building the guest's strings and lists afresh per call; \
          the gateway refills buffers it keeps (see below), so on the worker's side part of \
          what separates the two is that lowering."
