@@ -256,7 +256,9 @@ impl LineStream {
 
     /// Emit a trailing partial line, if any (called after each plugin call).
     pub fn flush_partial(&self) {
-        if !self.partial.swap(false, Ordering::AcqRel) {
+        // Most calls write no partial line: a plain load first spares them
+        // the atomic swap.
+        if !self.partial.load(Ordering::Acquire) || !self.partial.swap(false, Ordering::AcqRel) {
             return;
         }
         let mut buf = self.buf.lock();
