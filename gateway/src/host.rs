@@ -44,7 +44,7 @@ use limiter::MemoryLimiter;
 use log::{Level, LineStream, PluginLog, Stream};
 use snapshot::SnapshotGrant;
 use state::PluginState;
-use wait::CallDeadline;
+use wait::{CallClock, CallDeadline};
 
 /// Everything of one plugin that outlives its instances.
 pub struct PluginContext {
@@ -200,19 +200,19 @@ impl HostState {
         }
     }
 
-    /// Hold the WASI waits of the call starting now to `timeout_ms`, the
-    /// deadline the epoch holds its wasm to.
-    pub fn arm_deadline(&mut self, timeout_ms: u64) {
-        self.deadline = CallDeadline::starting_now(timeout_ms);
+    /// Hold the WASI waits of the call that started at `started` to
+    /// `timeout_ms`, the deadline the epoch holds its wasm to.
+    pub fn arm_deadline(&mut self, started: CallClock, timeout_ms: u64) {
+        self.deadline = Some(CallDeadline::starting_at(started, timeout_ms));
     }
 
     /// Until when a host call may wait: a tenth of the call's deadline
     /// before it, so the guest gets a refusal with time to handle it rather
     /// than being interrupted in the host; not at all outside a call.
     fn waits_end(&self) -> Instant {
-        self.deadline.map_or_else(Instant::now, |d| {
-            d.at - Duration::from_millis(d.timeout_ms) / 10
-        })
+        self.deadline
+            .and_then(|d| Some(d.at()? - Duration::from_millis(d.timeout_ms) / 10))
+            .unwrap_or_else(Instant::now)
     }
 
     /// The plugin this instance belongs to.

@@ -205,6 +205,10 @@ impl Runtime {
             cfg.cache(Some(cache));
         }
         let engine = Engine::new(&cfg).map_err(RuntimeError::Engine)?;
+        // The call clock calibrates itself on its first read (up to 200 ms
+        // against the monotonic clock): here, at start-up, not in the
+        // first plugin call.
+        let _ = instance::CallClock::now();
         let linker = linker(&engine).map_err(RuntimeError::Linker)?;
         let stop = Arc::new(AtomicBool::new(false));
         let ticker = {

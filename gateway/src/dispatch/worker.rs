@@ -35,7 +35,7 @@ use super::route::PluginSpec;
 pub(super) use super::state::WorkerState;
 use super::thread::OwnThread;
 use crate::event::Event;
-use crate::runtime::instance::{BatchReport, CallReport, Sandbox, panic_message};
+use crate::runtime::instance::{BatchReport, CallClock, CallReport, Sandbox, panic_message};
 use crate::store::{CursorProbe, Store};
 use crate::telemetry::{Metrics, OUTCOMES, Outcome, PluginHandles};
 
@@ -525,7 +525,7 @@ impl Worker {
     ) -> (usize, Option<CallReport>) {
         // Each call is timed from the end of the one before (so with this
         // loop's own bookkeeping): one clock read per call.
-        let mut start = Instant::now();
+        let mut start = CallClock::now();
         let mut failure = None;
         let mut done = 0;
         for e in batch {

@@ -24,6 +24,7 @@ use super::{CompiledPlugin, EPOCH_TICK, Runtime};
 use crate::event::{Event, EventKind};
 use crate::host::bindings::Plugin;
 use crate::host::bindings::watchgate::plugin::types as wit;
+pub use crate::host::wait::CallClock;
 use crate::host::{HostState, PluginContext};
 use crate::telemetry::{Outcome, PanicSite, PluginCounter};
 
@@ -315,10 +316,15 @@ impl Sandbox {
         self.live = None;
     }
 
-    fn arm(store: &mut Store<HostState>, limits: &Limits) -> wasmtime::Result<()> {
+    /// Arm `limits` for a call that started at `start`.
+    fn arm(
+        store: &mut Store<HostState>,
+        limits: &Limits,
+        start: CallClock,
+    ) -> wasmtime::Result<()> {
         store.set_fuel(limits.fuel)?;
         store.set_epoch_deadline(deadline_ticks(limits.timeout_ms));
-        store.data_mut().arm_deadline(limits.timeout_ms);
+        store.data_mut().arm_deadline(start, limits.timeout_ms);
         Ok(())
     }
 
@@ -344,7 +350,7 @@ impl Sandbox {
         );
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
-        Self::arm(&mut store, limits).map_err(|e| (e, false))?;
+        Self::arm(&mut store, limits, CallClock::now()).map_err(|e| (e, false))?;
         plugin
             .ctx
             .metrics
@@ -377,7 +383,7 @@ impl Sandbox {
         &mut self,
         plugin: &LoadedPlugin,
         fuel: u64,
-        start: Instant,
+        start: CallClock,
         enter: impl FnOnce(&Plugin, &mut Store<HostState>) -> wasmtime::Result<T>,
     ) -> Result<T, CallReport> {
         // wasmtime unwinds a panic in an import out through the guest's
@@ -409,7 +415,7 @@ impl Sandbox {
         &mut self,
         plugin: &LoadedPlugin,
         fuel: u64,
-        start: Instant,
+        start: CallClock,
         enter: impl FnOnce(&Plugin, &mut Store<HostState>) -> wasmtime::Result<T>,
     ) -> Result<T, CallReport> {
         // A trap's description carries the guest's backtrace, whose frame
@@ -428,7 +434,7 @@ impl Sandbox {
             fuel,
             ..plugin.limits
         };
-        if let Err(e) = Self::arm(&mut live.store, &limits) {
+        if let Err(e) = Self::arm(&mut live.store, &limits, start) {
             return Err(failed(e, false, "cannot set limits"));
         }
         let result = enter(&live.bindings, &mut live.store);
@@ -447,7 +453,7 @@ impl Sandbox {
     /// call per event, but the deadline of a single call, so a slow batch
     /// times out and the caller falls back to one call per event.
     pub fn call_batch(&mut self, plugin: &LoadedPlugin, events: &[Event]) -> BatchReport {
-        let start = Instant::now();
+        let start = CallClock::now();
         let mut args = std::mem::take(&mut self.args);
         let lowered = args.fill(events);
         let fuel = plugin
@@ -486,7 +492,7 @@ impl Sandbox {
     /// Run the handler on one event under the plugin's limits (a new
     /// version replaces the live instance first).
     pub fn call(&mut self, plugin: &LoadedPlugin, event: &Event) -> CallReport {
-        self.call_since(plugin, event, Instant::now())
+        self.call_since(plugin, event, CallClock::now())
     }
 
     /// [`call`](Self::call), its time taken from `start`: in a run of calls,
@@ -496,7 +502,7 @@ impl Sandbox {
         &mut self,
         plugin: &LoadedPlugin,
         event: &Event,
-        start: Instant,
+        start: CallClock,
     ) -> CallReport {
         let mut args = std::mem::take(&mut self.args);
         let lowered = args.fill(std::slice::from_ref(event));
