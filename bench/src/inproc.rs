@@ -308,10 +308,12 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
          work as well, the producer and the worker also take turns on one core, and the ratio \
          falls to about half. Instruction counts (`valgrind --tool=callgrind` on \
          `watchgate-bench --probe MODE`, the same inputs for every build) say what the worker \
-         itself does per event: the bare floor takes about 7,760 instructions per event, \
-         nearly all of it in wasmtime (lowering the event, three calls into the guest's \
-         allocator for its strings and bytes, the call); the worker's round takes 8,800 \
-         one call per event and 7,550 batched. Done so far, each measured with this case: \
+         itself does per event: the bare floor takes about 8,460 instructions per event (a \
+         put with its previous value), nearly all of it in wasmtime (lowering the event, a \
+         call into the guest's allocator for each of its strings and byte lists, the call); \
+         the worker's round takes 8,820 one call per event and 7,650 batched. So in \
+         instructions the worker is within 5 % of the floor, and batched under it; what the \
+         timed figures add is the two threads running at once. Done so far, each measured with this case: \
          the producer wakes a busy worker without a system call (it spins briefly before it \
          sleeps); the worker takes a backlog in one queue round, calls a healthy plugin \
          straight through it, completes the round under one lock and counts its successful \
@@ -327,15 +329,20 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
          (9,340 to 8,800 instructions per event one call per event, 9,080 to 7,550 \
          batched); the state writer keeps to about an eighth of a core and runs at a lower \
          priority; the flush after a call looks at a flag instead of two locks; deliveries \
-         walk a cached worker list, and the last plugin takes the events instead of a copy. \
-         Tried and dropped: mimalloc (a faster producer, but a fan-out p99 ten times worse \
+         walk a cached worker list, and the last plugin takes the events instead of a copy; \
+         calls are timed with the processor's time-stamp counter, read once per call, and \
+         the deadline of the call's WASI waits is taken from that read (clock reads went \
+         from about 5.7 % of the worker's perf samples to 1.6 %; the timed runs could not \
+         tell the difference). Tried and dropped: mimalloc (a faster producer, but a fan-out p99 ten times worse \
          with 100 plugin threads and nearly twice the memory per plugin); making the \
          deliveries before the clock starts (slower: events made ahead are cold in the \
          cache, where a source's fresh events are not); reserving each queue's full capacity \
          up front (no change: the queue growing is not what slows the worker). Measured and \
-         left: the per-call clock read is about 1 % of the worker's instructions and the \
-         histogram's lock under 0.5 %; the producer's key index is about three quarters of \
-         its 2,160 instructions per event.",
+         left: the histogram's lock is under 0.5 % of the worker's instructions; the \
+         producer's key index is about three quarters of its 2,180 instructions per event; \
+         the state writer spends about 5,800 instructions per changed key (serialising the \
+         key's entry) on a third thread, off the hot path but on the same two cores, and a \
+         run with it switched off moved the ratio only within the noise.",
     );
     Ok(s.finish(
         "dispatch",

@@ -28,10 +28,11 @@ use crate::telemetry::PluginCounter;
 /// The clock plugin calls are timed with: the processor's time-stamp
 /// counter, scaled to time by `quanta` (calibrated once per process, when
 /// the runtime starts). The worker reads it once per call, and the call's
-/// deadline is taken from that same read; on the test machine a read takes
-/// about 10 ns where the monotonic clock, read through the vDSO, takes
-/// about 25 ns (5,000,000 reads of each). Where the counter is not
-/// invariant, `quanta` reads the monotonic clock instead.
+/// deadline is taken from that same read. A read takes about 16 ns where
+/// the monotonic clock, read through the vDSO, takes about 24 ns
+/// (5,000,000 reads of each on a 2-core Intel Xeon virtual machine; 10
+/// and 25 ns on an AMD EPYC one). Where the counter is not invariant,
+/// `quanta` reads the monotonic clock instead.
 pub type CallClock = quanta::Instant;
 
 /// When the call in progress must end, and the limit that says so.
