@@ -289,8 +289,9 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
          its own (as decoding makes them). Each put after a key's first carries the value it \
          replaced, as an etcd watch with `prev_kv` delivers it, so the plugin and the floor \
          lower the same two values per event; `index_prev` delivers the puts without it (as \
-         NATS KV does), and the dispatcher's key index fills it in. The floor lowers each event the way generated \
-         bindings are used plainly, building the guest's strings and lists afresh per call; \
+         NATS KV does), and the dispatcher's key index fills it in. The floor lowers each \
+         event the way generated bindings are used plainly, building the guest's strings \
+         and lists afresh per call; \
          the gateway refills buffers it keeps (see below), so on the worker's side part of \
          what separates the two is that lowering."
     ));
@@ -313,8 +314,9 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
          call into the guest's allocator for each of its strings and byte lists, the call); \
          the worker's round takes 8,820 one call per event and 7,650 batched. So in \
          instructions the worker is within 5 % of the floor, and batched under it; what the \
-         timed figures add is the two threads running at once. Done so far, each measured with this case: \
-         the producer wakes a busy worker without a system call (it spins briefly before it \
+         timed figures add is the two threads running at once. Done so far, each measured \
+         with this case: the producer wakes a busy worker without a system call (it spins \
+         briefly before it \
          sleeps); the worker takes a backlog in one queue round, calls a healthy plugin \
          straight through it, completes the round under one lock and counts its successful \
          calls at once; pending positions are runs in a deque; the index that folds changes \
@@ -333,8 +335,9 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
          calls are timed with the processor's time-stamp counter, read once per call, and \
          the deadline of the call's WASI waits is taken from that read (clock reads went \
          from about 5.7 % of the worker's perf samples to 1.6 %; the timed runs could not \
-         tell the difference). Tried and dropped: mimalloc (a faster producer, but a fan-out p99 ten times worse \
-         with 100 plugin threads and nearly twice the memory per plugin); making the \
+         tell the difference). Tried and dropped: mimalloc (a faster producer, but a \
+         fan-out p99 ten times worse with 100 plugin threads and nearly twice the memory \
+         per plugin); making the \
          deliveries before the clock starts (slower: events made ahead are cold in the \
          cache, where a source's fresh events are not); reserving each queue's full capacity \
          up front (no change: the queue growing is not what slows the worker). Measured and \

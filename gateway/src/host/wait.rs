@@ -121,7 +121,7 @@ fn bounded<T>(
     what: &'static str,
     wait: impl Future<Output = wasmtime::Result<T>>,
 ) -> wasmtime::Result<T> {
-    let Some((deadline, at)) = deadline.and_then(|d| Some((d, d.at()?))) else {
+    let Some((deadline, at)) = deadline.and_then(|d| d.at().map(|at| (d, at))) else {
         return in_tokio(wait);
     };
     // The wait is polled before the deadline is looked at, so a wait that

@@ -328,16 +328,20 @@ impl Sandbox {
         Ok(())
     }
 
-    /// The live instance of this version of `plugin`, made if needed.
-    fn live_for(&mut self, plugin: &LoadedPlugin) -> Result<&mut Live, (wasmtime::Error, bool)> {
-        if self
+    /// The live instance of this version of `plugin`, made if needed, and
+    /// whether it was made now.
+    fn live_for(
+        &mut self,
+        plugin: &LoadedPlugin,
+    ) -> Result<(&mut Live, bool), (wasmtime::Error, bool)> {
+        let made = self
             .live
             .as_ref()
-            .is_none_or(|l| l.version != plugin.version)
-        {
+            .is_none_or(|l| l.version != plugin.version);
+        if made {
             self.instantiate(plugin)?;
         }
-        Ok(self.live.as_mut().expect("instantiate succeeded"))
+        Ok((self.live.as_mut().expect("instantiate succeeded"), made))
     }
 
     fn instantiate(&mut self, plugin: &LoadedPlugin) -> Result<(), (wasmtime::Error, bool)> {
@@ -426,7 +430,7 @@ impl Sandbox {
             message: Some(clipped(plugin, format!("{what}: {e:#}"))),
             elapsed: start.elapsed(),
         };
-        let live = match self.live_for(plugin) {
+        let (live, made) = match self.live_for(plugin) {
             Ok(l) => l,
             Err((e, hit)) => return Err(failed(e, hit, "instantiation failed")),
         };
@@ -434,7 +438,11 @@ impl Sandbox {
             fuel,
             ..plugin.limits
         };
-        if let Err(e) = Self::arm(&mut live.store, &limits, start) {
+        // The call's limits start when its guest code does, as the epoch
+        // deadline's do: the time a new instance took to make (milliseconds
+        // for an interpreter's) is not taken from its waits.
+        let armed_at = if made { CallClock::now() } else { start };
+        if let Err(e) = Self::arm(&mut live.store, &limits, armed_at) {
             return Err(failed(e, false, "cannot set limits"));
         }
         let result = enter(&live.bindings, &mut live.store);
