@@ -313,7 +313,7 @@ impl Worker {
     /// time is the round's end, a few calls after each event's own).
     pub(super) fn succeeded(&self, events: &[Event]) {
         for id in events.iter().filter_map(|e| e.dead_letter) {
-            self.store.remove_dead_letter(&self.name, id);
+            self.store.remove_dead_letter(&self.name, id.get());
         }
         if events.iter().any(|e| e.seq > 0) {
             let ms = SystemTime::now()
@@ -351,7 +351,7 @@ impl Worker {
     /// within the plugin's caps.
     fn dead_letter(&self, event: &Event, report: &CallReport, attempts: u32) -> AddedLetter {
         if let Some(old) = event.dead_letter {
-            self.store.remove_dead_letter(&self.name, old);
+            self.store.remove_dead_letter(&self.name, old.get());
         }
         self.metrics
             .count_plugin(PluginCounter::DeadLetter, &self.name);
@@ -477,7 +477,7 @@ impl Dispatcher {
             .into_iter()
             .filter_map(|d| {
                 let mut e = Event::try_from(d.event).ok()?;
-                e.dead_letter = Some(d.id);
+                e.dead_letter = std::num::NonZeroU64::new(d.id);
                 Some(e)
             })
             .collect();

@@ -228,7 +228,7 @@ impl SourceKeys {
                 revision: e.revision,
                 seq: e.seq,
                 metadata: if e.kind == EventKind::Put {
-                    e.metadata.clone()
+                    e.metadata.to_vec()
                 } else {
                     Vec::new()
                 },
@@ -290,7 +290,7 @@ impl SourceKeys {
                 let mut ev = match &e.value {
                     Some(v) => {
                         let mut ev = Event::put(name, k.clone(), v.clone(), e.revision);
-                        ev.metadata = e.metadata.clone();
+                        ev.metadata = e.metadata.as_slice().into();
                         ev
                     }
                     None => Event::delete(name, k.clone(), e.revision),
@@ -310,7 +310,7 @@ impl SourceKeys {
             .filter_map(|(k, e)| {
                 let v = e.value.as_ref()?;
                 let mut ev = Event::put(name, k.clone(), v.clone(), e.revision);
-                ev.metadata = e.metadata.clone();
+                ev.metadata = e.metadata.as_slice().into();
                 ev.resync = resync;
                 ev.seq = e.seq;
                 Some(ev)

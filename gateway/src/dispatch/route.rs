@@ -214,7 +214,7 @@ impl EventSink for Dispatcher {
         let name = cache.name.clone();
         let mut keys = cache.keys.lock();
         let upto = keys.assign(&mut events);
-        let now = std::time::Instant::now();
+        let now = crate::event::Stamp::now();
         for e in &mut events {
             e.delivered_at = Some(now);
         }

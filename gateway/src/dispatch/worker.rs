@@ -578,10 +578,10 @@ impl Worker {
     /// Tell the observer (benchmarks) each event's queueing latency.
     fn observe(&self, batch: &[Event]) {
         if let Some(observe) = self.observer.load().as_ref() {
-            let now = Instant::now();
+            let now = crate::event::Stamp::now();
             for e in batch {
                 if let Some(at) = e.delivered_at {
-                    observe(&self.name, now.saturating_duration_since(at));
+                    observe(&self.name, at.until(now));
                 }
             }
         }

@@ -137,7 +137,8 @@ impl Args {
             slot.revision = e.revision;
             slot.resync = e.resync;
             slot.coalesced = e.coalesced;
-            slot.metadata.clone_from(&e.metadata);
+            slot.metadata.clear();
+            slot.metadata.extend_from_slice(&e.metadata);
         }
         &self.events[..events.len()]
     }
@@ -206,7 +207,7 @@ fn to_wit_from(e: &Event, source: String) -> wit::Event {
         revision: e.revision,
         resync: e.resync,
         coalesced: e.coalesced,
-        metadata: e.metadata.clone(),
+        metadata: e.metadata.to_vec(),
     }
 }
 
@@ -592,7 +593,7 @@ mod tests {
         let mut args = Args::default();
         let mut first = Event::put(&src, "a-long-key", Bytes::from(vec![7u8; 300]), 1);
         first.prev_value = Some(Bytes::from_static(b"old"));
-        first.metadata = vec![("m".into(), "1".into())];
+        first.metadata = thin_vec::thin_vec![("m".into(), "1".into())];
         first.coalesced = 2;
         first.resync = true;
         let big = Event::put(&src, "k", Bytes::from(vec![1u8; KEEP_BUFFER + 1]), 2);

@@ -314,8 +314,8 @@ fn utf8_key(kv: &KeyValue) -> String {
     String::from_utf8_lossy(kv.key()).into_owned()
 }
 
-fn metadata(kv: &KeyValue) -> Vec<(String, String)> {
-    let mut m = vec![
+fn metadata(kv: &KeyValue) -> crate::event::Metadata {
+    let mut m = thin_vec::thin_vec![
         (
             "create_revision".to_owned(),
             kv.create_revision().to_string(),

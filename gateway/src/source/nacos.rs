@@ -367,7 +367,7 @@ async fn configs_loop(s: Arc<Shared>, i: usize) {
                                 contents.insert(c.clone(), b.clone());
                                 let mut e = Event::put(&s.ctx.name, key, b.clone(), revision + 1)
                                     .with_prev(prev);
-                                e.metadata = vec![("md5".to_owned(), md5.clone())];
+                                e.metadata = thin_vec::thin_vec![("md5".to_owned(), md5.clone())];
                                 e
                             }
                             None => {
