@@ -170,8 +170,10 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
         out.add("floor_bare_wasmtime_events_per_s", "events/s", rate);
         Ok(rate)
     };
-    // One unrecorded run first: the first pays the page faults of the
-    // queue growing to hold the backlog, which later runs reuse.
+    // One unrecorded run first: the process's first run pays one-time
+    // costs the later ones do not. (Not the queue's page faults: a backlog
+    // of a million events is larger than glibc keeps in its heap, so every
+    // run maps it afresh.)
     let mut warm_up = Samples::default();
     // More runs than other cases: the headline is a ratio of two busy
     // threads to one, and its spread over the runs is part of the result.
@@ -277,10 +279,12 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
          revision it covers); `single_delivery` delivers them one at a time. The dispatcher keeps \
          its key index in an in-memory store (the gateway's is on disk, written by the same \
          background thread). `route_only` is the producer's share alone: delivery with no \
-         plugin subscribed. Each figure follows one unrecorded warm-up run (the first run pays \
-         the page faults of the queue growing to hold the backlog). The ratio to the floor is \
-         the median of per-run ratios, each run's `dispatch` figure over the mean of the \
-         floor measured just before and just after it: on this shared machine the floor \
+         plugin subscribed. Each figure follows one unrecorded warm-up run (the process's first \
+         run pays one-time costs). A backlog of a million events is a queue of 144 MB, more \
+         than glibc's allocator keeps in its heap (32 MB at most), so in every run it is \
+         mapped afresh and the producer faults its pages in (about 35,000). The ratio to the \
+         floor is the median of per-run ratios, each run's `dispatch` figure over the mean \
+         of the floor measured just before and just after it: on this shared machine the floor \
          alone drifts by tens of percent between seconds, so medians taken apart can pair a \
          fast floor with a slow dispatch. The case runs {runs} times (more than the others), \
          and the lowest and highest per-run ratios are given with the median as its spread. \
