@@ -73,9 +73,13 @@ pub struct DeadLetter {
     pub at: u64,
 }
 
-/// A [`KeyEntry`] or [`SourceMeta`] as stored.
-pub(super) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    postcard::to_stdvec(v).expect("in-memory encoding cannot fail")
+/// A [`KeyEntry`] or [`SourceMeta`] as stored, in `buf` (cleared first).
+/// A commit encodes every changed key; reusing one buffer spares each the
+/// reallocations of a Vec grown from empty.
+pub(super) fn encode_into<'a, T: Serialize>(v: &T, buf: &'a mut Vec<u8>) -> &'a [u8] {
+    buf.clear();
+    *buf = postcard::to_extend(v, std::mem::take(buf)).expect("in-memory encoding cannot fail");
+    buf
 }
 
 /// A stored [`KeyEntry`] or [`SourceMeta`]; `None` when it does not decode.

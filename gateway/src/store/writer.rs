@@ -27,7 +27,7 @@ use parking_lot::Mutex;
 use redb::Database;
 
 use super::pending::{Pending, Write};
-use super::schema::{CURSORS, DEAD_LETTERS, KEYS, PLUGIN_STATE, SOURCES, encode};
+use super::schema::{CURSORS, DEAD_LETTERS, KEYS, PLUGIN_STATE, SOURCES, encode_into};
 use super::{CursorProbe, IndexProbe, KeyEntry, SourceMeta};
 
 /// How long the writer gathers changes before it commits.
@@ -220,6 +220,7 @@ fn commit(
 ) -> Result<Written, redb::Error> {
     let w = db.begin_write()?;
     let mut explicit = Vec::new();
+    let mut buf = Vec::new();
     {
         let mut keys = w.open_table(KEYS)?;
         let mut sources = w.open_table(SOURCES)?;
@@ -230,14 +231,14 @@ fn commit(
             for (k, entry) in changed {
                 match entry {
                     Some(e) => {
-                        keys.insert((&**source, &**k), encode(e).as_slice())?;
+                        keys.insert((&**source, &**k), encode_into(e, &mut buf))?;
                     }
                     None => {
                         keys.remove((&**source, &**k))?;
                     }
                 }
             }
-            sources.insert(&**source, encode(meta).as_slice())?;
+            sources.insert(&**source, encode_into(meta, &mut buf))?;
         }
         for op in ops {
             match op {
