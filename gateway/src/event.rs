@@ -167,7 +167,9 @@ pub struct Event {
     /// The dead letter this event replays, if it is one (dead letters
     /// are numbered from 1).
     pub dead_letter: Option<NonZeroU64>,
-    /// When the dispatcher took it from its source (queueing latency).
+    /// When the dispatcher took it from its source, for the queueing
+    /// latency a benchmark observes (`Dispatcher::set_observer`); set only
+    /// while one does.
     pub delivered_at: Option<Stamp>,
 }
 
