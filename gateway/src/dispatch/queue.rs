@@ -14,12 +14,13 @@
 //! events are queued, folded and completed; a hot consumer with nothing to
 //! take spins (`spin`) before it sleeps. This module must not call plugins.
 
+mod backlog;
 mod positions;
 mod spin;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -27,6 +28,7 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex};
 
 use crate::event::{Event, EventKind};
+use backlog::Backlog;
 use positions::Cursors;
 pub(crate) use spin::spin_while;
 
@@ -45,8 +47,8 @@ pub struct PushStats {
 
 #[derive(Default)]
 struct Inner {
-    /// Entries; `None` marks an entry whose event was taken by a fold.
-    entries: VecDeque<Event>,
+    /// The queued events.
+    entries: Backlog,
     /// Sequence number of `entries[0]`.
     head: u64,
     /// Hash of (source, key) → sequence number of its last queued entry
@@ -66,6 +68,9 @@ struct Inner {
     spent_len: usize,
     /// Waits in a row that found nothing (see [`EventQueue::idle`]).
     idle_waits: u32,
+    /// The most events queued since the allocator was last asked to give
+    /// memory back.
+    peak: usize,
 }
 
 impl Inner {
@@ -83,8 +88,9 @@ impl Inner {
     /// Build the fold index from the queued entries (the queue is full).
     fn index(&mut self) {
         self.last.clear();
-        for i in 0..self.entries.len() {
-            let id = self.id(&self.entries[i]);
+        self.entries.make_contiguous();
+        let ids: Vec<u64> = self.entries.iter().map(|e| self.id(e)).collect();
+        for (i, id) in ids.into_iter().enumerate() {
             self.last.insert(id, self.head + i as u64);
         }
         self.indexed = true;
@@ -96,6 +102,7 @@ impl Inner {
         if self.indexed && self.entries.len() <= capacity / 2 {
             self.last.clear();
             self.indexed = false;
+            self.entries.allow_chunks();
         }
     }
 }
@@ -216,6 +223,7 @@ impl EventQueue {
         self.len.store(0, Ordering::Release);
         inner.last.clear();
         inner.indexed = false;
+        inner.entries.allow_chunks();
         n
     }
 
@@ -307,45 +315,19 @@ impl EventQueue {
         if inner.closed {
             return stats;
         }
-        for event in events {
-            if only_new && event.seq > 0 && event.seq <= given {
-                continue;
+        let fits = !inner.indexed && inner.entries.len() + events.len() <= capacity;
+        if fits && !(only_new && events.iter().any(|e| e.seq > 0 && e.seq <= given)) {
+            // Nothing to skip or fold: the delivery goes in as it is.
+            for e in &events {
+                inner.cursors.track(&e.source, e.seq);
             }
-            let full = inner.entries.len() >= capacity;
-            if full && !inner.indexed {
-                inner.index();
-            }
-            let id = if inner.indexed { inner.id(&event) } else { 0 };
-            if full && let Some(&seq) = inner.last.get(&id) {
-                let idx = (seq - inner.head) as usize;
-                let queued = &mut inner.entries[idx];
-                if queued.source == event.source
-                    && queued.key == event.key
-                    && can_absorb(queued, &event)
-                {
-                    let (source, before) = (queued.source.clone(), queued.seq);
-                    queued.absorb(event);
-                    let after = queued.seq;
-                    if after != before {
-                        inner.cursors.untrack(&source, before);
-                        inner.cursors.track(&source, after);
-                    }
-                    stats.coalesced += 1;
-                    continue;
-                }
-            }
-            if full {
-                stats.overflow += 1;
-            }
-            inner.cursors.track(&event.source, event.seq);
-            if inner.indexed {
-                let seq = inner.head + inner.entries.len() as u64;
-                inner.last.insert(id, seq);
-            }
-            inner.entries.push_back(event);
-            stats.queued += 1;
+            stats.queued = events.len();
+            inner.entries.append(events);
+        } else {
+            self.push_each(&mut inner, &mut stats, only_new, given, events);
         }
         stats.len = inner.entries.len();
+        inner.peak = inner.peak.max(stats.len);
         self.len.store(stats.len, Ordering::Release);
         drop(inner);
         self.ready.notify_one();
@@ -358,6 +340,56 @@ impl EventQueue {
         stats
     }
 
+    /// Queue `events` one by one: skipping those at or below `given` when
+    /// `only_new`, folding into queued ones once full.
+    fn push_each(
+        &self,
+        inner: &mut Inner,
+        stats: &mut PushStats,
+        only_new: bool,
+        given: u64,
+        events: Vec<Event>,
+    ) {
+        let capacity = self.capacity.load(std::sync::atomic::Ordering::Relaxed);
+        for event in events {
+            if only_new && event.seq > 0 && event.seq <= given {
+                continue;
+            }
+            let full = inner.entries.len() >= capacity;
+            if full && !inner.indexed {
+                inner.index();
+            }
+            let id = if inner.indexed { inner.id(&event) } else { 0 };
+            if full
+                && let Some(&seq) = inner.last.get(&id)
+                && let Some(queued) = inner.entries.get_mut((seq - inner.head) as usize)
+                && queued.source == event.source
+                && queued.key == event.key
+                && can_absorb(queued, &event)
+            {
+                let (source, before) = (queued.source.clone(), queued.seq);
+                queued.absorb(event);
+                let after = queued.seq;
+                if after != before {
+                    inner.cursors.untrack(&source, before);
+                    inner.cursors.track(&source, after);
+                }
+                stats.coalesced += 1;
+                continue;
+            }
+            if full {
+                stats.overflow += 1;
+            }
+            inner.cursors.track(&event.source, event.seq);
+            if inner.indexed {
+                let seq = inner.head + inner.entries.len() as u64;
+                inner.last.insert(id, seq);
+            }
+            inner.entries.push_back(event);
+            stats.queued += 1;
+        }
+    }
+
     /// Call `kick` after every push that queues something (once set, it
     /// stays).
     pub fn on_push(&self, kick: Box<dyn Fn() + Send + Sync>) {
@@ -365,7 +397,8 @@ impl EventQueue {
     }
 
     fn take_front(&self, inner: &mut Inner) -> Option<Event> {
-        let event = inner.entries.pop_front()?;
+        let (event, emptied) = inner.entries.pop_front()?;
+        drop(emptied);
         self.len.store(inner.entries.len(), Ordering::Release);
         let seq = inner.head;
         inner.head += 1;
@@ -387,8 +420,8 @@ impl EventQueue {
         if inner.indexed {
             return (0..n).filter_map(|_| self.take_front(inner)).collect();
         }
-        let taken: Vec<Event> = inner.entries.drain(..n).collect();
-        inner.head += n as u64;
+        let taken = inner.entries.take_front(n);
+        inner.head += taken.len() as u64;
         self.len.store(inner.entries.len(), Ordering::Release);
         taken
     }
@@ -466,10 +499,13 @@ impl EventQueue {
             return false;
         }
         inner.idle_waits = inner.idle_waits.saturating_add(1);
-        let shrink =
-            inner.idle_waits >= SHRINK_AFTER_IDLE_WAITS && inner.entries.capacity() > SHRINK_KEEP;
+        // A drained backlog's chunks are gone with it, but the allocator
+        // keeps their memory until asked.
+        let shrink = inner.idle_waits >= SHRINK_AFTER_IDLE_WAITS
+            && (inner.entries.capacity() > SHRINK_KEEP || inner.peak > SHRINK_KEEP);
         if shrink {
             inner.entries.shrink_to(SHRINK_KEEP);
+            inner.peak = 0;
         }
         shrink
     }
