@@ -100,81 +100,155 @@ impl Cursors {
 
 /// The positions of one source's events not yet completed, with
 /// multiplicity, in ascending order. Events are mostly tracked in ascending
-/// order and completed from the front, so runs of a deque do what an
-/// ordered map would without a tree operation per event. A position
-/// completed out of order keeps its slot with a count of zero until the
-/// front passes it (or a compaction drops it).
+/// order, one per position, and completed from the front, so the positions
+/// are kept as spans of consecutive positions that share a count: a backlog
+/// of a million events in order is one span, and tracking or completing
+/// one is a change at an end of a deque. A span grows under the queue's
+/// lock, so this also keeps a growing backlog from growing a deque there.
+/// A position completed out of order splits its span, and its slot stays
+/// with a count of zero until the front passes it (or a compaction drops
+/// it).
 #[derive(Default)]
 struct Positions {
-    /// (position, count), positions strictly ascending, the front's count
+    /// Spans in ascending order, not overlapping; the front's count is
     /// above zero.
-    runs: VecDeque<(u64, u32)>,
-    /// Slots with a count of zero.
+    spans: VecDeque<Span>,
+    /// Spans with a count of zero.
     zeros: usize,
+}
+
+/// `len` consecutive positions from `first`, each pending `count` times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Span {
+    first: u64,
+    len: u64,
+    count: u32,
+}
+
+impl Span {
+    fn end(&self) -> u64 {
+        self.first + self.len
+    }
+
+    fn contains(&self, seq: u64) -> bool {
+        self.first <= seq && seq < self.end()
+    }
 }
 
 impl Positions {
     fn add(&mut self, seq: u64) {
-        match self.runs.back_mut() {
-            Some((last, n)) if *last == seq => {
-                if *n == 0 {
-                    self.zeros -= 1;
+        match self.spans.back_mut() {
+            Some(last) if last.count == 1 && last.end() == seq => last.len += 1,
+            Some(last) if last.end() <= seq => self.spans.push_back(Span {
+                first: seq,
+                len: 1,
+                count: 1,
+            }),
+            None => self.spans.push_back(Span {
+                first: seq,
+                len: 1,
+                count: 1,
+            }),
+            // A repeat or out of order (rare): find its place.
+            Some(_) => {
+                let i = self.spans.partition_point(|s| s.end() <= seq);
+                match self.spans.get(i) {
+                    Some(s) if s.contains(seq) => self.change(i, seq, 1),
+                    _ => self.spans.insert(
+                        i,
+                        Span {
+                            first: seq,
+                            len: 1,
+                            count: 1,
+                        },
+                    ),
                 }
-                *n += 1;
             }
-            Some((last, _)) if *last > seq => {
-                // Out of order (rare): find its place.
-                match self.runs.binary_search_by_key(&seq, |r| r.0) {
-                    Ok(i) => {
-                        if self.runs[i].1 == 0 {
-                            self.zeros -= 1;
-                        }
-                        self.runs[i].1 += 1;
-                    }
-                    Err(i) => self.runs.insert(i, (seq, 1)),
-                }
-            }
-            _ => self.runs.push_back((seq, 1)),
         }
     }
 
     fn remove(&mut self, seq: u64) {
-        match self.runs.front_mut() {
-            Some((first, n)) if *first == seq => {
-                *n -= 1;
-                if *n > 0 {
-                    return;
-                }
-                self.runs.pop_front();
-                while let Some((_, 0)) = self.runs.front() {
-                    self.runs.pop_front();
-                    self.zeros -= 1;
-                }
+        let Some(front) = self.spans.front_mut() else {
+            return;
+        };
+        if front.first == seq && front.count == 1 {
+            // The usual completion: the front moves on by one.
+            front.first += 1;
+            front.len -= 1;
+            if front.len == 0 {
+                self.spans.pop_front();
+                self.drop_front_zeros();
             }
-            Some(_) => {
-                if let Ok(i) = self.runs.binary_search_by_key(&seq, |r| r.0)
-                    && self.runs[i].1 > 0
-                {
-                    self.runs[i].1 -= 1;
-                    if self.runs[i].1 == 0 {
-                        self.zeros += 1;
-                        // Keep completed slots from piling up behind a
-                        // front that does not move (a quarantined plugin
-                        // folding a flood into its queue).
-                        if self.zeros > 64 && self.zeros * 2 > self.runs.len() {
-                            self.runs.retain(|r| r.1 > 0);
-                            self.zeros = 0;
-                        }
-                    }
-                }
+            return;
+        }
+        let i = self.spans.partition_point(|s| s.end() <= seq);
+        if self
+            .spans
+            .get(i)
+            .is_some_and(|s| s.contains(seq) && s.count > 0)
+        {
+            self.change(i, seq, -1);
+            if i == 0 {
+                self.drop_front_zeros();
+            } else if self.zeros > 64 && self.zeros * 2 > self.spans.len() {
+                // Keep completed slots from piling up behind a front that
+                // does not move (a quarantined plugin folding a flood into
+                // its queue).
+                self.spans.retain(|s| s.count > 0);
+                self.zeros = 0;
             }
-            None => {}
+        }
+    }
+
+    /// Change the count of `seq`, in span `i`, by `by`: the span splits
+    /// around it unless it is one position.
+    fn change(&mut self, i: usize, seq: u64, by: i32) {
+        let s = self.spans[i];
+        let count = s.count.saturating_add_signed(by);
+        if s.count == 0 {
+            self.zeros -= 1;
+        }
+        if count == 0 {
+            self.zeros += 1;
+        }
+        let before = Span {
+            len: seq - s.first,
+            ..s
+        };
+        let at = Span {
+            first: seq,
+            len: 1,
+            count,
+        };
+        let after = Span {
+            first: seq + 1,
+            len: s.end() - seq - 1,
+            ..s
+        };
+        // A zero-count span split in three leaves two of them.
+        if s.count == 0 {
+            self.zeros += usize::from(before.len > 0) + usize::from(after.len > 0);
+        }
+        self.spans[i] = at;
+        if after.len > 0 {
+            self.spans.insert(i + 1, after);
+        }
+        if before.len > 0 {
+            self.spans.insert(i, before);
+        }
+    }
+
+    /// Pop zero-count spans off the front, so the front counts.
+    fn drop_front_zeros(&mut self) {
+        while self.spans.front().is_some_and(|s| s.count == 0) {
+            self.spans.pop_front();
+            self.zeros -= 1;
         }
     }
 
     /// The lowest position not completed.
     fn lowest(&self) -> Option<u64> {
-        self.runs.front().map(|r| r.0)
+        self.spans.front().map(|s| s.first)
     }
 }
 
@@ -240,9 +314,20 @@ mod tests {
                     model.keys().next().copied(),
                     "round {round}, step {step}"
                 );
-                let live = p.runs.iter().filter(|r| r.1 > 0).count();
-                assert_eq!(live, model.len(), "round {round}, step {step}");
-                assert_eq!(p.zeros, p.runs.len() - live, "round {round}, step {step}");
+                let mut counts = std::collections::BTreeMap::new();
+                let mut last_end = 0;
+                for span in &p.spans {
+                    assert!(span.len > 0 && span.first >= last_end, "{:?}", p.spans);
+                    last_end = span.end();
+                    for seq in span.first..span.end() {
+                        if span.count > 0 {
+                            counts.insert(seq, span.count);
+                        }
+                    }
+                }
+                assert_eq!(counts, model, "round {round}, step {step}");
+                let zeros = p.spans.iter().filter(|s| s.count == 0).count();
+                assert_eq!(p.zeros, zeros, "round {round}, step {step}");
             }
         }
     }
