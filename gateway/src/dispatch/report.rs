@@ -64,36 +64,57 @@ pub(super) const RECENT_HANDLED: usize = 256;
 /// clones of its source and key: their reference counts live on cache
 /// lines the producer writes for every event it queues, and touching them
 /// for every call moved those lines between cores. A collision of the
-/// 64-bit hash could only lend a trace another key's time.
+/// 64-bit hash could only lend a trace another key's time. The source's part of the hash is worked out once per run of events of
+/// the same source, and the ring is overwritten in place once full.
 #[derive(Default)]
 pub(super) struct RecentHandled {
-    ring: std::collections::VecDeque<(u64, u64, u64)>,
+    /// Oldest to newest until full; then `next` is the oldest.
+    ring: Vec<(u64, u64, u64)>,
+    next: usize,
     hasher: foldhash::fast::FixedState,
 }
 
 impl RecentHandled {
-    fn id(&self, source: &str, key: &str) -> u64 {
+    fn source_id(&self, source: &str) -> u64 {
         use std::hash::BuildHasher;
-        self.hasher.hash_one((source, key))
+        self.hasher.hash_one(source)
+    }
+
+    fn id(&self, source_id: u64, key: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(key) ^ source_id.rotate_left(29)
     }
 
     /// Each of `events` with a position was handled at `at_ms`.
     pub(super) fn add(&mut self, events: &[crate::event::Event], at_ms: u64) {
+        let mut source: Option<(&std::sync::Arc<str>, u64)> = None;
         for e in events.iter().filter(|e| e.seq > 0) {
-            if self.ring.len() == RECENT_HANDLED {
-                self.ring.pop_front();
+            let source_id = match source {
+                Some((s, id)) if std::sync::Arc::ptr_eq(s, &e.source) => id,
+                _ => {
+                    let id = self.source_id(&e.source);
+                    source = Some((&e.source, id));
+                    id
+                }
+            };
+            let slot = (self.id(source_id, &e.key), e.seq, at_ms);
+            if self.ring.len() < RECENT_HANDLED {
+                self.ring.push(slot);
+            } else {
+                self.ring[self.next] = slot;
+                self.next = (self.next + 1) % RECENT_HANDLED;
             }
-            let id = self.id(&e.source, &e.key);
-            self.ring.push_back((id, e.seq, at_ms));
         }
     }
 
     /// When the newest handling of `key` at or after position `seq` was,
     /// if it is still remembered.
     pub(super) fn when(&self, source: &str, key: &str, seq: u64) -> Option<u64> {
-        let id = self.id(source, key);
-        self.ring
+        let id = self.id(self.source_id(source), key);
+        let (older, newer) = self.ring.split_at(self.next);
+        newer
             .iter()
+            .chain(older)
             .rev()
             .find(|(i, at, _)| *i == id && *at >= seq)
             .map(|(_, _, ms)| *ms)
@@ -292,5 +313,47 @@ impl Dispatcher {
     /// Events waiting for `plugin`, if it runs.
     pub fn queue_depth(&self, plugin: &str) -> Option<usize> {
         self.workers.get(plugin).map(|w| w.depth())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::event::Event;
+
+    #[test]
+    fn the_ring_answers_with_the_newest_handling_and_forgets_the_oldest() {
+        let a: Arc<str> = Arc::from("a");
+        let b: Arc<str> = Arc::from("b");
+        let at = |source: &Arc<str>, key: &str, seq: u64| {
+            let mut e = Event::put(source, key, Bytes::from_static(b"v"), seq);
+            e.seq = seq;
+            e
+        };
+        let mut r = RecentHandled::default();
+        r.add(&[at(&a, "k", 1), at(&b, "k", 2), at(&a, "k", 3)], 10);
+        assert_eq!(r.when("a", "k", 1), Some(10));
+        r.add(&[at(&a, "k", 4)], 20);
+        assert_eq!(r.when("a", "k", 1), Some(20), "the newest handling");
+        assert_eq!(r.when("a", "k", 5), None, "not yet handled");
+        assert_eq!(r.when("b", "k", 2), Some(10), "each source on its own");
+        assert_eq!(r.when("c", "k", 1), None);
+        // Around the ring more than once: only the newest are kept.
+        for round in 0..3u64 {
+            let events: Vec<Event> = (0..RECENT_HANDLED as u64)
+                .map(|i| at(&a, &format!("x{i}"), 100 + round * 1_000 + i))
+                .collect();
+            r.add(&events, 30 + round);
+        }
+        assert_eq!(r.when("a", "k", 1), None, "pushed out");
+        assert_eq!(r.when("a", "x0", 0), Some(32));
+        assert_eq!(r.when("a", "x255", 2_100), Some(32));
+        r.add(&[at(&a, "x0", 5_000)], 40);
+        assert_eq!(r.when("a", "x0", 0), Some(40));
+        assert_eq!(r.when("a", "x1", 0), Some(32));
     }
 }

@@ -69,19 +69,39 @@ impl Cursors {
         }
     }
 
-    /// Complete several events: one look-up per run of the same source.
+    /// Complete several events: one look-up per run of the same source,
+    /// and one step per run of consecutive positions (a round's events
+    /// usually are one such run, at the front).
     #[inline]
     pub(super) fn untrack_all(&mut self, events: &[Event]) {
-        let mut at: Option<(&Arc<str>, Option<&mut Positions>)> = None;
+        let mut run: Option<(&Arc<str>, u64, u64)> = None;
         for e in events.iter().filter(|e| e.seq > 0) {
-            let same = at
-                .as_ref()
-                .is_some_and(|(source, _)| Arc::ptr_eq(source, &e.source));
-            if !same {
-                at = Some((&e.source, self.pending.get_mut(&e.source)));
+            match run.as_mut() {
+                Some((source, first, n))
+                    if Arc::ptr_eq(source, &e.source) && *first + *n == e.seq =>
+                {
+                    *n += 1;
+                }
+                _ => {
+                    if let Some((source, first, n)) = run {
+                        self.untrack_run(source, first, n);
+                    }
+                    run = Some((&e.source, e.seq, 1));
+                }
             }
-            if let Some((_, Some(p))) = at.as_mut() {
-                p.remove(e.seq);
+        }
+        if let Some((source, first, n)) = run {
+            self.untrack_run(source, first, n);
+        }
+    }
+
+    /// Complete the events at `n` consecutive positions from `first`.
+    fn untrack_run(&mut self, source: &Arc<str>, first: u64, n: u64) {
+        if let Some(p) = self.pending.get_mut(source)
+            && !p.remove_front_run(first, n)
+        {
+            for seq in first..first + n {
+                p.remove(seq);
             }
         }
     }
@@ -200,6 +220,25 @@ impl Positions {
         }
     }
 
+    /// Remove `n` consecutive positions from `first` at once if they are
+    /// the front of the front span, each pending once; false (nothing
+    /// done) otherwise.
+    fn remove_front_run(&mut self, first: u64, n: u64) -> bool {
+        let Some(front) = self.spans.front_mut() else {
+            return false;
+        };
+        if front.first != first || front.count != 1 || front.len < n {
+            return false;
+        }
+        front.first += n;
+        front.len -= n;
+        if front.len == 0 {
+            self.spans.pop_front();
+            self.drop_front_zeros();
+        }
+        true
+    }
+
     /// Change the count of `seq`, in span `i`, by `by`: the span splits
     /// around it unless it is one position.
     fn change(&mut self, i: usize, seq: u64, by: i32) {
@@ -288,6 +327,23 @@ mod tests {
                     }
                     // Mostly from the front, some from anywhere, some not
                     // tracked at all.
+                    5 if r.is_multiple_of(7) => {
+                        // A run from the front, as a round completes it.
+                        if let Some(&first) = model.keys().next() {
+                            let n = 1 + (r >> 8) % 8;
+                            if !p.remove_front_run(first, n) {
+                                (first..first + n).for_each(|seq| p.remove(seq));
+                            }
+                            for seq in first..first + n {
+                                if let Some(c) = model.get_mut(&seq) {
+                                    *c -= 1;
+                                    if *c == 0 {
+                                        model.remove(&seq);
+                                    }
+                                }
+                            }
+                        }
+                    }
                     5..=7 => {
                         if let Some(&seq) = model.keys().next() {
                             p.remove(seq);
