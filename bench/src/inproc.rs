@@ -171,9 +171,7 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
         Ok(rate)
     };
     // One unrecorded run first: the process's first run pays one-time
-    // costs the later ones do not. (Not the queue's page faults: a backlog
-    // of a million events is larger than glibc keeps in its heap, so every
-    // run maps it afresh.)
+    // costs the later ones do not.
     let mut warm_up = Samples::default();
     // More runs than other cases: the headline is a ratio of two busy
     // threads to one, and its spread over the runs is part of the result.
@@ -280,9 +278,9 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
          its key index in an in-memory store (the gateway's is on disk, written by the same \
          background thread). `route_only` is the producer's share alone: delivery with no \
          plugin subscribed. Each figure follows one unrecorded warm-up run (the process's first \
-         run pays one-time costs). A backlog of a million events is a queue of 144 MB, more \
-         than glibc's allocator keeps in its heap (32 MB at most), so in every run it is \
-         mapped afresh and the producer faults its pages in (about 35,000). The ratio to the \
+         run pays one-time costs). A backlog of a million events is 144 MB of queued events, \
+         held in the deliveries' own vectors (see below), whose pages the producer faults in \
+         as it makes them. The ratio to the \
          floor is the median of per-run ratios, each run's `dispatch` figure over the mean \
          of the floor measured just before and just after it: on this shared machine the floor \
          alone drifts by tens of percent between seconds, so medians taken apart can pair a \
@@ -303,53 +301,50 @@ pub(super) fn dispatch(args: &BenchArgs) -> anyhow::Result<CaseResult> {
         "Where the time goes. `sandboxed_loop` is the floor with the gateway's per-call \
          isolation (fuel and deadline armed before each call, guest output flushed after). \
          `dispatch_after_producer` is the plugin worker's pace once the producer has \
-         delivered everything: with the queue, the metrics and the cursor. \
-         `dispatch_beside_producer` is its pace while the producer runs on the other core, \
-         and this is where most of the gap is: with both threads busy, the worker runs 20 to \
-         50 % slower, and the producer takes twice as long as `route_only` alone. The two \
-         share no lock for longer than a queue round, so this is the cost of two busy threads \
-         on the two cores of this virtual machine (shared cache and memory traffic, and a \
-         third thread, the state writer, taking turns); on a machine that is busy with other \
-         work as well, the producer and the worker also take turns on one core, and the ratio \
-         falls to about half. Instruction counts (`valgrind --tool=callgrind` on \
-         `watchgate-bench --probe MODE`, the same inputs for every build) say what the worker \
-         itself does per event: the bare floor takes about 8,460 instructions per event (a \
-         put with its previous value), nearly all of it in wasmtime (lowering the event, a \
-         call into the guest's allocator for each of its strings and byte lists, the call); \
-         the worker's round takes 8,820 one call per event and 7,650 batched. So in \
-         instructions the worker is within 5 % of the floor, and batched under it; what the \
-         timed figures add is the two threads running at once. Done so far, each measured \
-         with this case: the producer wakes a busy worker without a system call (it spins \
-         briefly before it \
-         sleeps); the worker takes a backlog in one queue round, calls a healthy plugin \
-         straight through it, completes the round under one lock and counts its successful \
-         calls at once; pending positions are runs in a deque; the index that folds changes \
-         of a key is kept only while a queue is full; event keys are shared with the key \
-         index, so the worker frees nothing the producer allocated, and handled events are \
-         dropped by the producer's next push, where their reference counts live (about 6 % \
-         more beside the producer in A/B runs); the ring of recently handled events that a \
-         trace reads is filled once per round, naming each event by a hash of its source and \
-         key, where each call used to clone both (four atomic changes per event on lines the \
-         producer writes) and read the wall clock; the guest's view of an event is refilled \
-         in buffers the sandbox keeps between calls instead of built and freed per call \
-         (9,340 to 8,800 instructions per event one call per event, 9,080 to 7,550 \
-         batched); the state writer keeps to about an eighth of a core and runs at a lower \
-         priority; the flush after a call looks at a flag instead of two locks; deliveries \
-         walk a cached worker list, and the last plugin takes the events instead of a copy; \
-         calls are timed with the processor's time-stamp counter, read once per call, and \
-         the deadline of the call's WASI waits is taken from that read (clock reads went \
-         from about 5.7 % of the worker's perf samples to 1.6 %; the timed runs could not \
-         tell the difference). Tried and dropped: mimalloc (a faster producer, but a \
-         fan-out p99 ten times worse with 100 plugin threads and nearly twice the memory \
-         per plugin); making the \
-         deliveries before the clock starts (slower: events made ahead are cold in the \
-         cache, where a source's fresh events are not); reserving each queue's full capacity \
-         up front (no change: the queue growing is not what slows the worker). Measured and \
-         left: the histogram's lock is under 0.5 % of the worker's instructions; the \
-         producer's key index is about three quarters of its 2,180 instructions per event; \
-         the state writer spends about 5,800 instructions per changed key (serialising the \
-         key's entry) on a third thread, off the hot path but on the same two cores, and a \
-         run with it switched off moved the ratio only within the noise.",
+         delivered everything: with the queue, the metrics and the cursor; \
+         `dispatch_beside_producer` is its pace while the producer runs on the other core. \
+         The worker used to run 20 to 50 % slower beside the producer, and the cause was the \
+         queue's lock, not the two busy cores: a thread that spins or streams memory on the \
+         other core slows the floor by under 7 %, and a producer routing beside it (no plugin \
+         subscribed) by 2 %. Timing the worker's waits for the lock in a probe of a million \
+         events gave 72 to 111 ms of a 0.8 to 1.5 s run, single waits up to 20 ms: the queue \
+         was one buffer that grew under its lock, doubling with a copy, and the push that \
+         first wrote each new page faulted it in while the worker waited (about 35,000 pages \
+         for a million events); the pending positions beside it, 16 bytes per event, grew \
+         the same way. Now a delivery's own vector, filled by the producer before it locks, \
+         is queued as a chunk without a copy and taken back whole by the round that takes \
+         it, and pending positions are spans of consecutive positions (a backlog in order is \
+         one span): the waits fell to 15 to 37 ms (longest 4 ms) with the chunks, and in \
+         alternated runs the paired median went from 0.80 and 0.83 to 0.90 and 0.90 with \
+         the chunks, then from 0.84 and 0.90 to 0.90 and 0.91 with the spans. (Reserving \
+         the queue's whole capacity up front, tried before, could not help: the pages are \
+         still faulted in under the lock.) Instruction counts (`valgrind --tool=callgrind` \
+         on `watchgate-bench --probe MODE`, 20,000 events; compare within one binary, since \
+         the guest call's own count moves by about 160 between builds) say what the worker \
+         itself does per event: the floor takes about 8,450 instructions per event (a put \
+         with its previous value), nearly all of it in wasmtime (lowering the event, a call \
+         into the guest's allocator for each of its strings and byte lists, the call); the \
+         worker's round takes 1.005 times that one call per event and about 0.87 times \
+         batched. Of the worker's own bookkeeping, taking a round is now a few instructions \
+         per event (a whole chunk), completing it about 75 (a round's positions leave the \
+         front span in one step), the ring of recently handled events a trace reads about \
+         70 (a source hashed once per run of its events), the call-time histogram about 30. \
+         Done before, each measured with this case: the producer wakes a busy worker \
+         without a system call (it spins briefly before it sleeps); a healthy plugin is \
+         called straight through a round, completed under one lock, its successful calls \
+         counted at once; the index that folds changes of a key is kept only while a queue \
+         is full; event keys are shared with the key index, and handled events are dropped \
+         by the producer's next push, where their reference counts live; the guest's view \
+         of an event is refilled in buffers the sandbox keeps between calls; the event is \
+         144 bytes; calls are timed with the processor's time-stamp counter, read once per \
+         call; the state writer keeps to about an eighth of a core at a lower priority \
+         (about 10,400 instructions per key written, 85 % of it redb's B-tree insert). Tried \
+         and dropped: mimalloc (a faster producer, but a fan-out p99 ten times worse with \
+         100 plugin threads and nearly twice the memory per plugin); making the deliveries \
+         before the clock starts (slower: events made ahead are cold in the cache); not \
+         sharing event keys with the key index (no difference in two alternated pairs); \
+         switching the key index off (the producer three times faster, the ratio up by at \
+         most 0.03).",
     );
     Ok(s.finish(
         "dispatch",

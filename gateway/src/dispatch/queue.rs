@@ -125,12 +125,12 @@ pub struct EventQueue {
 /// Most handled events left for the producer to drop (see
 /// [`EventQueue::complete_and_retire`]).
 const SPENT_MAX: usize = 1024;
-/// After a backlog has drained and its queue shrunk, hand the memory the
-/// allocator keeps from it back to the system. glibc's malloc keeps freed
+/// After a backlog has drained and its queue stayed idle, hand the memory
+/// the allocator keeps from it back to the system. glibc's malloc keeps freed
 /// memory for reuse; after the initial sync of a large store (the listing,
 /// its diff and the queues, all transient) that is most of the process's
-/// resident memory, and nothing else returns it. This runs when a queue
-/// shrinks, so rarely, on the worker's thread, outside any lock.
+/// resident memory, and nothing else returns it. This runs once per such
+/// backlog, so rarely, on the worker's thread, outside any lock.
 #[allow(unsafe_code)]
 fn give_back_freed_memory() {
     // The one call the workspace's `deny(unsafe_code)` lets through: a
@@ -146,9 +146,10 @@ fn give_back_freed_memory() {
 }
 
 /// Empty waits in a row (each up to the worker's idle wait, 200 ms) after
-/// which a queue gives back the room of a past backlog.
+/// which a queue has the memory of a past backlog given back.
 const SHRINK_AFTER_IDLE_WAITS: u32 = 25;
-/// Entries' room a queue keeps when it shrinks.
+/// The largest backlog (in events) whose memory is left to the allocator,
+/// and the room a queue's chunks keep when it shrinks.
 const SHRINK_KEEP: usize = 1024;
 
 /// Whether a queued event may absorb a later change of the same key.
@@ -479,12 +480,13 @@ impl EventQueue {
     }
 
     /// The consumer waited for events (on its own thread, or asleep while
-    /// a pool runs its rounds) and none came. A queue keeps the room its
-    /// largest backlog needed (an initial sync of a million keys leaves
-    /// hundreds of MiB), so once it has stayed empty for
-    /// [`SHRINK_AFTER_IDLE_WAITS`] waits in a row it gives the room back.
-    /// Not sooner: a plugin that drains a burst and gets the next one a
-    /// moment later would pay for growing it every time.
+    /// a pool runs its rounds) and none came. A drained backlog's chunks
+    /// are freed as it drains, but the allocator keeps their memory (an
+    /// initial sync of a million keys leaves hundreds of MiB), so once the
+    /// queue has stayed empty for [`SHRINK_AFTER_IDLE_WAITS`] waits in a
+    /// row after a backlog above [`SHRINK_KEEP`] events, the allocator is
+    /// asked to give it back. Not sooner: a plugin that drains a burst and
+    /// gets the next one a moment later reuses that memory.
     pub fn idle(&self) {
         let shrunk = Self::idle_wait(&mut self.inner.lock());
         if shrunk {
@@ -492,7 +494,8 @@ impl EventQueue {
         }
     }
 
-    /// Count an empty wait; whether the queue gave its room back.
+    /// Count an empty wait; whether the memory of a backlog is to be given
+    /// back now.
     fn idle_wait(inner: &mut Inner) -> bool {
         if !inner.entries.is_empty() {
             inner.idle_waits = 0;
