@@ -480,13 +480,14 @@ impl EventQueue {
     }
 
     /// The consumer waited for events (on its own thread, or asleep while
-    /// a pool runs its rounds) and none came. A drained backlog's chunks
-    /// are freed as it drains, but the allocator keeps their memory (an
-    /// initial sync of a million keys leaves hundreds of MiB), so once the
-    /// queue has stayed empty for [`SHRINK_AFTER_IDLE_WAITS`] waits in a
-    /// row after a backlog above [`SHRINK_KEEP`] events, the allocator is
-    /// asked to give it back. Not sooner: a plugin that drains a burst and
-    /// gets the next one a moment later reuses that memory.
+    /// a pool runs its rounds) and none came. A backlog's chunks are freed
+    /// as it drains, all but the last, which stays for the next pushes;
+    /// the allocator keeps the memory of the rest (an initial sync of a
+    /// million keys leaves hundreds of MiB). So once the queue has stayed
+    /// empty for [`SHRINK_AFTER_IDLE_WAITS`] waits in a row after a backlog
+    /// above [`SHRINK_KEEP`] events, its last chunk goes too and the
+    /// allocator is asked to give the memory back. Not sooner: a plugin
+    /// that drains a burst and gets the next one a moment later reuses it.
     pub fn idle(&self) {
         let shrunk = Self::idle_wait(&mut self.inner.lock());
         if shrunk {
@@ -502,8 +503,7 @@ impl EventQueue {
             return false;
         }
         inner.idle_waits = inner.idle_waits.saturating_add(1);
-        // A drained backlog's chunks are gone with it, but the allocator
-        // keeps their memory until asked.
+        // The allocator keeps a drained backlog's memory until asked.
         let shrink = inner.idle_waits >= SHRINK_AFTER_IDLE_WAITS
             && (inner.entries.capacity() > SHRINK_KEEP || inner.peak > SHRINK_KEEP);
         if shrink {

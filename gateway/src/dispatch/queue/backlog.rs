@@ -9,7 +9,9 @@
 //! the lock (its pages are in already), becomes a chunk as it is, so a push
 //! moves three words, and a consumer that takes a whole chunk takes that
 //! same vector back without copying. Events pushed one at a time go into
-//! chunks of [`CHUNK`] events.
+//! chunks of [`CHUNK`] events. The last chunk stays when it empties, so a
+//! queue that keeps up with single events reuses one chunk rather than
+//! allocating one per event; it goes when the queue has stayed idle.
 //!
 //! Folding needs an entry by its position. A folding queue keeps one chunk
 //! ([`Backlog::make_contiguous`]), so that lookup is direct; it is full,
@@ -107,14 +109,15 @@ impl Backlog {
         }
     }
 
-    /// The front event, and the chunk it emptied (to be dropped outside
-    /// the lock: its room was allocated by the producer).
+    /// The front event, and the chunk it emptied unless that is the last
+    /// one (to be dropped outside the lock: its room was allocated by the
+    /// producer).
     pub(super) fn pop_front(&mut self) -> Option<(Event, Option<VecDeque<Event>>)> {
         self.skip_empty();
         let first = self.chunks.front_mut()?;
         let event = first.pop_front()?;
         self.len -= 1;
-        let emptied = if first.is_empty() && !self.contiguous {
+        let emptied = if first.is_empty() && self.chunks.len() > 1 {
             self.chunks.pop_front()
         } else {
             None
@@ -125,13 +128,16 @@ impl Backlog {
     /// Up to `n` events from the front (at least one when there is one).
     /// A front chunk of at most `n` events is handed over whole, its room
     /// and all, so it may hold fewer than `n` even when more are queued;
-    /// the rest go out in later takes.
+    /// the rest go out in later takes. Not the last chunk while it is
+    /// mostly room: pushes go on into that.
     pub(super) fn take_front(&mut self, n: usize) -> Vec<Event> {
         self.skip_empty();
+        let more = self.chunks.len() > 1;
         let Some(first) = self.chunks.front_mut() else {
             return Vec::new();
         };
-        if first.len() <= n && !self.contiguous {
+        let whole = more || first.len() * 2 >= first.capacity();
+        if first.len() <= n && whole && !self.contiguous {
             let chunk = self.chunks.pop_front().unwrap_or_default();
             self.len -= chunk.len();
             // O(1) for a chunk that was a delivery's vector and has not
@@ -224,6 +230,7 @@ mod tests {
         assert!(first.capacity() >= 64);
         let (e, emptied) = b.pop_front().unwrap();
         assert_eq!((e.seq, emptied.is_none()), (65, true));
+        assert_eq!(b.chunks.len(), 2);
         b.push_front(e);
         let next = b.take_front(10);
         assert_eq!(
@@ -236,7 +243,28 @@ mod tests {
         let rest: Vec<u64> = std::iter::from_fn(|| b.pop_front().map(|(e, _)| e.seq)).collect();
         assert_eq!(rest, (69..=368).collect::<Vec<_>>());
         assert!(b.is_empty());
+        // The last chunk stays, for the next pushes.
+        assert_eq!(b.chunks.len(), 1);
+        b.shrink_to(0);
         assert_eq!(b.capacity(), 0);
+    }
+
+    #[test]
+    fn single_pushes_that_are_kept_up_with_reuse_one_chunk() {
+        let mut b = Backlog::default();
+        for seq in 1..=1_000 {
+            b.push_back(events(seq, 1).remove(0));
+            let taken = b.take_front(64);
+            assert_eq!(taken.len(), 1);
+            assert_eq!(taken[0].seq, seq);
+            // Drained, not handed over: the chunk stays.
+            assert!(taken.capacity() < CHUNK);
+            assert_eq!(b.chunks.len(), 1);
+        }
+        // A delivery of its own is handed over whole, room and all.
+        b.append(events(1_001, 64));
+        let taken = b.take_front(64);
+        assert_eq!((taken.len(), taken.capacity()), (64, 64));
     }
 
     #[test]
