@@ -319,9 +319,7 @@ impl EventQueue {
         let fits = !inner.indexed && inner.entries.len() + events.len() <= capacity;
         if fits && !(only_new && events.iter().any(|e| e.seq > 0 && e.seq <= given)) {
             // Nothing to skip or fold: the delivery goes in as it is.
-            for e in &events {
-                inner.cursors.track(&e.source, e.seq);
-            }
+            inner.cursors.track_all(&events);
             stats.queued = events.len();
             inner.entries.append(events);
         } else {

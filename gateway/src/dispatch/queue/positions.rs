@@ -58,6 +58,29 @@ impl Cursors {
         positions.add(seq);
     }
 
+    /// Track several events: one look-up per run of the same source, and
+    /// one step per run of consecutive positions (a delivery usually is
+    /// one such run, after what is pending). This runs under the queue's
+    /// lock, which the worker waits for.
+    pub(super) fn track_all(&mut self, events: &[Event]) {
+        for (source, first, n) in runs(events) {
+            self.track_run(source, first, n);
+        }
+    }
+
+    /// Track the events at `n` consecutive positions from `first`.
+    fn track_run(&mut self, source: &Arc<str>, first: u64, n: u64) {
+        let positions = match self.pending.get_mut(source) {
+            Some(p) => p,
+            None => self.pending.entry(source.clone()).or_default(),
+        };
+        if !positions.add_back_run(first, n) {
+            for seq in first..first + n {
+                positions.add(seq);
+            }
+        }
+    }
+
     /// The event at `seq` of `source` was completed.
     #[inline]
     pub(super) fn untrack(&mut self, source: &Arc<str>, seq: u64) {
@@ -74,23 +97,7 @@ impl Cursors {
     /// usually are one such run, at the front).
     #[inline]
     pub(super) fn untrack_all(&mut self, events: &[Event]) {
-        let mut run: Option<(&Arc<str>, u64, u64)> = None;
-        for e in events.iter().filter(|e| e.seq > 0) {
-            match run.as_mut() {
-                Some((source, first, n))
-                    if Arc::ptr_eq(source, &e.source) && *first + *n == e.seq =>
-                {
-                    *n += 1;
-                }
-                _ => {
-                    if let Some((source, first, n)) = run {
-                        self.untrack_run(source, first, n);
-                    }
-                    run = Some((&e.source, e.seq, 1));
-                }
-            }
-        }
-        if let Some((source, first, n)) = run {
+        for (source, first, n) in runs(events) {
             self.untrack_run(source, first, n);
         }
     }
@@ -116,6 +123,23 @@ impl Cursors {
             })
             .collect()
     }
+}
+
+/// `events` with a position as runs (source, first position, count) of
+/// consecutive positions of one source, in order.
+fn runs(events: &[Event]) -> impl Iterator<Item = (&Arc<str>, u64, u64)> {
+    let mut events = events.iter().filter(|e| e.seq > 0).peekable();
+    std::iter::from_fn(move || {
+        let e = events.next()?;
+        let mut n = 1;
+        while events
+            .next_if(|next| Arc::ptr_eq(&next.source, &e.source) && next.seq == e.seq + n)
+            .is_some()
+        {
+            n += 1;
+        }
+        Some((&e.source, e.seq, n))
+    })
 }
 
 /// The positions of one source's events not yet completed, with
@@ -220,6 +244,26 @@ impl Positions {
         }
     }
 
+    /// Add `n` consecutive positions from `first` at once if they all come
+    /// after every pending one; false (nothing done) otherwise.
+    fn add_back_run(&mut self, first: u64, n: u64) -> bool {
+        match self.spans.back_mut() {
+            Some(last) if last.count == 1 && last.end() == first => last.len += n,
+            Some(last) if last.end() <= first => self.spans.push_back(Span {
+                first,
+                len: n,
+                count: 1,
+            }),
+            None => self.spans.push_back(Span {
+                first,
+                len: n,
+                count: 1,
+            }),
+            Some(_) => return false,
+        }
+        true
+    }
+
     /// Remove `n` consecutive positions from `first` at once if they are
     /// the front of the front span, each pending once; false (nothing
     /// done) otherwise.
@@ -315,6 +359,16 @@ mod tests {
                 match r % 10 {
                     // Mostly ascending adds, some repeats and some out of
                     // order.
+                    0 if r.is_multiple_of(5) => {
+                        // A run after the top, as a delivery tracks it.
+                        let first = top + 1 + (r >> 8) % 2;
+                        let n = 1 + (r >> 12) % 8;
+                        assert!(p.add_back_run(first, n));
+                        for seq in first..first + n {
+                            *model.entry(seq).or_default() += 1;
+                        }
+                        top = first + n - 1;
+                    }
                     0..=3 => {
                         top += r % 3;
                         p.add(top);
