@@ -396,8 +396,7 @@ impl EventQueue {
     }
 
     fn take_front(&self, inner: &mut Inner) -> Option<Event> {
-        let (event, emptied) = inner.entries.pop_front()?;
-        drop(emptied);
+        let event = inner.entries.pop_front()?;
         self.len.store(inner.entries.len(), Ordering::Release);
         let seq = inner.head;
         inner.head += 1;

@@ -109,20 +109,16 @@ impl Backlog {
         }
     }
 
-    /// The front event, and the chunk it emptied unless that is the last
-    /// one (to be dropped outside the lock: its room was allocated by the
-    /// producer).
-    pub(super) fn pop_front(&mut self) -> Option<(Event, Option<VecDeque<Event>>)> {
+    /// The front event; a chunk it empties goes, unless it is the last.
+    pub(super) fn pop_front(&mut self) -> Option<Event> {
         self.skip_empty();
         let first = self.chunks.front_mut()?;
         let event = first.pop_front()?;
         self.len -= 1;
-        let emptied = if first.is_empty() && self.chunks.len() > 1 {
-            self.chunks.pop_front()
-        } else {
-            None
-        };
-        Some((event, emptied))
+        if first.is_empty() && self.chunks.len() > 1 {
+            self.chunks.pop_front();
+        }
+        Some(event)
     }
 
     /// Up to `n` events from the front (at least one when there is one).
@@ -173,9 +169,9 @@ impl Backlog {
     }
 
     /// Drop every event; the chunks go with them.
-    pub(super) fn clear(&mut self) -> VecDeque<VecDeque<Event>> {
+    pub(super) fn clear(&mut self) {
         self.len = 0;
-        std::mem::take(&mut self.chunks)
+        self.chunks.clear();
     }
 
     /// With nothing queued, give back the room of a past backlog beyond
@@ -228,8 +224,8 @@ mod tests {
         assert_eq!(first[63].seq, 64);
         // A delivery's vector comes back whole, with its room.
         assert!(first.capacity() >= 64);
-        let (e, emptied) = b.pop_front().unwrap();
-        assert_eq!((e.seq, emptied.is_none()), (65, true));
+        let e = b.pop_front().unwrap();
+        assert_eq!(e.seq, 65);
         assert_eq!(b.chunks.len(), 2);
         b.push_front(e);
         let next = b.take_front(10);
@@ -240,7 +236,7 @@ mod tests {
         assert_eq!(b.len(), 300);
         assert_eq!(b.get_mut(299).unwrap().seq, 368);
         assert!(b.get_mut(300).is_none());
-        let rest: Vec<u64> = std::iter::from_fn(|| b.pop_front().map(|(e, _)| e.seq)).collect();
+        let rest: Vec<u64> = std::iter::from_fn(|| b.pop_front().map(|e| e.seq)).collect();
         assert_eq!(rest, (69..=368).collect::<Vec<_>>());
         assert!(b.is_empty());
         // The last chunk stays, for the next pushes.
@@ -315,6 +311,6 @@ mod tests {
         while b.pop_front().is_some() {}
         b.allow_chunks();
         b.append(events(131, 64));
-        assert_eq!(b.pop_front().map(|(e, _)| e.seq), Some(131));
+        assert_eq!(b.pop_front().map(|e| e.seq), Some(131));
     }
 }

@@ -48,14 +48,9 @@ impl Cursors {
     /// and is not tracked.
     #[inline]
     pub(super) fn track(&mut self, source: &Arc<str>, seq: u64) {
-        if seq == 0 {
-            return;
+        if seq > 0 {
+            self.track_run(source, seq, 1);
         }
-        let positions = match self.pending.get_mut(source) {
-            Some(p) => p,
-            None => self.pending.entry(source.clone()).or_default(),
-        };
-        positions.add(seq);
     }
 
     /// Track several events: one look-up per run of the same source, and
@@ -84,11 +79,8 @@ impl Cursors {
     /// The event at `seq` of `source` was completed.
     #[inline]
     pub(super) fn untrack(&mut self, source: &Arc<str>, seq: u64) {
-        if seq == 0 {
-            return;
-        }
-        if let Some(p) = self.pending.get_mut(source) {
-            p.remove(seq);
+        if seq > 0 {
+            self.untrack_run(source, seq, 1);
         }
     }
 
@@ -181,50 +173,32 @@ impl Span {
 
 impl Positions {
     fn add(&mut self, seq: u64) {
-        match self.spans.back_mut() {
-            Some(last) if last.count == 1 && last.end() == seq => last.len += 1,
-            Some(last) if last.end() <= seq => self.spans.push_back(Span {
-                first: seq,
-                len: 1,
-                count: 1,
-            }),
-            None => self.spans.push_back(Span {
-                first: seq,
-                len: 1,
-                count: 1,
-            }),
-            // A repeat or out of order (rare): find its place.
-            Some(_) => {
-                let i = self.spans.partition_point(|s| s.end() <= seq);
-                match self.spans.get(i) {
-                    Some(s) if s.contains(seq) => self.change(i, seq, 1),
-                    _ => self.spans.insert(
-                        i,
-                        Span {
-                            first: seq,
-                            len: 1,
-                            count: 1,
-                        },
-                    ),
-                }
-            }
+        if self.add_back_run(seq, 1) {
+            return;
+        }
+        // A repeat or out of order (rare): find its place.
+        let i = self.spans.partition_point(|s| s.end() <= seq);
+        match self.spans.get(i) {
+            Some(s) if s.contains(seq) => self.change(i, seq, 1),
+            _ => self.spans.insert(
+                i,
+                Span {
+                    first: seq,
+                    len: 1,
+                    count: 1,
+                },
+            ),
         }
     }
 
     fn remove(&mut self, seq: u64) {
-        let Some(front) = self.spans.front_mut() else {
-            return;
-        };
-        if front.first == seq && front.count == 1 {
-            // The usual completion: the front moves on by one.
-            front.first += 1;
-            front.len -= 1;
-            if front.len == 0 {
-                self.spans.pop_front();
-                self.drop_front_zeros();
-            }
+        // The usual completion: the front moves on by one.
+        if self.remove_front_run(seq, 1) {
             return;
         }
+        // Elsewhere, or a position pending more than once. The front span
+        // keeps a count above zero: at its first position the count was at
+        // least two, and past it the span's start stays as it was.
         let i = self.spans.partition_point(|s| s.end() <= seq);
         if self
             .spans
@@ -232,9 +206,7 @@ impl Positions {
             .is_some_and(|s| s.contains(seq) && s.count > 0)
         {
             self.change(i, seq, -1);
-            if i == 0 {
-                self.drop_front_zeros();
-            } else if self.zeros > 64 && self.zeros * 2 > self.spans.len() {
+            if self.zeros > 64 && self.zeros * 2 > self.spans.len() {
                 // Keep completed slots from piling up behind a front that
                 // does not move (a quarantined plugin folding a flood into
                 // its queue).
